@@ -1,0 +1,36 @@
+"""Shared pytest fixtures: paths to the project and to the real data in ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = Path(os.environ.get("CALIBU_SHARED", REPO.parent / "shared"))
+OPENKBP = SHARED / "data" / "openkbp" / "Dataset501_OpenKBP_HN_OAR"
+LIDC = SHARED / "data" / "lidc_multirater"
+OOD_CT = SHARED / "data" / "ood_ct" / "abdomen_ct_3mm.nii.gz"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (the project reads ../shared/data in place; "
+                    "set CALIBU_SHARED to its location)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def openkbp_dir() -> Path:
+    return _require(OPENKBP)
+
+
+@pytest.fixture(scope="session")
+def lidc_dir() -> Path:
+    return _require(LIDC)
+
+
+@pytest.fixture(scope="session")
+def ood_ct_path() -> Path:
+    return _require(OOD_CT)
