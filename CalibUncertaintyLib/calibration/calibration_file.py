@@ -1,0 +1,219 @@
+"""The calibration file: one JSON document per fitted model (METHODS.md §2 "The calibration file").
+
+It records the calibrator (temperature T, or vector-scaling w and b fitted on log-probabilities),
+the ensemble mode, the ROI rule and radius in mm, the fitting cases (count and ids), the number
+of voxels, NLL before/after, the error-detection thresholds τ* per map (METHODS.md §4), the EBCU
+threshold t (METHODS.md §1), the class names and the model fingerprint (``fingerprint.py``).
+Applying it to a model with another fingerprint raises ``CalibrationMismatchError``.
+
+``save`` writes atomically (``io.atomic.write_json``); ``load`` refuses a missing file, a file
+that is not JSON, another format or a newer schema, with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..errors import CalibrationMismatchError, InputError
+from ..io.atomic import write_json
+from .fingerprint import compare_fingerprints, short_hash
+from .roi import DEFAULT_RADIUS_MM, ROI_RULES, describe_roi
+from .temperature import ENSEMBLE_MODES, apply_temperature, check_temperature
+from .vector_scaling import VectorScaler, apply_vector_scaling
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "calib-uncertainty-calibration"
+SCHEMA_VERSION = 1
+METHODS = ("temperature", "vector")
+THRESHOLD_KINDS = ("absolute", "quantile")
+REFIT_HINT = "refit with `calib-uncertainty fit-temperature` on this model's calibration cases"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class CalibrationFile:
+    """Contents of a calibration file. ``source_path`` (where it was loaded from) is not saved."""
+
+    schema_version: int = SCHEMA_VERSION
+    method: str = "temperature"
+    ensemble_mode: str = "pool_then_calibrate"
+    temperature: float | None = None
+    vector: dict | None = None  # {"w": [K], "b": [K], "fitted_on": "log_probs"}
+    roi: dict = field(default_factory=lambda: {"rule": "prediction", "radius_mm": DEFAULT_RADIUS_MM})
+    n_cases: int = 0
+    case_ids: list = field(default_factory=list)
+    n_voxels: int = 0
+    nll_before: float | None = None
+    nll_after: float | None = None
+    thresholds: dict = field(default_factory=dict)  # {map: {"tau", "kind", "mean_ueo"}}
+    ebcu_threshold: float | None = None
+    class_names: list = field(default_factory=list)
+    fingerprint: dict = field(default_factory=dict)
+    created: str = field(default_factory=_now)
+    tool_version: str = __version__
+    extra: dict = field(default_factory=dict)  # free-form: e.g. the other ensemble mode's fit
+    source_path: str | None = field(default=None, compare=False, repr=False)
+
+    # --- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_scaler(cls, scaler, *, roi_rule: str = "prediction", radius_mm: float = DEFAULT_RADIUS_MM,
+                    case_ids=(), class_names=(), fingerprint: dict | None = None, **kwargs) -> "CalibrationFile":
+        """Build from a fitted ``TemperatureScaler`` or ``VectorScaler`` (others given as kwargs)."""
+        common = dict(roi={"rule": roi_rule, "radius_mm": float(radius_mm)}, n_cases=len(case_ids),
+                      case_ids=[str(c) for c in case_ids], n_voxels=int(scaler.n_samples_),
+                      nll_before=float(scaler.nll_before_), nll_after=float(scaler.nll_after_),
+                      class_names=list(class_names), fingerprint=dict(fingerprint or {}))
+        if isinstance(scaler, VectorScaler):
+            common.update(method="vector", ensemble_mode="pool_then_calibrate",
+                          vector={"w": scaler.w_.tolist(), "b": scaler.b_.tolist(), "fitted_on": "log_probs"})
+        elif hasattr(scaler, "temperature_"):
+            common.update(method="temperature", ensemble_mode=scaler.ensemble_mode,
+                          temperature=float(scaler.temperature_))
+        else:
+            raise InputError(f"cannot build a calibration file from an unfitted {type(scaler).__name__}")
+        common.update(kwargs)
+        out = cls(**common)
+        out.validate()
+        return out
+
+    # --- checks ------------------------------------------------------------------------------
+    def validate(self) -> "CalibrationFile":
+        """Raise InputError naming the first invalid field."""
+        where = f"calibration file {self.source_path}" if self.source_path else "calibration"
+        if self.method not in METHODS:
+            raise InputError(f"{where}: unknown method {self.method!r} (expected one of {', '.join(METHODS)})")
+        if self.ensemble_mode not in ENSEMBLE_MODES:
+            raise InputError(f"{where}: unknown ensemble_mode {self.ensemble_mode!r}")
+        if self.method == "temperature":
+            try:
+                self.temperature = check_temperature(self.temperature)
+            except InputError as exc:
+                raise InputError(f"{where}: {exc}") from None
+        else:
+            if self.ensemble_mode != "pool_then_calibrate":
+                raise InputError(f"{where}: vector scaling is only defined for pool_then_calibrate")
+            v = self.vector if isinstance(self.vector, dict) else {}
+            w, b = v.get("w"), v.get("b")
+            if not (isinstance(w, list) and isinstance(b, list) and len(w) == len(b) >= 2
+                    and all(_finite(t) for t in w + b)):
+                raise InputError(f"{where}: vector scaling needs finite lists 'w' and 'b' of equal length >= 2")
+            if self.class_names and len(w) != len(self.class_names):
+                raise InputError(f"{where}: {len(w)} vector-scaling parameters for {len(self.class_names)} classes")
+        roi = self.roi if isinstance(self.roi, dict) else {}
+        if roi.get("rule") not in ROI_RULES or not _finite(roi.get("radius_mm")) or roi["radius_mm"] < 0:
+            raise InputError(f"{where}: roi must be {{'rule': one of {ROI_RULES}, 'radius_mm': >= 0}}, got {self.roi!r}")
+        if not isinstance(self.thresholds, dict):
+            raise InputError(f"{where}: thresholds must be an object {{map: {{tau, kind, mean_ueo}}}}")
+        for name, th in self.thresholds.items():
+            if not isinstance(th, dict) or not _finite(th.get("tau")) or th.get("kind") not in THRESHOLD_KINDS:
+                raise InputError(f"{where}: threshold for map {name!r} must have a finite 'tau' and "
+                                 f"'kind' in {THRESHOLD_KINDS}, got {th!r}")
+        if self.ebcu_threshold is not None and not _finite(self.ebcu_threshold):
+            raise InputError(f"{where}: ebcu_threshold must be a finite number or null")
+        if not isinstance(self.fingerprint, dict):
+            raise InputError(f"{where}: fingerprint must be an object")
+        return self
+
+    def check_fingerprint(self, fp: dict) -> None:
+        """Raise CalibrationMismatchError unless ``fp`` matches the model this file was fitted on."""
+        reason = compare_fingerprints(self.fingerprint, fp)
+        if reason is not None:
+            name = Path(self.source_path).name if self.source_path else "(unsaved)"
+            raise CalibrationMismatchError(
+                f"calibration file {name} was fitted on model {short_hash(self.fingerprint)}, this model is "
+                f"{short_hash(fp)} ({reason}); {REFIT_HINT}")
+
+    # --- use ---------------------------------------------------------------------------------
+    def transform_probs(self, probs, axis: int = 0) -> np.ndarray:
+        """Apply the stored calibrator along the class ``axis`` of probabilities (K, ...).
+
+        Temperature: softmax(log p / T) — on p̄ in pool_then_calibrate mode, on each member's p_m
+        before averaging in per_member mode. Vector: softmax(w ⊙ log p̄ + b).
+        """
+        p = np.asarray(probs)
+        k = p.shape[axis] if p.ndim else 0
+        if self.class_names and k != len(self.class_names):
+            raise InputError(f"probabilities have {k} classes but the calibration file was fitted on "
+                             f"{len(self.class_names)} classes ({', '.join(map(str, self.class_names))})")
+        if self.method == "temperature":
+            return apply_temperature(p, self.temperature, axis=axis)
+        return apply_vector_scaling(p, self.vector["w"], self.vector["b"], axis=axis)
+
+    def describe(self) -> str:
+        """One line for reports: calibrator, mode, ROI and fit size."""
+        how = f"T = {self.temperature:.4f}" if self.method == "temperature" else "vector scaling"
+        nll = (f", NLL {self.nll_before:.4f} -> {self.nll_after:.4f}"
+               if self.nll_before is not None and self.nll_after is not None else "")
+        return (f"{how} ({self.ensemble_mode}) fitted on {self.n_cases} cases / {self.n_voxels} voxels "
+                f"in {describe_roi(self.roi['rule'], self.roi['radius_mm'])}{nll}")
+
+    # --- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("source_path")
+        return {"format": FORMAT_NAME, **d}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Validate and write atomically (an existing file is replaced only once the new one is complete)."""
+        self.validate()
+        out = write_json(path, self.to_dict())
+        self.source_path = str(out)
+        return out
+
+    @classmethod
+    def from_dict(cls, d, source: str | None = None) -> "CalibrationFile":
+        where = f"calibration file {source}" if source else "calibration data"
+        if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
+            raise InputError(f"{where} is not a CalibUncertainty calibration file "
+                             f"(missing \"format\": \"{FORMAT_NAME}\"); {REFIT_HINT}")
+        version = d.get("schema_version")
+        if not isinstance(version, int) or version < 1:
+            raise InputError(f"{where}: invalid schema_version {version!r}")
+        if version > SCHEMA_VERSION:
+            raise InputError(f"{where} has schema version {version}; this tool (version {__version__}) "
+                             f"reads up to {SCHEMA_VERSION}: update CalibUncertainty or refit")
+        names = {f.name for f in fields(cls)} - {"source_path"}
+        missing = [k for k in ("method", "ensemble_mode", "roi", "fingerprint") if k not in d]
+        if missing:
+            raise InputError(f"{where} lacks required field(s) {', '.join(missing)}; {REFIT_HINT}")
+        unknown = sorted(set(d) - names - {"format"})
+        if unknown:
+            log.warning("%s: ignoring unknown field(s) %s", where, ", ".join(unknown))
+        try:
+            out = cls(**{k: v for k, v in d.items() if k in names}, source_path=source)
+        except TypeError as exc:
+            raise InputError(f"{where}: {exc}") from exc
+        return out.validate()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CalibrationFile":
+        path = Path(path)
+        if not path.exists():
+            raise InputError(f"calibration file not found: {path}; {REFIT_HINT}")
+        if not path.is_file():
+            raise InputError(f"calibration file {path} is not a file")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise InputError(f"calibration file {path} is not text (corrupt?): {exc}; {REFIT_HINT}") from exc
+        except json.JSONDecodeError as exc:
+            raise InputError(f"calibration file {path} is not valid JSON ({exc.msg} at line {exc.lineno}, "
+                             f"column {exc.colno}): it is corrupt or truncated; {REFIT_HINT}") from exc
+        return cls.from_dict(data, source=str(path))
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -1,0 +1,106 @@
+"""Region of interest for calibration and evaluation (METHODS.md §2 "ROI").
+
+The ROI is the set of voxels within ``radius_mm`` millimetres (default 15) of the predicted
+foreground (labels > 0). Distances are Euclidean, between voxel centres, measured with the
+image spacing (``scipy.ndimage.distance_transform_edt(..., sampling=spacing_zyx)``), so the
+radius means the same physical size on anisotropic grids. The foreground itself is inside the
+ROI (distance 0).
+
+Rules (say which one in every report, ``describe_roi`` gives the sentence):
+
+- ``"prediction"`` (default): derived from the prediction only, so it exists at deployment time.
+- ``"gt_union_prediction"``: reference ∪ prediction foreground, for research evaluation only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+
+from ..errors import InputError
+
+ROI_RULES = ("prediction", "gt_union_prediction")
+DEFAULT_RADIUS_MM = 15.0
+
+
+def describe_roi(rule: str, radius_mm: float) -> str:
+    """One sentence naming the ROI rule and radius, for reports and summary files."""
+    _check_rule(rule)
+    if rule == "prediction":
+        what = "the predicted foreground (prediction-derived ROI, available at deployment)"
+    else:
+        what = ("the union of the reference and the predicted foreground "
+                "(GT ∪ prediction ROI, research evaluation only)")
+    return f"voxels within {float(radius_mm):g} mm of {what}"
+
+
+def roi_mask(pred_labels, spacing_zyx, radius_mm: float = DEFAULT_RADIUS_MM, reference=None,
+             rule: str = "prediction", allow_empty: bool = False) -> np.ndarray:
+    """Boolean (z, y, x) mask of voxels within ``radius_mm`` mm of the foreground.
+
+    ``pred_labels``: integer label volume (z, y, x), foreground = labels > 0.
+    ``spacing_zyx``: voxel spacing in mm in array order (``Geometry.spacing_zyx``).
+    ``reference``: reference label volume, required for ``rule="gt_union_prediction"``.
+    When the foreground the rule uses is empty an ``InputError`` is raised, unless
+    ``allow_empty=True``, which returns an all-False mask.
+
+    The distance transform runs only on the foreground's bounding box padded by the radius
+    (in voxels per axis): every voxel outside it is farther than ``radius_mm`` along one axis
+    alone, so the result is exact and large volumes stay cheap.
+    """
+    _check_rule(rule)
+    pred = np.asarray(pred_labels)
+    if pred.ndim != 3:
+        raise InputError(f"roi_mask expects a 3-D (z, y, x) label volume, got shape {pred.shape}")
+    spacing = _check_spacing(spacing_zyx)
+    radius_mm = float(radius_mm)
+    if not math.isfinite(radius_mm) or radius_mm < 0:
+        raise InputError(f"ROI radius must be a finite number of millimetres >= 0, got {radius_mm}")
+
+    fg = pred > 0
+    if rule == "gt_union_prediction":
+        if reference is None:
+            raise InputError("ROI rule 'gt_union_prediction' needs the reference labels "
+                             "(pass reference=...), or use rule='prediction'")
+        ref = np.asarray(reference)
+        if ref.shape != pred.shape:
+            raise InputError(f"reference shape {ref.shape} differs from prediction shape {pred.shape}")
+        fg = fg | (ref > 0)
+
+    if not fg.any():
+        if allow_empty:
+            return np.zeros(pred.shape, dtype=bool)
+        source = "prediction" if rule == "prediction" else "reference and prediction"
+        raise InputError(f"empty mask: the {source} has no foreground voxel (labels > 0), so the "
+                         f"{radius_mm:g} mm ROI is empty; check the prediction or pass allow_empty=True")
+
+    # Bounding box of the foreground padded by the radius in voxels per axis.
+    coords = np.nonzero(fg)
+    lo, hi = [], []
+    for axis, c in enumerate(coords):
+        pad = int(math.ceil(radius_mm / spacing[axis])) + 1
+        lo.append(max(int(c.min()) - pad, 0))
+        hi.append(min(int(c.max()) + pad + 1, pred.shape[axis]))
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+
+    dist = ndimage.distance_transform_edt(~fg[box], sampling=spacing)
+    out = np.zeros(pred.shape, dtype=bool)
+    out[box] = dist <= radius_mm
+    return out
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in ROI_RULES:
+        raise InputError(f"unknown ROI rule {rule!r}; choose one of {', '.join(ROI_RULES)}")
+
+
+def _check_spacing(spacing_zyx) -> tuple[float, float, float]:
+    try:
+        spacing = tuple(float(s) for s in spacing_zyx)
+    except TypeError as exc:
+        raise InputError(f"spacing must be three numbers (z, y, x) in mm, got {spacing_zyx!r}") from exc
+    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise InputError(f"spacing must be three positive finite numbers (z, y, x) in mm, got {spacing_zyx!r}")
+    return spacing
