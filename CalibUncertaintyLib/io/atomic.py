@@ -28,6 +28,7 @@ def atomic_path(final: str | os.PathLike, suffix: str | None = None):
         suffix = name[name.index("."):] if "." in name else ""
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".part{suffix}", dir=final.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, final)
@@ -35,6 +36,12 @@ def atomic_path(final: str | os.PathLike, suffix: str | None = None):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, obj, indent: int = 2) -> Path:

@@ -1,0 +1,200 @@
+"""ReviewController: the Qt-free logic behind the module's display section and region table.
+
+The widget calls only this class. It owns which overlay is shown (slice-composite foreground),
+its opacity and threshold (the layer's display node), and navigation through the error regions
+of regions.json (METHODS.md section 5: connected components of {U > τ*} in the ROI, ranked by
+volume × mean U), which jumps the Red/Yellow/Green views to each region's RAS centroid.
+
+Navigation wraps: ``next_region()`` after the last region goes to the first and
+``previous_region()`` before the first goes to the last (a reviewer cycling through a short
+list expects that). With no regions both return None and nothing moves.
+
+Listeners: ``add_listener(callback)`` registers ``callback(event, value)``, called after each
+change with event one of "foreground" (layer name), "opacity" (float), "threshold" ((lo, hi)),
+"region" (index). It returns a function that removes the listener.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from ..errors import InputError
+from .case_folder import Region
+from .slice_jump import (DEFAULT_SLICE_NODE_IDS, composite_node_for, ensure_slice_views,
+                         jump_slices_to_ras)
+
+log = logging.getLogger(__name__)
+
+
+class ReviewController:
+    """Display and region navigation for one loaded case (a CaseNodes from nodes.load_case_outputs)."""
+
+    def __init__(self, scene, case_nodes, slice_node_ids=DEFAULT_SLICE_NODE_IDS, wrap: bool = True):
+        self.scene = scene
+        self.case = case_nodes
+        self.wrap = wrap
+        if tuple(slice_node_ids) == DEFAULT_SLICE_NODE_IDS:
+            ensure_slice_views(scene)
+        self.slice_nodes = []
+        for sid in slice_node_ids:
+            node = scene.GetNodeByID(sid)
+            if node is None:
+                raise InputError(f"no slice node {sid!r} in the scene")
+            self.slice_nodes.append(node)
+        self.composite_nodes = [composite_node_for(scene, n) for n in self.slice_nodes]
+        self._listeners = []
+        self.current_map: str | None = None
+        self.current_region_index: int | None = None
+        self.opacity = 0.6
+        self._thresholds = {}                      # layer -> (lo, hi) as last set
+        if case_nodes.input_volume is not None:
+            for comp in self.composite_nodes:
+                comp.SetBackgroundVolumeID(case_nodes.input_volume.GetID())
+
+    # --- listeners ---------------------------------------------------------------------
+    def add_listener(self, callback):
+        self._listeners.append(callback)
+        return lambda: self._listeners.remove(callback) if callback in self._listeners else None
+
+    def _notify(self, event: str, value) -> None:
+        for cb in list(self._listeners):
+            try:
+                cb(event, value)
+            except Exception:                      # a broken listener must not break the review
+                log.exception("review listener failed on %s", event)
+
+    # --- layers ------------------------------------------------------------------------
+    def map_names(self) -> list[str]:
+        """Selectable overlays: the map names (MAP_NAMES order), then ``prob_<Class>``."""
+        return list(self.case.layers())
+
+    def layer_node(self, name: str):
+        layers = self.case.layers()
+        if name not in layers:
+            raise InputError(f"no overlay named {name!r}; available: {', '.join(layers)}")
+        return layers[name]
+
+    def set_foreground_map(self, name: str) -> None:
+        """Show layer ``name`` as the foreground of every managed view, at the current opacity,
+        with its threshold (the last one set for it, else its default)."""
+        node = self.layer_node(name)
+        for comp in self.composite_nodes:
+            comp.SetForegroundVolumeID(node.GetID())
+            comp.SetForegroundOpacity(self.opacity)
+        self.current_map = name
+        lo, hi = self._thresholds.get(name, self.case.default_shown[name])
+        self._apply_threshold(name, lo, hi)
+        self._notify("foreground", name)
+
+    def set_opacity(self, x: float) -> None:
+        """Foreground opacity (0 transparent - 1 opaque) of every managed view."""
+        x = float(x)
+        if not 0.0 <= x <= 1.0 or math.isnan(x):
+            raise InputError(f"opacity must be between 0 and 1, got {x}")
+        self.opacity = x
+        for comp in self.composite_nodes:
+            comp.SetForegroundOpacity(x)
+        self._notify("opacity", x)
+
+    def _layer_max(self, name: str) -> float:
+        import slicer
+
+        node = self.layer_node(name)
+        return float(slicer.util.arrayFromVolume(node).max())
+
+    def _apply_threshold(self, name: str, lo: float, hi: float) -> None:
+        disp = self.layer_node(name).GetDisplayNode()
+        disp.AutoThresholdOff()
+        disp.SetApplyThreshold(1)
+        disp.SetThreshold(lo, hi)
+        self._thresholds[name] = (lo, hi)
+
+    def set_threshold(self, lo: float, hi: float | None = None) -> None:
+        """Show only voxels of the current overlay with lo ≤ value ≤ hi (others transparent).
+
+        ``hi=None`` means the layer's maximum. Raises InputError without a current overlay or
+        when lo > hi.
+        """
+        if self.current_map is None:
+            raise InputError("choose an overlay (set_foreground_map) before setting its threshold")
+        lo = float(lo)
+        hi = max(self._layer_max(self.current_map), lo) if hi is None else float(hi)
+        if math.isnan(lo) or math.isnan(hi) or lo > hi:
+            raise InputError(f"threshold needs lo <= hi, got lo={lo}, hi={hi}")
+        self._apply_threshold(self.current_map, lo, hi)
+        self._notify("threshold", (lo, hi))
+
+    @property
+    def threshold(self) -> tuple[float, float] | None:
+        return self._thresholds.get(self.current_map) if self.current_map else None
+
+    def default_threshold(self, name: str) -> float:
+        """τ* for map ``name`` (METHODS.md section 4: the threshold maximising mean UEO on the
+        calibration cases, as recorded in regions.json / summary.json for this case); the
+        documented fallbacks when the case gives none (see nodes.default_thresholds)."""
+        self.layer_node(name)
+        return float(self.case.default_thresholds[name][0])
+
+    def default_range(self, name: str) -> tuple[float, float]:
+        """The (lo, hi) a layer is shown with by default: [τ*, max] for uncertainty maps,
+        [min, τ*] for maps flagged where low (confidence), [0.1, 1] for probabilities."""
+        self.layer_node(name)
+        return tuple(self.case.default_shown[name])
+
+    def threshold_source(self, name: str) -> str:
+        return str(self.case.default_thresholds[name][1])
+
+    def value_range(self, name: str) -> tuple[float, float]:
+        """Colour window of the layer (0 to its robust max; 0-1 for probabilities)."""
+        self.layer_node(name)
+        return tuple(self.case.value_ranges[name])
+
+    def legend(self, name: str | None = None):
+        from .colors import legend_for
+
+        name = name or self.current_map
+        if name is None:
+            raise InputError("no overlay shown, so there is no legend")
+        return legend_for(name, self.value_range(name))
+
+    # --- regions -----------------------------------------------------------------------
+    def regions(self) -> list[Region]:
+        return list(self.case.regions)
+
+    def go_to_region(self, i: int):
+        """Jump Red/Yellow/Green, centred, to region i's centroid (RAS mm); select its markup.
+
+        Returns the list of SliceMove. Raises InputError for an index out of range.
+        """
+        regions = self.case.regions
+        if not 0 <= int(i) < len(regions):
+            raise InputError(f"region index {i} out of range (this case has {len(regions)} regions)")
+        i = int(i)
+        moves = jump_slices_to_ras(self.scene, regions[i].centroid_ras, self.slice_nodes, centred=True)
+        markups = self.case.regions_markups
+        if markups is not None and markups.GetScene() is self.scene:
+            for k in range(markups.GetNumberOfControlPoints()):
+                markups.SetNthControlPointSelected(k, k == i)
+        self.current_region_index = i
+        self._notify("region", i)
+        return moves
+
+    def _step(self, step: int):
+        n = len(self.case.regions)
+        if n == 0:
+            return None
+        if self.current_region_index is None:
+            i = 0 if step > 0 else n - 1
+        else:
+            i = self.current_region_index + step
+            i = i % n if self.wrap else min(max(i, 0), n - 1)
+        return self.go_to_region(i)
+
+    def next_region(self):
+        """Go to the next region (wraps to the first after the last); None without regions."""
+        return self._step(+1)
+
+    def previous_region(self):
+        """Go to the previous region (wraps to the last before the first); None without regions."""
+        return self._step(-1)
