@@ -1,0 +1,64 @@
+"""``calib-uncertainty fit-temperature``: fit the calibration file on calibration cases.
+
+Thin wrapper over ``pipeline.fit.fit_calibration`` (see there for every definition): fits T
+(or vector scaling) by NLL inside the ROI, then τ* per map by mean UEO and the EBCU threshold
+(0.95 quantile of the calibrated entropy in the ROI) on the same cases, and records the
+fingerprint of the member folders. The output file is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import (ENSEMBLE_MODES, add_member_options, add_output_option, add_roi_options, positive_int,
+                     positive_mm, progress_bar, say)
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "fit-temperature", help="fit temperature (or vector) scaling, τ* per map and the EBCU threshold",
+        description="Fit post-hoc calibration of an ensemble on calibration cases with reference labels: "
+                    "one temperature T minimising the NLL of the ROI voxels (bounded search on log T), "
+                    "then, with T applied, the flagging threshold τ* of every uncertainty map (maximum "
+                    "mean UEO) and the EBCU threshold. Writes a JSON calibration file that 'maps', "
+                    "'evaluate' and 'predict' apply; it refuses to be applied to other members.")
+    add_member_options(p, images_required=False, labels="required")
+    add_roi_options(p)
+    g = p.add_argument_group("fitting")
+    g.add_argument("--method", choices=("temperature", "vector"), default="temperature",
+                   help="'temperature': one T for all classes (default); 'vector': per-class scale and "
+                        "bias on log-probabilities (may change the segmentation)")
+    g.add_argument("--ensemble-mode", choices=ENSEMBLE_MODES, default="pool_then_calibrate",
+                   help="'pool_then_calibrate': average the members, then softmax(log p̄ / T) (default); "
+                        "'per_member': scale every member by T before averaging. Both are fitted and "
+                        "reported; this one is stored")
+    g.add_argument("--max-voxels", type=positive_int, default=2_000_000, metavar="N",
+                   help="at most N ROI voxels in total (split evenly over the cases), sampled "
+                        "stratified by reference class (default 2000000)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the voxel sampling (default 0)")
+    g.add_argument("--dae-sigma-mm", type=positive_mm, default=2.0, metavar="MM",
+                   help="σ in millimetres of the distance-aware entropy used for its τ* (default 2 mm)")
+    g.add_argument("--ebcu-radius-mm", type=positive_mm, default=4.0, metavar="MM",
+                   help="ball radius in millimetres of EBCU used for its τ* (default 4 mm)")
+    add_output_option(p, "calibration file to write (JSON), e.g. calibration.json", metavar="FILE")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from ..io.nnunet_outputs import pair_cases
+    from ..pipeline.fit import FitOptions, fit_calibration
+
+    pairing = pair_cases(args.members, args.images, args.labels, args.cases, require_labels=True)
+    opts = FitOptions(method=args.method, ensemble_mode=args.ensemble_mode, roi_radius_mm=args.roi_radius_mm,
+                      roi_rule=args.roi_rule, max_voxels=args.max_voxels, seed=args.seed,
+                      dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm)
+    with progress_bar(None, total=2 * len(pairing.cases), desc="fit-temperature") as bar:
+        cal = fit_calibration(pairing, opts, bar=bar)
+    path = cal.save(args.output)
+    for note in pairing.notes:
+        say(f"note: {note}")
+    say(cal.describe())
+    say(f"EBCU threshold {cal.ebcu_threshold:.4g} nats; τ* for {len(cal.thresholds)} maps")
+    say(f"calibration file written: {path}")
+    return 0

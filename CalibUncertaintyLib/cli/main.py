@@ -1,0 +1,78 @@
+"""``calib-uncertainty``: the command-line entry point.
+
+Commands are registered from the modules named in ``COMMANDS`` (``CalibUncertaintyLib.cli.<name>``);
+each exposes ``register(subparsers)``, which adds its parser with ``set_defaults(func=run)``.
+A module that does not exist (yet) is skipped, but only when the ModuleNotFoundError is about
+that module itself: a missing dependency inside an existing command module is a real error.
+
+Errors raised on purpose by the library (``errors.CalibUncertaintyError`` and subclasses) print
+``error: <message>`` on stderr and exit with code 2, without a traceback (``--debug`` shows it).
+Bad command-line values are reported by argparse, also with exit code 2. Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import traceback
+
+from .. import __version__
+from ..errors import CalibUncertaintyError
+from .common import add_global_options, setup_logging
+
+COMMANDS = ("fit_temperature", "maps", "evaluate", "predict", "train_snapshots", "demo")
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="calib-uncertainty",
+        description="Calibrated nnU-Net v2 ensembles and reviewable uncertainty maps for CT "
+                    "segmentation. Every distance option is in millimetres.",
+        epilog="Run 'calib-uncertainty COMMAND --help' for the options of a command.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    add_global_options(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        modname = f"{__package__}.{name}"
+        try:
+            module = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name == modname:
+                log.debug("command module %s not available, skipped", modname)
+                continue
+            raise
+        module.register(sub)
+    for subparser in sub.choices.values():
+        known = {opt for a in subparser._actions for opt in a.option_strings}
+        if "--debug" not in known and "-v" not in known:
+            add_global_options(subparser, suppress_defaults=True)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    setup_logging(getattr(args, "verbose", 0) or 0)
+    try:
+        rc = args.func(args)
+    except CalibUncertaintyError as e:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+"""From ensemble members to reviewable outputs: per-case processing, fitting, evaluation.
+
+- ``case.process_case``: members of one case -> ``<out>/<case>/`` (seg, calibrated probabilities,
+  maps, regions.json, summary.json), written atomically.
+- ``fit.fit_calibration``: calibration cases -> a ``CalibrationFile`` (T, τ* per map, EBCU t).
+- ``evaluate.evaluate_cases`` / ``evaluate.write_evaluation``: metrics before and after
+  calibration, error detection, plots and report.md.
+- ``dataset``: labels, fingerprint and calibration-file checks on top of ``io.nnunet_outputs``.
+
+Modules are imported on use (``from CalibUncertaintyLib.pipeline.case import process_case``).
+"""

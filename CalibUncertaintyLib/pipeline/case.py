@@ -1,0 +1,283 @@
+"""One case from ensemble members to the reviewable output folder (docs/ARCHITECTURE.md "Per-case outputs").
+
+``process_case`` streams the members into an ``EnsembleAccumulator`` (per-member mode: each
+member is scaled before ``add``), computes the calibrated probability (METHODS.md §2), the
+segmentation (its argmax, identical to the uncalibrated argmax for temperature scaling), every
+uncertainty map of METHODS.md §1 (``uncertainty.maps.compute_maps``), the ROI (voxels within R mm
+of the predicted foreground, R from the calibration file, default 15 mm) and the error regions
+of METHODS.md §5 (connected components of {score > τ} in the ROI for the chosen map, τ from the
+calibration file's τ* for that map, else ``calibration.thresholds.DEFAULT_THRESHOLDS``).
+
+Files (all in the input geometry, each written atomically):
+
+    <out>/<case>/seg.nii.gz, prob_<Class>.nii.gz, map_<name>.nii.gz, regions.json, summary.json
+
+The folder is built as ``<out>/.<case>.partial/`` and renamed to ``<out>/<case>/`` only when
+complete, so an interrupted run never leaves a half case; an existing complete folder of the
+same case is replaced only at that final rename (and kept when anything before it fails).
+
+It does not care where the members come from (member folders, nnU-Net inference, synthetic).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from ..errors import InputError
+from ..io.atomic import write_json
+from ..io.geometry import Geometry
+from ..io.images import write_image
+from ..progress import emit_progress
+from .ensemble import accumulate, calibrated_probs, case_maps, resolve_mode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CaseOptions:
+    """Options of ``process_case``. Distances in mm, volumes in mm³.
+
+    ``ensemble_mode`` None = the calibration file's mode (else pool_then_calibrate).
+    ``roi_radius_mm`` None = the calibration file's radius (else 15 mm).
+    ``map_names`` None = every map of MAP_NAMES.
+    """
+
+    ensemble_mode: str | None = None
+    regions_map: str = "dae"
+    dae_sigma_mm: float = 2.0
+    ebcu_radius_mm: float = 4.0
+    min_region_mm3: float = 10.0
+    roi_radius_mm: float | None = None
+    map_names: tuple[str, ...] | None = None
+    n_members: int | None = None  # for progress fractions when ``members`` has no len()
+    member_names: list[str] | None = None
+    extra_summary: dict = field(default_factory=dict)
+
+
+def safe_name(name: str) -> str:
+    """A class name usable in a file name: runs of other characters than [A-Za-z0-9_-] become '_'."""
+    out = re.sub(r"[^A-Za-z0-9_\-]+", "_", str(name)).strip("_")
+    return out or "class"
+
+
+def _stats(a: np.ndarray, roi: np.ndarray) -> dict:
+    vals = a[roi] if roi.any() else np.zeros(0, a.dtype)
+    return {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean()),
+            "mean_roi": float(vals.mean()) if vals.size else None,
+            "p95_roi": float(np.quantile(vals, 0.95)) if vals.size else None}
+
+
+def map_threshold_info(name: str, entry: dict, tau_score: float) -> dict:
+    """Threshold record for summary.json: the entry plus ``tau_abs`` in the map's own units.
+
+    ``tau_score`` is τ on the score scale (higher = more uncertain). For maps whose score is
+    1 − map (confidence), voxels are flagged where map < tau_abs (``"flag": "below"``);
+    otherwise where map > tau_abs (``"flag": "above"``).
+    """
+    below = entry.get("score", "map") != "map"
+    finite = bool(np.isfinite(tau_score))
+    tau_abs = (1.0 - tau_score if below else tau_score) if finite else None
+    return {"tau": entry.get("tau"), "kind": entry.get("kind"), "q": entry.get("q"),
+            "score": entry.get("score", "map"), "source": entry.get("source"),
+            "mean_ueo": entry.get("mean_ueo"), "tau_score": tau_score if finite else None,
+            "tau_abs": tau_abs, "flag": "below" if below else "above"}
+
+
+def _replace_dir(partial: Path, final: Path) -> None:
+    """Rename ``partial`` to ``final``; an existing ``final`` is swapped out and deleted after."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    try:
+        os.replace(partial, final)
+    except BaseException:
+        if old is not None and not final.exists():
+            os.replace(old, final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry, out_dir,
+                 calibration=None, class_names: list[str] | None = None,
+                 options: CaseOptions | None = None) -> dict:
+    """Members of one case -> ``<out_dir>/<case_id>/`` (module docstring); returns the summary dict.
+
+    ``members``: iterable of (K, z, y, x) probabilities on ``geometry``'s grid (consumed once,
+    one at a time). ``calibration``: a ``CalibrationFile`` (its fingerprint must have been
+    checked by the caller) or None for uncalibrated outputs. ``class_names``: K names,
+    background first (default ``background, class_1, ...``).
+    """
+    from ..calibration.roi import describe_roi, roi_mask
+    from ..calibration.thresholds import threshold_entry, threshold_for_case, uncertainty_score
+    from ..regions.components import find_regions, regions_to_dict
+    from ..uncertainty.maps import MAP_NAMES, segmentation
+
+    opts = options or CaseOptions()
+    if not case_id or case_id in (".", "..") or "/" in case_id or "\\" in case_id or case_id.startswith("."):
+        raise InputError(f"case id {case_id!r} cannot name an output folder (empty, a path or hidden)")
+    mode = resolve_mode(calibration, opts.ensemble_mode)
+    names = tuple(opts.map_names) if opts.map_names else tuple(MAP_NAMES)
+    unknown = [n for n in names if n not in MAP_NAMES]
+    if unknown or opts.regions_map not in MAP_NAMES:
+        raise InputError(f"unknown map name(s) {unknown or [opts.regions_map]}; choose from {', '.join(MAP_NAMES)}")
+    if opts.regions_map not in names:
+        names = names + (opts.regions_map,)
+    radius = opts.roi_radius_mm if opts.roi_radius_mm is not None else (
+        float(calibration.roi["radius_mm"]) if calibration is not None else 15.0)
+    out_dir = Path(out_dir)
+    final = out_dir / case_id
+    partial = out_dir / f".{case_id}.partial"
+    n_members_hint = opts.n_members or (len(members) if hasattr(members, "__len__") else None)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def on_member(i, name):
+        frac = 0.6 * (i + 1) / n_members_hint if n_members_hint else None
+        emit_progress("accumulate", frac, case=case_id, member=i + 1, n_members=n_members_hint,
+                      message=name)
+
+    emit_progress("accumulate", 0.0, case=case_id, n_members=n_members_hint)
+    acc = accumulate(members, calibration, mode, opts.member_names, on_member)
+    if acc.shape_zyx != geometry.shape_zyx:
+        raise InputError(f"case {case_id}: members have shape {acc.shape_zyx}, the image "
+                         f"{geometry.shape_zyx}")
+    k = acc.n_classes
+    class_names = list(class_names) if class_names else ["background"] + [f"class_{i}" for i in range(1, k)]
+    if len(class_names) != k:
+        raise InputError(f"case {case_id}: {len(class_names)} class names for {k} probability channels")
+    if calibration is not None and calibration.class_names and len(calibration.class_names) != k:
+        raise InputError(f"case {case_id}: the calibration file has {len(calibration.class_names)} "
+                         f"classes, the members {k}")
+    notes = []
+    if calibration is not None:
+        for key, value in (("dae_sigma_mm", opts.dae_sigma_mm), ("ebcu_radius_mm", opts.ebcu_radius_mm)):
+            fitted = (calibration.extra or {}).get(key)
+            if fitted is not None and abs(float(fitted) - float(value)) > 1e-9:
+                notes.append(f"{key} = {value:g} differs from the {float(fitted):g} the calibration file's "
+                             "thresholds were fitted with: its τ* for that map may not fit")
+                log.warning(notes[-1])
+    if acc.n_members == 1:
+        notes.append("one member: mutual information and EPKL are zero; vote disagreement and "
+                     "foreground variance carry no ensemble information")
+    timings["accumulate_s"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    emit_progress("calibrate", 0.62, case=case_id)
+    probs = calibrated_probs(acc, calibration, mode)
+    seg = segmentation(probs)
+    roi = roi_mask(seg, geometry.spacing_zyx, radius, rule="prediction", allow_empty=True)
+    if not roi.any():
+        notes.append("the prediction has no foreground: the ROI is empty, so no region is flagged "
+                     "and ROI statistics are undefined")
+    timings["calibrate_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    emit_progress("maps", 0.7, case=case_id)
+    map_info: dict = {}
+    maps = case_maps(acc, probs, geometry, calibration, mode, names=list(names), dae_sigma_mm=opts.dae_sigma_mm,
+                     ebcu_radius_mm=opts.ebcu_radius_mm, roi=roi, info=map_info)
+    timings["maps_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    emit_progress("regions", 0.8, case=case_id)
+    calibrated_thresholds = calibration.thresholds if calibration is not None else None
+    thresholds = {}
+    for name in names:
+        entry = threshold_entry(name, calibrated_thresholds)
+        thresholds[name] = map_threshold_info(name, entry, threshold_for_case(entry, maps[name], roi))
+    rmap = opts.regions_map
+    r_info = thresholds[rmap]
+    calibrated_here = calibration is not None and rmap in (calibration.thresholds or {})
+    source = (f"calibration file {Path(calibration.source_path).name}" if calibrated_here and calibration.source_path
+              else "calibration file" if calibrated_here else "default (calibration.thresholds.DEFAULT_THRESHOLDS)")
+    roi_doc = {"rule": "prediction", "radius_mm": radius, "n_voxels": int(roi.sum()),
+               "description": describe_roi("prediction", radius)}
+    if r_info["tau_score"] is None:  # quantile threshold on an empty ROI: nothing to flag
+        regions = []
+    else:
+        regions = find_regions(uncertainty_score(rmap, maps[rmap]), r_info["tau_score"], roi, seg, geometry,
+                               class_names=class_names, min_volume_mm3=opts.min_region_mm3)
+    regions_doc = regions_to_dict(regions, case=case_id, map_name=rmap, threshold=r_info["tau_abs"] or 0.0,
+                                  threshold_source=source, roi=roi_doc, class_names=class_names)
+    regions_doc.update(threshold=r_info["tau_abs"], threshold_kind=r_info["kind"], flag=r_info["flag"],
+                       score=r_info["score"], threshold_score=r_info["tau_score"],
+                       min_region_mm3=opts.min_region_mm3)
+    timings["regions_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    emit_progress("write", 0.85, case=case_id)
+    if partial.exists():  # left by a run that was killed
+        shutil.rmtree(partial)
+    try:
+        partial.mkdir(parents=True)
+        files = ["seg.nii.gz"]
+        write_image(partial / "seg.nii.gz", seg.astype(np.uint8), geometry)
+        used = set()
+        for c in range(1, k):
+            fname = f"prob_{safe_name(class_names[c])}.nii.gz"
+            if fname in used:
+                fname = f"prob_{safe_name(class_names[c])}_{c}.nii.gz"
+            used.add(fname)
+            write_image(partial / fname, probs[c].astype(np.float32), geometry)
+            files.append(fname)
+        for name in names:
+            write_image(partial / f"map_{name}.nii.gz", maps[name].astype(np.float32), geometry)
+            files.append(f"map_{name}.nii.gz")
+        write_json(partial / "regions.json", regions_doc)
+        files += ["regions.json", "summary.json"]
+        timings["write_s"] = time.perf_counter() - t
+        timings["total_s"] = time.perf_counter() - t0
+        voxel_mm3 = geometry.voxel_volume_mm3
+        summary = {
+            "case": case_id,
+            "geometry": geometry.to_dict(),
+            "n_members": acc.n_members,
+            "member_names": opts.member_names,
+            "class_names": class_names,
+            "ensemble_mode": mode,
+            "calibration": _calibration_record(calibration),
+            "roi": regions_doc["roi"],
+            "predicted_volume_mm3": {class_names[c]: float(np.count_nonzero(seg == c) * voxel_mm3) for c in range(1, k)},
+            "thresholds": thresholds,
+            "regions_map": rmap,
+            "n_regions": len(regions_doc["regions"]),
+            "maps": {n: _stats(maps[n], roi) for n in names},
+            "ebcu_threshold": map_info.get("ebcu_threshold"),
+            "ebcu_threshold_source": map_info.get("ebcu_threshold_source"),
+            "options": {kk: v for kk, v in asdict(opts).items() if kk not in ("member_names", "extra_summary")},
+            "timings_s": {kk: round(v, 4) for kk, v in timings.items()},
+            "files": files,
+            "notes": notes,
+            **opts.extra_summary,
+        }
+        write_json(partial / "summary.json", summary)
+        _replace_dir(partial, final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    emit_progress("done", 1.0, case=case_id)
+    log.info("case %s written to %s (%.1f s)", case_id, final, timings["total_s"])
+    return summary
+
+
+def _calibration_record(calibration) -> dict | None:
+    if calibration is None:
+        return None
+    return {"path": calibration.source_path, "method": calibration.method,
+            "ensemble_mode": calibration.ensemble_mode, "temperature": calibration.temperature,
+            "vector": calibration.vector, "ebcu_threshold": calibration.ebcu_threshold,
+            "roi": calibration.roi, "n_cases": calibration.n_cases,
+            "thresholds": calibration.thresholds, "description": calibration.describe()}

@@ -1,0 +1,60 @@
+"""Case-level inputs for the commands: labels, the model fingerprint and the calibration file.
+
+Discovery and pairing of member folders with images and labels is ``io.nnunet_outputs.pair_cases``;
+this module adds what the fitting and evaluation pipelines need on top of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from ..errors import InputError
+from ..io.images import read_image
+from ..io.nnunet_outputs import CaseFiles, Pairing
+
+log = logging.getLogger(__name__)
+
+
+def read_label(case: CaseFiles, n_classes: int) -> np.ndarray:
+    """The reference label map of ``case`` (z, y, x) int, checked: on the case grid, values 0..K-1.
+
+    An all-background label is allowed (it is logged: Dice of every class is then the
+    empty-reference convention and the error mask is the predicted foreground).
+    """
+    if case.label_path is None:
+        raise InputError(f"case {case.case}: no reference label (pass --labels)")
+    labels, geom = read_image(case.label_path)
+    geom.require_same(case.geometry, f"label {case.label_path.name}", f"case {case.case} grid")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.all(np.mod(labels, 1) == 0):
+            raise InputError(f"label {case.label_path}: non-integer values; a label map holds class indices")
+        labels = labels.astype(np.int64)
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= n_classes:
+        raise InputError(f"label {case.label_path}: values {lo}..{hi}, but the members have {n_classes} "
+                         f"classes (0..{n_classes - 1})")
+    if hi == 0:
+        log.warning("case %s: the reference label is empty (background only)", case.case)
+    return labels
+
+
+def prediction_fingerprint(pairing: Pairing) -> dict:
+    """Fingerprint of the member folders (calibration.fingerprint.fingerprint_prediction_folder)."""
+    from ..calibration.fingerprint import fingerprint_prediction_folder
+
+    return fingerprint_prediction_folder([d for d in pairing.cases[0].member_dirs], n_classes=pairing.n_classes)
+
+
+def load_checked_calibration(path: str | os.PathLike, pairing: Pairing):
+    """Load a calibration file and refuse it for other members (CalibrationMismatchError) or classes."""
+    from ..calibration.calibration_file import CalibrationFile
+
+    cal = CalibrationFile.load(path)
+    cal.check_fingerprint(prediction_fingerprint(pairing))
+    if cal.class_names and len(cal.class_names) != pairing.n_classes:
+        raise InputError(f"calibration file {path} is for {len(cal.class_names)} classes, the members "
+                         f"have {pairing.n_classes}")
+    return cal

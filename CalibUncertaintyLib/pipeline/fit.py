@@ -1,0 +1,232 @@
+"""Fit a calibration file on calibration cases (what ``calib-uncertainty fit-temperature`` does).
+
+METHODS.md §2 and §4, in three passes over the cases (members are re-read each pass, so memory
+stays bounded by one case's accumulator plus the sampled voxels and ROI crops):
+
+1. Calibration voxels. Per case the members are pooled, p̄ = (1/M) Σ_m p_m; the prediction is
+   argmax p̄ and the ROI the voxels within R mm (default 15) of the predicted foreground (rule
+   "prediction"), or of reference ∪ prediction ("gt_union_prediction"). ROI voxels are
+   subsampled stratified by reference class with a fixed seed (at most ``max_voxels`` over all
+   cases, split evenly). The rows are log p̄ (pool then calibrate) and, for temperature scaling,
+   also each member's log p_m at the same voxels (per member), so both ensemble modes are
+   fitted on identical voxels and both are reported; the requested mode is the one stored.
+   (A case's members are kept in memory for this up to ``MEMBER_CACHE_BYTES``, else re-read.)
+2. Fit: T by a bounded 1-D search on log T minimising the NLL (``TemperatureScaler``), or
+   per-class scale and bias (``VectorScaler``, pooled ensemble only).
+3. Thresholds with the calibration applied: the EBCU threshold t is the 0.95 quantile of the
+   calibrated predictive entropy inside the ROI, pooled over the voxels of all calibration
+   cases; then every map is computed (EBCU with that t) and τ* per map maximises the mean UEO
+   over cases (``calibration.thresholds.calibrate_thresholds``). The error mask is
+   prediction ≠ reference inside the ROI. Maps, errors and ROIs are kept cropped to the ROI
+   bounding box (padded by the EBCU radius, so EBCU inside the ROI is exact).
+
+The calibration file records T (or w, b), the mode, the ROI rule and radius, the cases, the NLL
+before/after, τ* per map, t, the class names and the fingerprint of the member folders.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InputError
+from ..io.nnunet_outputs import Pairing
+from ..progress import emit_progress
+from .dataset import prediction_fingerprint, read_label
+from .ensemble import accumulate, calibrated_probs, case_maps
+
+log = logging.getLogger(__name__)
+
+EBCU_QUANTILE = 0.95
+MEMBER_CACHE_BYTES = 1 << 30  # members of one case kept in memory in pass 1 up to this size, else re-read
+
+
+@dataclass
+class FitOptions:
+    """Options of ``fit_calibration`` (distances in mm)."""
+
+    method: str = "temperature"
+    ensemble_mode: str = "pool_then_calibrate"
+    roi_radius_mm: float = 15.0
+    roi_rule: str = "prediction"
+    max_voxels: int = 2_000_000
+    seed: int = 0
+    dae_sigma_mm: float = 2.0
+    ebcu_radius_mm: float = 4.0
+
+
+def _bbox(mask: np.ndarray, pad_vox, shape) -> tuple[slice, ...]:
+    idx = np.nonzero(mask)
+    if idx[0].size == 0:
+        return tuple(slice(0, 0) for _ in shape)
+    return tuple(slice(max(int(a.min()) - p, 0), min(int(a.max()) + 1 + p, s))
+                 for a, p, s in zip(idx, pad_vox, shape))
+
+
+def _progress(stage, i, n, case, bar=None):
+    emit_progress(stage, (i + 1) / n, case=case)
+    if bar is not None:
+        bar.update(1)
+
+
+def collect_samples(pairing: Pairing, opts: FitOptions, want_members: bool, bar=None):
+    """Pass 1: stratified ROI samples. Returns (log p̄ rows (N, K), member rows (M, N, K) or None, labels (N,))."""
+    from ..calibration.roi import roi_mask
+    from ..calibration.sampling import stratified_sample_indices
+    from ..calibration.temperature import collect_calibration_samples, safe_log
+
+    n_cases = len(pairing.cases)
+    per_case = max(1, int(opts.max_voxels) // n_cases)
+    member_rows, indices = [], []
+
+    def cases():
+        for ci, cf in enumerate(pairing.cases):
+            labels = read_label(cf, pairing.n_classes)
+            kept: list[np.ndarray] = []
+
+            def members_once():  # keep the members for the per-member rows if they fit the budget
+                for p in cf.load_members(pairing.n_classes):
+                    if want_members and (len(kept) + 1) * p.nbytes <= MEMBER_CACHE_BYTES:
+                        kept.append(p)
+                    yield p
+
+            acc = accumulate(members_once())
+            pbar = acc.mean_probs()
+            del acc
+            seg = np.argmax(pbar, axis=0)
+            roi = roi_mask(seg, cf.geometry.spacing_zyx, opts.roi_radius_mm, reference=labels,
+                           rule=opts.roi_rule, allow_empty=True)
+            if not roi.any():
+                log.warning("case %s: empty ROI (no predicted%s foreground), no calibration voxels",
+                            cf.case, "" if opts.roi_rule == "prediction" else " or reference")
+            if want_members and roi.any():
+                vox = np.flatnonzero(roi.ravel())
+                keep = stratified_sample_indices(labels.reshape(-1)[vox], per_case, seed=opts.seed + ci)
+                vox = vox[keep]
+                source = kept if len(kept) == len(cf.member_dirs) else cf.load_members(pairing.n_classes)
+                rows = [safe_log(p.reshape(p.shape[0], -1)[:, vox].T).astype(np.float32) for p in source]
+                member_rows.append(np.stack(rows))
+                indices.append(vox)
+            _progress("fit: collect voxels", ci, n_cases, cf.case, bar)
+            kept.clear()
+            yield pbar, labels, roi
+
+    x, y = collect_calibration_samples(cases(), kind="probs", ensemble_mode="pool_then_calibrate",
+                                       max_voxels_per_case=per_case, seed=opts.seed)
+    xm = np.concatenate(member_rows, axis=1) if want_members else None
+    if xm is not None and xm.shape[1] != x.shape[0]:
+        raise RuntimeError("pooled and per-member calibration samples differ in size")  # same selector
+    return x, xm, y
+
+
+def fit_scaler(x, xm, y, opts: FitOptions):
+    """Pass 2: the requested scaler, plus the other temperature mode when available (for the report)."""
+    from ..calibration.temperature import TemperatureScaler
+    from ..calibration.vector_scaling import VectorScaler
+
+    other = None
+    if opts.method == "vector":
+        if opts.ensemble_mode != "pool_then_calibrate":
+            raise InputError("vector scaling is fitted on the pooled ensemble only; use "
+                             "--ensemble-mode pool_then_calibrate or --method temperature")
+        return VectorScaler().fit(x, y), None
+    pooled = TemperatureScaler(ensemble_mode="pool_then_calibrate").fit(x, y)
+    per_member = TemperatureScaler(ensemble_mode="per_member").fit(xm, y) if xm is not None else None
+    if opts.ensemble_mode == "per_member":
+        return per_member, pooled
+    return pooled, per_member
+
+
+def fit_thresholds(pairing: Pairing, calibration, opts: FitOptions, bar=None) -> tuple[dict, float, dict]:
+    """Pass 3: EBCU threshold and τ* per map with ``calibration`` applied. Returns (τ*, t, info)."""
+    from ..calibration.roi import roi_mask
+    from ..calibration.thresholds import calibrate_thresholds
+    from ..metrics.error_detection import error_mask
+    from ..uncertainty.ebcu import ebcu
+    from ..uncertainty.maps import MAP_NAMES, segmentation
+
+    mode = calibration.ensemble_mode
+    names = [n for n in MAP_NAMES if n != "ebcu"]
+    crops, pe_roi = [], []
+    n_cases = len(pairing.cases)
+    for ci, cf in enumerate(pairing.cases):
+        labels = read_label(cf, pairing.n_classes)
+        acc = accumulate(cf.load_members(pairing.n_classes), calibration, mode)
+        probs = calibrated_probs(acc, calibration, mode)
+        seg = segmentation(probs)
+        roi = roi_mask(seg, cf.geometry.spacing_zyx, opts.roi_radius_mm, reference=labels,
+                       rule=opts.roi_rule, allow_empty=True)
+        maps = case_maps(acc, probs, cf.geometry, calibration, mode, names=names,
+                         dae_sigma_mm=opts.dae_sigma_mm, roi=roi)
+        del acc, probs
+        pad = [int(math.ceil(opts.ebcu_radius_mm / h)) + 1 for h in cf.geometry.spacing_zyx]
+        box = _bbox(roi, pad, roi.shape)
+        errors = error_mask(seg, labels, roi)
+        crops.append(({n: maps[n][box].copy() for n in names}, errors[box].copy(), roi[box].copy(),
+                      cf.geometry.spacing_zyx))
+        pe_roi.append(maps["entropy"][roi])
+        del maps
+        _progress("fit: thresholds", ci, n_cases, cf.case, bar)
+    pooled = np.concatenate(pe_roi) if pe_roi else np.zeros(0, np.float32)
+    if pooled.size == 0:
+        raise InputError("every calibration case has an empty ROI (no predicted foreground): "
+                         "cannot fit thresholds; check the members")
+    t_ebcu = float(np.quantile(pooled, EBCU_QUANTILE))
+    for c_maps, _, _, spacing in crops:
+        c_maps["ebcu"] = ebcu(c_maps["entropy"], spacing, radius_mm=opts.ebcu_radius_mm, threshold=t_ebcu)
+    thresholds = calibrate_thresholds([c[0] for c in crops], [c[1] for c in crops], [c[2] for c in crops],
+                                      seed=opts.seed)
+    info = {"ebcu_threshold_rule": f"{EBCU_QUANTILE:g} quantile of the calibrated predictive entropy in "
+                                   f"the ROI, pooled over {pooled.size} voxels of {n_cases} cases",
+            "n_roi_voxels": int(pooled.size),
+            "n_error_voxels": int(sum(int(c[1].sum()) for c in crops))}
+    return thresholds, t_ebcu, info
+
+
+def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, bar=None):
+    """Fit and return a ``CalibrationFile`` (not saved) from the paired calibration cases.
+
+    Raises InputError when a case has no label, when no ROI voxel exists, or for options
+    that do not combine (vector scaling with per-member mode).
+    """
+    from ..calibration.calibration_file import CalibrationFile
+    from ..calibration.roi import describe_roi
+
+    opts = opts or FitOptions()
+    if any(cf.label_path is None for cf in pairing.cases):
+        raise InputError("fitting needs reference labels for every calibration case (--labels)")
+    t0 = time.perf_counter()
+    want_members = opts.method == "temperature"
+    x, xm, y = collect_samples(pairing, opts, want_members, bar)
+    t1 = time.perf_counter()
+    scaler, other = fit_scaler(x, xm, y, opts)
+    t2 = time.perf_counter()
+    extra = {"roi_description": describe_roi(opts.roi_rule, opts.roi_radius_mm),
+             "max_voxels": int(opts.max_voxels), "seed": int(opts.seed),
+             "dae_sigma_mm": opts.dae_sigma_mm, "ebcu_radius_mm": opts.ebcu_radius_mm,
+             "ebcu_quantile": EBCU_QUANTILE, "notes": list(pairing.notes)}
+    if other is not None:
+        extra["other_ensemble_mode"] = {"ensemble_mode": other.ensemble_mode,
+                                        "temperature": float(other.temperature_),
+                                        "nll_before": float(other.nll_before_),
+                                        "nll_after": float(other.nll_after_)}
+    cal = CalibrationFile.from_scaler(scaler, roi_rule=opts.roi_rule, radius_mm=opts.roi_radius_mm,
+                                      case_ids=[c.case for c in pairing.cases],
+                                      class_names=pairing.class_names,
+                                      fingerprint=prediction_fingerprint(pairing), extra=extra)
+    thresholds, t_ebcu, info = fit_thresholds(pairing, cal, opts, bar)
+    for entry in thresholds.values():
+        # quantile entries carry their level in "q"; the calibration file (and the contract's
+        # {"tau", "kind"}) wants a finite "tau": for kind "quantile" it is that level
+        if entry.get("kind") == "quantile" and entry.get("tau") is None:
+            entry["tau"] = entry["q"]
+    cal.thresholds = thresholds
+    cal.ebcu_threshold = t_ebcu
+    cal.extra.update(info)
+    cal.extra["timings_s"] = {"collect_s": round(t1 - t0, 3), "fit_s": round(t2 - t1, 3),
+                              "thresholds_s": round(time.perf_counter() - t2, 3)}
+    return cal.validate()

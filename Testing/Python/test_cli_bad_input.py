@@ -1,0 +1,226 @@
+"""Bad input reaches the user as one clear line (exit code 2) and never destroys earlier output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from CalibUncertaintyLib.cli.main import main
+from CalibUncertaintyLib.io.geometry import Geometry
+from CalibUncertaintyLib.io.images import read_image, write_image
+from CalibUncertaintyLib.io.nnunet_outputs import load_member_probs, write_member_probs
+from CalibUncertaintyLib.synthetic.members import make_member_folders
+
+GEOM = Geometry((16, 20, 24), (1.5, 1.25, 2.0), (-12.0, 30.5, 7.0))
+CASES = ("c0", "c1", "c2")
+
+
+def _labels(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    z, y, x = np.indices(GEOM.shape_zyx)
+    lab = np.zeros(GEOM.shape_zyx, np.uint8)
+    cz, cy, cx = 8 + rng.integers(-2, 3), 10 + rng.integers(-2, 3), 8 + rng.integers(-2, 3)
+    lab[((z - cz) * 2.0) ** 2 + ((y - cy) * 1.25) ** 2 + ((x - cx) * 1.5) ** 2 < 36] = 1
+    lab[5:11, 4:9, 15:20] = 2
+    return lab
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad_input")
+    raw = root / "Dataset999_Tiny"
+    for i, case in enumerate(CASES + ("empty",)):
+        lab = _labels(i) if case != "empty" else np.zeros(GEOM.shape_zyx, np.uint8)
+        write_image(raw / "labelsTr" / f"{case}.nii.gz", lab, GEOM)
+        ct = np.where(lab > 0, 40, -100).astype(np.int16)
+        write_image(raw / "imagesTr" / f"{case}_0000.nii.gz", ct, GEOM)
+    (raw / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1, "box": 2},
+        "numTraining": 4, "file_ending": ".nii.gz"}))
+    members = make_member_folders(raw / "labelsTr", root / "model_a", n_members=3, seed=0)
+    other = make_member_folders(raw / "labelsTr", root / "model_b", n_members=3, seed=1)
+    cal = root / "calibration.json"
+    assert main(["fit-temperature", "--members", *map(str, members), "--labels", str(raw / "labelsTr"),
+                 "--cases", *CASES, "-o", str(cal)]) == 0
+    return {"root": root, "raw": raw, "members": members, "other": other, "cal": cal}
+
+
+def _copy_members(data, tmp_path):
+    dst = []
+    for d in data["members"]:
+        shutil.copytree(d, tmp_path / "m" / d.name)
+        dst.append(tmp_path / "m" / d.name)
+    return dst
+
+
+def _maps(members, data, out, *extra):
+    return main(["maps", "--members", *map(str, members), "--images", str(data["raw"] / "imagesTr"),
+                 "-o", str(out), *extra])
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_spacing_and_shape_mismatch_between_member_and_image(data, tmp_path, capsys):
+    members = _copy_members(data, tmp_path)
+    probs, _ = load_member_probs(members[1], "c1")
+    wrong = Geometry(GEOM.shape_zyx, (1.5, 1.25, 2.5), GEOM.origin)
+    write_member_probs(members[1], "c1", probs, wrong)
+    assert _maps(members, data, tmp_path / "out") == 2
+    msg = _error(capsys)
+    assert msg.startswith("error: member member_1 case c1: spacing (x, y, z) mm (1.5, 1.25, 2.5) != image "
+                          "spacing (1.5, 1.25, 2)")
+    small = Geometry((16, 20, 23), GEOM.spacing, GEOM.origin)
+    for m in members:  # every member on a cropped grid: the members agree, the image does not
+        write_member_probs(m, "c1", probs[..., :23], small)
+    assert _maps(members, data, tmp_path / "out") == 2
+    assert "member member_0 case c1: shape (z, y, x) (16, 20, 23) != image shape (16, 20, 24)" in _error(capsys)
+    assert not (tmp_path / "out").exists()  # checked before any case was written
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda p: p * 0.5, "do not sum to one over the 3 classes"),
+    (lambda p: np.where(np.indices(p.shape)[1] == 3, np.nan, p), "non-finite values"),
+])
+def test_bad_probabilities(data, tmp_path, capsys, corrupt, message):
+    members = _copy_members(data, tmp_path)
+    probs, _ = load_member_probs(members[2], "c0")
+    np.savez_compressed(members[2] / "c0.npz", probabilities=corrupt(probs).astype(np.float32))
+    assert _maps(members, data, tmp_path / "out", "--cases", "c0") == 2
+    msg = _error(capsys)
+    assert msg.startswith("error: member member_2 case c0 (c0.npz)") and message in msg
+
+
+def test_one_member_works_and_says_so(data, tmp_path, capsys):
+    assert _maps(data["members"][:1], data, tmp_path / "out", "--cases", "c0") == 0
+    assert "note: one member (member_0): mutual information and EPKL are zero" in capsys.readouterr().out
+    mi, _ = read_image(tmp_path / "out" / "c0" / "map_mutual_information.nii.gz")
+    assert not mi.any()
+    summary = json.loads((tmp_path / "out" / "c0" / "summary.json").read_text())
+    assert summary["n_members"] == 1 and "EPKL are zero" in summary["notes"][0]
+
+
+def test_empty_labels(data, tmp_path, capsys):
+    """Fitting on a case with an empty label and empty prediction is refused with a clear message;
+    evaluating such a case works and states that its ROI metrics are undefined."""
+    members, raw = list(map(str, data["members"])), data["raw"]
+    assert main(["fit-temperature", "--members", *members, "--labels", str(raw / "labelsTr"), "--cases", "empty",
+                 "-o", str(tmp_path / "cal.json")]) == 2
+    assert "no calibration voxels" in _error(capsys)
+    assert not (tmp_path / "cal.json").exists()
+    assert main(["evaluate", "--members", *members, "--images", str(raw / "imagesTr"), "--labels",
+                 str(raw / "labelsTr"), "--calibration", str(data["cal"]), "--cases", "c0", "empty",
+                 "-o", str(tmp_path / "ev")]) == 0
+    ev = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    empty = ev["per_case"][1]
+    assert empty["metrics"]["before"]["roi"] is None and empty["metrics"]["after"]["whole_image"] is not None
+    assert any("empty reference label" in n for n in empty["notes"]) and empty["quality"] is None
+    assert "c0" in ev["held_out_overlap"]  # c0 was a fitting case: said in the notes
+    assert any("not held-out" in n for n in ev["notes"])
+
+
+def test_calibration_from_another_model(data, tmp_path, capsys):
+    other = list(map(str, data["other"]))
+    assert _maps(other, data, tmp_path / "out", "--calibration", str(data["cal"])) == 2
+    msg = _error(capsys)
+    assert msg.startswith("error: calibration file calibration.json was fitted on model") and "refit" in msg
+    raw = data["raw"]
+    assert main(["evaluate", "--members", *other, "--images", str(raw / "imagesTr"), "--labels",
+                 str(raw / "labelsTr"), "--calibration", str(data["cal"]), "-o", str(tmp_path / "ev")]) == 2
+    assert "plans.json/dataset.json differ" in _error(capsys)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ev").exists()
+
+
+def test_missing_files(data, tmp_path, capsys):
+    members = _copy_members(data, tmp_path)
+    (members[0] / "c2.pkl").unlink()
+    assert _maps(members, data, tmp_path / "out") == 2
+    assert "error: member member_0 case c2: properties file missing" in _error(capsys)
+    (members[1] / "c2.npz").unlink()
+    assert _maps(members, data, tmp_path / "out") == 2
+    assert "case c2 is missing from member folder(s) member_1" in _error(capsys)
+    assert _maps(members, data, tmp_path / "out", "--cases", "c0", "c9") == 2
+    assert "case c9: no c9.npz in member folder(s) member_0, member_1, member_2" in _error(capsys)
+    images = tmp_path / "images"
+    shutil.copytree(data["raw"] / "imagesTr", images)
+    (images / "c1_0000.nii.gz").unlink()
+    assert main(["maps", "--members", *map(str, members), "--images", str(images), "--cases", "c1",
+                 "-o", str(tmp_path / "out")]) == 2
+    assert "case c1: no image c1_0000.nii.gz" in _error(capsys)
+    shutil.copy(images / "c0_0000.nii.gz", images / "c0_0001.nii.gz")
+    assert main(["maps", "--members", *map(str, members), "--images", str(images), "--cases", "c0",
+                 "-o", str(tmp_path / "out")]) == 2
+    assert "expected 1 channel(s) (dataset.json)" in _error(capsys)
+    with pytest.raises(SystemExit) as e:  # argparse checks folders and values before any work
+        main(["maps", "--members", str(tmp_path / "nope"), "-o", str(tmp_path / "out")])
+    assert e.value.code == 2 and "folder not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["maps", "--members", *map(str, members), "--dae-sigma-mm", "-1", "-o", str(tmp_path / "out")])
+    assert e.value.code == 2 and "expected a distance in mm > 0" in capsys.readouterr().err
+
+
+def test_failing_rerun_keeps_existing_outputs(data, tmp_path, capsys):
+    members = _copy_members(data, tmp_path)
+    out = tmp_path / "out"
+    assert _maps(members, data, out, "--cases", "c0", "c1") == 0
+    old = {p.name: p.read_bytes() for p in (out / "c1").iterdir()}
+    old_c0 = (out / "c0" / "summary.json").read_text()
+    probs, _ = load_member_probs(members[2], "c1")
+    probs[:, 2, 2, 2] = np.nan
+    np.savez_compressed(members[2] / "c1.npz", probabilities=probs)
+    assert _maps(members, data, out, "--cases", "c0", "c1", "--calibration", str(data["cal"])) == 2
+    assert "non-finite" in _error(capsys)
+    assert {p.name: p.read_bytes() for p in (out / "c1").iterdir()} == old  # untouched
+    assert json.loads((out / "c0" / "summary.json").read_text())["calibration"] is not None  # c0 redone
+    assert old_c0 != (out / "c0" / "summary.json").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["c0", "c1", "summary.json"]  # no partial folder
+
+
+def test_debug_shows_the_traceback(data, tmp_path, capsys):
+    assert main(["--debug", "maps", "--members", *map(str, data["other"]), "--calibration", str(data["cal"]),
+                 "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "CalibrationMismatchError" in err
+    assert main(["maps", "--debug", "--members", *map(str, data["other"]), "--calibration", str(data["cal"]),
+                 "-o", str(tmp_path / "o")]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, key", [(["--ensemble-mode", "per_member"], "per_member"),
+                                        (["--method", "vector"], "vector")])
+def test_other_calibration_modes_run_end_to_end(data, tmp_path, extra, key):
+    """Not bad input: the non-default modes go through fit, maps and evaluate on the tiny data."""
+    members, raw = list(map(str, data["members"])), data["raw"]
+    cal = tmp_path / "cal.json"
+    assert main(["fit-temperature", "--members", *members, "--labels", str(raw / "labelsTr"), "--cases", *CASES,
+                 "-o", str(cal), *extra]) == 0
+    doc = json.loads(cal.read_text())
+    assert (doc["ensemble_mode"] == "per_member") if key == "per_member" else (doc["method"] == "vector")
+    assert _maps(members, data, tmp_path / "out", "--cases", "c1", "--calibration", str(cal)) == 0
+    summary = json.loads((tmp_path / "out" / "c1" / "summary.json").read_text())
+    assert summary["calibration"]["method"] == doc["method"] and summary["ensemble_mode"] == doc["ensemble_mode"]
+    assert main(["evaluate", "--members", *members, "--images", str(raw / "imagesTr"), "--labels",
+                 str(raw / "labelsTr"), "--calibration", str(cal), "--cases", "c1", "-o", str(tmp_path / "ev")]) == 0
+    rec = json.loads((tmp_path / "ev" / "evaluation.json").read_text())["per_case"][0]
+    assert rec["metrics"]["after"]["roi"]["nll"] != rec["metrics"]["before"]["roi"]["nll"]
+
+
+def test_command_modules_not_written_yet_are_skipped_but_broken_ones_are_not(tmp_path, monkeypatch):
+    import CalibUncertaintyLib.cli as cli_pkg
+    from CalibUncertaintyLib.cli import main as main_mod
+
+    monkeypatch.setattr(main_mod, "COMMANDS", main_mod.COMMANDS + ("not_written_yet",))
+    parser = main_mod.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert {"fit-temperature", "maps", "evaluate"} <= set(sub.choices)
+    (tmp_path / "broken_cmd.py").write_text("import a_dependency_that_is_not_installed_xyz\n")
+    monkeypatch.setattr(cli_pkg, "__path__", list(cli_pkg.__path__) + [str(tmp_path)])
+    monkeypatch.setattr(main_mod, "COMMANDS", ("maps", "broken_cmd"))
+    with pytest.raises(ModuleNotFoundError, match="a_dependency_that_is_not_installed_xyz"):
+        main_mod.build_parser()
