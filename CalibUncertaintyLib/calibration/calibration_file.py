@@ -118,9 +118,14 @@ class CalibrationFile:
         if not isinstance(self.thresholds, dict):
             raise InputError(f"{where}: thresholds must be an object {{map: {{tau, kind, mean_ueo}}}}")
         for name, th in self.thresholds.items():
-            if not isinstance(th, dict) or not _finite(th.get("tau")) or th.get("kind") not in THRESHOLD_KINDS:
-                raise InputError(f"{where}: threshold for map {name!r} must have a finite 'tau' and "
-                                 f"'kind' in {THRESHOLD_KINDS}, got {th!r}")
+            ok = isinstance(th, dict) and th.get("kind") in THRESHOLD_KINDS
+            if ok and th["kind"] == "quantile":  # the level q decides; tau is an optional record
+                ok = _finite(th.get("q")) and 0.0 <= th["q"] <= 1.0 and (th.get("tau") is None or _finite(th["tau"]))
+            elif ok:
+                ok = _finite(th.get("tau"))
+            if not ok:
+                raise InputError(f"{where}: threshold for map {name!r} must have 'kind' in {THRESHOLD_KINDS} "
+                                 f"and a finite 'tau' (absolute) or 'q' in [0, 1] (quantile), got {th!r}")
         if self.ebcu_threshold is not None and not _finite(self.ebcu_threshold):
             raise InputError(f"{where}: ebcu_threshold must be a finite number or null")
         if not isinstance(self.fingerprint, dict):

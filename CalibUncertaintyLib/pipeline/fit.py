@@ -219,11 +219,6 @@ def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, bar=None):
                                       class_names=pairing.class_names,
                                       fingerprint=prediction_fingerprint(pairing), extra=extra)
     thresholds, t_ebcu, info = fit_thresholds(pairing, cal, opts, bar)
-    for entry in thresholds.values():
-        # quantile entries carry their level in "q"; the calibration file (and the contract's
-        # {"tau", "kind"}) wants a finite "tau": for kind "quantile" it is that level
-        if entry.get("kind") == "quantile" and entry.get("tau") is None:
-            entry["tau"] = entry["q"]
     cal.thresholds = thresholds
     cal.ebcu_threshold = t_ebcu
     cal.extra.update(info)
