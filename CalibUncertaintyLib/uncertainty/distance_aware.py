@@ -1,0 +1,179 @@
+"""Distance-aware entropy (DAE), the project's own definition (METHODS.md §1).
+
+    DAE(x) = w(d(x)) · H(p̄(x)),   w(d) = 1 − exp(−d² / (2σ²)),   σ = 2 mm by default.
+
+It removes the one-to-two-voxel entropy shell that every softmax model draws along its own
+contour and keeps uncertainty away from it. All distances are in millimetres (image spacing).
+
+d(x), the distance from voxel x to the predicted surface, is defined here as follows (both
+sides of a contour are treated alike):
+
+- Each voxel belongs to the region of its own predicted label. The surface of that region lies
+  on the faces between its voxels and voxels of another label. With two classes this is
+  exactly the surface of the predicted foreground (inside and outside); with several classes
+  the interfaces between two foreground classes count too (each class's own contour).
+- y = the voxel of another label whose centre is nearest to x's centre (Euclidean, mm,
+  ``scipy.ndimage.distance_transform_edt(..., sampling=spacing_zyx)`` feature transform).
+- d(x) = distance from x's centre to the voxel box of y:
+  sqrt(Σ_a max(|x_a − y_a|·h_a − h_a/2, 0)²), h = spacing (z, y, x).
+  A voxel that shares a face with another label along axis a gets d = h_a/2: half a voxel,
+  the distance from its centre to the face, on both sides and on anisotropic grids alike;
+  farther voxels get about their centre distance minus half a voxel.
+- No surface (the prediction has a single label, e.g. an empty prediction): d = +inf, w = 1,
+  DAE = H (an info message says so).
+
+For speed on large images, distances are computed only where w < 1 in float32: beyond
+``cutoff = 6σ`` (w = 1 − exp(−18), which is 1.0 in float32) the weight is exactly 1 and d may
+be reported as +inf. Each foreground label's distances come from a transform on its bounding
+box padded by one voxel (the nearest other-label voxel always lies there), background
+distances from the foreground's bounding box padded by the cutoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+from scipy import ndimage
+
+from ..errors import InputError
+from .streaming import DEFAULT_SLAB_VOXELS, z_slabs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIGMA_MM = 2.0
+CUTOFF_SIGMAS = 6.0
+
+
+def check_spacing(spacing_zyx) -> tuple[float, float, float]:
+    """Three positive finite spacings (z, y, x) in mm, or InputError."""
+    try:
+        sp = tuple(float(s) for s in spacing_zyx)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"spacing must be three numbers (z, y, x) in mm, got {spacing_zyx!r}") from e
+    if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
+        raise InputError(f"spacing must be three positive finite numbers (z, y, x) in mm, got {spacing_zyx!r}")
+    return sp
+
+
+def _check_labels(labels) -> np.ndarray:
+    lab = np.asarray(labels)
+    if lab.ndim != 3:
+        raise InputError(f"expected a 3-D (z, y, x) label volume, got shape {lab.shape}")
+    if not np.issubdtype(lab.dtype, np.integer):
+        if np.issubdtype(lab.dtype, np.bool_):
+            return lab.astype(np.uint8)
+        raise InputError(f"labels must be an integer volume (predicted classes), got dtype {lab.dtype}")
+    if lab.size and lab.min() < 0:
+        raise InputError("labels must be >= 0 (0 = background)")
+    return lab
+
+
+def _padded_box(slices, pad_vox, shape):
+    return tuple(slice(max(s.start - p, 0), min(s.stop + p, n)) for s, p, n in zip(slices, pad_vox, shape))
+
+
+def _box_distance_into(out, region_mask, box, spacing, slab_voxels):
+    """For voxels where ``region_mask`` (a bool array over ``box``) is True, write into
+    ``out[box]`` the box distance (mm) to the nearest-centre voxel where it is False."""
+    ft = ndimage.distance_transform_edt(region_mask, sampling=spacing, return_distances=False,
+                                        return_indices=True)
+    half = [np.float32(h / 2.0) for h in spacing]
+    hs = [np.float32(h) for h in spacing]
+    sub = out[box]
+    shape = region_mask.shape
+    for sl in z_slabs(shape, slab_voxels):
+        grids = (np.arange(sl.start, sl.stop, dtype=np.int32)[:, None, None],
+                 np.arange(shape[1], dtype=np.int32)[None, :, None],
+                 np.arange(shape[2], dtype=np.int32)[None, None, :])
+        d2 = np.zeros((sl.stop - sl.start,) + shape[1:], dtype=np.float32)
+        for a in range(3):
+            v = np.abs(ft[a, sl] - grids[a]).astype(np.float32)
+            v *= hs[a]
+            v -= half[a]
+            np.maximum(v, 0, out=v)
+            v *= v
+            d2 += v
+        np.sqrt(d2, out=d2)
+        m = region_mask[sl]
+        sub[sl][m] = d2[m]
+
+
+def surface_distance_mm(labels, spacing_zyx, max_distance_mm: float | None = None,
+                        slab_voxels: int = DEFAULT_SLAB_VOXELS) -> np.ndarray:
+    """d(x) in mm from each voxel to the surface of its predicted label region (see module doc).
+
+    ``labels``: integer (z, y, x) prediction. ``spacing_zyx``: mm, array order.
+    ``max_distance_mm``: distances are exact up to this value; beyond it they may be +inf
+    (None: exact everywhere). +inf everywhere when there is only one label (no surface).
+    Returns float32 (z, y, x).
+    """
+    lab = _check_labels(labels)
+    sp = check_spacing(spacing_zyx)
+    if max_distance_mm is not None and not (max_distance_mm >= 0):
+        raise InputError(f"max_distance_mm must be >= 0 mm or None, got {max_distance_mm!r}")
+    out = np.full(lab.shape, np.inf, dtype=np.float32)
+    if lab.size == 0:
+        return out
+    counts = np.bincount(lab.ravel())
+    present = np.flatnonzero(counts)
+    if len(present) < 2:
+        return out
+    boxes = ndimage.find_objects(lab)
+    # foreground labels: transform on their bounding box padded by one voxel
+    for l in present:
+        if l == 0:
+            continue
+        box = _padded_box(boxes[l - 1], (1, 1, 1), lab.shape)
+        _box_distance_into(out, lab[box] == l, box, sp, slab_voxels)
+    if counts[0] == 0:
+        return out
+    # background: transform on the foreground bounding box padded by the cutoff
+    fg_box = tuple(slice(min(boxes[l - 1][a].start for l in present if l),
+                         max(boxes[l - 1][a].stop for l in present if l)) for a in range(3))
+    if max_distance_mm is None:
+        box = tuple(slice(0, n) for n in lab.shape)
+    else:
+        pad = [int(math.ceil(float(max_distance_mm) / h)) + 1 for h in sp]
+        box = _padded_box(fg_box, pad, lab.shape)
+    _box_distance_into(out, lab[box] == 0, box, sp, slab_voxels)
+    return out
+
+
+def distance_weight(d_mm, sigma_mm: float = DEFAULT_SIGMA_MM) -> np.ndarray:
+    """w(d) = 1 − exp(−d² / (2σ²)), float32; +inf maps to 1."""
+    sigma = _check_sigma(sigma_mm)
+    d = np.asarray(d_mm, dtype=np.float32)
+    w = np.exp(d * d * np.float32(-1.0 / (2.0 * sigma * sigma)))
+    return np.float32(1.0) - w
+
+
+def _check_sigma(sigma_mm) -> float:
+    try:
+        sigma = float(sigma_mm)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"DAE sigma must be a positive number of millimetres, got {sigma_mm!r}") from e
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise InputError(f"DAE sigma must be a positive finite number of millimetres, got {sigma_mm!r}")
+    return sigma
+
+
+def distance_aware_entropy(entropy, labels, spacing_zyx, sigma_mm: float = DEFAULT_SIGMA_MM,
+                           slab_voxels: int = DEFAULT_SLAB_VOXELS) -> np.ndarray:
+    """DAE = w(d) · H, float32 (z, y, x). ``entropy``: H(p̄) (the calibrated PE);
+    ``labels``: the predicted labels (argmax of the same p̄); ``spacing_zyx`` in mm."""
+    sigma = _check_sigma(sigma_mm)
+    h = np.asarray(entropy)
+    lab = _check_labels(labels)
+    if h.shape != lab.shape:
+        raise InputError(f"entropy shape {h.shape} differs from label shape {lab.shape}")
+    if lab.size and np.bincount(lab.ravel()).astype(bool).sum() < 2:
+        log.info("the prediction has a single label (no predicted surface): DAE uses d = +inf, "
+                 "w = 1, so DAE equals the entropy")
+    d = surface_distance_mm(lab, spacing_zyx, max_distance_mm=CUTOFF_SIGMAS * sigma, slab_voxels=slab_voxels)
+    for sl in z_slabs(lab.shape, slab_voxels):
+        w = distance_weight(d[sl], sigma)
+        w *= h[sl]
+        d[sl] = w
+    return d

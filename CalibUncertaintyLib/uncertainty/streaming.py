@@ -1,0 +1,248 @@
+"""Streaming ensemble statistics: per-voxel running sums over members (METHODS.md §1).
+
+Notation (METHODS.md): M members, K classes (class 0 background), p_m the probabilities of
+member m, p̄ = (1/M) Σ_m p_m, natural log, logs clamped as log max(p, EPS) with EPS = 1e-12.
+
+``EnsembleAccumulator`` keeps, for every voxel, only what the measures of METHODS.md §1 need,
+so memory is O(K) volumes whatever M is (METHODS.md: "never hold M full probability volumes
+at once"):
+
+- Σ_m p_m,c                      (K volumes, float32)  -> p̄
+- Σ_m log max(p_m,c, EPS)        (K volumes, float32)  -> EPKL
+- Σ_m H(p_m), H(p) = −Σ_c p_c log max(p_c, EPS)  (1 volume, float32) -> expected entropy
+- Σ_m (p_fg,m − mean)² with p_fg = 1 − p_0, kept by Welford's update (1 volume, float32); the
+  running mean of p_fg is 1 − Σ p_0 / n, so the "sum of p_fg and p_fg²" of the contract is
+  held in the numerically stable (mean, squared-deviation) form -> foreground variance
+- number of members whose argmax is a foreground class (1 volume, uint16) -> vote disagreement.
+  Ties go to the lowest class index (numpy argmax), so a tie with background is a background vote.
+
+float32 is enough for all sums (relative error about M·6e-8 for M members; the measures that
+subtract sums clamp tiny negatives); the variance uses Welford's update rather than
+Σp² − (Σp)²/M, which is where float32 would lose accuracy. Every member is processed in slabs
+along z (``slab_voxels`` voxels at a time), so temporaries stay a few MB even for
+512×512×300 volumes, and a member is validated completely before anything is accumulated:
+a rejected member leaves the accumulator exactly as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+EPS = 1e-12
+"""Clamp inside every log: log max(p, EPS) (METHODS.md notation)."""
+
+SUM_TOLERANCE = 1e-3
+"""A member's probabilities must sum to one over the classes within this absolute tolerance."""
+
+DEFAULT_SLAB_VOXELS = 1 << 21
+"""Voxels processed at a time (about 8 MB per float32 temporary)."""
+
+_NEGATIVE_TOLERANCE = 1e-6
+
+
+def z_slabs(shape_zyx, slab_voxels: int = DEFAULT_SLAB_VOXELS):
+    """Yield ``slice`` objects that cut axis 0 (z) of a (z, y, x) volume into slabs of at most
+    ``slab_voxels`` voxels (at least one z slice each)."""
+    nz, ny, nx = (int(s) for s in shape_zyx)
+    per = max(1, int(slab_voxels) // max(1, ny * nx))
+    for z0 in range(0, nz, per):
+        yield slice(z0, min(z0 + per, nz))
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+class EnsembleAccumulator:
+    """Running per-voxel sums over ensemble members, O(K) volumes of memory for any M.
+
+    ``n_classes``: K >= 2 (class 0 is background). ``shape_zyx``: the volume shape (z, y, x).
+    ``slab_voxels``: how many voxels to process at a time (memory/temporaries trade-off).
+
+    Use ``add(probs)`` once per member with a (K, z, y, x) array of probabilities (any float
+    dtype; converted to float32 slab by slab). ``mean_probs()`` returns p̄; the measures in
+    ``uncertainty.measures`` and ``uncertainty.maps`` read the sums.
+    """
+
+    def __init__(self, n_classes: int, shape_zyx, slab_voxels: int = DEFAULT_SLAB_VOXELS):
+        try:
+            k = int(n_classes)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"n_classes must be an integer >= 2, got {n_classes!r}") from e
+        if k != n_classes or k < 2:
+            raise InputError(f"n_classes must be an integer >= 2 (background + at least one "
+                             f"foreground class), got {n_classes!r}")
+        try:
+            shape = tuple(int(s) for s in shape_zyx)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"shape_zyx must be three positive integers (z, y, x), got {shape_zyx!r}") from e
+        if len(shape) != 3 or min(shape) < 1:
+            raise InputError(f"shape_zyx must be three positive integers (z, y, x), got {shape_zyx!r}")
+        if int(slab_voxels) < 1:
+            raise InputError(f"slab_voxels must be >= 1, got {slab_voxels!r}")
+        self.n_classes = k
+        self.shape_zyx = shape
+        self.slab_voxels = int(slab_voxels)
+        self._n = 0
+        self._sum_p = np.zeros((k,) + shape, dtype=np.float32)
+        self._sum_logp = np.zeros((k,) + shape, dtype=np.float32)
+        self._sum_h = np.zeros(shape, dtype=np.float32)
+        self._fg_m2 = np.zeros(shape, dtype=np.float32)
+        self._fg_votes = np.zeros(shape, dtype=np.uint16)
+        self._single_member_noted = False
+
+    # --- read access -------------------------------------------------------------------
+    @property
+    def n_members(self) -> int:
+        """Number of members added so far (M)."""
+        return self._n
+
+    @property
+    def sum_probs(self) -> np.ndarray:
+        """Σ_m p_m, (K, z, y, x) float32 (read-only view)."""
+        return _readonly(self._sum_p)
+
+    @property
+    def sum_log_probs(self) -> np.ndarray:
+        """Σ_m log max(p_m, EPS), (K, z, y, x) float32 (read-only view)."""
+        return _readonly(self._sum_logp)
+
+    @property
+    def sum_entropy(self) -> np.ndarray:
+        """Σ_m H(p_m), (z, y, x) float32 (read-only view)."""
+        return _readonly(self._sum_h)
+
+    @property
+    def fg_sq_dev(self) -> np.ndarray:
+        """Σ_m (p_fg,m − mean_m p_fg,m)², (z, y, x) float32, Welford form (read-only view)."""
+        return _readonly(self._fg_m2)
+
+    @property
+    def fg_votes(self) -> np.ndarray:
+        """Number of members whose argmax is a foreground class, (z, y, x) uint16 (read-only)."""
+        return _readonly(self._fg_votes)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the running sums (independent of the number of members)."""
+        return sum(a.nbytes for a in (self._sum_p, self._sum_logp, self._sum_h, self._fg_m2, self._fg_votes))
+
+    def slabs(self):
+        """The z slabs this accumulator processes at a time (see ``z_slabs``)."""
+        return z_slabs(self.shape_zyx, self.slab_voxels)
+
+    def require_members(self, what: str = "this") -> None:
+        if self._n == 0:
+            raise InputError(f"no ensemble member has been added yet: {what} needs at least one "
+                             "member (call add(probs) first)")
+
+    def note_single_member(self) -> bool:
+        """True when M = 1; logs, once per accumulator, that MI and EPKL are then exactly 0."""
+        if self._n != 1:
+            return False
+        if not self._single_member_noted:
+            log.info("single model (M = 1): mutual information and EPKL measure disagreement "
+                     "between members and are exactly 0; use entropy, confidence, DAE or EBCU")
+            self._single_member_noted = True
+        return True
+
+    def mean_probs(self) -> np.ndarray:
+        """p̄ = (1/M) Σ_m p_m, (K, z, y, x) float32."""
+        self.require_members("mean_probs()")
+        out = np.empty_like(self._sum_p)
+        n = np.float32(self._n)
+        for sl in self.slabs():
+            np.divide(self._sum_p[:, sl], n, out=out[:, sl])
+        return out
+
+    # --- accumulation ------------------------------------------------------------------
+    def add(self, probs, name: str | None = None) -> None:
+        """Add one member's probabilities, (K, z, y, x), summing to one over K.
+
+        Raises ``InputError`` (and accumulates nothing) for a wrong shape, a non-finite value,
+        a negative probability or a voxel whose class sum is off by more than SUM_TOLERANCE;
+        the message names the member (``name`` if given, else its position) and the voxel.
+        """
+        member = f"member {name!r}" if name is not None else f"member {self._n + 1} (the {_ordinal(self._n + 1)} added)"
+        arr = np.asarray(probs)
+        expected = (self.n_classes,) + self.shape_zyx
+        if arr.shape != expected:
+            hint = ""
+            if arr.ndim == 4 and arr.shape[1:] == self.shape_zyx:
+                hint = f"; it has {arr.shape[0]} classes but the ensemble has K = {self.n_classes}"
+            elif arr.ndim == 3:
+                hint = "; pass class probabilities (K, z, y, x), not a label map"
+            elif arr.ndim == 4 and arr.shape[-1] == self.n_classes:
+                hint = "; classes must be the first axis (nnU-Net layout K, z, y, x)"
+            raise InputError(f"{member}: probabilities have shape {arr.shape}, expected "
+                             f"(K, z, y, x) = {expected}{hint}")
+        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+            raise InputError(f"{member}: probabilities must be a numeric array, got dtype {arr.dtype}")
+        if self._n >= np.iinfo(np.uint16).max:
+            raise InputError(f"{member}: at most {np.iinfo(np.uint16).max} members are supported")
+
+        for sl in self.slabs():  # pass 1: validate everything before touching the sums
+            self._validate_slab(np.asarray(arr[:, sl], dtype=np.float32), sl, member)
+
+        n_old = self._n
+        inv_old = np.float32(1.0 / n_old) if n_old else None
+        inv_new = np.float32(1.0 / (n_old + 1))
+        for sl in self.slabs():  # pass 2: accumulate
+            p = np.asarray(arr[:, sl], dtype=np.float32)
+            h = np.zeros(p.shape[1:], dtype=np.float32)
+            for c in range(self.n_classes):
+                logp = np.log(np.maximum(p[c], np.float32(EPS)))
+                self._sum_logp[c, sl] += logp
+                logp *= p[c]
+                h -= logp
+            self._sum_h[sl] += h
+            # Welford on p_fg = 1 - p_0; the running mean is 1 - S0/n.
+            x = np.float32(1.0) - p[0]
+            s0 = self._sum_p[0, sl]
+            if n_old:
+                d_old = x - (np.float32(1.0) - s0 * inv_old)
+                d_new = x - (np.float32(1.0) - (s0 + p[0]) * inv_new)
+                d_old *= d_new
+                self._fg_m2[sl] += d_old
+            self._sum_p[:, sl] += p
+            fg_best = p[1:].max(axis=0)
+            self._fg_votes[sl] += fg_best > p[0]
+        self._n = n_old + 1
+
+    def _validate_slab(self, p: np.ndarray, sl: slice, member: str) -> None:
+        finite = np.isfinite(p)
+        if not finite.all():
+            c, z, y, x = np.unravel_index(int(np.argmin(finite)), p.shape)
+            raise InputError(f"{member}: non-finite probability {p[c, z, y, x]} for class {c} at "
+                             f"voxel (z, y, x) = ({z + sl.start}, {y}, {x}); probabilities must be "
+                             "finite numbers in [0, 1]")
+        pmin = p.min()
+        if pmin < -_NEGATIVE_TOLERANCE:
+            c, z, y, x = np.unravel_index(int(np.argmin(p)), p.shape)
+            raise InputError(f"{member}: negative probability {float(pmin):.3g} for class {c} at "
+                             f"voxel (z, y, x) = ({z + sl.start}, {y}, {x}); pass softmax "
+                             "probabilities, not logits")
+        dev = np.abs(p.sum(axis=0, dtype=np.float32) - np.float32(1.0))
+        worst = int(np.argmax(dev))
+        if dev.flat[worst] > SUM_TOLERANCE:
+            z, y, x = np.unravel_index(worst, dev.shape)
+            total = float(p[:, z, y, x].sum())
+            n_bad = int((dev > SUM_TOLERANCE).sum())
+            raise InputError(f"{member}: probabilities do not sum to 1 over the K = {self.n_classes} "
+                             f"classes: at voxel (z, y, x) = ({z + sl.start}, {y}, {x}) they sum to "
+                             f"{total:.6g} (off by {abs(total - 1.0):.3g}, tolerance {SUM_TOLERANCE:g}; "
+                             f"{n_bad} voxel(s) of z slices {sl.start}..{sl.stop - 1} are off); "
+                             "pass softmax probabilities with classes on the first axis")
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    v = a.view()
+    v.flags.writeable = False
+    return v

@@ -1,0 +1,169 @@
+"""Streaming ensemble statistics equal a naive computation that holds every member (METHODS.md §1)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from CalibUncertaintyLib.errors import InputError
+from CalibUncertaintyLib.io.geometry import Geometry
+from CalibUncertaintyLib.uncertainty import measures
+from CalibUncertaintyLib.uncertainty.maps import compute_maps
+from CalibUncertaintyLib.uncertainty.streaming import EPS, EnsembleAccumulator
+
+SHAPE = (5, 6, 7)
+VOXEL_MEASURES = ["confidence", "entropy", "entropy_norm", "expected_entropy", "mutual_information",
+                  "epkl", "fg_variance", "vote_disagreement"]
+
+
+def dirichlet_members(k, m, shape=SHAPE, alpha=0.4, seed=0):
+    """M random members (K, z, y, x) float32; small alpha gives near-zero probabilities."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(m):
+        p = rng.dirichlet(np.full(k, alpha), size=shape).astype(np.float32)
+        out.append(np.moveaxis(p, -1, 0).copy())
+    return out
+
+
+def naive_measures(members):
+    """Every METHODS.md §1 measure from all members at once, float64, EPKL over all M² pairs."""
+    p = np.stack(members).astype(np.float64)  # (M, K, z, y, x)
+    m, k = p.shape[:2]
+    logp = np.log(np.maximum(p, EPS))
+    pbar = p.mean(axis=0)
+    pe = -(pbar * np.log(np.maximum(pbar, EPS))).sum(axis=0)
+    h_m = -(p * logp).sum(axis=1)
+    ee = h_m.mean(axis=0)
+    kl = np.zeros(pbar.shape[1:])
+    for a in range(m):
+        for b in range(m):
+            kl += (p[a] * (logp[a] - logp[b])).sum(axis=0)
+    p_fg = 1.0 - p[:, 0]
+    q = (p.argmax(axis=1) > 0).mean(axis=0)
+    return {"confidence": pbar.max(axis=0), "entropy": pe, "entropy_norm": pe / np.log(k),
+            "expected_entropy": ee, "mutual_information": np.maximum(pe - ee, 0.0),
+            "epkl": kl / m**2, "fg_variance": p_fg.var(axis=0), "vote_disagreement": 1 - np.abs(2 * q - 1)}
+
+
+def accumulate(members, slab_voxels=None):
+    k = members[0].shape[0]
+    kw = {} if slab_voxels is None else {"slab_voxels": slab_voxels}
+    acc = EnsembleAccumulator(k, members[0].shape[1:], **kw)
+    for p in members:
+        acc.add(p)
+    return acc
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("m", [1, 3, 7])
+def test_streaming_maps_equal_naive(k, m):
+    members = dirichlet_members(k, m, seed=10 * k + m)
+    # slab_voxels=50: one z slice per slab, so the slab bookkeeping is exercised
+    acc = accumulate(members, slab_voxels=50)
+    assert acc.n_members == m
+    np.testing.assert_allclose(acc.mean_probs(), np.mean(members, axis=0), rtol=1e-6, atol=1e-7)
+    got = compute_maps(acc, Geometry(SHAPE, (1.0, 1.0, 1.0)), names=VOXEL_MEASURES)
+    want = naive_measures(members)
+    assert set(got) == set(VOXEL_MEASURES)
+    for name in VOXEL_MEASURES:
+        assert got[name].dtype == np.float32 and got[name].shape == SHAPE
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=2e-5, err_msg=name)
+    # the whole-volume measure functions agree with compute_maps
+    np.testing.assert_allclose(measures.expected_entropy(acc), got["expected_entropy"], atol=1e-6)
+    np.testing.assert_allclose(measures.mutual_information(acc), got["mutual_information"], atol=1e-6)
+    np.testing.assert_allclose(measures.epkl(acc), got["epkl"], atol=1e-6)
+    np.testing.assert_allclose(measures.fg_variance(acc), got["fg_variance"], atol=1e-7)
+    np.testing.assert_allclose(measures.vote_disagreement(acc), got["vote_disagreement"], atol=1e-7)
+    np.testing.assert_allclose(measures.predictive_entropy(acc), got["entropy"], atol=1e-6)
+
+
+def test_mi_never_exceeds_epkl_and_differs_from_it():
+    acc = accumulate(dirichlet_members(3, 5, shape=(8, 9, 10), alpha=0.3, seed=3))
+    mi, ep = measures.mutual_information(acc), measures.epkl(acc)
+    assert (mi >= 0).all()
+    assert (mi <= ep).all()
+    assert (ep - mi).max() > 0.1  # EPKL is a different (larger) number, not a copy of MI
+
+
+def test_single_member_mi_epkl_exactly_zero_logged_once(caplog):
+    acc = accumulate(dirichlet_members(4, 1, seed=5))
+    with caplog.at_level(logging.INFO, logger="CalibUncertaintyLib.uncertainty.streaming"):
+        maps = compute_maps(acc, Geometry(SHAPE, (1.0, 1.0, 1.0)), names=VOXEL_MEASURES)
+        mi_again = measures.mutual_information(acc)
+        ep_again = measures.epkl(acc)
+    assert not maps["mutual_information"].any() and not maps["epkl"].any()
+    assert not mi_again.any() and not ep_again.any()
+    notes = [r for r in caplog.records if "M = 1" in r.getMessage()]
+    assert len(notes) == 1 and "exactly 0" in notes[0].getMessage()
+    assert not maps["fg_variance"].any()          # one member has no variance
+    assert set(np.unique(maps["vote_disagreement"])) == {0.0}
+    assert maps["entropy"].max() > 0.3            # but entropy still shows uncertainty
+
+
+def test_memory_does_not_grow_with_members():
+    members = dirichlet_members(3, 6, seed=1)
+    acc = EnsembleAccumulator(3, SHAPE)
+    before = acc.nbytes
+    for p in members:
+        acc.add(p)
+    assert acc.nbytes == before
+    # K sums of p, K sums of log p, entropy, variance (float32) and votes (uint16)
+    assert before == np.prod(SHAPE) * ((2 * 3 + 2) * 4 + 2)
+
+
+def test_other_float_dtypes_give_the_same_sums():
+    members = dirichlet_members(2, 3, seed=2)
+    a32 = accumulate(members)
+    a64 = accumulate([p.astype(np.float64) for p in members])
+    np.testing.assert_array_equal(a32.sum_probs, a64.sum_probs)
+    a16 = accumulate([p.astype(np.float16) for p in members])  # within the 1e-3 sum tolerance
+    np.testing.assert_allclose(a16.mean_probs(), a32.mean_probs(), atol=1e-3)
+
+
+def test_rejected_member_leaves_the_accumulator_unchanged():
+    good, bad = dirichlet_members(3, 2, seed=4)
+    acc = EnsembleAccumulator(3, SHAPE, slab_voxels=42)
+    acc.add(good)
+    snapshot = [a.copy() for a in (acc.sum_probs, acc.sum_log_probs, acc.sum_entropy, acc.fg_sq_dev,
+                                   acc.fg_votes)]
+    bad = bad.copy()
+    bad[:, -1, -1, -1] = [0.5, 0.5, 0.2]  # last voxel of the last slab: sums to 1.2
+    with pytest.raises(InputError, match="off by 0.2"):
+        acc.add(bad)
+    assert acc.n_members == 1
+    for before, after in zip(snapshot, (acc.sum_probs, acc.sum_log_probs, acc.sum_entropy,
+                                        acc.fg_sq_dev, acc.fg_votes)):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_bad_members_get_specific_errors():
+    (p,) = dirichlet_members(3, 1, seed=6)
+    acc = EnsembleAccumulator(3, SHAPE)
+    with pytest.raises(InputError, match="no ensemble member"):
+        acc.mean_probs()
+    with pytest.raises(InputError, match="K = 3"):
+        acc.add(np.concatenate([p, p[:1]]))
+    with pytest.raises(InputError, match="not a label map"):
+        acc.add(p.argmax(axis=0))
+    with pytest.raises(InputError, match="classes must be the first axis"):
+        acc.add(np.moveaxis(p, 0, -1))
+    nan = p.copy()
+    nan[1, 2, 3, 4] = np.nan
+    with pytest.raises(InputError, match=r"member 1 \(the 1st added\).*class 1 at voxel \(z, y, x\) = \(2, 3, 4\)"):
+        acc.add(nan)
+    neg = p.copy()
+    neg[0, 0, 0, 0] -= 0.5
+    neg[1, 0, 0, 0] += 0.5
+    with pytest.raises(InputError, match="negative probability.*not logits"):
+        acc.add(neg)
+    acc.add(p)
+    with pytest.raises(InputError, match=r"member 'fold_3'.*\(1, 1, 1\).*sum to 2"):
+        acc.add(p * np.where(np.arange(np.prod(SHAPE)).reshape(SHAPE) == 1 * 42 + 1 * 7 + 1, 2.0, 1.0),
+                name="fold_3")
+    with pytest.raises(InputError, match="n_classes"):
+        EnsembleAccumulator(1, SHAPE)
+    with pytest.raises(InputError, match="shape_zyx"):
+        EnsembleAccumulator(2, (4, 4))
