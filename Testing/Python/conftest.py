@@ -38,8 +38,4 @@ def ood_ct_path() -> Path:
 
 # Fixtures that build tiny REAL nnU-Net models live in their own modules; import them here so
 # every test file can request them by name.
-try:  # TEMPORARY guard while trained_models.py is being written
-    from trained_models import *  # noqa: E402,F401,F403  (tiny_trained_model: trained on a phantom)
-except ModuleNotFoundError as _e:
-    if _e.name != "trained_models":
-        raise
+from trained_models import *  # noqa: E402,F401,F403  (tiny_prepared_dataset, tiny_trained_model)

@@ -1,0 +1,368 @@
+"""The end-to-end demo (``calib-uncertainty demo``): phantom CTs -> trained ensembles -> calibrated maps.
+
+On a fresh machine, on the CPU, in one working folder:
+
+1. ``phantom``: a CT-like phantom dataset in nnU-Net raw layout (``synthetic.phantom``): training
+   cases in imagesTr/labelsTr, held-out cases in imagesTs/labelsTs, split into *calibration*
+   cases (fit T and the thresholds) and *test* cases (evaluated, never used for fitting).
+2. ``plan``: nnU-Net fingerprint + plan, the small plan and its preprocessing (``nnunet.small_plan``).
+3. ``train``: a deep ensemble (``CalibuTinyTrainer``, one model per fold of nnU-Net's 5-fold
+   split) and a checkpoint ensemble (``CalibuSnapshotTrainer``, one fold, one snapshot per
+   cyclical-LR cycle) (``nnunet.training``).
+4. ``members``: every member's softmax probabilities for every held-out case, written as
+   nnU-Net ``--save_probabilities`` folders (``nnunet.inference.EnsemblePredictor``), with the
+   model's plans.json and dataset.json next to them.
+5. For each ensemble -- ``single`` (fold 0 of the deep ensemble alone), ``deep``, ``checkpoint``
+   -- the project's own commands, run in-process: ``fit-temperature`` on the calibration cases,
+   ``maps`` and ``evaluate`` on the test cases.
+6. ``predict``: the user-facing command on one test image with the deep ensemble and its
+   calibration file (what a Slicer user runs).
+7. ``REPORT.md`` and ``demo_summary.json``: one table comparing the three ensembles (Dice,
+   NLL / ECE / Brier before and after temperature scaling in the ROI, error detection).
+
+Every step records what it was made from in ``<workdir>/.steps/<step>.json`` and is skipped
+when that record matches and its outputs exist, so a rerun reuses trained models and finished
+outputs (training folds have their own completeness record, see ``nnunet.training``). Progress:
+``CALIBU_PROGRESS {"stage": "demo", ...}`` lines (and nnU-Net's "training" lines) on stderr.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from .errors import CalibUncertaintyError, InputError
+from .io.atomic import write_json, write_text
+from .progress import emit_progress
+from .synthetic.phantom import PhantomSpec
+
+log = logging.getLogger(__name__)
+
+ENSEMBLES = ("single", "deep", "checkpoint")
+STEP_DIR = ".steps"
+
+
+def _deep_config():
+    from .nnunet.training import TrainingConfig
+
+    return TrainingConfig(trainer="CalibuTinyTrainer", num_epochs=16, iterations_per_epoch=10, initial_lr=1e-2,
+                          val_iterations=1, seed=0)
+
+
+def _snapshot_config():
+    from .nnunet.training import TrainingConfig
+
+    return TrainingConfig(trainer="CalibuSnapshotTrainer", num_epochs=18, iterations_per_epoch=10, cycles=3,
+                          initial_lr=1e-2, val_iterations=1, seed=100)
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the demo builds. The defaults fit the 10-minute budget on two CPU cores."""
+
+    dataset_id: int = 990
+    dataset_name: str = "CalibPhantomDemo"
+    n_train: int = 10
+    n_calibration: int = 4
+    n_test: int = 4
+    seed: int = 0
+    spec: PhantomSpec = PhantomSpec(shape_zyx=(32, 48, 48), spacing=(1.5, 1.5, 3.0),
+                                    vessel_radius_mm=(3.5, 5.0), node_radius_mm=(6.0, 10.0))
+    small_plan: dict = field(default_factory=lambda: {"max_features": 32})
+    deep: object = field(default_factory=_deep_config)          # TrainingConfig
+    deep_folds: tuple = (0, 1, 2, 3, 4)
+    snapshot: object = field(default_factory=_snapshot_config)  # TrainingConfig
+    snapshot_fold: int = 0
+    tta: bool = False  # mirroring TTA multiplies CPU inference time by up to 8
+
+    @classmethod
+    def quick(cls) -> "DemoSettings":
+        """A seconds-long version of every step (tests): tiny volumes, a few iterations, 2 folds."""
+        from .nnunet.training import TrainingConfig
+
+        return cls(dataset_id=989, dataset_name="CalibPhantomQuick", n_train=5, n_calibration=2, n_test=2,
+                   spec=PhantomSpec(shape_zyx=(20, 32, 32), spacing=(2.0, 2.0, 4.0),
+                                    vessel_radius_mm=(3.5, 5.0), node_radius_mm=(6.0, 10.0)),
+                   small_plan={"max_features": 16, "n_stages": 3},
+                   deep=TrainingConfig(trainer="CalibuTinyTrainer", num_epochs=1, iterations_per_epoch=4,
+                                       initial_lr=1e-2, val_iterations=1),
+                   deep_folds=(0, 1),
+                   snapshot=TrainingConfig(trainer="CalibuSnapshotTrainer", num_epochs=2, iterations_per_epoch=3,
+                                           cycles=2, initial_lr=1e-2, val_iterations=1))
+
+    def record(self) -> dict:
+        d = asdict(replace(self, deep=None, snapshot=None))
+        d["deep"], d["snapshot"] = self.deep.record(), self.snapshot.record()
+        return json.loads(json.dumps(d))
+
+
+@dataclass
+class DemoResult:
+    workdir: Path
+    summary: dict
+    report: Path
+    steps_run: list
+    steps_skipped: list
+
+
+class _Steps:
+    """Skip a step when ``.steps/<name>.json`` records the same inputs and its outputs exist."""
+
+    def __init__(self, workdir: Path):
+        self.dir = workdir / STEP_DIR
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, inputs: dict, outputs: list[Path], fn):
+        rec_path = self.dir / f"{name}.json"
+        want = json.loads(json.dumps(inputs, default=str))
+        try:
+            have = json.loads(rec_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            have = None
+        if have is not None and have.get("inputs") == want and all(Path(o).exists() for o in outputs):
+            self.skipped.append(name)
+            return have.get("result")
+        t0 = time.time()
+        result = fn()
+        self.seconds[name] = round(time.time() - t0, 1)
+        write_json(rec_path, {"inputs": want, "result": result, "seconds": self.seconds[name]})
+        self.ran.append(name)
+        return result
+
+
+def _sig(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cli(argv: list[str]) -> None:
+    """Run one ``calib-uncertainty`` command in this process; a non-zero exit is an error."""
+    from .cli.main import main
+
+    log.info("demo: calib-uncertainty %s", " ".join(argv))
+    rc = main(argv)
+    if rc:
+        raise CalibUncertaintyError(f"demo step 'calib-uncertainty {argv[0]}' failed (exit code {rc}); "
+                                    "its message is printed above")
+
+
+def _member_dir_name(member) -> str:
+    return member.name.replace("/", "_")
+
+
+def write_members(model_dir: Path, ensemble: str, cases: dict, out_root: Path, device: str, tta: bool,
+                  folds=None) -> list[Path]:
+    """Each member's probabilities for ``cases`` ({case: [channel files]}) into ``out_root/<member>/``.
+
+    A member folder is complete when its ``.calibu_member.json`` names the same checkpoint hash,
+    cases and TTA setting; complete folders are kept, the others (re)written.
+    """
+    from .calibration.fingerprint import sha256_file
+    from .io.nnunet_outputs import write_member_probs
+    from .nnunet.inference import EnsemblePredictor
+    from .nnunet.model_folder import ModelFolder
+
+    model = ModelFolder.open(model_dir)
+    members = model.members(ensemble, folds)
+    dirs, todo = [], []
+    for i, m in enumerate(members):
+        d = out_root / _member_dir_name(m)
+        want = {"checkpoint": str(m.checkpoint), "sha256": sha256_file(m.checkpoint), "cases": sorted(cases),
+                "tta": bool(tta)}
+        try:
+            have = json.loads((d / ".calibu_member.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            have = None
+        dirs.append(d)
+        if have != want:
+            todo.append((i, d, want))
+    if not todo:
+        return dirs
+    predictor = EnsemblePredictor(model, [members[i] for i, _, _ in todo], device=device, tta=tta)
+    for _, d, _ in todo:
+        (d / ".calibu_member.json").unlink(missing_ok=True)
+        d.mkdir(parents=True, exist_ok=True)
+        for name in ("plans.json", "dataset.json"):  # as nnUNetv2_predict does: the model's files
+            shutil.copyfile(model.path / name, d / name)
+    for n_done, (case_id, files) in enumerate(sorted(cases.items())):
+        case = predictor.prepare(files, case_id)
+        for pred in predictor.iter_members(case, progress=None):
+            write_member_probs(todo[pred.index][1], case_id, pred.probabilities, case.geometry)
+        emit_progress("demo", None, case=case_id, message=f"{ensemble} members {n_done + 1}/{len(cases)}")
+    for _, d, want in todo:
+        write_json(d / ".calibu_member.json", want)
+    return dirs
+
+
+def _summary_row(ensemble: str, n_members: int, evaluation: dict) -> dict:
+    """One row of the comparison table from an evaluation.json (means over the test cases)."""
+    agg = evaluation.get("aggregate", {})
+    row = {"ensemble": ensemble, "members": n_members,
+           "temperature": (evaluation.get("calibration") or {}).get("temperature")}
+    for m in agg.get("metrics", []):
+        if m.get("region") == "roi":
+            for key in ("nll", "ece_top", "brier_multiclass"):
+                row[f"{key}_{m['calibration']}"] = m.get(f"{key}.mean")
+    dice = (agg.get("dice") or [{}])[0]
+    for k, v in dice.items():
+        if k.startswith("dice_") and k.endswith(".mean"):
+            row[k[:-5]] = v
+    for d in agg.get("error_detection", []):
+        if d.get("map") in ("entropy", "mutual_information", "dae", "ebcu"):
+            row[f"auroc_{d['map']}"] = d.get("auroc.mean")
+    return row
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
+    return str(v)
+
+
+def render_report(summary: dict) -> str:
+    rows = summary["comparison"]
+    present = {k for r in rows for k in r}
+    dice_cols = sorted(k for k in present if k.startswith("dice_"))
+    cols = ["ensemble", "members", "temperature", *dice_cols]
+    for key in ("nll", "ece_top", "brier_multiclass"):
+        cols += [f"{key}_before", f"{key}_after"]
+    cols += [f"auroc_{m}" for m in ("entropy", "mutual_information", "dae", "ebcu")]
+    cols = [c for c in cols if c in present]
+    lines = ["# CalibUncertainty demo", "",
+             f"Phantom dataset {summary['dataset']}: {summary['n_train']} training cases, "
+             f"{len(summary['calibration_cases'])} calibration cases ({', '.join(summary['calibration_cases'])}), "
+             f"{len(summary['test_cases'])} test cases ({', '.join(summary['test_cases'])}).", "",
+             "Means over the test cases, inside the ROI (15 mm around the predicted foreground) for NLL, ECE "
+             "(top-label, 15 bins) and Brier (multi-class); `_before` = averaged member probabilities, `_after` = "
+             "with the temperature fitted on the calibration cases. `auroc_<map>`: voxel AUROC of the map for the "
+             "errors (prediction ≠ reference) in the ROI. Definitions: docs/METHODS.md.", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    lines += ["", "## Where things are", ""]
+    for k, v in summary["paths"].items():
+        lines.append(f"- {k}: `{v}`")
+    lines += ["", "Open a test case in 3D Slicer with the CalibUncertainty module (load the image from "
+              "`nnUNet_raw/.../imagesTs` and the case folder under `maps/<ensemble>/`), or read "
+              "`evaluation/<ensemble>/report.md`.", "",
+              f"Steps run this time: {', '.join(summary['steps_run']) or 'none'}; reused: "
+              f"{', '.join(summary['steps_skipped']) or 'none'}. Total {summary['seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def run_demo(workdir: str | os.PathLike = "demo_output", device: str = "auto",
+             settings: DemoSettings = DemoSettings(), num_threads: int | None = None) -> DemoResult:
+    """Run (or resume) the whole demo in ``workdir``; see the module docstring for the steps."""
+    from .nnunet.inference import collect_cases
+    from .nnunet.small_plan import prepare_small_plan
+    from .nnunet.training import train_folds
+    from .synthetic.phantom import write_phantom_dataset
+
+    t_start = time.time()
+    workdir = Path(workdir).resolve()
+    if workdir.exists() and not workdir.is_dir():
+        raise InputError(f"--workdir {workdir} is a file; give a folder (it is created if missing)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    s = settings
+    if s.n_calibration < 1 or s.n_test < 1:
+        raise InputError("the demo needs at least one calibration and one test case")
+    steps = _Steps(workdir)
+    raw, pre, res = workdir / "nnUNet_raw", workdir / "nnUNet_preprocessed", workdir / "nnUNet_results"
+    total_steps = 6
+
+    def stage(i, msg):
+        emit_progress("demo", i / total_steps, message=msg)
+
+    stage(0, "phantom dataset")
+    ds = write_phantom_dataset(raw, s.dataset_id, s.dataset_name, n_train=s.n_train,
+                               n_test=s.n_calibration + s.n_test, seed=s.seed, spec=s.spec)
+    calib_cases = list(ds.test_cases[: s.n_calibration])
+    test_cases = list(ds.test_cases[s.n_calibration:])
+
+    stage(1, "nnU-Net plan and preprocessing")
+    prepared = prepare_small_plan(ds.folder, pre, **s.small_plan)
+
+    stage(2, "training")
+    deep_dir = train_folds(prepared, res, s.deep_folds, s.deep, device=device, num_threads=num_threads)
+    snap_dir = train_folds(prepared, res, [s.snapshot_fold], s.snapshot, device=device, num_threads=num_threads)
+
+    stage(3, "member predictions")
+    all_cases = collect_cases(ds.folder / "imagesTs")
+    members = {}
+    for ens, model_dir, folds in (("deep", deep_dir, None), ("checkpoint", snap_dir, [s.snapshot_fold])):
+        members[ens] = steps.run(
+            f"members_{ens}", {"model": str(model_dir), "cases": sorted(all_cases), "tta": s.tta,
+                               "train": s.record()},
+            [workdir / "members" / ens],
+            lambda ens=ens, model_dir=model_dir, folds=folds: [
+                str(p) for p in write_members(model_dir, ens, all_cases, workdir / "members" / ens, device,
+                                              s.tta, folds)])
+    members["single"] = members["deep"][:1]
+
+    stage(4, "calibration, maps, evaluation")
+    imagesTs, labelsTs = ds.folder / "imagesTs", ds.folder / "labelsTs"
+    rows = []
+    for ens in ENSEMBLES:
+        dirs = members[ens]
+        msig = _sig([json.loads((Path(d) / ".calibu_member.json").read_text()) for d in dirs])
+        cal = workdir / "calibration" / f"{ens}.json"
+        steps.run(f"fit_{ens}", {"members": msig, "cases": calib_cases}, [cal],
+                  lambda dirs=dirs, cal=cal: _cli(["fit-temperature", "--members", *dirs, "--images", str(imagesTs),
+                                                   "--labels", str(labelsTs), "--cases", *calib_cases,
+                                                   "-o", str(cal)]))
+        csig = _sig([msig, _file_sha(cal)])
+        maps_out = workdir / "maps" / ens
+        steps.run(f"maps_{ens}", {"calibration": csig, "cases": test_cases}, [maps_out / "summary.json"],
+                  lambda dirs=dirs, cal=cal, out=maps_out: _cli(["maps", "--members", *dirs, "--images", str(imagesTs),
+                                                                 "--cases", *test_cases, "--calibration", str(cal),
+                                                                 "-o", str(out)]))
+        ev_out = workdir / "evaluation" / ens
+        steps.run(f"evaluate_{ens}", {"calibration": csig, "cases": test_cases}, [ev_out / "evaluation.json"],
+                  lambda dirs=dirs, cal=cal, out=ev_out: _cli(["evaluate", "--members", *dirs, "--images",
+                                                               str(imagesTs), "--labels", str(labelsTs), "--cases",
+                                                               *test_cases, "--calibration", str(cal), "-o", str(out)]))
+        rows.append(_summary_row(ens, len(dirs), json.loads((ev_out / "evaluation.json").read_text())))
+
+    stage(5, "predict (the user command) on one test image")
+    example = test_cases[0]
+    pred_out = workdir / "predict_example"
+    deep_cal = workdir / "calibration" / "deep.json"
+    steps.run("predict_example", {"model": _sig(sorted(members["deep"])), "cal": _file_sha(deep_cal),
+                                  "case": example, "tta": s.tta},
+              [pred_out / example / "summary.json"],
+              lambda: _cli(["predict", "-i", str(ds.image(example)), "-m", str(deep_dir), "--ensemble", "deep",
+                            "--calibration", str(deep_cal), "--device", device,
+                            "--tta" if s.tta else "--no-tta", "-o", str(pred_out)]))
+
+    stage(6, "report")
+    summary = {
+        "format": "calib-uncertainty-demo", "dataset": ds.name, "n_train": s.n_train,
+        "calibration_cases": calib_cases, "test_cases": test_cases, "settings": s.record(),
+        "comparison": rows,
+        "paths": {"raw dataset": str(ds.folder), "deep ensemble model": str(deep_dir),
+                  "checkpoint ensemble model": str(snap_dir),
+                  "calibration files": str(workdir / "calibration"), "maps": str(workdir / "maps"),
+                  "evaluation reports": str(workdir / "evaluation"),
+                  "predict example": str(pred_out / example)},
+        "steps_run": steps.ran, "steps_skipped": steps.skipped, "step_seconds": steps.seconds,
+        "seconds": round(time.time() - t_start, 1),
+    }
+    write_json(workdir / "demo_summary.json", summary)
+    report = write_text(workdir / "REPORT.md", render_report(summary))
+    emit_progress("demo", 1.0, message="done")
+    return DemoResult(workdir, summary, report, steps.ran, steps.skipped)
+
+
+def _file_sha(path: Path) -> str:
+    from .calibration.fingerprint import sha256_file
+
+    return sha256_file(path)
