@@ -22,7 +22,7 @@ from .. import __version__
 from ..errors import CalibUncertaintyError
 from .common import add_global_options, setup_logging
 
-COMMANDS = ("fit_temperature", "maps", "evaluate", "predict", "train_snapshots", "demo")
+COMMANDS = ("fit_temperature", "maps", "evaluate", "predict", "train_snapshots", "demo", "review")
 
 log = logging.getLogger(__name__)
 

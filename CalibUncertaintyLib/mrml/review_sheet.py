@@ -3,17 +3,25 @@
 For each of the top N error regions (METHODS.md section 5: connected components of {U > τ*} in
 the ROI ranked by volume × mean U) the sheet shows the axial, sagittal and coronal planes
 through the region's RAS centroid, rendered by snapshots.py with the overlay's current colour
-table, threshold and opacity, and a cross at the centroid.
+table, threshold and opacity, a cross at the centroid and the region's bounding box (dashed).
 
 ``.png``: one image composed with matplotlib (Figure + Agg canvas; pyplot's global state is
 never touched). ``.html``: a single self-contained page (PNG snapshots embedded as base64),
 which needs only VTK, so it also works in a Slicer without matplotlib.
+
+Colour window: when the overlay's colour window would saturate the voxels it shows (the top of
+the window below the 99th percentile of the shown values, e.g. when τ* lies above the robust
+maximum of the whole map, so every shown voxel gets the brightest colour), the sheet renders
+with the window's top raised to that percentile and restores the display node afterwards;
+the colour bar shows the window used and marks the threshold.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -59,10 +67,40 @@ def _draw_cross(rgb: np.ndarray, row: int, col: int, arm: int = 6, gap: int = 3)
     return out
 
 
+def region_box_px(snap, geometry, region) -> tuple[int, int, int, int] | None:
+    """(row_min, row_max, col_min, col_max) of a region's bounding box (regions.json
+    ``bbox_zyx_min``/``bbox_zyx_max``, voxel edges included) projected onto a snapshot, or None
+    when the region carries no box."""
+    lo, hi = region.raw.get("bbox_zyx_min"), region.raw.get("bbox_zyx_max")
+    if lo is None or hi is None:
+        return None
+    lo, hi = np.asarray(lo, float) - 0.5, np.asarray(hi, float) + 0.5
+    corners = np.array(list(itertools.product(*zip(lo, hi))))
+    pixels = np.array([snap.pixel_of(p) for p in geometry.zyx_to_ras(corners)])
+    return (int(pixels[:, 0].min()), int(pixels[:, 0].max()), int(pixels[:, 1].min()), int(pixels[:, 1].max()))
+
+
+def _draw_box(rgb: np.ndarray, box, dash: int = 4, gap: int = 3) -> np.ndarray:
+    """Dashed rectangle (rows r0..r1, cols c0..c1) in the cross colour, clipped to the image."""
+    out = rgb.copy()
+    h, w, _ = out.shape
+    r0, r1, c0, c1 = box
+    on = [(i % (dash + gap)) < dash for i in range(max(h, w) * 2 + abs(r1 - r0) + abs(c1 - c0) + 2)]
+    for k, c in enumerate(range(c0, c1 + 1)):
+        for r in (r0, r1):
+            if on[k] and 0 <= r < h and 0 <= c < w:
+                out[r, c] = CROSS_RGB
+    for k, r in enumerate(range(r0, r1 + 1)):
+        for c in (c0, c1):
+            if on[k] and 0 <= r < h and 0 <= c < w:
+                out[r, c] = CROSS_RGB
+    return out
+
+
 def collect_snapshots(scene, case_nodes, top_n: int = 3, layer: str | None = None, opacity: float | None = None,
                       size_px: int = 256, fov_mm: float | None = None, controller=None):
-    """[(region or None, [(orientation, rgb with centroid cross)])] for the top N regions, plus
-    (layer, threshold). With no regions, one row through the volume centre."""
+    """[(region or None, [(orientation, rgb with centroid cross and dashed bounding box)])] for
+    the top N regions, plus (layer, threshold). With no regions, one row through the volume centre."""
     if top_n < 1:
         raise InputError(f"top_n must be at least 1, got {top_n}")
     layer, thr = _layer_and_display(case_nodes, layer, controller)
@@ -79,10 +117,25 @@ def collect_snapshots(scene, case_nodes, top_n: int = 3, layer: str | None = Non
         row = []
         for o in ORIENTATIONS:
             snap = render_slice(scene, ras, o, bg, fg, opacity, (size_px, size_px), fov_mm)
-            rgb = _draw_cross(snap.rgb, *snap.pixel_of(ras)) if region is not None else snap.rgb
+            rgb = snap.rgb
+            if region is not None:
+                box = region_box_px(snap, case_nodes.geometry, region)
+                rgb = _draw_cross(rgb if box is None else _draw_box(rgb, box), *snap.pixel_of(ras))
             row.append((o, rgb))
         rows.append((region, row))
     return rows, layer, thr
+
+
+def _regions_text(case_nodes) -> str:
+    doc = case_nodes.regions_doc
+    rmap, tau = doc.get("map"), doc.get("threshold")
+    if not rmap or tau is None:
+        return "regions: as listed in regions.json\ncyan +: region centroid · dashed box: the region's bounding box"
+    op = "<" if doc.get("flag") == "below" else ">"
+    radius = (doc.get("roi") or {}).get("radius_mm")
+    roi = f" within {radius:g} mm of the prediction" if isinstance(radius, (int, float)) else ""
+    return (f"regions: connected components of {{{rmap} {op} {tau:.3g}}}{roi}, ranked by volume × mean U\n"
+            "cyan +: region centroid · dashed box: the region's bounding box")
 
 
 def _header(case_nodes, layer, thr) -> tuple[str, str]:
@@ -90,10 +143,51 @@ def _header(case_nodes, layer, thr) -> tuple[str, str]:
     thr_txt = f"shown where {thr[0]:.3g} ≤ U ≤ {thr[1]:.3g}" if thr else "no threshold"
     src = case_nodes.default_thresholds.get(layer, (None, ""))[1]
     n_members = case_nodes.summary.get("n_members")
-    sub = (f"overlay: {layer} ({thr_txt}; default τ from {src})\n"
+    sub = (f"overlay: {layer} ({thr_txt}; τ: {src})\n"
            f"{_calibration_text(case_nodes.summary)} · members: {n_members if n_members else '?'} · "
-           f"{len(case_nodes.regions)} regions")
+           f"{len(case_nodes.regions)} regions\n{_regions_text(case_nodes)}")
     return title, sub
+
+
+def _more_text(case_nodes, max_table_rows: int) -> str | None:
+    extra = len(case_nodes.regions) - max_table_rows
+    return f"… and {extra} more region(s), all in regions.json" if extra > 0 else None
+
+
+def sheet_window(case_nodes, layer: str, thr) -> tuple[float, float]:
+    """Colour window (lo, hi) the sheet renders ``layer`` with: the display node's window, its
+    top raised to the 99th percentile of the shown values (within ``thr``) when it lies below
+    it (module docstring)."""
+    import slicer
+
+    node = case_nodes.layers()[layer]
+    disp = node.GetDisplayNode()
+    lo, hi = float(disp.GetWindowLevelMin()), float(disp.GetWindowLevelMax())
+    if thr is None:
+        return lo, hi
+    a = slicer.util.arrayFromVolume(node)
+    shown = a[(a >= thr[0]) & (a <= thr[1])]
+    if shown.size == 0:
+        return lo, hi
+    top = float(np.quantile(shown, 0.99))
+    return (lo, top) if top > hi else (lo, hi)
+
+
+@contextlib.contextmanager
+def _rendered_window(node, window):
+    """Set the node's colour window for the block; restore the previous window afterwards."""
+    disp = node.GetDisplayNode()
+    before = (disp.GetAutoWindowLevel(), disp.GetWindowLevelMin(), disp.GetWindowLevelMax())
+    if (before[1], before[2]) == tuple(window):
+        yield
+        return
+    disp.AutoWindowLevelOff()
+    disp.SetWindowLevelMinMax(*window)
+    try:
+        yield
+    finally:
+        disp.SetWindowLevelMinMax(before[1], before[2])
+        disp.SetAutoWindowLevel(before[0])
 
 
 def _table_rows(regions):
@@ -116,6 +210,9 @@ def _write_html(path: Path, case_nodes, rows, layer, thr, max_table_rows: int) -
     for tr in _table_rows(case_nodes.regions[:max_table_rows]):
         parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in tr) + "</tr>")
     parts.append("</table>")
+    more = _more_text(case_nodes, max_table_rows)
+    if more:
+        parts.append(f"<p>{esc(more)}</p>")
     for region, row in rows:
         label = region.label if region is not None else "volume centre (no regions)"
         parts.append(f"<h2>{esc(label)}</h2>")
@@ -127,7 +224,7 @@ def _write_html(path: Path, case_nodes, rows, layer, thr, max_table_rows: int) -
     return write_text(path, "\n".join(parts))
 
 
-def _write_png(path: Path, case_nodes, rows, layer, thr, max_table_rows: int, dpi: int = 100) -> Path:
+def _write_png(path: Path, case_nodes, rows, layer, thr, max_table_rows: int, window=None, dpi: int = 100) -> Path:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -138,40 +235,65 @@ def _write_png(path: Path, case_nodes, rows, layer, thr, max_table_rows: int, dp
 
     title, sub = _header(case_nodes, layer, thr)
     table = _table_rows(case_nodes.regions[:max_table_rows])
-    n_rows = len(rows)
-    table_h = 0.35 + 0.22 * max(len(table), 1)
-    fig = Figure(figsize=(10, 1.0 + table_h + 3.3 * n_rows), dpi=dpi)
+    more = _more_text(case_nodes, max_table_rows)
+    # vertical layout in inches, top to bottom: header, table (+ note), one block per region
+    head_h, row_h, block_h = 1.45, 0.21, 3.3
+    table_h = row_h * (len(table) + 1) if table else 0.4
+    note_h = 0.25 if more else 0.0
+    total = head_h + table_h + note_h + 0.25 + block_h * len(rows) + 0.1
+    fig = Figure(figsize=(10, total), dpi=dpi)
     FigureCanvasAgg(fig)
-    total = 1.0 + table_h + 3.3 * n_rows
-    fig.text(0.5, 1 - 0.35 / total, title, ha="center", va="center", fontsize=14, weight="bold")
-    fig.text(0.5, 1 - 0.72 / total, sub, ha="center", va="center", fontsize=7.5)
-    ax_t = fig.add_axes([0.05, 1 - (1.0 + table_h) / total, 0.9, table_h / total])
+
+    def y(inches_from_top: float) -> float:
+        return 1 - inches_from_top / total
+
+    fig.text(0.5, y(0.32), title, ha="center", va="center", fontsize=15, weight="bold")
+    fig.text(0.5, y(0.95), sub, ha="center", va="center", fontsize=8.5, linespacing=1.5)
+    ax_t = fig.add_axes([0.04, y(head_h + table_h), 0.92, table_h / total])
     ax_t.axis("off")
     if table:
-        tab = ax_t.table(cellText=table, colLabels=TABLE_HEADER, loc="upper center", cellLoc="center")
+        tab = ax_t.table(cellText=table, colLabels=TABLE_HEADER, cellLoc="center", bbox=[0, 0, 1, 1],
+                         colWidths=[0.08, 0.17, 0.13, 0.12, 0.12, 0.38])
         tab.auto_set_font_size(False)
-        tab.set_fontsize(8)
+        tab.set_fontsize(9)
+        for (r, _c), cell in tab.get_celld().items():
+            cell.set_edgecolor("#999999")
+            if r == 0:
+                cell.set_facecolor("#e8e8e8")
+                cell.set_text_props(weight="bold")
     else:
-        ax_t.text(0.5, 0.5, "no error regions above the threshold", ha="center", va="center")
-    key = colors.PROBABILITY if layer.startswith("prob_") else colors.UNCERTAINTY
-    lut = colors.table_rgba(key)[:, :3].astype(float) / 255.0
-    lo, hi = case_nodes.value_ranges.get(layer, (0.0, 1.0))
+        ax_t.text(0.5, 0.5, "no error regions above the threshold", ha="center", va="center", fontsize=10)
+    if more:
+        fig.text(0.04, y(head_h + table_h + 0.15), more, fontsize=8.5, style="italic", va="center")
+    top0 = head_h + table_h + note_h + 0.25
     for i, (region, row) in enumerate(rows):
-        top = 1 - (1.0 + table_h + 3.3 * i) / total
+        top = top0 + block_h * i
         label = region.label if region is not None else "volume centre (no regions)"
-        fig.text(0.05, top - 0.12 / total, label, fontsize=10, weight="bold", va="center")
+        if region is not None:
+            label += f"   (mean U {region.mean_u:.3g}, max U {region.max_u:.3g})"
+        fig.text(0.04, y(top + 0.1), label, fontsize=10.5, weight="bold", va="center")
         for j, (o, rgb) in enumerate(row):
-            ax = fig.add_axes([0.05 + 0.3 * j, top - 3.25 / total, 0.28, 2.75 / total])
+            ax = fig.add_axes([0.04 + 0.285 * j, y(top + 3.2), 0.27, 2.75 / total])
             ax.imshow(rgb, interpolation="nearest")
-            ax.set_title(o, fontsize=8)
+            ax.set_title(o, fontsize=9, pad=3)
             ax.set_xticks([])
             ax.set_yticks([])
-    cax = fig.add_axes([0.955, 0.1, 0.012, 0.5])
+    key = colors.PROBABILITY if layer.startswith("prob_") else colors.UNCERTAINTY
+    lut = colors.table_rgba(key)[:, :3].astype(float) / 255.0
+    lo, hi = window if window is not None else case_nodes.value_ranges.get(layer, (0.0, 1.0))
+    bar_top, bar_bottom = top0 + 0.45, top0 + block_h * len(rows) - 0.15
+    cax = fig.add_axes([0.905, y(bar_bottom), 0.014, (bar_bottom - bar_top) / total])
     cax.imshow(lut[::-1, None, :], aspect="auto", extent=(0, 1, lo, hi))
     cax.set_xticks([])
-    cax.tick_params(labelsize=7)
-    cax.yaxis.set_label_position("left")
-    cax.set_ylabel(layer, fontsize=8)
+    cax.yaxis.tick_right()
+    cax.tick_params(labelsize=8)
+    if thr is not None:
+        for t in thr:
+            if lo < t < hi:
+                cax.axhline(t, color="cyan", lw=1.5)
+                cax.text(1.15, t, "τ", transform=cax.get_yaxis_transform(), color="black",
+                         fontsize=8, va="center", ha="left")
+    cax.set_title(layer, fontsize=9, pad=6)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
     return path
@@ -184,13 +306,20 @@ def write_review_sheet(scene, case_nodes, out_png_or_html, top_n: int = 3, layer
 
     ``layer`` defaults to the controller's current overlay, else the map the regions were cut
     on; its current display threshold and colour table are used, at ``opacity`` (default: the
-    controller's, else 0.6). Returns the path written.
+    controller's, else 0.6), with the colour window of :func:`sheet_window` (the display node is
+    restored afterwards). ``max_table_rows`` limits the region table (a note counts the rest).
+    Returns the path written.
     """
     path = Path(out_png_or_html)
     suffix = path.suffix.lower()
     if suffix not in (".png", ".html", ".htm"):
         raise InputError(f"review sheet must be .png or .html, got {path.name}")
-    rows, layer, thr = collect_snapshots(scene, case_nodes, top_n, layer, opacity, size_px, fov_mm, controller)
+    if top_n < 1:
+        raise InputError(f"top_n must be at least 1, got {top_n}")
+    layer, thr = _layer_and_display(case_nodes, layer, controller)
+    window = sheet_window(case_nodes, layer, thr)
+    with _rendered_window(case_nodes.layers()[layer], window):
+        rows, layer, thr = collect_snapshots(scene, case_nodes, top_n, layer, opacity, size_px, fov_mm, controller)
     if suffix == ".png":
-        return _write_png(path, case_nodes, rows, layer, thr, max_table_rows)
+        return _write_png(path, case_nodes, rows, layer, thr, max_table_rows, window)
     return _write_html(path, case_nodes, rows, layer, thr, max_table_rows)

@@ -3,7 +3,8 @@
 Rendering uses Slicer's own reslicing and compositing (``vtkMRMLSliceLogic``), so a snapshot
 shows exactly what a slice view shows: the background volume through its window/level, the
 foreground layer through its colour table, threshold (voxels outside it transparent) and the
-composite node's foreground opacity. No render window or GPU is needed.
+composite node's foreground opacity. No render window or GPU is needed. Pixels outside the
+volume (transparent in the blend) are black, as on a slice view's background.
 
 Each render uses a temporary slice node and composite node (view "CalibUSnapshot", its own view
 group so slice linking ignores it) and removes every node it created afterwards, so the user's
@@ -57,7 +58,12 @@ def _grab(logic) -> np.ndarray:
     image = producer.GetOutputDataObject(0)
     w, h, _ = image.GetDimensions()
     a = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, -1)
-    return np.ascontiguousarray(a[::-1, :, :3])
+    rgb = np.array(a[::-1, :, :3])
+    if a.shape[2] == 4:
+        # outside the volume the blend is transparent (alpha 0) over an arbitrary grey; a slice
+        # view shows its black background there, so the snapshot does too
+        rgb[a[::-1, :, 3] == 0] = 0
+    return np.ascontiguousarray(rgb)
 
 
 def render_slice(scene, ras, orientation: str = "Axial", background_id: str | None = None,
