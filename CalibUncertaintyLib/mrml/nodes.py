@@ -96,6 +96,16 @@ def robust_max(array: np.ndarray, quantile: float = ROBUST_MAX_QUANTILE) -> floa
     return hi if hi > 0 else float(pos.max())
 
 
+def colour_window(array: np.ndarray, tau: float) -> tuple[float, float]:
+    """Colour window (0, hi) of a map shown above ``tau``: hi is the robust max of the voxels at or
+    above τ (the ones the reviewer sees), so they spread over the colour table instead of all
+    saturating when most of the map lies below τ; the whole map's robust max if none reach τ."""
+    a = np.asarray(array)
+    shown = a[a >= tau] if np.isfinite(tau) else a
+    hi = robust_max(shown) if shown.size else robust_max(a)
+    return (0.0, max(hi, float(tau)) if np.isfinite(tau) else hi)
+
+
 def fallback_threshold(array: np.ndarray, quantile: float = FALLBACK_QUANTILE) -> float:
     """Threshold for a map the case folder gives no τ* for: the 0.95 quantile of the map over its
     non-negligible voxels (value > 1 % of the map's maximum), so that the near-zero values a
@@ -254,7 +264,7 @@ def load_case_outputs(scene, case_dir, input_volume_node=None, name_prefix: str 
         _check_input_geometry(input_volume_node, data.geometry)
     prefix = name_prefix or data.case_id
     thresholds, shown = default_thresholds(data)
-    ranges = {n: (0.0, max(robust_max(a), thresholds[n][0])) for n, a in data.maps.items()}
+    ranges = {n: colour_window(a, thresholds[n][0]) for n, a in data.maps.items()}
     ranges.update({f"prob_{c}": (0.0, 1.0) for c in data.probabilities})
     input_array = None
     input_path = _input_from_summary(data) if input_volume_node is None else None
