@@ -32,13 +32,13 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import CalibUncertaintyError, InputError
 from .io.atomic import write_json, write_text
+from .nnunet.member_cache import write_members  # also imported from here by bench/openkbp.py
 from .progress import emit_progress
 from .synthetic.phantom import PhantomSpec
 
@@ -151,54 +151,6 @@ def _cli(argv: list[str]) -> None:
     if rc:
         raise CalibUncertaintyError(f"demo step 'calib-uncertainty {argv[0]}' failed (exit code {rc}); "
                                     "its message is printed above")
-
-
-def _member_dir_name(member) -> str:
-    return member.name.replace("/", "_")
-
-
-def write_members(model_dir: Path, ensemble: str, cases: dict, out_root: Path, device: str, tta: bool,
-                  folds=None) -> list[Path]:
-    """Each member's probabilities for ``cases`` ({case: [channel files]}) into ``out_root/<member>/``.
-
-    A member folder is complete when its ``.calibu_member.json`` names the same checkpoint hash,
-    cases and TTA setting; complete folders are kept, the others (re)written.
-    """
-    from .calibration.fingerprint import sha256_file
-    from .io.nnunet_outputs import write_member_probs
-    from .nnunet.inference import EnsemblePredictor
-    from .nnunet.model_folder import ModelFolder
-
-    model = ModelFolder.open(model_dir)
-    members = model.members(ensemble, folds)
-    dirs, todo = [], []
-    for i, m in enumerate(members):
-        d = out_root / _member_dir_name(m)
-        want = {"checkpoint": str(m.checkpoint), "sha256": sha256_file(m.checkpoint), "cases": sorted(cases),
-                "tta": bool(tta)}
-        try:
-            have = json.loads((d / ".calibu_member.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            have = None
-        dirs.append(d)
-        if have != want:
-            todo.append((i, d, want))
-    if not todo:
-        return dirs
-    predictor = EnsemblePredictor(model, [members[i] for i, _, _ in todo], device=device, tta=tta)
-    for _, d, _ in todo:
-        (d / ".calibu_member.json").unlink(missing_ok=True)
-        d.mkdir(parents=True, exist_ok=True)
-        for name in ("plans.json", "dataset.json"):  # as nnUNetv2_predict does: the model's files
-            shutil.copyfile(model.path / name, d / name)
-    for n_done, (case_id, files) in enumerate(sorted(cases.items())):
-        case = predictor.prepare(files, case_id)
-        for pred in predictor.iter_members(case, progress=None):
-            write_member_probs(todo[pred.index][1], case_id, pred.probabilities, case.geometry)
-        emit_progress("demo", None, case=case_id, message=f"{ensemble} members {n_done + 1}/{len(cases)}")
-    for _, d, want in todo:
-        write_json(d / ".calibu_member.json", want)
-    return dirs
 
 
 def _summary_row(ensemble: str, n_members: int, evaluation: dict) -> dict:

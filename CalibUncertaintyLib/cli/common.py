@@ -11,6 +11,7 @@ import argparse
 import logging
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 ENSEMBLE_MODES = ("pool_then_calibrate", "per_member")
@@ -79,24 +80,147 @@ def add_global_options(parser: argparse.ArgumentParser, suppress_defaults: bool 
 
 
 def add_member_options(parser: argparse.ArgumentParser, images_required: bool = False,
-                       labels: str = "none") -> None:
-    """--members, --images, --labels (``labels``: "none", "optional" or "required"), --cases."""
+                       labels: str = "none", model_alternative: bool = False) -> None:
+    """--members, --images, --labels (``labels``: "none", "optional" or "required"), --cases.
+
+    ``model_alternative``: --members or -m/--model (exactly one, checked by argparse), plus the
+    options of ``add_model_run_options``; ``member_inputs`` then turns either into member folders.
+    """
     g = parser.add_argument_group("inputs")
-    g.add_argument("--members", nargs="+", required=True, type=existing_dir, metavar="DIR",
-                   help="one folder per ensemble member, each holding nnU-Net --save_probabilities "
-                        "output (<case>.npz with 'probabilities' (K, z, y, x) + <case>.pkl). One "
-                        "folder is allowed (then mutual information and EPKL are zero)")
-    g.add_argument("--images", type=existing_dir, metavar="DIR", required=images_required,
-                   help="nnU-Net raw images folder (<case>_0000.nii.gz): every member must be on "
-                        "the image's voxel grid" + ("" if images_required else
-                                                    " (optional; checks the grid, else the members' "
-                                                    "pkl geometry is used)"))
+    members_help = ("one folder per ensemble member, each holding nnU-Net --save_probabilities "
+                    "output (<case>.npz with 'probabilities' (K, z, y, x) + <case>.pkl). One "
+                    "folder is allowed (then mutual information and EPKL are zero)")
+    if model_alternative:
+        x = g.add_mutually_exclusive_group(required=True)
+        x.add_argument("--members", nargs="+", type=existing_dir, metavar="DIR",
+                       help=members_help + ". Give either --members or --model")
+        x.add_argument("-m", "--model", type=Path, metavar="MODEL_DIR",
+                       help="instead of --members: an nnU-Net v2 trained model folder "
+                            "<Trainer>__<Plans>__<Configuration> (plans.json, dataset.json, "
+                            "fold_<k>/checkpoint_*.pth); every member is run on the --images "
+                            "(required then) and its outputs are kept in --member-cache for reuse. "
+                            "The calibration fingerprint is then the model's, checkpoints included")
+    else:
+        g.add_argument("--members", nargs="+", required=True, type=existing_dir, metavar="DIR",
+                       help=members_help)
+    if model_alternative:
+        images_help = ("nnU-Net raw images folder (<case>_0000.nii.gz): with --model the images "
+                       "the model is run on (required); with --members every member must be on "
+                       "the image's voxel grid" + ("" if images_required else " (optional with "
+                                                  "--members: checks the grid, else the members' "
+                                                  "pkl geometry is used)"))
+    else:
+        images_help = ("nnU-Net raw images folder (<case>_0000.nii.gz): every member must be on "
+                       "the image's voxel grid" + ("" if images_required else
+                                                   " (optional; checks the grid, else the members' "
+                                                   "pkl geometry is used)"))
+    g.add_argument("--images", type=existing_dir, metavar="DIR", required=images_required, help=images_help)
     if labels != "none":
         g.add_argument("--labels", type=existing_dir, metavar="DIR", required=labels == "required",
                        help="nnU-Net raw labels folder (<case>.nii.gz), reference segmentations on "
                             "the image grid")
     g.add_argument("--cases", nargs="+", metavar="CASE",
-                   help="case ids to use (default: every case present in all member folders)")
+                   help="case ids to use (default: every case present in all member folders"
+                        + (", or with --model every image in --images)" if model_alternative else ")"))
+    if model_alternative:
+        add_model_run_options(parser)
+
+
+def add_model_run_options(parser: argparse.ArgumentParser) -> None:
+    """How a --model is run: --ensemble, --folds, --checkpoint, --device, --tta, --member-cache."""
+    from ..device import CHOICES
+    from ..nnunet.model_folder import DEFAULT_CHECKPOINT, ENSEMBLE_KINDS
+
+    g = parser.add_argument_group("running a model (with --model only)")
+    g.add_argument("--ensemble", choices=ENSEMBLE_KINDS, default=None,
+                   help="deep: one member per fold (default); checkpoint: the snapshot checkpoints "
+                        "checkpoint_snapshot_<cycle>.pth of the chosen fold(s); single: one model")
+    g.add_argument("--folds", nargs="+", metavar="FOLD",
+                   help="folds to use (numbers or 'all'; default: every fold holding the checkpoint, "
+                        "for single: fold 0)")
+    g.add_argument("--checkpoint", default=None, metavar="NAME",
+                   help=f"checkpoint file of each fold for deep/single (default {DEFAULT_CHECKPOINT})")
+    g.add_argument("--device", choices=CHOICES, default=None,
+                   help="auto: CUDA, else Apple MPS, else the CPU; an unavailable device falls back to "
+                        "the CPU with a warning (default auto)")
+    g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="nnU-Net's mirroring test-time augmentation (default on; --no-tta is up to 8x "
+                        "faster). Use the same setting as 'predict' will, so the calibration fits it")
+    g.add_argument("--member-cache", type=Path, metavar="DIR", default=None,
+                   help="folder keeping every member's probabilities per case (nnU-Net "
+                        "--save_probabilities layout, under <model>-<hash>/<tta|notta>/<member>/), "
+                        "reused by later runs when the model's checkpoints, the TTA setting and the "
+                        "input image are unchanged; share it between fit-temperature and evaluate. "
+                        "Default: a 'members' folder beside the calibration file (fit-temperature) or "
+                        "inside the output folder (evaluate)")
+
+
+@dataclass
+class MemberInputs:
+    """Member folders to pair with images and labels, from --members or from --model.
+
+    ``fingerprint``: the model folder's fingerprint with --model (None with --members: the
+    pipeline then fingerprints the member folders). ``record``: what the report states as inputs.
+    """
+
+    member_dirs: list
+    cases: list | None
+    fingerprint: dict | None
+    record: dict
+    model: object = None
+
+
+def member_inputs(args, default_cache: Path, fingerprint: dict | None = None) -> MemberInputs:
+    """Resolve --members or --model (``add_member_options(model_alternative=True)``).
+
+    With --model: checks --images is given and, when the command has --labels, that every
+    case has a label (before any inference), then runs or reuses every member on the images
+    (``nnunet.member_cache.cached_member_dirs``, cache --member-cache or ``default_cache``) and
+    says how many outputs were computed and reused. ``fingerprint``: the model's, if the caller
+    already computed it. Raises InputError / ModelFolderError.
+    """
+    from ..errors import InputError
+    from ..nnunet.model_folder import DEFAULT_CHECKPOINT
+
+    run_opts = {"--ensemble": "ensemble", "--folds": "folds", "--checkpoint": "checkpoint", "--device": "device",
+                "--tta/--no-tta": "tta", "--member-cache": "member_cache"}
+    if getattr(args, "model", None) is None:
+        given = [opt for opt, attr in run_opts.items() if getattr(args, attr, None) is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --model "
+                             "(running a model folder); with --members the members are already computed")
+        return MemberInputs(list(args.members), args.cases, None,
+                            {"members": [str(d) for d in args.members]})
+    if args.images is None:
+        raise InputError("--model needs --images DIR: the nnU-Net raw images folder (<case>_0000.nii.gz) "
+                         "to run the model on")
+    from ..io.nnunet_outputs import list_label_cases
+    from ..nnunet.member_cache import cached_member_dirs, select_cases
+    from ..nnunet.model_folder import ModelFolder
+
+    args.ensemble = args.ensemble or "deep"
+    args.checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
+    args.device = args.device or "auto"
+    args.tta = True if args.tta is None else args.tta
+
+    model = ModelFolder.open(args.model)
+    model.members(args.ensemble, args.folds, args.checkpoint)  # a bad member request fails here, first
+    cases = list(select_cases(args.images, model, args.cases))
+    if getattr(args, "labels", None) is not None:
+        have = list_label_cases(args.labels)
+        missing = [c for c in cases if c not in have]
+        if missing:
+            raise InputError(f"case(s) {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} have an "
+                             f"image but no label <case>.nii.gz in {args.labels}; pass --cases with the "
+                             "labelled cases")
+    cache = args.member_cache if args.member_cache is not None else default_cache
+    cm = cached_member_dirs(model.path, args.ensemble, args.folds, args.images, cache, device=args.device,
+                            tta=args.tta, cases=cases, checkpoint=args.checkpoint, fingerprint=fingerprint)
+    say(f"{len(cm.members)} member(s) ({args.ensemble}: {', '.join(m.name for m in cm.members)}) x "
+        f"{len(cm.cases)} case(s): {len(cm.computed)} output(s) computed"
+        f"{' on ' + cm.device if cm.device else ''}, {len(cm.reused)} reused from {cm.cache_root}")
+    record = {**cm.record(), "ensemble": args.ensemble, "checkpoint": args.checkpoint, "tta": bool(args.tta)}
+    return MemberInputs(cm.member_dirs, cm.cases, cm.fingerprint, record, cm.model)
 
 
 def add_roi_options(parser: argparse.ArgumentParser) -> None:
@@ -134,12 +258,31 @@ def add_output_option(parser: argparse.ArgumentParser, what: str, metavar: str =
 
 
 # --- runtime -------------------------------------------------------------------------------
+class _CurrentStderrHandler(logging.StreamHandler):
+    """A stream handler that writes to ``sys.stderr`` as it is when a record is logged.
+
+    The handler is installed once per process; binding it to the stderr object of that moment
+    would keep writing to a replaced (and possibly closed) stream after a GUI, a runner or a test
+    swaps ``sys.stderr``."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler assigns it; the current sys.stderr is always used
+        pass
+
+
 def setup_logging(verbose: int = 0) -> None:
     """Log to stderr: warnings by default, info with -v, debug with -vv."""
     level = logging.WARNING if not verbose else logging.INFO if verbose == 1 else logging.DEBUG
     root = logging.getLogger()
     if not any(getattr(h, "_calibu", False) for h in root.handlers):
-        h = logging.StreamHandler(sys.stderr)
+        h = _CurrentStderrHandler()
         h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         h._calibu = True
         root.addHandler(h)

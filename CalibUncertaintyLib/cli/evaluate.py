@@ -3,6 +3,11 @@
 Thin wrapper over ``pipeline.evaluate`` (definitions there): CSV and JSON tables per case and
 aggregated, inside the ROI and over the whole image, reliability diagrams, error-detection
 plots and report.md, all written atomically into the output folder.
+
+Inputs: ``--members DIR...`` or ``-m/--model MODEL_DIR`` (members run on ``--images`` here, their
+outputs kept in ``--member-cache``, default ``<output>/members``). With --model the calibration
+file is checked against the model folder's fingerprint (plans, dataset.json, checkpoints) before
+any inference.
 """
 
 from __future__ import annotations
@@ -21,10 +26,13 @@ def register(subparsers) -> argparse.ArgumentParser:
         description="Evaluate the ensemble with and without the calibration file on cases with "
                     "reference labels (use cases not used for fitting): NLL, Brier, ECE/MCE/ACE, pECE "
                     "inside the ROI and over the whole image, Dice, error detection of every map at its "
-                    "τ*, case-level quality; tables (CSV, JSON), figures (PNG) and report.md.")
-    add_member_options(p, images_required=True, labels="required")
+                    "τ*, case-level quality; tables (CSV, JSON), figures (PNG) and report.md. The members are "
+                    "given as --save_probabilities folders (--members) or computed here from an nnU-Net "
+                    "model folder (--model; outputs cached for later runs).")
+    add_member_options(p, images_required=True, labels="required", model_alternative=True)
     p.add_argument("--calibration", required=True, metavar="FILE",
-                   help="calibration file from 'fit-temperature' for these members' model")
+                   help="calibration file from 'fit-temperature' for these members' model (with --model: "
+                        "fitted on this very model folder, else it is refused)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--roi-radius-mm", type=nonnegative_mm, default=None, metavar="MM",
                    help="ROI radius in millimetres (default: the calibration file's, normally 15 mm)")
@@ -48,14 +56,25 @@ def run(args) -> int:
     from ..io.nnunet_outputs import pair_cases
     from ..pipeline.dataset import load_checked_calibration
     from ..pipeline.evaluate import EvalOptions, evaluate_cases, write_evaluation
+    from .common import member_inputs
 
-    pairing = pair_cases(args.members, args.images, args.labels, args.cases, require_labels=True)
-    cal = load_checked_calibration(args.calibration, pairing)
+    cal, fingerprint = None, None
+    if args.model is not None:  # refuse another model's calibration file before any inference
+        from ..calibration.fingerprint import fingerprint_model_folder
+        from ..nnunet.model_folder import ModelFolder
+
+        model = ModelFolder.open(args.model)
+        fingerprint = fingerprint_model_folder(model.path)
+        cal = load_checked_calibration(args.calibration, fingerprint=fingerprint, n_classes=len(model.class_names))
+    members = member_inputs(args, default_cache=args.output / "members", fingerprint=fingerprint)
+    pairing = pair_cases(members.member_dirs, args.images, args.labels, members.cases, require_labels=True)
+    if cal is None:
+        cal = load_checked_calibration(args.calibration, pairing)
     opts = EvalOptions(roi_radius_mm=args.roi_radius_mm, roi_rule=args.roi_rule, regions_map=args.regions_map,
                        dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm,
                        min_region_mm3=args.min_region_mm3)
-    inputs = {"members": [str(d) for d in args.members], "images": str(args.images),
-              "labels": str(args.labels), "calibration": str(args.calibration)}
+    inputs = {**members.record, "images": str(args.images), "labels": str(args.labels),
+              "calibration": str(args.calibration)}
     with progress_bar(None, total=len(pairing.cases), desc="evaluate") as bar:
         ev = evaluate_cases(pairing, cal, opts, bar=bar, inputs=inputs)
     write_evaluation(args.output, ev)

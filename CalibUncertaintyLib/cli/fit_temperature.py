@@ -3,12 +3,19 @@
 Thin wrapper over ``pipeline.fit.fit_calibration`` (see there for every definition): fits T
 (or vector scaling) by NLL inside the ROI, then τ* per map by mean UEO and the EBCU threshold
 (0.95 quantile of the calibrated entropy in the ROI) on the same cases, and records the
-fingerprint of the member folders. The output file is written atomically.
+model's fingerprint. The output file is written atomically.
+
+Inputs: ``--members DIR...`` (nnU-Net --save_probabilities folders; fingerprint of those folders:
+plans + dataset.json) or ``-m/--model MODEL_DIR --images DIR`` (the command runs every member on
+the images itself, reusing the outputs kept in ``--member-cache``, default ``members/`` next to the
+calibration file; fingerprint of the model folder, checkpoints included, so ``predict
+--calibration`` accepts the file for this model only).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .common import (ENSEMBLE_MODES, add_member_options, add_output_option, add_roi_options, positive_int,
                      positive_mm, progress_bar, say)
@@ -21,8 +28,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "one temperature T minimising the NLL of the ROI voxels (bounded search on log T), "
                     "then, with T applied, the flagging threshold τ* of every uncertainty map (maximum "
                     "mean UEO) and the EBCU threshold. Writes a JSON calibration file that 'maps', "
-                    "'evaluate' and 'predict' apply; it refuses to be applied to other members.")
-    add_member_options(p, images_required=False, labels="required")
+                    "'evaluate' and 'predict' apply; it refuses to be applied to other members. The members "
+                    "are given as --save_probabilities folders (--members) or computed here from an nnU-Net "
+                    "model folder (--model with --images; outputs cached for later runs).")
+    add_member_options(p, images_required=False, labels="required", model_alternative=True)
     add_roi_options(p)
     g = p.add_argument_group("fitting")
     g.add_argument("--method", choices=("temperature", "vector"), default="temperature",
@@ -48,13 +57,16 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from ..io.nnunet_outputs import pair_cases
     from ..pipeline.fit import FitOptions, fit_calibration
+    from .common import member_inputs
 
-    pairing = pair_cases(args.members, args.images, args.labels, args.cases, require_labels=True)
+    inputs = member_inputs(args, default_cache=Path(args.output).parent / "members")
+    pairing = pair_cases(inputs.member_dirs, args.images, args.labels, inputs.cases, require_labels=True)
     opts = FitOptions(method=args.method, ensemble_mode=args.ensemble_mode, roi_radius_mm=args.roi_radius_mm,
                       roi_rule=args.roi_rule, max_voxels=args.max_voxels, seed=args.seed,
                       dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm)
     with progress_bar(None, total=2 * len(pairing.cases), desc="fit-temperature") as bar:
-        cal = fit_calibration(pairing, opts, bar=bar)
+        cal = fit_calibration(pairing, opts, bar=bar, fingerprint=inputs.fingerprint)
+    cal.extra["inputs"] = inputs.record
     path = cal.save(args.output)
     for note in pairing.notes:
         say(f"note: {note}")

@@ -48,13 +48,22 @@ def prediction_fingerprint(pairing: Pairing) -> dict:
     return fingerprint_prediction_folder([d for d in pairing.cases[0].member_dirs], n_classes=pairing.n_classes)
 
 
-def load_checked_calibration(path: str | os.PathLike, pairing: Pairing):
-    """Load a calibration file and refuse it for other members (CalibrationMismatchError) or classes."""
+def load_checked_calibration(path: str | os.PathLike, pairing: Pairing | None = None, fingerprint: dict | None = None,
+                             n_classes: int | None = None):
+    """Load a calibration file and refuse it for another model (CalibrationMismatchError) or class count.
+
+    The file's fingerprint is compared with ``fingerprint`` (e.g. ``fingerprint_model_folder`` of
+    the model the members come from), default ``prediction_fingerprint(pairing)``; the class count
+    with ``n_classes``, default ``pairing.n_classes``.
+    """
     from ..calibration.calibration_file import CalibrationFile
 
+    if fingerprint is None and pairing is None:
+        raise ValueError("load_checked_calibration needs a pairing or a fingerprint")
     cal = CalibrationFile.load(path)
-    cal.check_fingerprint(prediction_fingerprint(pairing))
-    if cal.class_names and len(cal.class_names) != pairing.n_classes:
+    cal.check_fingerprint(fingerprint if fingerprint is not None else prediction_fingerprint(pairing))
+    k = n_classes if n_classes is not None else (pairing.n_classes if pairing is not None else None)
+    if k is not None and cal.class_names and len(cal.class_names) != k:
         raise InputError(f"calibration file {path} is for {len(cal.class_names)} classes, the members "
-                         f"have {pairing.n_classes}")
+                         f"have {k}")
     return cal

@@ -21,7 +21,9 @@ stays bounded by one case's accumulator plus the sampled voxels and ROI crops):
    bounding box (padded by the EBCU radius, so EBCU inside the ROI is exact).
 
 The calibration file records T (or w, b), the mode, the ROI rule and radius, the cases, the NLL
-before/after, τ* per map, t, the class names and the fingerprint of the member folders.
+before/after, τ* per map, t, the class names and the fingerprint of the model: the one given
+(``fingerprint_model_folder`` when the members were computed from a model folder: plans,
+dataset.json and checkpoint hashes), else that of the member folders.
 """
 
 from __future__ import annotations
@@ -187,8 +189,11 @@ def fit_thresholds(pairing: Pairing, calibration, opts: FitOptions, bar=None) ->
     return thresholds, t_ebcu, info
 
 
-def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, bar=None):
+def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, bar=None, fingerprint: dict | None = None):
     """Fit and return a ``CalibrationFile`` (not saved) from the paired calibration cases.
+
+    ``fingerprint``: the model's fingerprint to record (default: ``prediction_fingerprint`` of
+    the member folders, which knows plans and dataset.json but not the checkpoints).
 
     Raises InputError when a case has no label, when no ROI voxel exists, or for options
     that do not combine (vector scaling with per-member mode).
@@ -217,7 +222,7 @@ def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, bar=None):
     cal = CalibrationFile.from_scaler(scaler, roi_rule=opts.roi_rule, radius_mm=opts.roi_radius_mm,
                                       case_ids=[c.case for c in pairing.cases],
                                       class_names=pairing.class_names,
-                                      fingerprint=prediction_fingerprint(pairing), extra=extra)
+                                      fingerprint=fingerprint or prediction_fingerprint(pairing), extra=extra)
     thresholds, t_ebcu, info = fit_thresholds(pairing, cal, opts, bar)
     cal.thresholds = thresholds
     cal.ebcu_threshold = t_ebcu
