@@ -263,6 +263,14 @@ def calibrate_thresholds(maps_per_case: list[dict], errors_per_case: list, rois_
                                      for v in vals])
             if pooled.size == 0:
                 raise InputError(f"map '{name}': every calibration ROI is empty")
+            if pooled.min() == pooled.max():
+                # a constant map (e.g. mutual information of a single model) carries no information:
+                # τ at its value flags nothing, rather than "flag the whole ROI" winning by default
+                tau = np.asarray([pooled[0]])
+                ueo0 = float(np.mean([_curve_absolute(v, e, tau)[0] for v, e in zip(vals, errs)]))
+                out[name] = _entry("absolute", float(tau[0]), None, _score_name(name), ueo0, n, source="constant map")
+                log.info("map %s is constant (%g) on the calibration cases: it flags nothing", name, tau[0])
+                continue
             cand = _absolute_candidates(pooled, n_candidates)
             mean = np.mean([_curve_absolute(v, e, cand) for v, e in zip(vals, errs)], axis=0)
             j = int(np.argmax(mean))

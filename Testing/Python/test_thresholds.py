@@ -132,3 +132,20 @@ def test_bad_inputs_raise():
         calibrate_thresholds([{"entropy": np.zeros((2, 2, 2))}], [e], [None], kinds={"entropy": "relative"})
     with pytest.raises(InputError, match="kind"):
         threshold_for_case({"kind": "other"}, np.zeros(3))
+
+
+def test_constant_map_flags_nothing():
+    """A map that is the same everywhere (mutual information of a single model is 0) carries no
+    information: its τ* must flag nothing, although flagging the whole ROI would score a UEO > 0."""
+    import numpy as np
+
+    from CalibUncertaintyLib.calibration.thresholds import calibrate_thresholds, flag_mask
+
+    rng = np.random.default_rng(0)
+    errors = [rng.random((6, 8, 8)) < 0.3 for _ in range(2)]
+    rois = [np.ones((6, 8, 8), bool) for _ in range(2)]
+    maps = [{"mutual_information": np.zeros((6, 8, 8), np.float32)} for _ in range(2)]
+    entry = calibrate_thresholds(maps, errors, rois)["mutual_information"]
+    assert entry["source"] == "constant map"
+    assert entry["mean_ueo"] == 0.0
+    assert not flag_mask(entry, maps[0]["mutual_information"], rois[0]).any()
