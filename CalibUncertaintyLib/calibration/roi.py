@@ -23,6 +23,8 @@ from ..errors import InputError
 
 ROI_RULES = ("prediction", "gt_union_prediction")
 DEFAULT_RADIUS_MM = 15.0
+EDT_SLAB_VOXELS = 1 << 19
+"""Voxels per padded z slab of the ROI distance transform (about 25 MB of scipy temporaries)."""
 
 
 def describe_roi(rule: str, radius_mm: float) -> str:
@@ -48,7 +50,8 @@ def roi_mask(pred_labels, spacing_zyx, radius_mm: float = DEFAULT_RADIUS_MM, ref
 
     The distance transform runs only on the foreground's bounding box padded by the radius
     (in voxels per axis): every voxel outside it is farther than ``radius_mm`` along one axis
-    alone, so the result is exact and large volumes stay cheap.
+    alone, so the result is exact and large volumes stay cheap. Inside that box the transform
+    runs on z slabs padded by the radius (exact for the same reason), which bounds its memory.
     """
     _check_rule(rule)
     pred = np.asarray(pred_labels)
@@ -83,11 +86,24 @@ def roi_mask(pred_labels, spacing_zyx, radius_mm: float = DEFAULT_RADIUS_MM, ref
         pad = int(math.ceil(radius_mm / spacing[axis])) + 1
         lo.append(max(int(c.min()) - pad, 0))
         hi.append(min(int(c.max()) + pad + 1, pred.shape[axis]))
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-
-    dist = ndimage.distance_transform_edt(~fg[box], sampling=spacing)
     out = np.zeros(pred.shape, dtype=bool)
-    out[box] = dist <= radius_mm
+    # Within the box, the transform runs on z slabs padded by the radius (in slices) on both
+    # sides: a voxel of the slab core that is within radius_mm of a foreground voxel has that
+    # voxel inside the padded slab, so each core is exact. scipy's transform holds about 50
+    # bytes per voxel (float64 index differences), so slabs keep this to tens of MB.
+    pad_z = int(math.ceil(radius_mm / spacing[0])) + 1
+    plane = (hi[1] - lo[1]) * (hi[2] - lo[2])
+    core = max(1, EDT_SLAB_VOXELS // max(1, plane) - 2 * pad_z)
+    for z0 in range(lo[0], hi[0], core):
+        z1 = min(z0 + core, hi[0])
+        a, b = max(z0 - pad_z, lo[0]), min(z1 + pad_z, hi[0])
+        box = (slice(a, b), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+        sub = fg[box]
+        if not sub.any():
+            continue
+        dist = ndimage.distance_transform_edt(~sub, sampling=spacing)
+        out[z0:z1, lo[1]:hi[1], lo[2]:hi[2]] = dist[z0 - a:z1 - a] <= radius_mm
+        del dist, sub
     return out
 
 

@@ -15,6 +15,7 @@ and checkpoint hashes); another model's file is refused before any inference.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import time
 from pathlib import Path
@@ -146,10 +147,19 @@ def run(args) -> int:
 
 
 def _timed_members(predictor, case, timings: dict):
-    """Yield each member's probabilities; record per-member and total inference seconds."""
+    """Yield each member's probabilities; record per-member and total inference seconds.
+
+    No reference to a yielded member is kept while the next one is predicted (so only one
+    member's probabilities exist at a time), and the preprocessed image is dropped once the
+    last member is done (the maps that follow do not need it)."""
     per_member = []
     for pred in predictor.iter_members(case, progress=(0.0, 0.6)):
         per_member.append(round(pred.seconds, 4))
         timings["members_s"] = per_member
         timings["inference_s"] = round(sum(per_member), 4)
-        yield pred.probabilities
+        probs = pred.probabilities
+        del pred
+        yield probs
+        del probs
+    case.data = None
+    gc.collect()

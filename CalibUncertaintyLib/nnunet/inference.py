@@ -402,7 +402,10 @@ class EnsemblePredictor:
     def iter_probabilities(self, case: PreparedCase, progress=(0.0, 1.0)) -> Iterator[np.ndarray]:
         """Just the probability volumes, for ``pipeline.case.process_case(members=...)``."""
         for pred in self.iter_members(case, progress=progress):
-            yield pred.probabilities
+            probs = pred.probabilities
+            del pred  # hold no member while the next one is predicted
+            yield probs
+            del probs
 
     @property
     def device_name(self) -> str:

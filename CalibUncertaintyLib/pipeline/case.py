@@ -37,7 +37,7 @@ from ..io.atomic import write_json
 from ..io.geometry import Geometry
 from ..io.images import write_image
 from ..progress import emit_progress
-from .ensemble import accumulate, calibrated_probs, case_maps, resolve_mode
+from .ensemble import accumulate, calibrated_probs, case_maps, maps_need_probs, resolve_mode
 
 log = logging.getLogger(__name__)
 
@@ -184,45 +184,14 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
                      "and ROI statistics are undefined")
     timings["calibrate_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    emit_progress("maps", 0.7, case=case_id)
-    map_info: dict = {}
-    maps = case_maps(acc, probs, geometry, calibration, mode, names=list(names), dae_sigma_mm=opts.dae_sigma_mm,
-                     ebcu_radius_mm=opts.ebcu_radius_mm, roi=roi, info=map_info)
-    timings["maps_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    emit_progress("regions", 0.8, case=case_id)
-    calibrated_thresholds = calibration.thresholds if calibration is not None else None
-    thresholds = {}
-    for name in names:
-        entry = threshold_entry(name, calibrated_thresholds)
-        thresholds[name] = map_threshold_info(name, entry, threshold_for_case(entry, maps[name], roi))
-    rmap = opts.regions_map
-    r_info = thresholds[rmap]
-    calibrated_here = calibration is not None and rmap in (calibration.thresholds or {})
-    source = (f"calibration file {Path(calibration.source_path).name}" if calibrated_here and calibration.source_path
-              else "calibration file" if calibrated_here else "default (calibration.thresholds.DEFAULT_THRESHOLDS)")
-    roi_doc = {"rule": "prediction", "radius_mm": radius, "n_voxels": int(roi.sum()),
-               "description": describe_roi("prediction", radius)}
-    if r_info["tau_score"] is None:  # quantile threshold on an empty ROI: nothing to flag
-        regions = []
-    else:
-        regions = find_regions(uncertainty_score(rmap, maps[rmap]), r_info["tau_score"], roi, seg, geometry,
-                               class_names=class_names, min_volume_mm3=opts.min_region_mm3)
-    regions_doc = regions_to_dict(regions, case=case_id, map_name=rmap, threshold=r_info["tau_abs"] or 0.0,
-                                  threshold_source=source, roi=roi_doc, class_names=class_names)
-    regions_doc.update(threshold=r_info["tau_abs"], threshold_kind=r_info["kind"], flag=r_info["flag"],
-                       score=r_info["score"], threshold_score=r_info["tau_score"],
-                       min_region_mm3=opts.min_region_mm3)
-    timings["regions_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    emit_progress("write", 0.85, case=case_id)
+    # The segmentation and the calibrated probabilities are written first, so that the
+    # probability volume is freed before the maps are computed (lower peak memory); the folder
+    # is still only renamed into place once complete.
     if partial.exists():  # left by a run that was killed
         shutil.rmtree(partial)
     try:
         partial.mkdir(parents=True)
+        t = time.perf_counter()
         files = ["seg.nii.gz"]
         write_image(partial / "seg.nii.gz", seg.astype(np.uint8), geometry)
         used = set()
@@ -233,12 +202,51 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
             used.add(fname)
             write_image(partial / fname, probs[c].astype(np.float32), geometry)
             files.append(fname)
+        if not maps_need_probs(calibration, mode):
+            probs = None
+        write_early_s = time.perf_counter() - t
+
+        t = time.perf_counter()
+        emit_progress("maps", 0.7, case=case_id)
+        map_info: dict = {}
+        maps = case_maps(acc, probs, geometry, calibration, mode, names=list(names), dae_sigma_mm=opts.dae_sigma_mm,
+                         ebcu_radius_mm=opts.ebcu_radius_mm, roi=roi, info=map_info, release_sums=True)
+        timings["maps_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        emit_progress("regions", 0.8, case=case_id)
+        calibrated_thresholds = calibration.thresholds if calibration is not None else None
+        thresholds = {}
+        for name in names:
+            entry = threshold_entry(name, calibrated_thresholds)
+            thresholds[name] = map_threshold_info(name, entry, threshold_for_case(entry, maps[name], roi))
+        rmap = opts.regions_map
+        r_info = thresholds[rmap]
+        calibrated_here = calibration is not None and rmap in (calibration.thresholds or {})
+        source = (f"calibration file {Path(calibration.source_path).name}" if calibrated_here and calibration.source_path
+                  else "calibration file" if calibrated_here else "default (calibration.thresholds.DEFAULT_THRESHOLDS)")
+        roi_doc = {"rule": "prediction", "radius_mm": radius, "n_voxels": int(roi.sum()),
+                   "description": describe_roi("prediction", radius)}
+        if r_info["tau_score"] is None:  # quantile threshold on an empty ROI: nothing to flag
+            regions = []
+        else:
+            regions = find_regions(uncertainty_score(rmap, maps[rmap]), r_info["tau_score"], roi, seg, geometry,
+                                   class_names=class_names, min_volume_mm3=opts.min_region_mm3)
+        regions_doc = regions_to_dict(regions, case=case_id, map_name=rmap, threshold=r_info["tau_abs"] or 0.0,
+                                      threshold_source=source, roi=roi_doc, class_names=class_names)
+        regions_doc.update(threshold=r_info["tau_abs"], threshold_kind=r_info["kind"], flag=r_info["flag"],
+                           score=r_info["score"], threshold_score=r_info["tau_score"],
+                           min_region_mm3=opts.min_region_mm3)
+        timings["regions_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        emit_progress("write", 0.85, case=case_id)
         for name in names:
             write_image(partial / f"map_{name}.nii.gz", maps[name].astype(np.float32), geometry)
             files.append(f"map_{name}.nii.gz")
         write_json(partial / "regions.json", regions_doc)
         files += ["regions.json", "summary.json"]
-        timings["write_s"] = time.perf_counter() - t
+        timings["write_s"] = time.perf_counter() - t + write_early_s
         timings["total_s"] = time.perf_counter() - t0
         voxel_mm3 = geometry.voxel_volume_mm3
         summary = {

@@ -93,17 +93,25 @@ def calibrated_probs(acc, calibration, ensemble_mode: str) -> np.ndarray:
     return np.asarray(calibration.transform_probs(acc.mean_probs()), dtype=np.float32)
 
 
+def maps_need_probs(calibration, ensemble_mode: str) -> bool:
+    """True when ``case_maps`` reads the calibrated probability it is given: vector scaling
+    pooled first (its calibrated p̄ is not a temperature of p̄). Otherwise it may be None."""
+    return calibration is not None and ensemble_mode != "per_member" and calibration.method != "temperature"
+
+
 def case_maps(acc, probs: np.ndarray, geometry, calibration, ensemble_mode: str, names=None,
               dae_sigma_mm: float = 2.0, ebcu_radius_mm: float = 4.0, roi=None,
-              info: dict | None = None) -> dict:
+              info: dict | None = None, release_sums: bool = False) -> dict:
     """All requested maps of one case with the calibration applied (``uncertainty.maps.compute_maps``).
 
-    ``probs`` is the calibrated ensemble probability (``calibrated_probs``); ``roi`` the case's
+    ``probs`` is the calibrated ensemble probability (``calibrated_probs``; only read when
+    ``maps_need_probs``, else it may be None); ``roi`` the case's
     ROI (used for the EBCU threshold when the calibration file holds none). With temperature
     scaling compute_maps applies T itself. With vector scaling (whose calibrated p̄ is not a
     temperature of p̄) the maps of the calibrated probability — confidence, entropy,
     entropy_norm, DAE, EBCU — are recomputed from ``probs`` with the same library functions,
-    so every mode yields maps of the probability that is written out.
+    so every mode yields maps of the probability that is written out. ``release_sums``: let
+    compute_maps free the accumulator's sums once read (``acc`` is unusable for maps afterwards).
     """
     from ..uncertainty import measures
     from ..uncertainty.distance_aware import distance_aware_entropy
@@ -114,9 +122,8 @@ def case_maps(acc, probs: np.ndarray, geometry, calibration, ensemble_mode: str,
     info = {} if info is None else info
     maps = compute_maps(acc, geometry, temperature=maps_temperature(calibration, ensemble_mode), names=names,
                         dae_sigma_mm=dae_sigma_mm, ebcu_radius_mm=ebcu_radius_mm, ebcu_threshold=ebcu_t,
-                        roi=roi, info=info)
-    vector = calibration is not None and ensemble_mode != "per_member" and calibration.method != "temperature"
-    if vector:
+                        roi=roi, info=info, release_sums=release_sums)
+    if maps_need_probs(calibration, ensemble_mode):
         h = measures.entropy(probs)
         seg = segmentation(probs)
         if "confidence" in maps:

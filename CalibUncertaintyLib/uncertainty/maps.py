@@ -16,7 +16,8 @@ the 15 mm prediction-derived ROI of ``calibration.roi.roi_mask``; with an empty 
 prediction) the quantile is taken over the whole image and a warning says so.
 
 Everything that reads the members' sums runs slab by slab along z, so the only full-size
-arrays are the requested maps, the label volume and, for DAE/EBCU, one entropy volume.
+arrays are the requested maps, the label volume and, for DAE/EBCU, one entropy volume
+(and, unless ``release_sums`` frees them first, the accumulator's sums).
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ def _resolve_roi(roi, seg, spacing_zyx, shape):
 
 def compute_maps(acc: EnsembleAccumulator, geometry, temperature: float | None = None, names=None,
                  dae_sigma_mm: float = DEFAULT_SIGMA_MM, ebcu_radius_mm: float = DEFAULT_RADIUS_MM,
-                 ebcu_threshold: float | None = None, roi=None, info: dict | None = None) -> dict:
+                 ebcu_threshold: float | None = None, roi=None, info: dict | None = None,
+                 release_sums: bool = False) -> dict:
     """Compute the requested maps (default: all of ``MAP_NAMES``) -> {name: float32 (z, y, x)}.
 
     ``acc``: an ``EnsembleAccumulator`` with >= 1 member; ``geometry``: the image's
@@ -143,6 +145,8 @@ def compute_maps(acc: EnsembleAccumulator, geometry, temperature: float | None =
     ``ebcu_radius_mm``: r of EBCU; ``ebcu_threshold``: t of EBCU (None: 0.95 quantile of PE in
     ``roi``, see module doc). ``info``: optional dict filled with the EBCU threshold used
     (``ebcu_threshold``, ``ebcu_threshold_source``), ``temperature`` and ``n_members``.
+    ``release_sums``: free the accumulator's sums (``acc.release()``) as soon as the slab pass
+    has read them, before DAE and EBCU, to lower peak memory (the caller must not need them).
     """
     if not isinstance(acc, EnsembleAccumulator):
         raise InputError(f"compute_maps needs an EnsembleAccumulator, got {type(acc).__name__}")
@@ -195,6 +199,8 @@ def compute_maps(acc: EnsembleAccumulator, geometry, temperature: float | None =
         if "vote_disagreement" in out:
             out["vote_disagreement"][sl] = measures.vote_disagreement_slab(acc, sl)
 
+    if release_sums:
+        acc.release()
     spacing = geometry.spacing_zyx
     if "dae" in wanted:
         out["dae"] = distance_aware_entropy(h_all, seg, spacing, sigma_mm=dae_sigma_mm,

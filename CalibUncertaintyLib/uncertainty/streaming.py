@@ -97,6 +97,7 @@ class EnsembleAccumulator:
         self._fg_m2 = np.zeros(shape, dtype=np.float32)
         self._fg_votes = np.zeros(shape, dtype=np.uint16)
         self._single_member_noted = False
+        self._released = False
 
     # --- read access -------------------------------------------------------------------
     @property
@@ -107,38 +108,62 @@ class EnsembleAccumulator:
     @property
     def sum_probs(self) -> np.ndarray:
         """Σ_m p_m, (K, z, y, x) float32 (read-only view)."""
+        self._require_sums("sum_probs")
         return _readonly(self._sum_p)
 
     @property
     def sum_log_probs(self) -> np.ndarray:
         """Σ_m log max(p_m, EPS), (K, z, y, x) float32 (read-only view)."""
+        self._require_sums("sum_log_probs")
         return _readonly(self._sum_logp)
 
     @property
     def sum_entropy(self) -> np.ndarray:
         """Σ_m H(p_m), (z, y, x) float32 (read-only view)."""
+        self._require_sums("sum_entropy")
         return _readonly(self._sum_h)
 
     @property
     def fg_sq_dev(self) -> np.ndarray:
         """Σ_m (p_fg,m − mean_m p_fg,m)², (z, y, x) float32, Welford form (read-only view)."""
+        self._require_sums("fg_sq_dev")
         return _readonly(self._fg_m2)
 
     @property
     def fg_votes(self) -> np.ndarray:
         """Number of members whose argmax is a foreground class, (z, y, x) uint16 (read-only)."""
+        self._require_sums("fg_votes")
         return _readonly(self._fg_votes)
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the running sums (independent of the number of members)."""
-        return sum(a.nbytes for a in (self._sum_p, self._sum_logp, self._sum_h, self._fg_m2, self._fg_votes))
+        return sum(a.nbytes for a in (self._sum_p, self._sum_logp, self._sum_h, self._fg_m2, self._fg_votes)
+                   if a is not None)
 
     def slabs(self):
         """The z slabs this accumulator processes at a time (see ``z_slabs``)."""
         return z_slabs(self.shape_zyx, self.slab_voxels)
 
+    def release(self) -> None:
+        """Free the running sums (for callers that have read everything they need, e.g.
+        ``compute_maps(..., release_sums=True)``); ``n_members``, ``n_classes`` and
+        ``shape_zyx`` stay valid, any later read or ``add`` raises InputError."""
+        self._sum_p = self._sum_logp = self._sum_h = self._fg_m2 = self._fg_votes = None
+        self._released = True
+
+    @property
+    def released(self) -> bool:
+        """True after ``release()``."""
+        return self._released
+
+    def _require_sums(self, what: str) -> None:
+        if self.released:
+            raise InputError(f"{what}: this accumulator's sums were released (release()); "
+                             "read them before releasing")
+
     def require_members(self, what: str = "this") -> None:
+        self._require_sums(what)
         if self._n == 0:
             raise InputError(f"no ensemble member has been added yet: {what} needs at least one "
                              "member (call add(probs) first)")
@@ -170,6 +195,7 @@ class EnsembleAccumulator:
         a negative probability or a voxel whose class sum is off by more than SUM_TOLERANCE;
         the message names the member (``name`` if given, else its position) and the voxel.
         """
+        self._require_sums("add()")
         member = f"member {name!r}" if name is not None else f"member {self._n + 1} (the {_ordinal(self._n + 1)} added)"
         arr = np.asarray(probs)
         expected = (self.n_classes,) + self.shape_zyx

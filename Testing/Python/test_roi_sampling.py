@@ -130,3 +130,24 @@ def test_sampling_minimum_for_rare_class_and_errors():
     assert counts[0] > counts[1] > counts[2]
     with pytest.raises(InputError, match="max_voxels"):
         stratified_sample_indices(labels, max_voxels=0)
+
+
+def test_roi_computed_in_slabs_equals_the_whole_volume(monkeypatch):
+    """The ROI distance transform runs on z slabs padded by the radius to bound memory: with slabs
+    forced to a few planes the mask must equal the one-piece computation on anisotropic grids."""
+    import numpy as np
+
+    from CalibUncertaintyLib.calibration import roi as roi_module
+
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        labels = np.zeros((40, 24, 20), np.uint8)
+        for _ in range(3):
+            z, y, x = rng.integers(0, (40, 24, 20))
+            labels[max(z - 2, 0):z + 2, max(y - 2, 0):y + 2, max(x - 2, 0):x + 2] = rng.integers(1, 3)
+        spacing = tuple(rng.uniform(0.6, 3.0, 3))
+        whole = roi_module.roi_mask(labels, spacing, radius_mm=6.0)
+        monkeypatch.setattr(roi_module, "EDT_SLAB_VOXELS", 24 * 20 * 9)
+        sliced = roi_module.roi_mask(labels, spacing, radius_mm=6.0)
+        monkeypatch.setattr(roi_module, "EDT_SLAB_VOXELS", 1 << 19)
+        np.testing.assert_array_equal(whole, sliced)

@@ -183,3 +183,20 @@ def test_real_openkbp_labels(openkbp_dir):
     assert (dae <= h + 1e-7).all()
     assert (maps["mutual_information"] <= maps["epkl"]).all()
     assert maps["mutual_information"].max() > 0.01
+
+
+def test_release_sums_gives_the_same_maps_and_frees_the_accumulator():
+    """``release_sums=True`` (what predict uses to lower peak memory) changes no map, and the
+    released accumulator refuses to be read or extended instead of returning stale numbers."""
+    members = blob_members()
+    g = Geometry(members[0].shape[1:], (1.2, 0.9, 2.0))
+    kept = compute_maps(make_acc(members), g)
+    acc = make_acc(members)
+    freed = compute_maps(acc, g, release_sums=True)
+    for name in MAP_NAMES:
+        np.testing.assert_array_equal(kept[name], freed[name], err_msg=name)
+    assert acc.released and acc.n_members == len(members)
+    with pytest.raises(InputError, match="released"):
+        acc.mean_probs()
+    with pytest.raises(InputError, match="released"):
+        acc.add(members[0])
