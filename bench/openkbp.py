@@ -71,6 +71,15 @@ STEPS = ".steps"
 # ----------------------------------------------------------------------------------------------
 # options
 # ----------------------------------------------------------------------------------------------
+def _display_path(path: Path) -> str:
+    """``path`` relative to the repository's parent (``../shared/...``) when it lies there, so the
+    report names no machine-specific absolute path."""
+    try:
+        return str(Path("..") / Path(path).resolve().relative_to(REPO.parent.resolve()))
+    except ValueError:
+        return str(path)
+
+
 def default_data() -> Path:
     """``<repo>/../shared/data/openkbp`` (``$CALIBU_SHARED/data/openkbp`` when that is set)."""
     return Path(os.environ.get("CALIBU_SHARED", REPO.parent / "shared")) / "data" / "openkbp"
@@ -303,7 +312,7 @@ def main(argv=None) -> int:
                     "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
                     "torch_threads": args.threads, "load_average_at_end": list(os.getloadavg())},
         "steps_run": steps.ran, "steps_reused": steps.reused, "step_seconds": steps.seconds,
-        "workdir": str(root), "data": str(source), "split": split,
+        "workdir": str(root), "data": _display_path(source), "split": split,
         "plan": {**plan_kw, "target_spacing_mm": args.spacing_mm, "plans_file": str(prepared.plans_file),
                  "spacing_zyx": data.plan_spacing(prepared.plans_file)},
         "training": {"deep": deep_cfg.record(), "checkpoint": snap_cfg.record(), "records": training,
