@@ -234,6 +234,16 @@ def add_roi_options(parser: argparse.ArgumentParser) -> None:
                         "(research evaluation only)")
 
 
+def add_apply_calibration_options(parser: argparse.ArgumentParser, whose_model: str) -> None:
+    """--calibration and --ensemble-mode of the commands that apply a calibration file (maps, predict)."""
+    parser.add_argument("--calibration", metavar="FILE",
+                        help=f"calibration file from 'fit-temperature' fitted on {whose_model} (default: none, "
+                             "uncalibrated outputs and the default thresholds)")
+    parser.add_argument("--ensemble-mode", choices=ENSEMBLE_MODES, default=None,
+                        help="how to combine members (default: the calibration file's mode, else "
+                             "pool_then_calibrate)")
+
+
 def add_map_options(parser: argparse.ArgumentParser) -> None:
     from ..uncertainty.maps import MAP_NAMES
 

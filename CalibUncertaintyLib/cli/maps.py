@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import ENSEMBLE_MODES, add_map_options, add_member_options, add_output_option, progress_bar, say
+from .common import add_apply_calibration_options, add_map_options, add_member_options, add_output_option, progress_bar, say
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -21,12 +21,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "probabilities, a segmentation, all uncertainty maps and ranked error regions per "
                     "case, written as NIfTI files on the image grid plus regions.json and summary.json.")
     add_member_options(p, images_required=False, labels="none")
-    p.add_argument("--calibration", metavar="FILE",
-                   help="calibration file from 'fit-temperature' (default: none, uncalibrated outputs "
-                        "and the default thresholds); it must come from these members' model")
-    p.add_argument("--ensemble-mode", choices=ENSEMBLE_MODES, default=None,
-                   help="how to combine members (default: the calibration file's mode, else "
-                        "pool_then_calibrate)")
+    add_apply_calibration_options(p, "these members' model")
     add_map_options(p)
     add_output_option(p, "output folder; one sub-folder per case")
     p.set_defaults(func=run)

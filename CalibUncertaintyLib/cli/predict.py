@@ -20,7 +20,7 @@ import logging
 import time
 from pathlib import Path
 
-from .common import ENSEMBLE_MODES, add_map_options, add_output_option, progress_bar, say
+from .common import add_apply_calibration_options, add_map_options, add_output_option, progress_bar, say
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="nnU-Net's mirroring test-time augmentation (default on; --no-tta is up to 8x faster)")
     g.add_argument("--step-size", type=_step_size, default=0.5, metavar="F",
                    help="sliding-window step as a fraction of the patch size (nnU-Net default 0.5)")
-    p.add_argument("--calibration", metavar="FILE",
-                   help="calibration file from 'fit-temperature' fitted on THIS model (default: none, "
-                        "uncalibrated outputs and the default thresholds)")
-    p.add_argument("--ensemble-mode", choices=ENSEMBLE_MODES, default=None,
-                   help="how to combine members (default: the calibration file's mode, else "
-                        "pool_then_calibrate)")
+    add_apply_calibration_options(p, "THIS model")
     add_map_options(p)
     add_output_option(p, "output folder; one sub-folder per case")
     p.set_defaults(func=run)

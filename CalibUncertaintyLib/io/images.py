@@ -44,6 +44,32 @@ def read_image(path: str | os.PathLike, dtype=None) -> tuple[np.ndarray, Geometr
     return arr, geometry_of(img)
 
 
+def read_header_geometry(path: str | os.PathLike) -> Geometry:
+    """Geometry of a 3-D single-channel image from its header only (no voxel data read).
+
+    Raises InputError for a missing or unreadable file, a 2-D or 4-D image, or a multi-component
+    image (each channel must be its own file)."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image not found: {path}")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise InputError(f"could not read image {path}: {str(e).strip().splitlines()[-1]}") from e
+    if reader.GetDimension() != 3:
+        raise InputError(f"{path.name}: expected a 3-D image, got {reader.GetDimension()}-D "
+                         f"(size {reader.GetSize()})")
+    if reader.GetNumberOfComponents() != 1:
+        raise InputError(f"{path.name}: expected one component per voxel, got {reader.GetNumberOfComponents()}; "
+                         "give each channel as its own file <case>_0000, <case>_0001, ...")
+    return Geometry(tuple(reversed(reader.GetSize())), reader.GetSpacing(), reader.GetOrigin(),
+                    reader.GetDirection())
+
+
 def to_sitk(array: np.ndarray, geometry: Geometry):
     import SimpleITK as sitk
 

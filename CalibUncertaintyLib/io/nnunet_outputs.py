@@ -29,6 +29,7 @@ import numpy as np
 from ..errors import GeometryMismatchError, InputError
 from .atomic import atomic_path
 from .geometry import Geometry
+from .images import read_header_geometry
 
 log = logging.getLogger(__name__)
 
@@ -304,25 +305,6 @@ def list_label_cases(labels_dir: str | os.PathLike) -> dict[str, Path]:
     if not out:
         raise InputError(f"labels folder {labels_dir} holds no <case>.nii.gz files")
     return out
-
-
-def read_header_geometry(path: str | os.PathLike) -> Geometry:
-    """Geometry of an image file from its header only (no voxel data read)."""
-    import SimpleITK as sitk
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"image not found: {path}")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as e:
-        raise InputError(f"could not read image header {path}: {str(e).strip().splitlines()[-1]}") from e
-    if reader.GetDimension() != 3:
-        raise InputError(f"{path.name}: expected a 3-D image, got {reader.GetDimension()}-D")
-    return Geometry(tuple(reversed(reader.GetSize())), reader.GetSpacing(), reader.GetOrigin(),
-                    reader.GetDirection())
 
 
 # --------------------------------------------------------------------------------------------

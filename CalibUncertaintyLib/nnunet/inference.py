@@ -142,23 +142,11 @@ def check_input_files(files: Sequence[Path]) -> Geometry:
 
     Raises InputError for unreadable, non-3-D or multi-component files and for channels that are
     not on the same voxel grid."""
-    import SimpleITK as sitk
+    from ..io.images import read_header_geometry
 
     geometry = None
     for f in files:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(f))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as e:
-            raise InputError(f"could not read image {f}: {str(e).strip().splitlines()[-1]}") from e
-        if reader.GetDimension() != 3:
-            raise InputError(f"{Path(f).name}: expected a 3-D image, got {reader.GetDimension()}-D "
-                             f"(size {reader.GetSize()})")
-        if reader.GetNumberOfComponents() != 1:
-            raise InputError(f"{Path(f).name}: expected one component per voxel, got {reader.GetNumberOfComponents()}; "
-                             "give each channel as its own file <case>_0000, <case>_0001, ...")
-        g = Geometry(tuple(reversed(reader.GetSize())), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
+        g = read_header_geometry(f)
         if geometry is None:
             geometry = g
         else:
