@@ -19,12 +19,11 @@ import math
 import numpy as np
 from scipy import ndimage
 
+from .. import memory
 from ..errors import InputError
 
 ROI_RULES = ("prediction", "gt_union_prediction")
 DEFAULT_RADIUS_MM = 15.0
-EDT_SLAB_VOXELS = 1 << 19
-"""Voxels per padded z slab of the ROI distance transform (about 25 MB of scipy temporaries)."""
 
 
 def describe_roi(rule: str, radius_mm: float) -> str:
@@ -48,10 +47,11 @@ def roi_mask(pred_labels, spacing_zyx, radius_mm: float = DEFAULT_RADIUS_MM, ref
     When the foreground the rule uses is empty an ``InputError`` is raised, unless
     ``allow_empty=True``, which returns an all-False mask.
 
-    The distance transform runs only on the foreground's bounding box padded by the radius
-    (in voxels per axis): every voxel outside it is farther than ``radius_mm`` along one axis
-    alone, so the result is exact and large volumes stay cheap. Inside that box the transform
-    runs on z slabs padded by the radius (exact for the same reason), which bounds its memory.
+    Distances are Euclidean between voxel centres in mm, exact. They are only computed on the
+    foreground's bounding box padded by the radius (in voxels per axis): every voxel outside it
+    is farther than ``radius_mm`` along one axis alone. Inside the box they come from in-plane
+    distance transforms combined across the slices within reach (see the code), so memory stays
+    a few planes whatever the volume.
     """
     _check_rule(rule)
     pred = np.asarray(pred_labels)
@@ -80,30 +80,36 @@ def roi_mask(pred_labels, spacing_zyx, radius_mm: float = DEFAULT_RADIUS_MM, ref
                          f"{radius_mm:g} mm ROI is empty; check the prediction or pass allow_empty=True")
 
     # Bounding box of the foreground padded by the radius in voxels per axis.
-    coords = np.nonzero(fg)
     lo, hi = [], []
-    for axis, c in enumerate(coords):
+    for axis in range(3):
+        c = np.flatnonzero(fg.any(axis=tuple(a for a in range(3) if a != axis)))
         pad = int(math.ceil(radius_mm / spacing[axis])) + 1
-        lo.append(max(int(c.min()) - pad, 0))
-        hi.append(min(int(c.max()) + pad + 1, pred.shape[axis]))
-    out = np.zeros(pred.shape, dtype=bool)
-    # Within the box, the transform runs on z slabs padded by the radius (in slices) on both
-    # sides: a voxel of the slab core that is within radius_mm of a foreground voxel has that
-    # voxel inside the padded slab, so each core is exact. scipy's transform holds about 50
-    # bytes per voxel (float64 index differences), so slabs keep this to tens of MB.
-    pad_z = int(math.ceil(radius_mm / spacing[0])) + 1
-    plane = (hi[1] - lo[1]) * (hi[2] - lo[2])
-    core = max(1, EDT_SLAB_VOXELS // max(1, plane) - 2 * pad_z)
-    for z0 in range(lo[0], hi[0], core):
-        z1 = min(z0 + core, hi[0])
-        a, b = max(z0 - pad_z, lo[0]), min(z1 + pad_z, hi[0])
-        box = (slice(a, b), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
-        sub = fg[box]
-        if not sub.any():
-            continue
-        dist = ndimage.distance_transform_edt(~sub, sampling=spacing)
-        out[z0:z1, lo[1]:hi[1], lo[2]:hi[2]] = dist[z0 - a:z1 - a] <= radius_mm
-        del dist, sub
+        lo.append(max(int(c[0]) - pad, 0))
+        hi.append(min(int(c[-1]) + pad + 1, pred.shape[axis]))
+    out = memory.zeros(pred.shape, bool)
+    # Exact distances from 2-D transforms, one slice at a time: the squared distance (mm²) from
+    # a voxel of slice z to the foreground is the minimum over slices z' of ((z − z')·s_z)² + d_z'²,
+    # with d_z' the in-plane distance to the foreground of slice z' (scipy's 2-D transform, exact
+    # inside the box because the box holds all the foreground). Only slices with |z − z'|·s_z <= R
+    # can reach, so ROI(z) = OR over them of d_z' <= sqrt(R² − ((z − z')·s_z)²). Memory: one
+    # plane's transform per reachable slice, never a 3-D transform.
+    rows, cols = slice(lo[1], hi[1]), slice(lo[2], hi[2])
+    reach = int(math.floor(radius_mm / spacing[0]))
+    has_fg = fg[:, rows, cols].any(axis=(1, 2))
+    planes: dict[int, np.ndarray] = {}
+    for z in range(lo[0], hi[0]):
+        near = [zp for zp in range(max(z - reach, 0), min(z + reach + 1, pred.shape[0])) if has_fg[zp]]
+        for zp in near:
+            if zp not in planes:
+                planes[zp] = ndimage.distance_transform_edt(~fg[zp, rows, cols], sampling=spacing[1:])
+        hit = np.zeros((hi[1] - lo[1], hi[2] - lo[2]), dtype=bool)
+        for zp in near:
+            left = radius_mm * radius_mm - ((z - zp) * spacing[0]) ** 2
+            if left >= 0:
+                hit |= planes[zp] <= math.sqrt(left)
+        out[z, rows, cols] = hit
+        for zp in [zp for zp in planes if zp <= z - reach]:
+            del planes[zp]
     return out
 
 

@@ -144,11 +144,13 @@ def run(args) -> int:
 def _timed_members(predictor, case, timings: dict):
     """Yield each member's probabilities; record per-member and total inference seconds.
 
-    No reference to a yielded member is kept while the next one is predicted (so only one
-    member's probabilities exist at a time), and the preprocessed image is dropped once the
-    last member is done (the maps that follow do not need it)."""
+    Each member comes lazily (``MemberProbabilities``: its logits, turned into probabilities
+    slab by slab as the accumulator reads them, so no member's full probability volume is ever
+    allocated). No reference to a yielded member is kept while the next one is predicted, and
+    the preprocessed image is dropped once the last member is done (the maps that follow do not
+    need it)."""
     per_member = []
-    for pred in predictor.iter_members(case, progress=(0.0, 0.6)):
+    for pred in predictor.iter_members(case, progress=(0.0, 0.6), lazy=True):
         per_member.append(round(pred.seconds, 4))
         timings["members_s"] = per_member
         timings["inference_s"] = round(sum(per_member), 4)

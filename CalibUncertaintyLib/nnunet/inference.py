@@ -8,13 +8,15 @@ members one at a time through nnU-Net's own machinery and yields each member's p
    (``DefaultPreprocessor.run_case``: transpose, crop to the non-zero box, normalise, resample to
    the plans' spacing), exactly as ``nnUNetPredictor`` does;
 2. ONE network instance is built from the plans; for member m its checkpoint's weights are loaded
-   into it and ``nnUNetPredictor.predict_sliding_window_return_logits`` gives the member's logits
-   z_m (Gaussian-weighted tiles, optional mirroring test-time augmentation, fp16 accumulation);
-3. z_m goes through nnU-Net's export path
+   into it and ``sliding_window.sliding_window_logits`` gives the member's logits z_m by nnU-Net's
+   scheme (Gaussian-weighted tiles, optional mirroring test-time augmentation, fp16
+   accumulation): the same numbers as ``nnUNetPredictor.predict_sliding_window_return_logits``;
+3. z_m goes through the steps of nnU-Net's export
    (``convert_predicted_logits_to_segmentation_with_correct_shape``): logits resampled to the
-   original spacing, softmax p_m = softmax(z_m), re-inserted into the crop box with background
-   probability 1 outside it, transposed back. p_m is (K, z, y, x) float32 on the input's exact
-   voxel grid, the layout of nnU-Net's ``--save_probabilities`` npz.
+   original spacing with the configuration's resampling function, softmax p_m = softmax(z_m),
+   re-inserted into the crop box with background probability 1 outside it, transposed back
+   (``logits_to_probabilities``, arranged to hold less memory at once). p_m is (K, z, y, x)
+   float32 on the input's exact voxel grid, the layout of nnU-Net's ``--save_probabilities`` npz.
 
 Hence a one-member run reproduces nnU-Net's probabilities and segmentation for that fold, and the
 mean of the members' logits is what ``nnUNetPredictor.predict_logits_from_preprocessed_data``
@@ -39,6 +41,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .. import memory
 from ..errors import InputError, ModelFolderError
 from ..io.geometry import Geometry
 from ..progress import emit_progress
@@ -252,14 +255,7 @@ class EnsemblePredictor:
         self._loaded = 0
         del first
 
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints a CPU note we report ourselves
-            self._predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True,
-                                              use_mirroring=self.tta, perform_everything_on_device=True,
-                                              device=self.device, verbose=False, allow_tqdm=False)
-        self._predictor.manual_initialization(self.network, self.plans_manager, self.configuration_manager, None,
-                                              self.model.dataset_json, self.trainer_name, None)
+        self.tile_step_size = float(tile_step_size)
         self._torch = torch
 
     # --- network and weights -------------------------------------------------------------
@@ -295,7 +291,6 @@ class EnsemblePredictor:
         if self._loaded != index:
             self._load_weights(_load_checkpoint(self.members[index].checkpoint), self.members[index])
             self._loaded = index
-        self._predictor.allowed_mirroring_axes = self._mirror_axes
 
     # --- reading -------------------------------------------------------------------------
     def prepare(self, files: Sequence, case_id: str | None = None) -> PreparedCase:
@@ -337,20 +332,40 @@ class EnsemblePredictor:
         as nnU-Net accumulates them)."""
         from nnunetv2.configuration import default_num_processes
 
+        from .sliding_window import sliding_window_logits
+
         self._activate(index)
         torch = self._torch
         n_threads = torch.get_num_threads()
         torch.set_num_threads(min(default_num_processes, n_threads))
         try:
-            with torch.inference_mode():
-                logits = self._predictor.predict_sliding_window_return_logits(case.data).to("cpu")
+            logits = sliding_window_logits(self.network, case.data, self.configuration_manager.patch_size,
+                                           self.n_classes, self.device, self.tile_step_size,
+                                           self._mirror_axes if self.tta else None).to("cpu")
         finally:
             torch.set_num_threads(n_threads)
         return logits
 
+    def member_probabilities(self, logits, case: PreparedCase):
+        """nnU-Net's export of one member's logits, computed slab by slab on demand: a
+        ``MemberProbabilities`` ((K, z, y, x) float32 in ``case.geometry``; ``np.asarray`` or
+        ``to_array()`` gives the volume, ``EnsembleAccumulator.add`` reads it slab by slab).
+        Falls back to nnU-Net's own export (an array) if its crop box does not fit the image."""
+        from .member_probabilities import MemberProbabilities, crop_box_fits
+
+        if not crop_box_fits(case.properties, case.geometry.shape_zyx, self.plans_manager.transpose_forward):
+            return self._nnunet_export(logits, case)
+        return MemberProbabilities(logits, self.plans_manager, self.configuration_manager, self.label_manager,
+                                   case.properties, case.geometry.shape_zyx)
+
     def logits_to_probabilities(self, logits, case: PreparedCase) -> np.ndarray:
         """nnU-Net's export: resample logits to the original spacing, softmax, reinsert into the
-        crop box (background 1 outside), transpose back -> (K, z, y, x) float32 in ``case.geometry``."""
+        crop box (background 1 outside), transpose back -> (K, z, y, x) float32 in ``case.geometry``
+        (``member_probabilities`` as one array)."""
+        probs = self.member_probabilities(logits, case)
+        return probs if isinstance(probs, np.ndarray) else probs.to_array()
+
+    def _nnunet_export(self, logits, case: PreparedCase) -> np.ndarray:
         from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
         _, probs = convert_predicted_logits_to_segmentation_with_correct_shape(
@@ -363,11 +378,13 @@ class EnsemblePredictor:
         return probs
 
     def iter_members(self, case: PreparedCase, keep_logits: bool = False,
-                     progress: tuple[float, float] | None = (0.0, 1.0)) -> Iterator[MemberPrediction]:
+                     progress: tuple[float, float] | None = (0.0, 1.0), lazy: bool = False) -> Iterator[MemberPrediction]:
         """Yield each member's prediction in turn (peak memory: one member at a time).
 
-        Emits a progress line (stage "inference", member numbered 1..M) as each member starts
-        and one when the last is done; ``progress`` maps this case onto an overall
+        ``lazy``: ``probabilities`` is a ``MemberProbabilities`` computed slab by slab when read
+        (feed it to ``EnsembleAccumulator.add`` straight away, before asking for the next member),
+        not a full array. Emits a progress line (stage "inference", member numbered 1..M) as each
+        member starts and one when the last is done; ``progress`` maps this case onto an overall
         (start, end) fraction, None to stay silent."""
         n = len(self.members)
         for i, member in enumerate(self.members):
@@ -376,10 +393,16 @@ class EnsemblePredictor:
                 emit_progress("inference", lo + (hi - lo) * i / n, case=case.case_id, member=i + 1,
                               n_members=n, message=member.name)
             t0 = time.perf_counter()
-            logits = self.member_logits(case, i)
-            probs = self.logits_to_probabilities(logits, case)
-            kept = logits.float().numpy() if keep_logits else None
-            del logits
+            kept = None
+            if keep_logits:
+                logits = self.member_logits(case, i)
+                kept = logits.float().numpy()
+                probs = self.member_probabilities(logits, case)
+                del logits
+            else:  # no reference here: resampled logits replace the sliding window's
+                probs = self.member_probabilities(self.member_logits(case, i), case)
+            if not lazy and not isinstance(probs, np.ndarray):
+                probs = probs.to_array()
             seconds = time.perf_counter() - t0
             log.info("case %s: member %d/%d (%s) in %.1f s", case.case_id, i + 1, n, member.name, seconds)
             yield MemberPrediction(i, member, probs, seconds, kept)

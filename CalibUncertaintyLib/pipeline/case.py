@@ -37,7 +37,7 @@ from ..io.atomic import write_json
 from ..io.geometry import Geometry
 from ..io.images import write_image
 from ..progress import emit_progress
-from .ensemble import accumulate, calibrated_probs, case_maps, maps_need_probs, resolve_mode
+from .ensemble import accumulate, calibrated_probs, iter_case_maps, maps_need_probs, resolve_mode
 
 log = logging.getLogger(__name__)
 
@@ -193,34 +193,49 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
         partial.mkdir(parents=True)
         t = time.perf_counter()
         files = ["seg.nii.gz"]
-        write_image(partial / "seg.nii.gz", seg.astype(np.uint8), geometry)
+        write_image(partial / "seg.nii.gz", seg.astype(np.uint8, copy=False), geometry)
         used = set()
         for c in range(1, k):
             fname = f"prob_{safe_name(class_names[c])}.nii.gz"
             if fname in used:
                 fname = f"prob_{safe_name(class_names[c])}_{c}.nii.gz"
             used.add(fname)
-            write_image(partial / fname, probs[c].astype(np.float32), geometry)
+            write_image(partial / fname, probs[c].astype(np.float32, copy=False), geometry)
             files.append(fname)
         if not maps_need_probs(calibration, mode):
             probs = None
         write_early_s = time.perf_counter() - t
 
+        # Each map is written (and its threshold and statistics taken) as soon as it is computed,
+        # then dropped; only the regions map is kept, for the connected components below.
         t = time.perf_counter()
-        emit_progress("maps", 0.7, case=case_id)
+        write_maps_s = 0.0
+        n_maps = len(names)
+        emit_progress("maps", 0.7, case=case_id, n_maps=n_maps)
         map_info: dict = {}
-        maps = case_maps(acc, probs, geometry, calibration, mode, names=list(names), dae_sigma_mm=opts.dae_sigma_mm,
-                         ebcu_radius_mm=opts.ebcu_radius_mm, roi=roi, info=map_info, release_sums=True)
-        timings["maps_s"] = time.perf_counter() - t
+        calibrated_thresholds = calibration.thresholds if calibration is not None else None
+        rmap = opts.regions_map
+        thresholds, map_stats, rmap_values = {}, {}, None
+        for i, (name, values) in enumerate(iter_case_maps(
+                acc, probs, geometry, calibration, mode, names=list(names), dae_sigma_mm=opts.dae_sigma_mm,
+                ebcu_radius_mm=opts.ebcu_radius_mm, roi=roi, info=map_info, release_sums=True, seg=seg)):
+            entry = threshold_entry(name, calibrated_thresholds)
+            thresholds[name] = map_threshold_info(name, entry, threshold_for_case(entry, values, roi))
+            map_stats[name] = _stats(values, roi)
+            tw = time.perf_counter()
+            write_image(partial / f"map_{name}.nii.gz", values.astype(np.float32, copy=False), geometry)
+            write_maps_s += time.perf_counter() - tw
+            if name == rmap:
+                rmap_values = values
+            del values
+            emit_progress("maps", 0.7 + 0.15 * (i + 1) / n_maps, case=case_id, n_maps=n_maps, message=name)
+        probs = None
+        files += [f"map_{name}.nii.gz" for name in names]
+        thresholds = {name: thresholds[name] for name in names}
+        timings["maps_s"] = time.perf_counter() - t - write_maps_s
 
         t = time.perf_counter()
-        emit_progress("regions", 0.8, case=case_id)
-        calibrated_thresholds = calibration.thresholds if calibration is not None else None
-        thresholds = {}
-        for name in names:
-            entry = threshold_entry(name, calibrated_thresholds)
-            thresholds[name] = map_threshold_info(name, entry, threshold_for_case(entry, maps[name], roi))
-        rmap = opts.regions_map
+        emit_progress("regions", 0.86, case=case_id)
         r_info = thresholds[rmap]
         calibrated_here = calibration is not None and rmap in (calibration.thresholds or {})
         source = (f"calibration file {Path(calibration.source_path).name}" if calibrated_here and calibration.source_path
@@ -230,8 +245,9 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
         if r_info["tau_score"] is None:  # quantile threshold on an empty ROI: nothing to flag
             regions = []
         else:
-            regions = find_regions(uncertainty_score(rmap, maps[rmap]), r_info["tau_score"], roi, seg, geometry,
+            regions = find_regions(uncertainty_score(rmap, rmap_values), r_info["tau_score"], roi, seg, geometry,
                                    class_names=class_names, min_volume_mm3=opts.min_region_mm3)
+        del rmap_values
         regions_doc = regions_to_dict(regions, case=case_id, map_name=rmap, threshold=r_info["tau_abs"] or 0.0,
                                       threshold_source=source, roi=roi_doc, class_names=class_names)
         regions_doc.update(threshold=r_info["tau_abs"], threshold_kind=r_info["kind"], flag=r_info["flag"],
@@ -240,13 +256,10 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
         timings["regions_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        emit_progress("write", 0.85, case=case_id)
-        for name in names:
-            write_image(partial / f"map_{name}.nii.gz", maps[name].astype(np.float32), geometry)
-            files.append(f"map_{name}.nii.gz")
+        emit_progress("write", 0.95, case=case_id)
         write_json(partial / "regions.json", regions_doc)
         files += ["regions.json", "summary.json"]
-        timings["write_s"] = time.perf_counter() - t + write_early_s
+        timings["write_s"] = time.perf_counter() - t + write_early_s + write_maps_s
         timings["total_s"] = time.perf_counter() - t0
         voxel_mm3 = geometry.voxel_volume_mm3
         summary = {
@@ -262,7 +275,7 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
             "thresholds": thresholds,
             "regions_map": rmap,
             "n_regions": len(regions_doc["regions"]),
-            "maps": {n: _stats(maps[n], roi) for n in names},
+            "maps": {n: map_stats[n] for n in names},
             "ebcu_threshold": map_info.get("ebcu_threshold"),
             "ebcu_threshold_source": map_info.get("ebcu_threshold_source"),
             "options": {kk: v for kk, v in asdict(opts).items() if kk not in ("member_names", "extra_summary")},

@@ -50,13 +50,15 @@ def accumulate(members: Iterable[np.ndarray], calibration=None, ensemble_mode: s
         raise InputError("per-member calibration is only defined for temperature scaling")
     for i, probs in enumerate(members):
         name = member_names[i] if member_names and i < len(member_names) else None
-        probs = np.asarray(probs)
+        if not hasattr(probs, "slab"):  # else computed slab by slab as the accumulator reads it
+            probs = np.asarray(probs)
         if probs.ndim != 4:
             raise InputError(f"member {name or i + 1}: probabilities must be (K, z, y, x), got {probs.shape}")
         if acc is None:
             acc = EnsembleAccumulator(probs.shape[0], probs.shape[1:])
         if scale:
-            probs = calibration.transform_probs(probs)
+            probs = (_ScaledSlabs(probs, calibration) if hasattr(probs, "slab")
+                     else calibration.transform_probs(probs))
         acc.add(probs, name=name)
         del probs
         if on_member is not None:
@@ -64,6 +66,20 @@ def accumulate(members: Iterable[np.ndarray], calibration=None, ensemble_mode: s
     if acc is None:
         raise InputError("no ensemble member given")
     return acc
+
+
+class _ScaledSlabs:
+    """A member computed slab by slab, with a calibration's temperature applied to each slab
+    (softmax(log p / T) acts on each voxel alone)."""
+
+    ndim = 4
+
+    def __init__(self, source, calibration):
+        self.source, self.calibration = source, calibration
+        self.shape, self.dtype = source.shape, np.dtype(np.float32)
+
+    def slab(self, sl: slice) -> np.ndarray:
+        return np.asarray(self.calibration.transform_probs(self.source.slab(sl)), dtype=np.float32)
 
 
 def maps_temperature(calibration, ensemble_mode: str) -> float | None:
@@ -101,44 +117,33 @@ def maps_need_probs(calibration, ensemble_mode: str) -> bool:
 
 def case_maps(acc, probs: np.ndarray, geometry, calibration, ensemble_mode: str, names=None,
               dae_sigma_mm: float = 2.0, ebcu_radius_mm: float = 4.0, roi=None,
-              info: dict | None = None, release_sums: bool = False) -> dict:
-    """All requested maps of one case with the calibration applied (``uncertainty.maps.compute_maps``).
+              info: dict | None = None, release_sums: bool = False, seg=None) -> dict:
+    """All requested maps of one case with the calibration applied, at once (``iter_case_maps``)."""
+    from ..uncertainty.maps import MAP_NAMES
+
+    maps = dict(iter_case_maps(acc, probs, geometry, calibration, ensemble_mode, names, dae_sigma_mm,
+                               ebcu_radius_mm, roi, info, release_sums, seg))
+    return {name: maps[name] for name in MAP_NAMES if name in maps}
+
+
+def iter_case_maps(acc, probs: np.ndarray, geometry, calibration, ensemble_mode: str, names=None,
+                   dae_sigma_mm: float = 2.0, ebcu_radius_mm: float = 4.0, roi=None,
+                   info: dict | None = None, release_sums: bool = False, seg=None):
+    """Yield ``(name, map)`` one at a time with the calibration applied (``uncertainty.maps.iter_maps``).
 
     ``probs`` is the calibrated ensemble probability (``calibrated_probs``; only read when
-    ``maps_need_probs``, else it may be None); ``roi`` the case's
-    ROI (used for the EBCU threshold when the calibration file holds none). With temperature
-    scaling compute_maps applies T itself. With vector scaling (whose calibrated p̄ is not a
-    temperature of p̄) the maps of the calibrated probability — confidence, entropy,
-    entropy_norm, DAE, EBCU — are recomputed from ``probs`` with the same library functions,
-    so every mode yields maps of the probability that is written out. ``release_sums``: let
-    compute_maps free the accumulator's sums once read (``acc`` is unusable for maps afterwards).
+    ``maps_need_probs``, else it may be None); ``seg`` its argmax when the caller has it;
+    ``roi`` the case's ROI (used for the EBCU threshold when the calibration file holds none).
+    With temperature scaling the maps apply T themselves. With vector scaling (whose calibrated
+    p̄ is not a temperature of p̄) the maps of the calibrated probability — confidence, entropy,
+    entropy_norm, DAE, EBCU — are maps of ``probs``, so every mode yields maps of the
+    probability that is written out. ``release_sums``: free the accumulator's sums once read
+    (``acc`` is unusable for maps afterwards).
     """
-    from ..uncertainty import measures
-    from ..uncertainty.distance_aware import distance_aware_entropy
-    from ..uncertainty.ebcu import default_threshold, ebcu
-    from ..uncertainty.maps import compute_maps, segmentation
+    from ..uncertainty.maps import iter_maps
 
     ebcu_t = calibration.ebcu_threshold if calibration is not None else None
-    info = {} if info is None else info
-    maps = compute_maps(acc, geometry, temperature=maps_temperature(calibration, ensemble_mode), names=names,
-                        dae_sigma_mm=dae_sigma_mm, ebcu_radius_mm=ebcu_radius_mm, ebcu_threshold=ebcu_t,
-                        roi=roi, info=info, release_sums=release_sums)
-    if maps_need_probs(calibration, ensemble_mode):
-        h = measures.entropy(probs)
-        seg = segmentation(probs)
-        if "confidence" in maps:
-            maps["confidence"] = measures.confidence(probs)
-        if "entropy" in maps:
-            maps["entropy"] = h
-        if "entropy_norm" in maps:
-            maps["entropy_norm"] = measures.normalised_entropy(h, probs.shape[0])
-        if "dae" in maps:
-            maps["dae"] = distance_aware_entropy(h, seg, geometry.spacing_zyx, sigma_mm=dae_sigma_mm)
-        if "ebcu" in maps:
-            if ebcu_t is None:
-                mask = roi if roi is not None and np.asarray(roi).any() else None
-                ebcu_t = default_threshold(h, mask)
-                info["ebcu_threshold_source"] = "0.95 quantile of the vector-scaled entropy in the ROI"
-            maps["ebcu"] = ebcu(h, geometry.spacing_zyx, radius_mm=ebcu_radius_mm, threshold=ebcu_t)
-            info["ebcu_threshold"] = float(ebcu_t)
-    return maps
+    return iter_maps(acc, geometry, temperature=maps_temperature(calibration, ensemble_mode), names=names,
+                     dae_sigma_mm=dae_sigma_mm, ebcu_radius_mm=ebcu_radius_mm, ebcu_threshold=ebcu_t,
+                     roi=roi, info=info, release_sums=release_sums,
+                     probs=probs if maps_need_probs(calibration, ensemble_mode) else None, seg=seg)

@@ -37,6 +37,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
+from .. import memory
 from ..errors import InputError
 from .streaming import DEFAULT_SLAB_VOXELS, z_slabs
 
@@ -113,7 +114,7 @@ def surface_distance_mm(labels, spacing_zyx, max_distance_mm: float | None = Non
     sp = check_spacing(spacing_zyx)
     if max_distance_mm is not None and not (max_distance_mm >= 0):
         raise InputError(f"max_distance_mm must be >= 0 mm or None, got {max_distance_mm!r}")
-    out = np.full(lab.shape, np.inf, dtype=np.float32)
+    out = memory.full(lab.shape, np.inf, np.float32)
     if lab.size == 0:
         return out
     counts = np.bincount(lab.ravel())

@@ -27,6 +27,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
+from .. import memory
 from ..errors import InputError
 from .distance_aware import check_spacing
 
@@ -99,7 +100,7 @@ def ebcu(u, spacing_zyx, radius_mm: float = DEFAULT_RADIUS_MM, threshold: float 
     ext = np.abs(offsets).max(axis=0)
     if not np.isfinite(u).all():
         raise InputError("the uncertainty map has non-finite values (NaN or inf); EBCU needs a finite map")
-    out = np.zeros(u.shape, dtype=np.float32)
+    out = memory.zeros(u.shape, np.float32)
 
     # excess and its padded bounding box
     nz_z = np.flatnonzero((u > t).any(axis=(1, 2)))

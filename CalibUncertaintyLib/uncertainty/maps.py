@@ -15,9 +15,10 @@ given (none stored in a calibration file) t is the 0.95 quantile of PE inside th
 the 15 mm prediction-derived ROI of ``calibration.roi.roi_mask``; with an empty ROI (empty
 prediction) the quantile is taken over the whole image and a warning says so.
 
-Everything that reads the members' sums runs slab by slab along z, so the only full-size
-arrays are the requested maps, the label volume and, for DAE/EBCU, one entropy volume
-(and, unless ``release_sums`` frees them first, the accumulator's sums).
+Everything that reads the members' sums runs slab by slab along z. ``compute_maps`` returns
+every requested map at once; ``iter_maps`` yields them one at a time, each computed
+when asked for, so a caller that writes each map and drops it holds one map besides the label
+volume, one entropy volume and, unless ``release_sums`` frees them first, the accumulator's sums.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ import math
 
 import numpy as np
 
+from .. import memory
 from ..errors import GeometryMismatchError, InputError
 from . import measures
 from .distance_aware import DEFAULT_SIGMA_MM, distance_aware_entropy
 from .ebcu import DEFAULT_QUANTILE, DEFAULT_RADIUS_MM, default_threshold, ebcu
-from .streaming import EPS, EnsembleAccumulator
+from .streaming import EPS, EnsembleAccumulator, z_slabs
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ def calibrated_mean_probs(acc: EnsembleAccumulator, temperature: float | None) -
     acc.require_members("calibrated_mean_probs()")
     if t is None:
         return acc.mean_probs()
-    out = np.empty((acc.n_classes,) + acc.shape_zyx, dtype=np.float32)
+    out = memory.empty((acc.n_classes,) + acc.shape_zyx, np.float32)
     inv = np.float32(1.0 / acc.n_members)
     for sl in acc.slabs():
         out[:, sl] = _temperature_slab(acc.sum_probs[:, sl] * inv, t)
@@ -102,7 +104,12 @@ def segmentation(probs) -> np.ndarray:
     if p.ndim < 2 or p.shape[0] < 2:
         raise InputError(f"expected class probabilities (K, z, y, x) with K >= 2, got shape {p.shape}")
     dtype = np.uint8 if p.shape[0] <= 256 else np.uint16
-    return np.argmax(p, axis=0).astype(dtype)
+    if p.ndim != 4:
+        return np.argmax(p, axis=0).astype(dtype)
+    out = memory.empty(p.shape[1:], dtype)
+    for sl in z_slabs(p.shape[1:]):  # argmax's int64 result one slab at a time
+        out[sl] = np.argmax(p[:, sl], axis=0)
+    return out
 
 
 def _check_names(names):
@@ -136,17 +143,39 @@ def _resolve_roi(roi, seg, spacing_zyx, shape):
 def compute_maps(acc: EnsembleAccumulator, geometry, temperature: float | None = None, names=None,
                  dae_sigma_mm: float = DEFAULT_SIGMA_MM, ebcu_radius_mm: float = DEFAULT_RADIUS_MM,
                  ebcu_threshold: float | None = None, roi=None, info: dict | None = None,
-                 release_sums: bool = False) -> dict:
+                 release_sums: bool = False, probs=None, seg=None) -> dict:
     """Compute the requested maps (default: all of ``MAP_NAMES``) -> {name: float32 (z, y, x)}.
+
+    Every map at once in memory; ``iter_maps`` (same arguments) yields them one at a time.
+    """
+    wanted = _check_names(names)
+    maps = dict(iter_maps(acc, geometry, temperature, wanted, dae_sigma_mm, ebcu_radius_mm, ebcu_threshold,
+                          roi, info, release_sums, probs, seg))
+    return {name: maps[name] for name in wanted}
+
+
+def iter_maps(acc: EnsembleAccumulator, geometry, temperature: float | None = None, names=None,
+              dae_sigma_mm: float = DEFAULT_SIGMA_MM, ebcu_radius_mm: float = DEFAULT_RADIUS_MM,
+              ebcu_threshold: float | None = None, roi=None, info: dict | None = None,
+              release_sums: bool = False, probs=None, seg=None):
+    """Yield ``(name, map)`` for the requested maps (default: all of ``MAP_NAMES``), in
+    ``MAP_NAMES`` order, float32 (z, y, x), each computed when it is asked for: a caller that
+    writes each map and drops it holds one map at a time, besides the entropy volume (kept for
+    DAE and EBCU) and the labels.
 
     ``acc``: an ``EnsembleAccumulator`` with >= 1 member; ``geometry``: the image's
     ``io.geometry.Geometry`` (its shape must match; its spacing gives every mm distance).
-    ``temperature``: T of pool-then-calibrate (None = uncalibrated). ``dae_sigma_mm``: σ of DAE;
-    ``ebcu_radius_mm``: r of EBCU; ``ebcu_threshold``: t of EBCU (None: 0.95 quantile of PE in
-    ``roi``, see module doc). ``info``: optional dict filled with the EBCU threshold used
+    ``temperature``: T of pool-then-calibrate (None = uncalibrated). ``probs``: a calibrated
+    ensemble probability (K, z, y, x) to describe instead of softmax(log p̄ / T) (vector
+    scaling): confidence, entropy, entropy_norm, DAE and EBCU are then maps of ``probs``, the
+    member maps still of the accumulated members. ``seg``: the labels argmax of that probability
+    when the caller has them (else computed). ``dae_sigma_mm``: σ of DAE; ``ebcu_radius_mm``: r of
+    EBCU; ``ebcu_threshold``: t of EBCU (None: 0.95 quantile of PE in ``roi``, see module doc).
+    ``info``: optional dict filled, once the generator is exhausted, with the EBCU threshold used
     (``ebcu_threshold``, ``ebcu_threshold_source``), ``temperature`` and ``n_members``.
-    ``release_sums``: free the accumulator's sums (``acc.release()``) as soon as the slab pass
-    has read them, before DAE and EBCU, to lower peak memory (the caller must not need them).
+    ``release_sums``: free the accumulator's sums (``acc.release()``) as soon as the last map that
+    reads them is done, before DAE and EBCU (the caller must not need them afterwards).
+    Arguments are checked before the first map is computed.
     """
     if not isinstance(acc, EnsembleAccumulator):
         raise InputError(f"compute_maps needs an EnsembleAccumulator, got {type(acc).__name__}")
@@ -159,52 +188,99 @@ def compute_maps(acc: EnsembleAccumulator, geometry, temperature: float | None =
     if ebcu_threshold is not None and not math.isfinite(float(ebcu_threshold)):
         raise InputError(f"ebcu_threshold must be a finite number or None, got {ebcu_threshold!r}")
     shape = acc.shape_zyx
+    k = acc.n_classes
+    if probs is not None:
+        probs = np.asarray(probs)
+        if probs.shape != (k,) + shape:
+            raise InputError(f"calibrated probabilities have shape {probs.shape}, expected {(k,) + shape}")
+    if seg is not None:
+        seg = np.asarray(seg)
+        if seg.shape != shape:
+            raise InputError(f"labels have shape {seg.shape}, expected {shape}")
+    return _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_radius_mm, ebcu_threshold,
+                      roi, info, release_sums, probs, seg)
+
+
+def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_radius_mm, ebcu_threshold,
+               roi, info, release_sums, probs, seg):
+    shape = acc.shape_zyx
     n = acc.n_members
     k = acc.n_classes
+    inv = np.float32(1.0 / n)
+    log_k = np.float32(math.log(k))
     single = (("mutual_information" in wanted or "epkl" in wanted) and acc.note_single_member())
 
-    out = {name: np.empty(shape, dtype=np.float32) for name in wanted if name not in ("dae", "ebcu")}
-    need_h = bool({"entropy", "entropy_norm", "dae", "ebcu"} & set(wanted))
-    need_seg = "dae" in wanted or ("ebcu" in wanted and ebcu_threshold is None)
-    h_all = out.get("entropy")
-    if need_h and h_all is None:
-        h_all = np.empty(shape, dtype=np.float32)
-    seg = np.empty(shape, dtype=np.uint8 if k <= 256 else np.uint16) if need_seg else None
-    log_k = np.float32(math.log(k))
-    inv = np.float32(1.0 / n)
+    def pbar_slab(sl):
+        return acc.sum_probs[:, sl] * inv
 
-    for sl in acc.slabs() if (out or need_h or need_seg) else ():
-        pbar = acc.sum_probs[:, sl] * inv
-        pcal = pbar if t_cal is None else _temperature_slab(pbar, t_cal)
-        if "confidence" in out:
-            out["confidence"][sl] = pcal.max(axis=0)
-        h = measures.entropy(pcal) if need_h else None
-        if need_h:
-            h_all[sl] = h
-        if "entropy_norm" in out:
-            out["entropy_norm"][sl] = h / log_k
-        if seg is not None:
-            seg[sl] = np.argmax(pcal, axis=0)
-        if _MEMBER_MAPS & set(out):
-            pe_raw = h if (t_cal is None and h is not None) else measures.entropy(pbar)
-            ee, mi, ep = measures.disagreement_slab(acc, sl, pbar, pe_raw, want_epkl="epkl" in out)
-            if "expected_entropy" in out:
-                out["expected_entropy"][sl] = ee
-            if "mutual_information" in out:
-                out["mutual_information"][sl] = 0.0 if single else mi
-            if "epkl" in out:
-                out["epkl"][sl] = 0.0 if single else ep
-        if "fg_variance" in out:
-            out["fg_variance"][sl] = measures.fg_variance_slab(acc, sl)
-        if "vote_disagreement" in out:
-            out["vote_disagreement"][sl] = measures.vote_disagreement_slab(acc, sl)
+    def pcal_slab(sl, pbar=None):
+        if probs is not None:
+            return np.asarray(probs[:, sl], dtype=np.float32)
+        pbar = pbar_slab(sl) if pbar is None else pbar
+        return pbar if t_cal is None else _temperature_slab(pbar, t_cal)
+
+    # 1. maps of the calibrated probability: one slab pass for the entropy (kept for DAE and
+    #    EBCU), the labels and the confidence; the normalised entropy is a rescaled entropy.
+    need_h = bool({"entropy", "entropy_norm", "dae", "ebcu"} & set(wanted))
+    need_seg = seg is None and ("dae" in wanted or ("ebcu" in wanted and ebcu_threshold is None))
+    confidence = memory.empty(shape, np.float32) if "confidence" in wanted else None
+    h_all = memory.empty(shape, np.float32) if need_h else None
+    if need_seg:
+        seg = memory.empty(shape, np.uint8 if k <= 256 else np.uint16)
+    if confidence is not None or need_h or need_seg:
+        for sl in acc.slabs():
+            pcal = pcal_slab(sl)
+            if confidence is not None:
+                confidence[sl] = pcal.max(axis=0)
+            if need_h:
+                h_all[sl] = measures.entropy(pcal)
+            if need_seg:
+                seg[sl] = np.argmax(pcal, axis=0)
+            del pcal
+    if confidence is not None:
+        yield "confidence", confidence
+        del confidence
+    if "entropy" in wanted:
+        yield "entropy", h_all
+    if "entropy_norm" in wanted:
+        out = memory.empty(shape, np.float32)
+        for sl in acc.slabs():
+            np.divide(h_all[sl], log_k, out=out[sl])
+        yield "entropy_norm", out
+        del out
+
+    # 2. maps of the members' disagreement, each in its own slab pass (one map held at a time)
+    raw_h = need_h and t_cal is None and probs is None  # h_all is then H(p̄) itself
+    for name in ("expected_entropy", "mutual_information", "epkl"):
+        if name not in wanted:
+            continue
+        out = memory.empty(shape, np.float32)
+        if single and name != "expected_entropy":
+            out.fill(0.0)
+        else:
+            for sl in acc.slabs():
+                pbar = pbar_slab(sl)
+                pe_raw = h_all[sl] if raw_h else measures.entropy(pbar)
+                ee, mi, ep = measures.disagreement_slab(acc, sl, pbar, pe_raw, want_epkl=name == "epkl")
+                out[sl] = {"expected_entropy": ee, "mutual_information": mi, "epkl": ep}[name]
+        yield name, out
+        del out
+
+    # 3. maps of the members' foreground votes and variance
+    for name, fn in (("fg_variance", measures.fg_variance_slab), ("vote_disagreement", measures.vote_disagreement_slab)):
+        if name in wanted:
+            out = memory.empty(shape, np.float32)
+            for sl in acc.slabs():
+                out[sl] = fn(acc, sl)
+            yield name, out
+            del out
 
     if release_sums:
         acc.release()
+    # 4. the spatial maps of the calibrated entropy
     spacing = geometry.spacing_zyx
     if "dae" in wanted:
-        out["dae"] = distance_aware_entropy(h_all, seg, spacing, sigma_mm=dae_sigma_mm,
-                                            slab_voxels=acc.slab_voxels)
+        yield "dae", distance_aware_entropy(h_all, seg, spacing, sigma_mm=dae_sigma_mm)
     threshold, source = None, None
     if "ebcu" in wanted:
         if ebcu_threshold is not None:
@@ -220,10 +296,11 @@ def compute_maps(acc: EnsembleAccumulator, geometry, temperature: float | None =
                 threshold = default_threshold(h_all, None, DEFAULT_QUANTILE)
                 source = f"{DEFAULT_QUANTILE:g} quantile of entropy over the whole image (empty ROI)"
             del mask
-        out["ebcu"] = ebcu(h_all, spacing, radius_mm=ebcu_radius_mm, threshold=threshold)
+        if info is not None:
+            info.update({"ebcu_threshold": threshold, "ebcu_threshold_source": source})
+        yield "ebcu", ebcu(h_all, spacing, radius_mm=ebcu_radius_mm, threshold=threshold)
     if info is not None:
         info.update({"n_members": n, "temperature": None if temperature is None else float(temperature),
                      "ebcu_threshold": threshold, "ebcu_threshold_source": source,
-                     "ebcu_radius_mm": float(ebcu_radius_mm) if "ebcu" in out else None,
-                     "dae_sigma_mm": float(dae_sigma_mm) if "dae" in out else None})
-    return {name: out[name] for name in wanted}
+                     "ebcu_radius_mm": float(ebcu_radius_mm) if "ebcu" in wanted else None,
+                     "dae_sigma_mm": float(dae_sigma_mm) if "dae" in wanted else None})

@@ -30,6 +30,7 @@ import logging
 
 import numpy as np
 
+from .. import memory
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,9 @@ EPS = 1e-12
 SUM_TOLERANCE = 1e-3
 """A member's probabilities must sum to one over the classes within this absolute tolerance."""
 
-DEFAULT_SLAB_VOXELS = 1 << 21
-"""Voxels processed at a time (about 8 MB per float32 temporary)."""
+DEFAULT_SLAB_VOXELS = 1 << 18
+"""Voxels processed at a time (about 1 MB per float32 temporary, so temporaries stay small next to
+the volumes and are reused rather than fragmenting memory)."""
 
 _NEGATIVE_TOLERANCE = 1e-6
 
@@ -91,11 +93,11 @@ class EnsembleAccumulator:
         self.shape_zyx = shape
         self.slab_voxels = int(slab_voxels)
         self._n = 0
-        self._sum_p = np.zeros((k,) + shape, dtype=np.float32)
-        self._sum_logp = np.zeros((k,) + shape, dtype=np.float32)
-        self._sum_h = np.zeros(shape, dtype=np.float32)
-        self._fg_m2 = np.zeros(shape, dtype=np.float32)
-        self._fg_votes = np.zeros(shape, dtype=np.uint16)
+        self._sum_p = memory.zeros((k,) + shape, dtype=np.float32)
+        self._sum_logp = memory.zeros((k,) + shape, dtype=np.float32)
+        self._sum_h = memory.zeros(shape, dtype=np.float32)
+        self._fg_m2 = memory.zeros(shape, dtype=np.float32)
+        self._fg_votes = memory.zeros(shape, dtype=np.uint16)
         self._single_member_noted = False
         self._released = False
 
@@ -181,7 +183,7 @@ class EnsembleAccumulator:
     def mean_probs(self) -> np.ndarray:
         """p̄ = (1/M) Σ_m p_m, (K, z, y, x) float32."""
         self.require_members("mean_probs()")
-        out = np.empty_like(self._sum_p)
+        out = memory.empty(self._sum_p.shape, np.float32)
         n = np.float32(self._n)
         for sl in self.slabs():
             np.divide(self._sum_p[:, sl], n, out=out[:, sl])
@@ -189,7 +191,9 @@ class EnsembleAccumulator:
 
     # --- accumulation ------------------------------------------------------------------
     def add(self, probs, name: str | None = None) -> None:
-        """Add one member's probabilities, (K, z, y, x), summing to one over K.
+        """Add one member's probabilities, (K, z, y, x), summing to one over K: an array, or an
+        object with ``shape``, ``dtype`` and ``slab(z_slice) -> (K, dz, y, x)`` that computes
+        them on demand (``nnunet.member_probabilities.MemberProbabilities``; it is read twice).
 
         Raises ``InputError`` (and accumulates nothing) for a wrong shape, a non-finite value,
         a negative probability or a voxel whose class sum is off by more than SUM_TOLERANCE;
@@ -197,17 +201,21 @@ class EnsembleAccumulator:
         """
         self._require_sums("add()")
         member = f"member {name!r}" if name is not None else f"member {self._n + 1} (the {_ordinal(self._n + 1)} added)"
-        arr = np.asarray(probs)
+        if hasattr(probs, "slab"):  # computed slab by slab on demand (nnunet.member_probabilities)
+            arr, read = probs, probs.slab
+        else:
+            arr = np.asarray(probs)
+            read = (lambda sl: arr[:, sl])  # noqa: E731
         expected = (self.n_classes,) + self.shape_zyx
-        if arr.shape != expected:
+        if tuple(arr.shape) != expected:
             hint = ""
-            if arr.ndim == 4 and arr.shape[1:] == self.shape_zyx:
+            if arr.ndim == 4 and tuple(arr.shape[1:]) == self.shape_zyx:
                 hint = f"; it has {arr.shape[0]} classes but the ensemble has K = {self.n_classes}"
             elif arr.ndim == 3:
                 hint = "; pass class probabilities (K, z, y, x), not a label map"
             elif arr.ndim == 4 and arr.shape[-1] == self.n_classes:
                 hint = "; classes must be the first axis (nnU-Net layout K, z, y, x)"
-            raise InputError(f"{member}: probabilities have shape {arr.shape}, expected "
+            raise InputError(f"{member}: probabilities have shape {tuple(arr.shape)}, expected "
                              f"(K, z, y, x) = {expected}{hint}")
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise InputError(f"{member}: probabilities must be a numeric array, got dtype {arr.dtype}")
@@ -215,13 +223,13 @@ class EnsembleAccumulator:
             raise InputError(f"{member}: at most {np.iinfo(np.uint16).max} members are supported")
 
         for sl in self.slabs():  # pass 1: validate everything before touching the sums
-            self._validate_slab(np.asarray(arr[:, sl], dtype=np.float32), sl, member)
+            self._validate_slab(np.asarray(read(sl), dtype=np.float32), sl, member)
 
         n_old = self._n
         inv_old = np.float32(1.0 / n_old) if n_old else None
         inv_new = np.float32(1.0 / (n_old + 1))
         for sl in self.slabs():  # pass 2: accumulate
-            p = np.asarray(arr[:, sl], dtype=np.float32)
+            p = np.asarray(read(sl), dtype=np.float32)
             h = np.zeros(p.shape[1:], dtype=np.float32)
             for c in range(self.n_classes):
                 logp = np.log(np.maximum(p[c], np.float32(EPS)))

@@ -292,3 +292,88 @@ def test_cuda_request_falls_back_to_cpu_with_a_message(tiny, model, caplog):
         pred = EnsemblePredictor(model, model.members("single"), device="cuda", tta=False)
     assert pred.device.type == "cpu"
     assert "CUDA was requested" in caplog.text and "running on the CPU" in caplog.text
+
+
+@pytest.mark.parametrize("transpose", [(0, 1, 2), (2, 0, 1)])
+def test_export_equals_nnunet_export(tmp_path, openkbp_dir, transpose):
+    """Our lower-memory export (per-channel resampling, slab softmax into the output) gives
+    nnU-Net's probabilities to the last float32 bit (the vectorised softmax may round a slab's
+    short tail differently) and its segmentation exactly, with resampling, a crop box and a
+    transposing plan."""
+    import torch
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+    from CalibUncertaintyLib.nnunet.member_probabilities import MemberProbabilities
+
+    plans = tiny_plans()
+    backward = [int(i) for i in np.argsort(transpose)]
+    plans.update(transpose_forward=list(transpose), transpose_backward=backward)
+    folder = build_tiny_model_folder(tmp_path, folds=(0,), plans=plans)
+    ct_src = sorted((openkbp_dir / "imagesTr").glob("*_0000.nii.gz"))[0]
+    image = write_test_ct(tmp_path / "t_0000.nii.gz", source_ct=ct_src, zero_border=ZERO_BORDER)
+    model = ModelFolder.open(folder)
+    pred = EnsemblePredictor(model, model.members("deep"), device="cpu", tta=False)
+    case = pred.prepare([image])
+    logits = pred.member_logits(case, 0)
+    assert tuple(logits.shape[1:]) != tuple(case.properties["shape_after_cropping_and_before_resampling"])
+    _, ref = convert_predicted_logits_to_segmentation_with_correct_shape(
+        logits.clone(), pred.plans_manager, pred.configuration_manager, pred.label_manager, case.properties,
+        return_probabilities=True)
+    ours = pred.logits_to_probabilities(logits.clone(), case)
+    assert ours.shape == ref.shape and ours.shape[1:] == case.geometry.shape_zyx
+    assert ours.flags.c_contiguous and ours.dtype == np.float32
+    # read lazily in small slabs (one z slice, then the last slab short): the same volume
+    lazy = pred.member_probabilities(logits.clone(), case)
+    assert isinstance(lazy, MemberProbabilities) and lazy.shape == ours.shape
+    plane = int(np.prod(ours.shape[2:]))
+    for slab_voxels in (plane, 5 * plane):
+        assembled = np.empty_like(ours)
+        for sl, values in lazy.slabs(slab_voxels):
+            assembled[:, sl] = values
+        np.testing.assert_array_equal(assembled, ours)
+    assert np.abs(ours - ref).max() <= 2.5e-7
+    np.testing.assert_array_equal(ours.argmax(0), ref.argmax(0))
+    assert len(np.unique(ref.argmax(0))) >= 2
+    assert np.all(ours[0, :ZERO_BORDER] == 1.0) and np.all(ours[1:, :ZERO_BORDER] == 0.0)
+    assert isinstance(logits, torch.Tensor)
+
+
+@pytest.mark.parametrize("step, shape_zyx", [(0.5, None), (0.7, None), (0.5, (10, 20, 50))])
+def test_sliding_window_equals_nnunet_bit_for_bit(tiny, model, deep_predictions, tmp_path, openkbp_dir,
+                                                  step, shape_zyx):
+    """Many tiles (and, for the last case, an image smaller than the patch along two axes, so
+    padded): our sliding window gives nnUNetPredictor's logits exactly."""
+    pred, case, _ = deep_predictions
+    if shape_zyx is not None:
+        ct_src = sorted((openkbp_dir / "imagesTr").glob("*_0000.nii.gz"))[0]
+        image = write_test_ct(tmp_path / "s_0000.nii.gz", source_ct=ct_src, shape_zyx=shape_zyx, zero_border=0)
+        case = pred.prepare([image])
+        assert any(n < p for n, p in zip(case.data.shape[1:], pred.configuration_manager.patch_size))
+    ours = EnsemblePredictor(model, model.members("single", folds=[1]), device="cpu", tta=False,
+                             tile_step_size=step).member_logits(case, 0)
+    ref = _nnunet_predictor(tiny["folder"], (1,), tta=False)
+    ref.tile_step_size = step
+    ref = ref.predict_logits_from_preprocessed_data(case.data)
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape
+    np.testing.assert_array_equal(ours.numpy(), ref.numpy())
+
+
+def test_inference_does_not_import_nnunet_predictor_module(tiny):
+    """nnunetv2.inference.predict_from_raw_data imports torch._dynamo and sympy (about 80 MB
+    resident); per-member prediction must not need it."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from CalibUncertaintyLib.nnunet.model_folder import ModelFolder\n"
+            "from CalibUncertaintyLib.nnunet.inference import EnsemblePredictor\n"
+            f"m = ModelFolder.open({str(tiny['folder'])!r})\n"
+            "p = EnsemblePredictor(m, m.members('single'), device='cpu', tta=True)\n"
+            f"c = p.prepare([{str(tiny['image'])!r}])\n"
+            "next(p.iter_members(c, progress=None))\n"
+            "bad = sorted(n for n in ('nnunetv2.inference.predict_from_raw_data', 'torch._dynamo', 'sympy') "
+            "if n in sys.modules)\n"
+            "print('IMPORTED', bad)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "IMPORTED []" in out.stdout

@@ -180,3 +180,45 @@ def test_pooled_reliability_tables_equal_the_table_of_all_voxels():
                           {"case": "c", "g": "x", "v": None}], group_by=("g",))
     assert agg == [{"g": "x", "n_cases": 3, "v.mean": 2.0, "v.std": pytest.approx(2 ** 0.5), "v.median": 2.0,
                     "v.min": 1.0, "v.max": 3.0, "v.n": 2}]
+
+
+class SlabSource:
+    """A member computed slab by slab on demand (the shape of nnunet.member_probabilities)."""
+
+    ndim = 4
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, array):
+        self.array, self.shape, self.reads = np.asarray(array, np.float32), np.shape(array), 0
+
+    def slab(self, sl):
+        self.reads += 1
+        return self.array[:, sl].copy()
+
+
+@pytest.mark.parametrize("mode", ["pool_then_calibrate", "per_member"])
+def test_members_computed_slab_by_slab_give_the_same_outputs(tmp_path, members, mode):
+    cal = _cal(ensemble_mode=mode)
+    opts = CaseOptions(map_names=("entropy", "epkl", "dae"), regions_map="dae")
+    sources = [SlabSource(m) for m in members]
+    a = process_case("c1", members, GEOM, tmp_path / "arrays", cal, NAMES, opts)
+    b = process_case("c1", sources, GEOM, tmp_path / "slabs", cal, NAMES, opts)
+    assert all(s.reads >= 2 for s in sources)  # validated, then accumulated
+    assert a["maps"] == b["maps"] and a["n_regions"] == b["n_regions"]
+    for name in ("prob_Cord.nii.gz", "map_epkl.nii.gz", "seg.nii.gz"):
+        np.testing.assert_array_equal(read_image(tmp_path / "arrays" / "c1" / name)[0],
+                                      read_image(tmp_path / "slabs" / "c1" / name)[0])
+
+
+def test_bad_member_computed_slab_by_slab_is_refused_before_anything_is_added(members):
+    from CalibUncertaintyLib.uncertainty.streaming import EnsembleAccumulator
+
+    acc = EnsembleAccumulator(3, GEOM.shape_zyx, slab_voxels=200)
+    acc.add(SlabSource(members[0]))
+    before = acc.sum_probs.copy()
+    bad = members[1].copy()
+    bad[:, -1, 0, 0] = np.nan  # in the last slab only
+    with pytest.raises(InputError, match="non-finite probability"):
+        acc.add(SlabSource(bad), name="lazy")
+    assert acc.n_members == 1
+    np.testing.assert_array_equal(acc.sum_probs, before)

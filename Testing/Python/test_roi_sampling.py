@@ -132,22 +132,19 @@ def test_sampling_minimum_for_rare_class_and_errors():
         stratified_sample_indices(labels, max_voxels=0)
 
 
-def test_roi_computed_in_slabs_equals_the_whole_volume(monkeypatch):
-    """The ROI distance transform runs on z slabs padded by the radius to bound memory: with slabs
-    forced to a few planes the mask must equal the one-piece computation on anisotropic grids."""
-    import numpy as np
-
-    from CalibUncertaintyLib.calibration import roi as roi_module
-
+def test_roi_from_plane_transforms_equals_3d_transform():
+    """The ROI combines 2-D transforms of the slices within reach (memory of a few planes): it must
+    equal scipy's 3-D transform on random anisotropic grids, radii and blobs (some touching the
+    volume's border, some slices without foreground)."""
     rng = np.random.default_rng(3)
-    for _ in range(5):
-        labels = np.zeros((40, 24, 20), np.uint8)
-        for _ in range(3):
-            z, y, x = rng.integers(0, (40, 24, 20))
+    for trial in range(8):
+        shape = tuple(int(n) for n in rng.integers((20, 12, 10), (45, 30, 26)))
+        labels = np.zeros(shape, np.uint8)
+        for _ in range(int(rng.integers(1, 4))):
+            z, y, x = (int(v) for v in rng.integers(0, shape))
             labels[max(z - 2, 0):z + 2, max(y - 2, 0):y + 2, max(x - 2, 0):x + 2] = rng.integers(1, 3)
-        spacing = tuple(rng.uniform(0.6, 3.0, 3))
-        whole = roi_module.roi_mask(labels, spacing, radius_mm=6.0)
-        monkeypatch.setattr(roi_module, "EDT_SLAB_VOXELS", 24 * 20 * 9)
-        sliced = roi_module.roi_mask(labels, spacing, radius_mm=6.0)
-        monkeypatch.setattr(roi_module, "EDT_SLAB_VOXELS", 1 << 19)
-        np.testing.assert_array_equal(whole, sliced)
+        spacing = tuple(float(v) for v in rng.uniform(0.6, 3.0, 3))
+        radius = float(rng.choice([0.0, 2.5, 6.0, 15.0]))
+        full = ndimage.distance_transform_edt(labels == 0, sampling=spacing) <= radius
+        np.testing.assert_array_equal(roi_mask(labels, spacing, radius_mm=radius), full,
+                                      err_msg=f"trial {trial}: shape {shape}, spacing {spacing}, radius {radius}")

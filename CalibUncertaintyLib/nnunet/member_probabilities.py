@@ -1,0 +1,126 @@
+"""One member's softmax probabilities in the input image's grid, computed slab by slab from its logits.
+
+nnU-Net's export (``convert_predicted_logits_to_segmentation_with_correct_shape`` with
+``return_probabilities=True``) turns a member's logits into the probabilities it saves with
+``--save_probabilities``: logits resampled to the original spacing with the configuration's
+``resampling_fn_probabilities``, the label manager's softmax, the result put back into the crop
+box with background probability 1 outside it, axes transposed back to the image's order.
+
+``MemberProbabilities`` does the same with less memory: the resampling runs one class channel at
+a time (nnU-Net's resampling treats channels independently, so the values are equal, but only
+one channel is ever converted to float64), and the softmax, crop re-insertion and transposition
+run for one z slab of the output at a time, when a slab is asked for. The accumulator
+(``uncertainty.streaming.EnsembleAccumulator.add``) reads members slab by slab, so a member's
+full float32 probability volume never exists in ``predict``: only its logits (float16, half that
+size, and already there). ``to_array()`` gives the whole volume for callers that keep members.
+
+Softmax acts on each voxel's K values alone, so slabs give nnU-Net's numbers; the vectorised
+kernel may round the last float32 bit of a slab's short tail differently (tests).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import memory
+from ..uncertainty.streaming import DEFAULT_SLAB_VOXELS, z_slabs
+
+
+def crop_box_fits(properties: dict, shape_zyx, transpose_forward) -> bool:
+    """True when nnU-Net's crop box (``properties``) lies inside the image of ``shape_zyx``, as
+    nnU-Net's own cropping always gives; otherwise use nnU-Net's export as it is."""
+    shape_crop = tuple(int(s) for s in properties["shape_after_cropping_and_before_resampling"])
+    internal_shape = tuple(int(shape_zyx[i]) for i in transpose_forward)
+    bbox = [[int(a), int(b)] for a, b in properties["bbox_used_for_cropping"]]
+    return (internal_shape == tuple(int(s) for s in properties["shape_before_cropping"]) and len(bbox) == 3
+            and all(0 <= a <= b <= n and b - a == m for (a, b), n, m in zip(bbox, internal_shape, shape_crop)))
+
+
+class MemberProbabilities:
+    """Probabilities (K, z, y, x) float32 of one member, computed per z slab on demand.
+
+    ``logits``: torch tensor (K, ...) in nnU-Net's transposed, cropped, preprocessed space (as the
+    sliding window returns it). ``properties``: nnU-Net's data properties of the case (spacing,
+    crop box, shapes). ``shape_zyx``: the input image's shape. Pass ``logits`` without keeping
+    another reference and they are freed as soon as they are resampled. The crop box must fit
+    (``crop_box_fits``).
+    """
+
+    ndim = 4
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, logits, plans_manager, configuration_manager, label_manager, properties: dict, shape_zyx):
+        import torch
+
+        if not crop_box_fits(properties, shape_zyx, plans_manager.transpose_forward):
+            raise ValueError("nnU-Net's crop box does not lie inside the image; use nnU-Net's export")
+        self._nonlin = label_manager.inference_nonlin
+        self._torch = torch
+        shape_crop = tuple(int(s) for s in properties["shape_after_cropping_and_before_resampling"])
+        spacing_t = [properties["spacing"][i] for i in plans_manager.transpose_forward]
+        cm = configuration_manager
+        current = cm.spacing if len(cm.spacing) == len(shape_crop) else [spacing_t[0], *cm.spacing]
+        if tuple(logits.shape[1:]) != shape_crop:
+            src = logits.numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
+            del logits
+            resampled = memory.empty((src.shape[0],) + shape_crop, src.dtype)
+            for c in range(src.shape[0]):
+                resampled[c] = cm.resampling_fn_probabilities(src[c:c + 1], shape_crop, current, spacing_t)[0]
+            del src
+            logits = torch.from_numpy(resampled)
+        elif not isinstance(logits, torch.Tensor):
+            logits = torch.from_numpy(np.asarray(logits))
+        self._logits = logits
+        self.n_classes = int(logits.shape[0])
+        self.shape = (self.n_classes,) + tuple(int(s) for s in shape_zyx)
+        self._forward = [int(i) for i in plans_manager.transpose_forward]
+        self._backward = [int(i) for i in plans_manager.transpose_backward]
+        self._bbox = [[int(a), int(b)] for a, b in properties["bbox_used_for_cropping"]]
+
+    # --- slabs ---------------------------------------------------------------------------------
+    def slab(self, sl: slice) -> np.ndarray:
+        """Probabilities of output z slices ``sl`` (step 1): (K, dz, y, x) float32."""
+        if self._logits is None:
+            raise RuntimeError("this member's logits were released")
+        z0, z1, _ = sl.indices(self.shape[1])
+        out = np.empty((self.n_classes, z1 - z0) + self.shape[2:], dtype=np.float32)
+        out[0] = 1.0
+        out[1:] = 0.0
+        # ``view``: ``out`` in nnU-Net's axis order; output z is internal axis ``axis``
+        view = out.transpose([0] + [i + 1 for i in self._forward])
+        axis = self._backward[0]
+        index = [slice(None)] * 4
+        source = [slice(None)] * 4
+        for ax, (a, b) in enumerate(self._bbox):
+            if ax == axis:
+                lo, hi = max(a, z0), min(b, z1)
+                if lo >= hi:
+                    return out  # the slab lies outside the crop box: background only
+                index[ax + 1] = slice(lo - z0, hi - z0)
+                source[ax + 1] = slice(lo - a, hi - a)
+            else:
+                index[ax + 1] = slice(a, b)
+        with self._torch.inference_mode():
+            probs = self._nonlin(self._logits[tuple(source)].float())
+            view[tuple(index)] = probs.numpy()
+        return out
+
+    def slabs(self, slab_voxels: int = DEFAULT_SLAB_VOXELS):
+        """Yield (slice, slab array) over the whole volume."""
+        for sl in z_slabs(self.shape[1:], slab_voxels):
+            yield sl, self.slab(sl)
+
+    def to_array(self) -> np.ndarray:
+        """The whole volume (K, z, y, x) float32."""
+        out = memory.empty(self.shape, np.float32)
+        for sl, values in self.slabs():
+            out[:, sl] = values
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.to_array()
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+    def release(self) -> None:
+        """Drop the logits (the object is unusable afterwards)."""
+        self._logits = None
