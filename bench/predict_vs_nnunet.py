@@ -14,7 +14,7 @@ Without ``--model`` it builds a tiny random-weight nnU-Net model folder (Testing
 and predicts a real OpenKBP CT (``--ct``; default: the first OpenKBP training CT in
 ``$CALIBU_SHARED`` or ``../shared``), linked into a temporary input folder (never copied).
 
-    python bench/predict_vs_nnunet.py [--model DIR] [--ct FILE] [--folds 0 1 2] [--no-tta] [--device cpu]
+    python bench/predict_vs_nnunet.py [--model DIR] [--ct FILE] [--folds 0 1 2] [--no-tta] [--device cpu] [--trace]
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
+    ap.add_argument("--trace", action="store_true",
+                    help="afterwards run predict once more with a per-stage memory trace (bench/_memory_trace.py; "
+                         "Linux) and print it")
     args = ap.parse_args(argv)
 
     work = Path(args.work or tempfile.mkdtemp(prefix="calibu_bench_"))
@@ -137,6 +140,16 @@ def main(argv=None) -> int:
         if timings:
             print("predict's own timings (summary.json): "
                   + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+        if args.trace:
+            trace_cmd = [sys.executable, str(REPO / "bench" / "_memory_trace.py"), *ours[1:]]
+            trace_cmd[trace_cmd.index("-o") + 1] = str(work / "out_trace")
+            out = subprocess.run(trace_cmd, env=env, capture_output=True, text=True)
+            print("memory trace of predict (MiB; the peak is since the previous line):")
+            for line in out.stderr.splitlines():
+                if line.startswith("MEMTRACE "):
+                    print("  " + line[len("MEMTRACE "):])
+            if out.returncode != 0:
+                print(out.stderr[-2000:], file=sys.stderr)
         if args.json:
             args.json.write_text(json.dumps({"rows": rows, "ratios": ratios, "timings": timings,
                                              "folds": folds, "tta": args.tta, "device": args.device,

@@ -3,7 +3,8 @@
 ``process_case`` streams the members into an ``EnsembleAccumulator`` (per-member mode: each
 member is scaled before ``add``), computes the calibrated probability (METHODS.md §2), the
 segmentation (its argmax, identical to the uncalibrated argmax for temperature scaling), every
-uncertainty map of METHODS.md §1 (``uncertainty.maps.compute_maps``), the ROI (voxels within R mm
+uncertainty map of METHODS.md §1 (``uncertainty.maps.iter_maps``: each map is written as soon as it is
+computed, then dropped), the ROI (voxels within R mm
 of the predicted foreground, R from the calibration file, default 15 mm) and the error regions
 of METHODS.md §5 (connected components of {score > τ} in the ROI for the chosen map, τ from the
 calibration file's τ* for that map, else ``calibration.thresholds.DEFAULT_THRESHOLDS``).
