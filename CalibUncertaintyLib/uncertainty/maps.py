@@ -213,10 +213,10 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
     def pbar_slab(sl):
         return acc.sum_probs[:, sl] * inv
 
-    def pcal_slab(sl, pbar=None):
+    def pcal_slab(sl):
         if probs is not None:
             return np.asarray(probs[:, sl], dtype=np.float32)
-        pbar = pbar_slab(sl) if pbar is None else pbar
+        pbar = pbar_slab(sl)
         return pbar if t_cal is None else _temperature_slab(pbar, t_cal)
 
     # 1. maps of the calibrated probability: one slab pass for the entropy (kept for DAE and
