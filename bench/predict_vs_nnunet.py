@@ -14,7 +14,7 @@ Without ``--model`` it builds a tiny random-weight nnU-Net model folder (Testing
 and predicts a real OpenKBP CT (``--ct``; default: the first OpenKBP training CT in
 ``$CALIBU_SHARED`` or ``../shared``), linked into a temporary input folder (never copied).
 
-    python bench/predict_vs_nnunet.py [--model DIR] [--ct FILE] [--folds 0 1 2] [--no-tta] [--device cpu] [--trace]
+    python bench/predict_vs_nnunet.py [--model DIR] [--ct FILE] [--folds 0 1 2] [--no-tta] [--device cpu] [--trace] [--tiny-folds N]
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", type=Path, help="nnU-Net trained model folder (default: build a tiny one)")
     ap.add_argument("--ct", type=Path, help="input CT (default: first OpenKBP training CT)")
     ap.add_argument("--folds", nargs="+", default=None, help="folds (default: all folds of the model)")
+    ap.add_argument("--tiny-folds", type=int, default=3, metavar="N",
+                    help="without --model: number of folds of the tiny random-weight model (default 3)")
     ap.add_argument("--checkpoint", default="checkpoint_final.pth")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
     ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True)
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
             sys.path.insert(0, str(REPO / "Testing" / "Python"))
             from tiny_nnunet import build_tiny_model_folder
 
-            model = build_tiny_model_folder(work / "model", folds=(0, 1, 2))
+            model = build_tiny_model_folder(work / "model", folds=tuple(range(args.tiny_folds)))
         else:
             model = args.model.resolve()
         plans = json.loads((model / "plans.json").read_text())
