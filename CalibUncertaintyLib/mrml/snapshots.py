@@ -119,12 +119,7 @@ def render_slice(scene, ras, orientation: str = "Axial", background_id: str | No
         rgb = _grab(logic)
         xy = _matrix(sn.GetXYToRAS())
     finally:
-        if logic is not None:
-            logic.SetMRMLScene(None)
-        for i in reversed(range(scene.GetNumberOfNodes())):
-            node = scene.GetNthNode(i)
-            if node is not None and node.GetID() not in before:
-                scene.RemoveNode(node)
+        _clean_up(scene, logic, before)
     return Snapshot(rgb, xy, orientation, tuple(float(v) for v in ras))
 
 
@@ -169,12 +164,7 @@ def render_view(scene, slice_node_id: str, size_px=None) -> Snapshot:
         centre = tuple(_matrix(tmp.GetSliceToRAS())[:3, 3])
         orientation = sn.GetOrientation()
     finally:
-        if logic is not None:
-            logic.SetMRMLScene(None)
-        for i in reversed(range(scene.GetNumberOfNodes())):
-            node = scene.GetNthNode(i)
-            if node is not None and node.GetID() not in before:
-                scene.RemoveNode(node)
+        _clean_up(scene, logic, before)
     return Snapshot(rgb, xy, orientation, centre)
 
 
@@ -221,3 +211,13 @@ def region_snapshots(scene, case_nodes, region_index: int, layer: str, opacity: 
     ras = regions[region_index].centroid_ras
     return [render_slice(scene, ras, o, bg, layers[layer].GetID(), opacity, size_px, fov_mm)
             for o in ORIENTATIONS]
+
+
+def _clean_up(scene, logic, before: set) -> None:
+    """Detach the temporary slice logic and remove every node added since ``before`` (node IDs)."""
+    if logic is not None:
+        logic.SetMRMLScene(None)
+    for i in reversed(range(scene.GetNumberOfNodes())):
+        node = scene.GetNthNode(i)
+        if node is not None and node.GetID() not in before:
+            scene.RemoveNode(node)

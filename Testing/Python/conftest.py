@@ -36,6 +36,18 @@ def ood_ct_path() -> Path:
     return _require(OOD_CT)
 
 
+@pytest.fixture(scope="session")
+def sample_case_files(tmp_path_factory):
+    """(CT path, case output folder) of the synthetic sample case (mrml.sample_case), shared by
+    the MRML review and snapshot tests, which only read it."""
+    from CalibUncertaintyLib.io.images import write_image
+    from CalibUncertaintyLib.mrml.sample_case import phantom_ct, write_sample_case
+
+    root = tmp_path_factory.mktemp("mrml_sample")
+    ct, geo = phantom_ct()
+    return write_image(root / "ct.nii.gz", ct, geo), write_sample_case(root / "out", geo, case_id="sample")
+
+
 # Fixtures that build tiny REAL nnU-Net models live in their own modules; import them here so
 # every test file can request them by name.
 from trained_models import *  # noqa: E402,F401,F403  (tiny_prepared_dataset, tiny_trained_model)

@@ -8,33 +8,21 @@ import numpy as np
 import pytest
 
 from CalibUncertaintyLib.errors import InputError
-from CalibUncertaintyLib.io.images import write_image
 from CalibUncertaintyLib.mrml import nodes
 from CalibUncertaintyLib.mrml.case_folder import MAP_ORDER
 from CalibUncertaintyLib.mrml.review import ReviewController
-from CalibUncertaintyLib.mrml.sample_case import phantom_ct, write_sample_case
 from CalibUncertaintyLib.mrml.slice_jump import (DEFAULT_SLICE_NODE_IDS, distance_to_plane_mm,
                                                  ensure_slice_views, jump_slices_to_ras, slice_to_ras)
+
+from sample_review import load_sample_review
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (the MRML wheel) is not installed")
 pytestmark = pytest.mark.slicer
 
 
-@pytest.fixture(scope="module")
-def case_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mrml_review")
-    ct, geo = phantom_ct()
-    ct_path = write_image(root / "ct.nii.gz", ct, geo)
-    return ct_path, write_sample_case(root / "out", geo, case_id="rev")
-
-
 @pytest.fixture()
-def loaded(case_files):
-    ct_path, case_dir = case_files
-    scene = slicer.vtkMRMLScene()
-    ct = nodes.load_volume_file(scene, ct_path)
-    case = nodes.load_case_outputs(scene, case_dir, input_volume_node=ct)
-    return scene, case, ReviewController(scene, case)
+def loaded(sample_case_files):
+    return load_sample_review(sample_case_files)
 
 
 def test_ensure_slice_views_creates_standard_views_once():
@@ -113,23 +101,23 @@ def test_foreground_opacity_and_threshold(loaded):
         ctl.set_foreground_map("nonexistent")
 
 
-def test_default_threshold_from_regions_json(loaded, case_files):
+def test_default_threshold_from_regions_json(loaded, sample_case_files):
     _scene, case, ctl = loaded
-    doc = json.loads((case_files[1] / "regions.json").read_text())
+    doc = json.loads((sample_case_files[1] / "regions.json").read_text())
     assert ctl.default_threshold(doc["map"]) == pytest.approx(doc["threshold"])
     assert ctl.threshold_source(doc["map"]) == doc["threshold_source"]
     ctl.set_foreground_map(doc["map"])
     assert case.maps[doc["map"]].GetDisplayNode().GetLowerThreshold() == pytest.approx(doc["threshold"])
-    summary = json.loads((case_files[1] / "summary.json").read_text())
+    summary = json.loads((sample_case_files[1] / "summary.json").read_text())
     assert ctl.default_threshold("entropy") == pytest.approx(summary["thresholds"]["entropy"]["tau_abs"])
     assert ctl.default_range("entropy")[0] == pytest.approx(ctl.default_threshold("entropy"))
     assert ctl.threshold_source("entropy").startswith("summary.json thresholds")
     assert "mutual" in ctl.legend(doc["map"]).text().lower()
 
 
-def test_region_navigation_moves_all_three_views(loaded, case_files):
+def test_region_navigation_moves_all_three_views(loaded, sample_case_files):
     scene, case, ctl = loaded
-    doc = json.loads((case_files[1] / "regions.json").read_text())
+    doc = json.loads((sample_case_files[1] / "regions.json").read_text())
     regions = ctl.regions()
     assert [r.rank for r in regions] == [r["rank"] for r in doc["regions"]]
     assert len(regions) >= 2
@@ -158,8 +146,8 @@ def test_region_navigation_moves_all_three_views(loaded, case_files):
         ctl.go_to_region(n)
 
 
-def test_clamped_navigation_and_no_regions(case_files, tmp_path):
-    ct_path, case_dir = case_files
+def test_clamped_navigation_and_no_regions(sample_case_files, tmp_path):
+    ct_path, case_dir = sample_case_files
     scene = slicer.vtkMRMLScene()
     case = nodes.load_case_outputs(scene, case_dir, input_volume_node=nodes.load_volume_file(scene, ct_path))
     ctl = ReviewController(scene, case, wrap=False)

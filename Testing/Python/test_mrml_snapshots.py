@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 
 from CalibUncertaintyLib.errors import InputError
-from CalibUncertaintyLib.io.images import write_image
-from CalibUncertaintyLib.mrml import colors, nodes
-from CalibUncertaintyLib.mrml.review import ReviewController
+from CalibUncertaintyLib.mrml import colors
 from CalibUncertaintyLib.mrml.review_sheet import write_review_sheet
-from CalibUncertaintyLib.mrml.sample_case import phantom_ct, write_sample_case
 from CalibUncertaintyLib.mrml.slice_jump import slice_to_ras
 from CalibUncertaintyLib.mrml.snapshots import encode_png, render_slice, render_view, write_png
+
+from sample_review import load_sample_review
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (the MRML wheel) is not installed")
 pytestmark = pytest.mark.slicer
@@ -23,21 +22,9 @@ pytestmark = pytest.mark.slicer
 MAP = "mutual_information"
 
 
-@pytest.fixture(scope="module")
-def case_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mrml_snap")
-    ct, geo = phantom_ct()
-    ct_path = write_image(root / "ct.nii.gz", ct, geo)
-    return ct_path, write_sample_case(root / "out", geo, case_id="snap")
-
-
 @pytest.fixture()
-def loaded(case_files):
-    ct_path, case_dir = case_files
-    scene = slicer.vtkMRMLScene()
-    ct = nodes.load_volume_file(scene, ct_path)
-    case = nodes.load_case_outputs(scene, case_dir, input_volume_node=ct)
-    ctl = ReviewController(scene, case)
+def loaded(sample_case_files):
+    scene, case, ctl = load_sample_review(sample_case_files)
     ctl.set_foreground_map(MAP)
     return scene, case, ctl
 
