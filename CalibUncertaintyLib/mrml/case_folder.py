@@ -58,11 +58,12 @@ class CaseData:
     geometry: Geometry
     seg: np.ndarray
     class_names: dict[int, str]                 # foreground label -> name
-    probabilities: dict[str, np.ndarray]        # class name -> float32
+    probabilities: dict[str, np.ndarray]        # class name -> float32 (only those read)
     maps: dict[str, np.ndarray]                 # map name -> float32
     regions_doc: dict
     summary: dict
     regions: list[Region]
+    probability_files: dict[str, Path] = field(default_factory=dict)  # class name -> prob_<Class>.nii.gz
 
 
 def _read_json(path: Path) -> dict:
@@ -152,8 +153,13 @@ def _map_sort_key(name: str):
     return (MAP_ORDER.index(name), "") if name in MAP_ORDER else (len(MAP_ORDER), name)
 
 
-def read_case_folder(case_dir) -> CaseData:
+def read_case_folder(case_dir, probabilities: bool = True) -> CaseData:
     """Read a per-case output folder completely; raise before anything is returned.
+
+    ``probabilities=False`` reads only the headers of the ``prob_<Class>`` files (their grid is
+    still checked) and leaves ``CaseData.probabilities`` empty: a 40-class case then costs the
+    memory of its maps, not of 40 probability volumes; ``probability_files`` says where each
+    class's volume is, to be read when it is shown (:func:`read_probability`).
 
     Raises InputError listing every missing file (the required ones, a ``prob_<Class>`` per class
     named in class_names, at least one ``map_*``), and GeometryMismatchError when an image is not
@@ -193,15 +199,33 @@ def read_case_folder(case_dir) -> CaseData:
         return arr
 
     stems = prob_file_stems(class_names)
-    probabilities = {class_names[lab]: read_same(prob_files[stem]) for lab, stem in stems.items()
-                     if stem in prob_files}
-    probabilities.update({stem: read_same(p) for stem, p in prob_files.items() if stem not in stems.values()})
+    probability_files = {class_names[lab]: prob_files[stem] for lab, stem in stems.items() if stem in prob_files}
+    probability_files.update({stem: p for stem, p in prob_files.items() if stem not in stems.values()})
+    if probabilities:
+        probs = {cls: read_same(p) for cls, p in probability_files.items()}
+    else:
+        from ..io.images import read_header_geometry
+
+        for path in probability_files.values():
+            read_header_geometry(path).require_same(geometry, path.name, "seg.nii.gz")
+        probs = {}
     maps = {n: read_same(map_files[n]) for n in sorted(map_files, key=_map_sort_key)}
     case_id = str(regions_doc.get("case") or summary.get("case") or case_dir.name)
     return CaseData(case_dir=case_dir, case_id=case_id, geometry=geometry, seg=seg,
-                    class_names=class_names, probabilities=probabilities, maps=maps,
+                    class_names=class_names, probabilities=probs, maps=maps,
                     regions_doc=regions_doc, summary=summary,
-                    regions=_regions(regions_doc, case_dir / "regions.json", class_names))
+                    regions=_regions(regions_doc, case_dir / "regions.json", class_names),
+                    probability_files=probability_files)
+
+
+def read_probability(path, geometry: Geometry) -> np.ndarray:
+    """One ``prob_<Class>.nii.gz`` as float32, checked to lie on ``geometry`` and to be finite."""
+    path = Path(path)
+    arr, geo = read_image(path, dtype=np.float32)
+    geo.require_same(geometry, path.name, "the case's segmentation")
+    if not np.all(np.isfinite(arr)):
+        raise InputError(f"{path} contains NaN or infinite values")
+    return arr
 
 
 def threshold_for_map(name: str, regions_doc: dict, summary: dict) -> tuple[float, str, bool] | None:

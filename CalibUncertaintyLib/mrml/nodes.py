@@ -8,7 +8,10 @@ helpers (``load_volume_file``, ``export_volume_node``, ...) are re-exported here
 Display (see colors.py for the tables):
 
 - ``prob_<Class>``: "CalibU Probability", window 0-1, shown only where p ≥ PROB_DISPLAY_THRESHOLD
-  (0.1: the soft margin where the class still gets ≥ 10 %); below it transparent.
+  (0.1: the soft margin where the class still gets ≥ 10 %); below it transparent. By default a
+  class's probability volume becomes a node only when it is first shown
+  (:meth:`CaseNodes.layer_node`): a 40-class case adds its maps, one segmentation and no
+  probability volume until one is asked for.
 - ``map_<name>``: "CalibU Uncertainty", window 0 to the robust max (:func:`robust_max`), shown only
   at or above the map's default threshold (at or below it for maps flagged where low, i.e.
   confidence): τ* from the case folder (regions.json / summary.json,
@@ -63,12 +66,40 @@ class CaseNodes:
     summary: dict = field(default_factory=dict, repr=False)
     folder_item: int = 0                         # subject-hierarchy folder item id (0 = none)
     owns_input: bool = False
+    probability_files: dict = field(default_factory=dict)  # class name -> prob file (loaded on demand)
+    name_prefix: str = ""
 
     def layers(self) -> dict:
-        """Overlay layers by name: map names first, then ``prob_<Class>``."""
+        """Overlay layers that are nodes now, by name: map names first, then ``prob_<Class>``."""
         out = dict(self.maps)
         out.update({f"prob_{c}": n for c, n in self.probabilities.items()})
         return out
+
+    def layer_names(self) -> list:
+        """Every selectable overlay: the maps, then ``prob_<Class>`` for every class, whether its
+        volume is loaded yet or not."""
+        classes = list(self.probabilities) + [c for c in self.probability_files if c not in self.probabilities]
+        return list(self.maps) + [f"prob_{c}" for c in classes]
+
+    def layer_node(self, scene, name: str):
+        """The volume node of overlay ``name``; a class probability is read from its file and
+        added to ``scene`` the first time it is asked for (or again if the user deleted it).
+
+        Raises InputError for an unknown name, for a map node the user deleted, and for a
+        probability whose node is gone and whose file is not on disk."""
+        if name in self.maps:
+            node = self.maps[name]
+            if node.GetScene() is not scene:
+                raise InputError(f"the {name} map of case {self.case_id} was deleted from the scene; "
+                                 "load the case again to review it")
+            return node
+        cls = name[len("prob_"):] if name.startswith("prob_") else None
+        if cls is None or (cls not in self.probabilities and cls not in self.probability_files):
+            raise InputError(f"no overlay named {name!r}; available: {', '.join(self.layer_names())}")
+        node = self.probabilities.get(cls)
+        if node is not None and node.GetScene() is scene:
+            return node
+        return _load_probability_node(scene, self, cls)
 
     def output_nodes(self) -> list:
         nodes = [self.segmentation, *self.probabilities.values(), *self.maps.values(),
@@ -239,17 +270,19 @@ def default_thresholds(data: CaseData) -> tuple[dict, dict]:
         thresholds[name] = (tau, src)
         lo, hi = float(arr.min()), float(arr.max())
         shown[name] = (min(lo, tau), tau) if below else (tau, max(hi, tau))
-    for cls in data.probabilities:
+    for cls in list(data.probabilities) + [c for c in data.probability_files if c not in data.probabilities]:
         thresholds[f"prob_{cls}"] = (PROB_DISPLAY_THRESHOLD, "display default")
         shown[f"prob_{cls}"] = (PROB_DISPLAY_THRESHOLD, 1.0)
     return thresholds, shown
 
 
-def load_case_outputs(scene, case_dir, input_volume_node=None, name_prefix: str | None = None) -> CaseNodes:
+def load_case_outputs(scene, case_dir, input_volume_node=None, name_prefix: str | None = None,
+                      probabilities: str = "on_demand") -> CaseNodes:
     """Load one per-case output folder as nodes of ``scene`` and return them as CaseNodes.
 
-    Creates a segmentation (segments named from class_names), one probability volume per class,
-    one volume per map, a locked markups point list of region centroids (labels like
+    Creates a segmentation (segments named from class_names), the class probability volumes
+    (``probabilities="on_demand"``, the default: none now, each when first shown through
+    :meth:`CaseNodes.layer_node`; ``"all"``: one per class now), one volume per map, a locked markups point list of region centroids (labels like
     "R1 Brainstem 123 mm³"), a table of regions (rank, class, volume mm³, mean and max
     uncertainty, centroid R/A/S mm), all in a subject-hierarchy folder under the input volume's
     item. ``input_volume_node`` is the CT the outputs were computed from (its grid is checked);
@@ -259,13 +292,15 @@ def load_case_outputs(scene, case_dir, input_volume_node=None, name_prefix: str 
     every node added is removed again. Raises InputError (missing files, listed) and
     GeometryMismatchError.
     """
-    data = read_case_folder(case_dir)
+    if probabilities not in ("on_demand", "all"):
+        raise InputError(f"probabilities must be 'on_demand' or 'all', got {probabilities!r}")
+    data = read_case_folder(case_dir, probabilities=probabilities == "all")
     if input_volume_node is not None:
         _check_input_geometry(input_volume_node, data.geometry)
     prefix = name_prefix or data.case_id
     thresholds, shown = default_thresholds(data)
     ranges = {n: colour_window(a, thresholds[n][0]) for n, a in data.maps.items()}
-    ranges.update({f"prob_{c}": (0.0, 1.0) for c in data.probabilities})
+    ranges.update({f"prob_{c}": (0.0, 1.0) for c in [*data.probabilities, *data.probability_files]})
     input_array = None
     input_path = _input_from_summary(data) if input_volume_node is None else None
     if input_path is not None:
@@ -282,6 +317,9 @@ def load_case_outputs(scene, case_dir, input_volume_node=None, name_prefix: str 
             scene.EndState(scene.BatchProcessState)
         # after the batch state, so that Slicer's own subject-hierarchy items exist to be moved
         case.folder_item = _place_in_hierarchy(scene, case, f"{prefix} CalibUncertainty")
+        from .case_record import record_case
+
+        record_case(case)  # what a saved scene needs to bring the review back
     except BaseException:
         if case is not None and case.folder_item:
             _remove_sh_item(scene, case.folder_item)
@@ -305,11 +343,7 @@ def _add_case_nodes(scene, data: CaseData, input_volume_node, input_array, prefi
     seg_node = _segmentation_node(scene, data, f"{prefix} segmentation")
     probs = {}
     for cls, arr in data.probabilities.items():
-        node = new_volume_node(arr, data.geometry, f"{prefix} P({cls})")
-        node.SetAttribute(ROLE_ATTRIBUTE, f"prob_{cls}")
-        scene.AddNode(node)
-        display_overlay(scene, node, colors.PROBABILITY, (0.0, 1.0), *shown[f"prob_{cls}"])
-        probs[cls] = node
+        probs[cls] = _add_probability_node(scene, arr, data.geometry, prefix, cls, shown[f"prob_{cls}"])
     maps = {}
     for name, arr in data.maps.items():
         node = new_volume_node(arr, data.geometry, f"{prefix} {name}")
@@ -323,7 +357,8 @@ def _add_case_nodes(scene, data: CaseData, input_volume_node, input_array, prefi
                      regions_table=_table_node(scene, data.regions, f"{prefix} region table"),
                      regions=data.regions, default_thresholds=thresholds, default_shown=shown,
                      value_ranges=ranges,
-                     regions_doc=data.regions_doc, summary=data.summary, owns_input=owns_input)
+                     regions_doc=data.regions_doc, summary=data.summary, owns_input=owns_input,
+                     probability_files=dict(data.probability_files), name_prefix=prefix)
     # outputs follow the input volume's parent transform, so they stay on its voxels
     transform_id = input_volume_node.GetTransformNodeID() if input_volume_node is not None else None
     if transform_id:
@@ -331,6 +366,42 @@ def _add_case_nodes(scene, data: CaseData, input_volume_node, input_array, prefi
             if node is not input_volume_node and hasattr(node, "SetAndObserveTransformNodeID"):
                 node.SetAndObserveTransformNodeID(transform_id)
     return case
+
+
+def _add_probability_node(scene, array, geometry: Geometry, prefix: str, cls: str, shown):
+    node = new_volume_node(array, geometry, f"{prefix} P({cls})")
+    node.SetAttribute(ROLE_ATTRIBUTE, f"prob_{cls}")
+    scene.AddNode(node)
+    display_overlay(scene, node, colors.PROBABILITY, (0.0, 1.0), *shown)
+    return node
+
+
+def _load_probability_node(scene, case: CaseNodes, cls: str):
+    """Read class ``cls``'s probability file and add it as a node of the case (SH folder, input
+    transform, scene record). Raises InputError when the file is not there any more."""
+    from .case_folder import read_probability
+    from .case_record import add_layer_reference
+
+    path = case.probability_files.get(cls)
+    if path is None or not Path(path).is_file():
+        raise InputError(f"the probability volume of {cls!r} (case {case.case_id}) is not in the scene and its "
+                         f"file {path or 'prob_<Class>.nii.gz'} is not on disk; load the case folder again")
+    array = read_probability(path, case.geometry)
+    colors.ensure_colour_tables(scene)
+    node = _add_probability_node(scene, array, case.geometry, case.name_prefix or case.case_id, cls,
+                                 case.default_shown[f"prob_{cls}"])
+    transform_id = case.input_volume.GetTransformNodeID() if case.input_volume is not None \
+        and case.input_volume.GetScene() is scene else None
+    if transform_id:
+        node.SetAndObserveTransformNodeID(transform_id)
+    case.probabilities[cls] = node
+    if case.folder_item:
+        sh = _sh_node(scene)
+        if sh is not None and sh.GetItemName(case.folder_item):
+            _sh_item(sh, node, case.folder_item)
+    add_layer_reference(case, node)
+    log.info("loaded the probability volume of %s for case %s", cls, case.case_id)
+    return node
 
 
 def _place_in_hierarchy(scene, case: CaseNodes, folder_name: str) -> int:

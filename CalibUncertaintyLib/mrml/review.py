@@ -3,7 +3,15 @@
 The widget calls only this class. It owns which overlay is shown (slice-composite foreground),
 its opacity and threshold (the layer's display node), and navigation through the error regions
 of regions.json (METHODS.md section 5: connected components of {U > τ*} in the ROI, ranked by
-volume × mean U), which jumps the Red/Yellow/Green views to each region's RAS centroid.
+volume × mean U), which jumps every slice view of the Red view's view group (Slicer's
+``JumpAllSlices``) to each region's RAS centroid.
+
+The review state (shown layer, opacity, threshold per layer, current region) is written on the
+case's segmentation node after every change (case_record.py), so a saved scene brings it back:
+:meth:`ReviewController.restore` rebuilds the controller from a loaded scene.
+
+A layer node the user deletes is dropped (:meth:`prune_removed`); asking for it again raises
+InputError (a class probability is read again from its file when the file is still there).
 
 Navigation wraps: ``next_region()`` after the last region goes to the first and
 ``previous_region()`` before the first goes to the last (a reviewer cycling through a short
@@ -21,8 +29,9 @@ import math
 
 from ..errors import InputError
 from .case_folder import Region
+from .case_record import load_review_state, restore_case_nodes, save_review_state
 from .slice_jump import (DEFAULT_SLICE_NODE_IDS, composite_node_for, ensure_slice_views,
-                         jump_slices_to_ras)
+                         jump_view_group_to_ras, view_group_slice_nodes)
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +51,88 @@ class ReviewController:
             if node is None:
                 raise InputError(f"no slice node {sid!r} in the scene")
             self.slice_nodes.append(node)
-        self.composite_nodes = [composite_node_for(scene, n) for n in self.slice_nodes]
+        self.view_group = self.slice_nodes[0].GetViewGroup()
         self._listeners = []
         self.current_map: str | None = None
         self.current_region_index: int | None = None
         self.opacity = 0.6
         self._thresholds = {}                      # layer -> (lo, hi) as last set
-        if case_nodes.input_volume is not None:
+        self._restoring = False
+        ct = case_nodes.input_volume
+        if ct is not None and ct.GetScene() is scene:
             for comp in self.composite_nodes:
-                comp.SetBackgroundVolumeID(case_nodes.input_volume.GetID())
+                comp.SetBackgroundVolumeID(ct.GetID())
+
+    @property
+    def composite_nodes(self) -> list:
+        """Slice-composite nodes of the managed views and of every other slice view of their
+        view group (a layout may have more than Red, Yellow and Green)."""
+        nodes = list(self.slice_nodes)
+        for n in view_group_slice_nodes(self.scene, self.view_group):
+            if n not in nodes:
+                nodes.append(n)
+        return [composite_node_for(self.scene, n) for n in nodes]
+
+    # --- saved state --------------------------------------------------------------------
+    def state(self) -> dict:
+        """What a saved scene keeps of this review (JSON-serialisable)."""
+        return {"map": self.current_map, "opacity": self.opacity,
+                "thresholds": {k: list(v) for k, v in self._thresholds.items()},
+                "region": self.current_region_index}
+
+    def _save_state(self) -> None:
+        if not self._restoring and self.case.segmentation is not None:
+            save_review_state(self.case.segmentation, self.state())
+
+    @classmethod
+    def restore(cls, scene, case_nodes=None, map_name: str | None = None, opacity: float | None = None,
+                threshold: tuple | None = None, region: int | None = None, **kwargs) -> "ReviewController":
+        """A controller for a case brought back by a loaded scene, showing the review as it was saved.
+
+        ``case_nodes`` defaults to the scene's first recorded case (case_record.restore_case_nodes).
+        The recorded state is applied; the keyword values (e.g. the module's parameter node) win
+        over it where given. A saved layer that is no longer available falls back to the first map.
+        """
+        case = case_nodes if case_nodes is not None else restore_case_nodes(scene)
+        ctl = cls(scene, case, **kwargs)
+        saved = load_review_state(case.segmentation)
+        ctl._restoring = True
+        try:
+            for name, (lo, hi) in (saved.get("thresholds") or {}).items():
+                if name in case.default_shown:
+                    ctl._thresholds[name] = (float(lo), float(hi))
+            op = opacity if opacity is not None else saved.get("opacity")
+            ctl.set_opacity(0.6 if op is None else op)
+            names = ctl.map_names()
+            wanted = map_name or saved.get("map")
+            if wanted in names:
+                ctl.set_foreground_map(wanted)
+            elif names:
+                ctl.set_foreground_map(names[0])
+            if threshold is not None and ctl.current_map is not None:
+                ctl.set_threshold(*threshold)
+            i = region if region is not None else saved.get("region")
+            if i is not None and 0 <= int(i) < len(case.regions):
+                ctl.go_to_region(int(i))
+        finally:
+            ctl._restoring = False
+        ctl._save_state()
+        return ctl
+
+    def prune_removed(self) -> list[str]:
+        """Forget layers whose node the user deleted from the scene; returns their names. The
+        shown layer becomes None when it was one of them."""
+        gone = [n for n, node in self.case.layers().items() if node.GetScene() is not self.scene]
+        for name in gone:
+            if name in self.case.maps:
+                del self.case.maps[name]
+            else:
+                del self.case.probabilities[name[len("prob_"):]]
+        if self.current_map in gone and self.current_map not in self.map_names():
+            self.current_map = None
+        if gone:
+            self._save_state()
+        return gone
 
     # --- listeners ---------------------------------------------------------------------
     def add_listener(self, callback):
@@ -66,14 +148,16 @@ class ReviewController:
 
     # --- layers ------------------------------------------------------------------------
     def map_names(self) -> list[str]:
-        """Selectable overlays: the map names (MAP_NAMES order), then ``prob_<Class>``."""
-        return list(self.case.layers())
+        """Selectable overlays: the map names (MAP_NAMES order), then ``prob_<Class>`` for every
+        class (a probability volume is loaded when first shown)."""
+        return self.case.layer_names()
 
     def layer_node(self, name: str):
-        layers = self.case.layers()
-        if name not in layers:
-            raise InputError(f"no overlay named {name!r}; available: {', '.join(layers)}")
-        return layers[name]
+        return self.case.layer_node(self.scene, name)
+
+    def _known(self, name: str) -> None:
+        if name not in self.case.layer_names():
+            raise InputError(f"no overlay named {name!r}; available: {', '.join(self.case.layer_names())}")
 
     def set_foreground_map(self, name: str) -> None:
         """Show layer ``name`` as the foreground of every managed view, at the current opacity,
@@ -85,6 +169,7 @@ class ReviewController:
         self.current_map = name
         lo, hi = self._thresholds.get(name, self.case.default_shown[name])
         self._apply_threshold(name, lo, hi)
+        self._save_state()
         self._notify("foreground", name)
 
     def set_opacity(self, x: float) -> None:
@@ -95,6 +180,7 @@ class ReviewController:
         self.opacity = x
         for comp in self.composite_nodes:
             comp.SetForegroundOpacity(x)
+        self._save_state()
         self._notify("opacity", x)
 
     def _layer_max(self, name: str) -> float:
@@ -123,6 +209,7 @@ class ReviewController:
         if math.isnan(lo) or math.isnan(hi) or lo > hi:
             raise InputError(f"threshold needs lo <= hi, got lo={lo}, hi={hi}")
         self._apply_threshold(self.current_map, lo, hi)
+        self._save_state()
         self._notify("threshold", (lo, hi))
 
     @property
@@ -133,13 +220,13 @@ class ReviewController:
         """τ* for map ``name`` (METHODS.md section 4: the threshold maximising mean UEO on the
         calibration cases, as recorded in regions.json / summary.json for this case); the
         documented fallbacks when the case gives none (see nodes.default_thresholds)."""
-        self.layer_node(name)
+        self._known(name)
         return float(self.case.default_thresholds[name][0])
 
     def default_range(self, name: str) -> tuple[float, float]:
         """The (lo, hi) a layer is shown with by default: [τ*, max] for uncertainty maps,
         [min, τ*] for maps flagged where low (confidence), [0.1, 1] for probabilities."""
-        self.layer_node(name)
+        self._known(name)
         return tuple(self.case.default_shown[name])
 
     def threshold_source(self, name: str) -> str:
@@ -147,7 +234,7 @@ class ReviewController:
 
     def value_range(self, name: str) -> tuple[float, float]:
         """Colour window of the layer (0 to its robust max; 0-1 for probabilities)."""
-        self.layer_node(name)
+        self._known(name)
         return tuple(self.case.value_ranges[name])
 
     def legend(self, name: str | None = None):
@@ -163,7 +250,8 @@ class ReviewController:
         return list(self.case.regions)
 
     def go_to_region(self, i: int):
-        """Jump Red/Yellow/Green, centred, to region i's centroid (RAS mm); select its markup.
+        """Jump every slice view of the view group, centred, to region i's centroid (RAS mm);
+        select its markup.
 
         Returns the list of SliceMove. Raises InputError for an index out of range.
         """
@@ -171,12 +259,13 @@ class ReviewController:
         if not 0 <= int(i) < len(regions):
             raise InputError(f"region index {i} out of range (this case has {len(regions)} regions)")
         i = int(i)
-        moves = jump_slices_to_ras(self.scene, regions[i].centroid_ras, self.slice_nodes, centred=True)
+        moves = jump_view_group_to_ras(self.scene, regions[i].centroid_ras, self.view_group, centred=True)
         markups = self.case.regions_markups
         if markups is not None and markups.GetScene() is self.scene:
             for k in range(markups.GetNumberOfControlPoints()):
                 markups.SetNthControlPointSelected(k, k == i)
         self.current_region_index = i
+        self._save_state()
         self._notify("region", i)
         return moves
 

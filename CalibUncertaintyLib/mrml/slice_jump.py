@@ -8,6 +8,9 @@ leaves existing ones untouched.
 :func:`jump_slices_to_ras` moves every view so that the point lies in its plane: centred
 (``JumpSliceByCentering``: the point becomes the centre of each view) or offset only
 (``JumpSliceByOffsetting``: each plane moves along its normal, the in-plane pan is kept).
+:func:`jump_view_group_to_ras` does the same for *every* slice view of a view group through
+Slicer's own ``vtkMRMLSliceNode.JumpAllSlices`` (a layout with more than three slice views, or a
+second linked group, moves as the application moves it).
 """
 
 from __future__ import annotations
@@ -58,8 +61,10 @@ def ensure_slice_node(scene, view: str, orientation: str = "Axial", colour=(0.5,
     node.SetViewGroup(view_group)
     node.SetDimensions(*DEFAULT_VIEW_SIZE, 1)
     node.SetOrientation(orientation)
-    node = scene.AddNode(node)
-    return node
+    added = scene.AddNode(node)
+    # CreateNodeByClass returns a new reference the caller owns; the scene holds its own now
+    node.UnRegister(None)
+    return added
 
 
 def ensure_composite_node(scene, view: str):
@@ -153,3 +158,26 @@ def jump_slices_to_ras(scene, ras, slice_nodes=None, centred: bool = True) -> li
             node.JumpSliceByOffsetting(*p)
         moves.append(SliceMove(node.GetID(), before, tuple(slice_to_ras(node)[:3, 3])))
     return moves
+
+
+def view_group_slice_nodes(scene, view_group: int) -> list:
+    """Every slice node of ``scene`` in ``view_group`` (all of them for a negative group), in
+    scene order; in the application each one is a slice view."""
+    nodes = scene.GetNodesByClass("vtkMRMLSliceNode")
+    out = [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+    return [n for n in out if view_group < 0 or n.GetViewGroup() == view_group]
+
+
+def jump_view_group_to_ras(scene, ras, view_group: int = 0, centred: bool = True) -> list[SliceMove]:
+    """Jump every slice view of ``view_group`` to the RAS point (mm) with Slicer's
+    ``vtkMRMLSliceNode.JumpAllSlices``; one SliceMove per slice node of the group."""
+    import slicer
+
+    p = np.asarray(ras, dtype=float).reshape(-1)
+    if p.shape != (3,) or not np.all(np.isfinite(p)):
+        raise InputError(f"RAS point must be 3 finite numbers (mm), got {ras!r}")
+    nodes = view_group_slice_nodes(scene, view_group)
+    before = [tuple(slice_to_ras(n)[:3, 3]) for n in nodes]
+    mode = slicer.vtkMRMLSliceNode.CenteredJumpSlice if centred else slicer.vtkMRMLSliceNode.OffsetJumpSlice
+    slicer.vtkMRMLSliceNode.JumpAllSlices(scene, *p, mode, view_group)
+    return [SliceMove(n.GetID(), b, tuple(slice_to_ras(n)[:3, 3])) for n, b in zip(nodes, before)]

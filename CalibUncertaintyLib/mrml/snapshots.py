@@ -100,7 +100,8 @@ def render_slice(scene, ras, orientation: str = "Axial", background_id: str | No
         sn.SetViewGroup(9999)
         sn.SetOrientation(orientation)
         sn.SetDimensions(w, h, 1)
-        sn = scene.AddNode(sn)
+        created, sn = sn, scene.AddNode(sn)
+        created.UnRegister(None)  # CreateNodeByClass's reference: the scene holds its own now
         cn = slicer.vtkMRMLSliceCompositeNode()
         cn.SetLayoutName(SNAPSHOT_VIEW)
         cn.SetSingletonTag(SNAPSHOT_VIEW)
@@ -144,7 +145,8 @@ def render_view(scene, slice_node_id: str, size_px=None) -> Snapshot:
         tmp.SetSingletonTag(SNAPSHOT_VIEW)
         tmp.SetViewGroup(9999)
         tmp.SetDimensions(w, h, 1)
-        tmp = scene.AddNode(tmp)
+        created, tmp = tmp, scene.AddNode(tmp)
+        created.UnRegister(None)  # CreateNodeByClass's reference: the scene holds its own now
         tmp.GetSliceToRAS().DeepCopy(sn.GetSliceToRAS())
         fov = sn.GetFieldOfView()
         tmp.SetFieldOfView(fov[0], fov[0] * h / w, fov[2])
