@@ -138,7 +138,7 @@ def _resolve_layer(case_nodes, map_name: str | None) -> str | None:
     map the regions were cut on (write_review_sheet's default)."""
     if map_name is None:
         return None
-    layers = case_nodes.layers()
+    layers = case_nodes.layer_names()
     name = map_name[len("map_"):] if map_name.startswith("map_") and map_name not in layers else map_name
     if name not in layers:
         raise InputError(f"case {case_nodes.case_id} has no overlay {map_name!r}; available: "

@@ -6,7 +6,8 @@ through the region's RAS centroid, rendered by snapshots.py with the overlay's c
 table, threshold and opacity, a cross at the centroid and the region's bounding box (dashed).
 
 ``.png``: one image composed with matplotlib (Figure + Agg canvas; pyplot's global state is
-never touched). ``.html``: a single self-contained page (PNG snapshots embedded as base64),
+never touched); without matplotlib (Slicer does not ship it) a plainer PNG of the same snapshots
+and the colour bar, and a warning that says what is missing. ``.html``: a single self-contained page (PNG snapshots embedded as base64),
 which needs only VTK, so it also works in a Slicer without matplotlib.
 
 Colour window: when the overlay's colour window would saturate the voxels it shows (the top of
@@ -22,6 +23,7 @@ import base64
 import contextlib
 import html
 import itertools
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,15 @@ from ..errors import InputError
 from ..io.atomic import atomic_path, write_text
 from .snapshots import ORIENTATIONS, encode_png, render_slice
 
+log = logging.getLogger(__name__)
+
 CROSS_RGB = (0, 255, 255)
+
+
+def _ensure_layer(scene, case_nodes, layer) -> None:
+    """A class probability asked for by name becomes a node first (they load on demand)."""
+    if layer is not None and layer not in case_nodes.layers() and layer in case_nodes.layer_names():
+        case_nodes.layer_node(scene, layer)
 
 
 def _layer_and_display(case_nodes, layer, controller):
@@ -103,6 +113,7 @@ def collect_snapshots(scene, case_nodes, top_n: int = 3, layer: str | None = Non
     the top N regions, plus (layer, threshold). With no regions, one row through the volume centre."""
     if top_n < 1:
         raise InputError(f"top_n must be at least 1, got {top_n}")
+    _ensure_layer(scene, case_nodes, layer)
     layer, thr = _layer_and_display(case_nodes, layer, controller)
     if opacity is None:
         opacity = controller.opacity if controller is not None else 0.6
@@ -224,13 +235,54 @@ def _write_html(path: Path, case_nodes, rows, layer, thr, max_table_rows: int) -
     return write_text(path, "\n".join(parts))
 
 
-def _write_png(path: Path, case_nodes, rows, layer, thr, max_table_rows: int, window=None, dpi: int = 100) -> Path:
+def matplotlib_available() -> bool:
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise InputError("a PNG review sheet needs matplotlib; write an .html sheet instead "
-                         "(it needs only VTK) or install matplotlib") from e
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+        from matplotlib.figure import Figure  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+NO_MATPLOTLIB_MESSAGE = ("matplotlib is not installed, so the PNG review sheet has the snapshots and the "
+                         "colour bar but no title, labels or region table; the .html sheet has them all "
+                         "(it needs only VTK), or install matplotlib")
+
+
+def _write_png_plain(path: Path, case_nodes, rows, layer, window=None, gap: int = 8) -> Path:
+    """The PNG sheet without matplotlib: the snapshots in a grid (one row per region: axial,
+    sagittal, coronal) and a vertical colour bar at the right, encoded with VTK's PNG writer."""
+    from . import colors
+
+    tiles = [[rgb for _o, rgb in row] for _region, row in rows]
+    th = max(t.shape[0] for r in tiles for t in r)
+    tw = max(t.shape[1] for r in tiles for t in r)
+    ncol = max(len(r) for r in tiles)
+    bar_w = 16
+    height = gap + len(tiles) * (th + gap)
+    width = gap + ncol * (tw + gap) + bar_w + gap
+    sheet = np.full((height, width, 3), 255, np.uint8)
+    for i, row in enumerate(tiles):
+        for j, t in enumerate(row):
+            y0, x0 = gap + i * (th + gap), gap + j * (tw + gap)
+            sheet[y0:y0 + t.shape[0], x0:x0 + t.shape[1]] = t[..., :3]
+    key = colors.PROBABILITY if layer.startswith("prob_") else colors.UNCERTAINTY
+    lut = colors.table_rgba(key)[:, :3]
+    bar_h = height - 2 * gap
+    idx = np.linspace(len(lut) - 1, 0, bar_h).round().astype(int)       # top = high values
+    sheet[gap:gap + bar_h, width - gap - bar_w:width - gap] = lut[idx][:, None, :]
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(encode_png(sheet))
+    return path
+
+
+def _write_png(path: Path, case_nodes, rows, layer, thr, max_table_rows: int, window=None, dpi: int = 100) -> Path:
+    if not matplotlib_available():
+        log.warning(NO_MATPLOTLIB_MESSAGE)
+        return _write_png_plain(path, case_nodes, rows, layer, window)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     from . import colors
 
     title, sub = _header(case_nodes, layer, thr)
@@ -316,6 +368,7 @@ def write_review_sheet(scene, case_nodes, out_png_or_html, top_n: int = 3, layer
         raise InputError(f"review sheet must be .png or .html, got {path.name}")
     if top_n < 1:
         raise InputError(f"top_n must be at least 1, got {top_n}")
+    _ensure_layer(scene, case_nodes, layer)
     layer, thr = _layer_and_display(case_nodes, layer, controller)
     window = sheet_window(case_nodes, layer, thr)
     with _rendered_window(case_nodes.layers()[layer], window):

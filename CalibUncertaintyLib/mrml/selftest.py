@@ -9,12 +9,14 @@ with a clear message at the first thing that is wrong:
    (``ct_path``, or a CT-like phantom) run through the real pipeline (sample_case.py ->
    ``pipeline.case.process_case``);
 2. load the CT and the outputs as nodes; every output volume must have the CT's IJKToRAS;
+   class probabilities become nodes only when shown;
 3. the project's colour tables must be attached to the probability and map display nodes;
 4. a threshold change must reach the display node (ApplyThreshold, lower, upper);
 5. the region table must have one row per region;
 6. next_region must move Red, Yellow and Green so the centroid lies in all three planes;
 7. a rendered slice must show overlay colour at a voxel of the region, and exactly the CT
-   background once the threshold hides every voxel; the review sheet is written.
+   background once the threshold hides every voxel; the review sheet is written (a plainer PNG
+   when matplotlib is missing, as in a fresh Slicer: the self-test needs only what Slicer ships).
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def run_self_test(scene, workdir, model_dir=None, ct_path=None, log=print) -> di
     from .nodes import (geometry_from_volume_node, ijk_to_ras_of, load_case_outputs, load_volume_file,
                         volume_array)
     from .review import ReviewController
-    from .review_sheet import write_review_sheet
+    from .review_sheet import NO_MATPLOTLIB_MESSAGE, matplotlib_available, write_review_sheet
     from .slice_jump import distance_to_plane_mm
     from .snapshots import render_slice
 
@@ -102,9 +104,14 @@ def run_self_test(scene, workdir, model_dir=None, ct_path=None, log=print) -> di
         _check(geometry_from_volume_node(node).mismatch(case.geometry) is None,
                f"{name}: geometry differs from the NIfTI's")
 
+    prob_layers = [n for n in case.layer_names() if n.startswith("prob_")]
+    _check(prob_layers and not case.probabilities,
+           f"expected class probabilities on demand, found {len(case.probabilities)} loaded of {len(prob_layers)}")
+    case.layer_node(scene, prob_layers[0])      # loaded when first shown
     for cls, node in case.probabilities.items():
         _check(node.GetDisplayNode().GetColorNodeID() == colour_table_id(scene, PROBABILITY),
                f"P({cls}) does not use the CalibU Probability colour table")
+        _check(np.allclose(ijk_to_ras_of(node), ref, atol=1e-4), f"P({cls}): IJKToRAS differs from the CT's")
     for name, node in case.maps.items():
         _check(node.GetDisplayNode().GetColorNodeID() == colour_table_id(scene, UNCERTAINTY),
                f"map {name} does not use the CalibU Uncertainty colour table")
@@ -154,6 +161,8 @@ def run_self_test(scene, workdir, model_dir=None, ct_path=None, log=print) -> di
            "overlay still visible after the threshold hid every voxel")
     ctl.set_threshold(lo, hi)
 
+    if not matplotlib_available():
+        log(NO_MATPLOTLIB_MESSAGE)
     sheet_png = write_review_sheet(scene, case, workdir / "selftest_review.png", top_n=2, controller=ctl)
     sheet_html = write_review_sheet(scene, case, workdir / "selftest_review.html", top_n=1, controller=ctl)
     _check(sheet_png.stat().st_size > 1000 and sheet_html.stat().st_size > 1000, "review sheet not written")

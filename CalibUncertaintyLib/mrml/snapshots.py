@@ -206,12 +206,10 @@ def region_snapshots(scene, case_nodes, region_index: int, layer: str, opacity: 
     regions = case_nodes.regions
     if not 0 <= region_index < len(regions):
         raise InputError(f"region index {region_index} out of range ({len(regions)} regions)")
-    layers = case_nodes.layers()
-    if layer not in layers:
-        raise InputError(f"no overlay named {layer!r}; available: {', '.join(layers)}")
+    fg = case_nodes.layer_node(scene, layer)      # InputError for an unknown layer
     bg = case_nodes.input_volume.GetID() if case_nodes.input_volume is not None else None
     ras = regions[region_index].centroid_ras
-    return [render_slice(scene, ras, o, bg, layers[layer].GetID(), opacity, size_px, fov_mm)
+    return [render_slice(scene, ras, o, bg, fg.GetID(), opacity, size_px, fov_mm)
             for o in ORIENTATIONS]
 
 

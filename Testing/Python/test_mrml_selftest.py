@@ -63,3 +63,26 @@ def test_run_self_test_reports_a_broken_prediction(tmp_path):
     (tmp_path / "not_a_model").mkdir()
     with pytest.raises(AssertionError, match="prediction failed: .*not_a_model"):
         run_self_test(slicer.vtkMRMLScene(), tmp_path / "work", model_dir=tmp_path / "not_a_model", ct_path=ct)
+
+
+def test_self_test_passes_without_matplotlib(tmp_path, monkeypatch):
+    """A fresh Slicer has numpy, scipy, SimpleITK and VTK but no matplotlib: the self-test body
+    must pass there, with a PNG sheet that says what it lacks instead of raising."""
+    import sys
+
+    from CalibUncertaintyLib.io.images import read_image as _read  # noqa: F401 (imported before blocking)
+
+    for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)   # `import matplotlib` now raises ImportError
+    with pytest.raises(ImportError):
+        import matplotlib  # noqa: F401
+    messages = []
+    result = run_self_test(slicer.vtkMRMLScene(), tmp_path, log=messages.append)
+    assert any("matplotlib is not installed" in m for m in messages) and "passed" in messages[-1]
+    png = result["review_png"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000
+    vtk_png = __import__("vtk").vtkPNGReader()
+    vtk_png.SetFileName(str(result["review_png"]))
+    vtk_png.Update()
+    w, h, _ = vtk_png.GetOutput().GetDimensions()
+    assert w > 3 * 256 and h >= 2 * 256          # 2 regions x 3 planes of 256 px
