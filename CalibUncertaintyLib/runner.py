@@ -6,8 +6,10 @@ torch, nnU-Net, numpy, slicer or qt.
 
 How a run works
 
-1. The command writes into a fresh *staging* folder next to ``out_dir`` (same file system, so the
-   final move is a rename). ``out_dir`` itself is never written while the process runs.
+1. The command writes into a fresh hidden *staging* folder inside ``out_dir``
+   (``out_dir/.staging-*``: same file system, so the final move is a rename, and nothing is ever
+   created beside the folder the user chose). No output entry of ``out_dir`` is written while the
+   process runs; case-folder lookups skip dot-folders.
 2. Two reader threads turn the child's stdout/stderr into lines on a queue; :meth:`poll` drains the
    queue without blocking, hands progress events (``CalibUncertaintyLib.progress`` format) to
    ``on_progress`` and every other line to ``on_log``. Callbacks therefore run in the thread that
@@ -51,6 +53,12 @@ log = logging.getLogger(__name__)
 #: Put this token in a raw command where the output folder goes; the run replaces it by its
 #: staging folder (``PredictionRun`` never lets a command write into ``out_dir`` directly).
 OUTPUT_PLACEHOLDER = "{output}"
+
+#: Name prefix of the hidden staging folder a run creates inside its output folder.
+STAGING_PREFIX = ".staging-"
+#: subprocess.CREATE_NO_WINDOW (Windows only; the value, so the flag is testable anywhere).
+WINDOWS_NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000)
+WINDOWS_NEW_PROCESS_GROUP = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x00000200)
 
 ENSEMBLE_CHOICES = ("deep", "checkpoint", "single")
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
@@ -332,16 +340,12 @@ class PredictionRun:
             raise InputError(f"the output folder {self.out_dir} exists and is not a folder")
         self._reset()
         try:
-            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-            self.staging_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.staging-", dir=self.out_dir.parent))
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.staging_dir = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out_dir))
         except OSError as exc:
-            raise InputError(f"cannot create a staging folder next to the output folder {self.out_dir}: {exc}") from exc
+            raise InputError(f"cannot create a staging folder in the output folder {self.out_dir}: {exc}") from exc
         self.command = [a.replace(OUTPUT_PLACEHOLDER, str(self.staging_dir)) for a in self._template]
-        kwargs = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
-        else:
-            kwargs["start_new_session"] = True  # own session and process group: cancel can end the tree
+        kwargs = popen_platform_kwargs(os.name == "nt")
         try:
             self._proc = subprocess.Popen(
                 self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -489,6 +493,15 @@ class PredictionRun:
     def _remove_staging(self):
         if self.staging_dir is not None and self.staging_dir.exists():
             shutil.rmtree(self.staging_dir, ignore_errors=True)
+
+
+def popen_platform_kwargs(windows: bool) -> dict:
+    """Popen arguments that give the child its own process group (so cancel can end the tree);
+    on Windows also no console window, as Slicer's launchConsoleProcess starts PythonSlicer
+    (closing such a window would kill the run)."""
+    if windows:
+        return {"creationflags": WINDOWS_NEW_PROCESS_GROUP | WINDOWS_NO_WINDOW}
+    return {"start_new_session": True}
 
 
 def blocking_run(command: PredictOptions | Sequence[str], out_dir, on_progress: ProgressCallback | None = None,

@@ -107,7 +107,8 @@ def _wait_until(pred, timeout=10.0):
 
 
 def _staging_dirs(out: Path):
-    return list(out.parent.glob(f".{out.name}.staging-*"))
+    """Staging folders left anywhere a run could have put one (inside out_dir, or beside it)."""
+    return list(out.glob(".staging-*")) + list(out.parent.glob(f".{out.name}.staging-*"))
 
 
 def _previous_outputs_intact(out: Path):
@@ -439,3 +440,31 @@ def test_real_predict_command_succeeds_with_progress_and_outputs(tmp_path, out_d
     assert not (case_dir / "old_file.txt").exists()  # the earlier case_a was replaced as a whole
     assert json.loads((out_dir / "case_other" / "summary.json").read_text()) == {"run": "other"}
     assert _staging_dirs(out_dir) == []
+
+
+def test_staging_folder_is_inside_the_output_folder_not_beside_it(fake, tmp_path):
+    """A user who picks ~/results must not find hidden staging folders in ~ (issue 8)."""
+    parent = tmp_path / "home"
+    out = parent / "results"
+    parent.mkdir()
+    run = PredictionRun(fake("success"), out)
+    run.start()
+    assert run.staging_dir.parent == out and run.staging_dir.name.startswith(".staging-")
+    assert sorted(p.name for p in parent.iterdir()) == ["results"]
+    assert run.wait(timeout=30) is RunState.SUCCEEDED
+    assert sorted(p.name for p in parent.iterdir()) == ["results"]
+    assert _staging_dirs(out) == [] and (out / "case_a" / "summary.json").is_file()
+
+
+def test_windows_child_gets_no_console_window():
+    """On Windows the child starts without a console window (as Slicer's launchConsoleProcess
+    starts PythonSlicer) and in its own process group; elsewhere in its own session. (Windows
+    cannot run here: this checks the Popen arguments PredictionRun.start passes.)"""
+    from CalibUncertaintyLib import runner as runner_mod
+
+    win = runner_mod.popen_platform_kwargs(True)
+    assert win["creationflags"] & 0x08000000 and win["creationflags"] & 0x00000200
+    assert "start_new_session" not in win
+    assert runner_mod.popen_platform_kwargs(False) == {"start_new_session": True}
+    src = Path(runner_mod.__file__).read_text()
+    assert 'popen_platform_kwargs(os.name == "nt")' in src
