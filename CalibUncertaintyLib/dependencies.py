@@ -3,8 +3,9 @@
 Qt-free and import-light: it reads installed versions with ``importlib.metadata`` and never
 imports the packages it checks (except :func:`describe_compute_device`, which imports torch
 inside the function). The Slicer module calls :func:`missing_requirements` on the first Apply
-(never at import time) and installs what is missing with ``slicer.packaging.pip_ensure`` (or
-``slicer.util.pip_install``) after a confirmation; scripts call :func:`require`.
+(never at import time) and installs what is missing through ``slicer_install.SlicerInstaller``
+(nnunetv2 without its declared dependencies, the rest listed in ``resources/requirements.txt``,
+torch from the PyTorch extension); scripts call :func:`require`.
 
 PyTorch is deliberately not in :data:`REQUIREMENTS`: ``pip install torch`` picks a build that may
 not match the machine (a multi-GB CUDA build on a CPU box, or the wrong CUDA). In Slicer it comes
@@ -45,8 +46,8 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("matplotlib", ">=3.7", "reliability diagrams and review sheets"),
 )
 
-#: nnunetv2 2.8.1 declares torch>=2.1.2.
-TORCH = Requirement("torch", ">=2.1.2", "neural network inference")
+#: nnunetv2 2.8.1 declares torch>=2.1.2,!=2.9.*.
+TORCH = Requirement("torch", ">=2.1.2,!=2.9.*", "neural network inference")
 
 TORCH_MISSING_MESSAGE = (
     "PyTorch is not installed. In 3D Slicer install the 'PyTorch' extension (Extensions Manager), "
@@ -115,10 +116,16 @@ def _release(version: str) -> tuple[int, ...]:
 def _satisfies_simple(version: str, spec: str) -> bool:
     have = _release(version)
     for clause in spec.split(","):
-        m = re.match(r"\s*(==|!=|>=|<=|>|<|~=)\s*([\w.]+)\s*$", clause)
+        m = re.match(r"\s*(==|!=|>=|<=|>|<|~=)\s*([\w.]+?)(\.\*)?\s*$", clause)
         if not m:
             raise ValueError(f"unsupported version specifier {clause!r}")
-        op, want_text = m.groups()
+        op, want_text, wildcard = m.groups()
+        if wildcard and op in ("==", "!="):       # prefix match: !=2.9.* excludes 2.9.0, 2.9.1, ...
+            want = _release(want_text)
+            same = have[:len(want)] == want
+            if same != (op == "=="):
+                return False
+            continue
         want = _release(want_text)
         n = max(len(have), len(want))
         a, b = have + (0,) * (n - len(have)), want + (0,) * (n - len(want))
