@@ -1,10 +1,11 @@
 """CalibUncertainty: calibrated nnU-Net v2 ensembles and reviewable uncertainty maps in 3D Slicer.
 
-A thin shell over ``CalibUncertaintyLib``: the widget wires controls to Qt-free classes
-(``runner.PredictionRun`` for the out-of-process prediction, ``mrml.nodes.load_case_outputs`` and
-``mrml.review.ReviewController`` for display and region navigation, ``dependencies`` for the
-package check) and holds no computation of its own. Everything the module does can be scripted
-through ``CalibUncertaintyLogic.process`` or the library directly.
+A thin shell over ``CalibUncertaintyLib``: the widget wires controls to Qt-free classes tested
+against a real MRML scene (``mrml.prediction.ScenePrediction`` / ``ApplyCheck`` for Apply,
+``mrml.review.ReviewController`` for display, region navigation and restoring a saved review,
+``slicer_install.SlicerInstaller`` for the Python packages, ``sample_data`` for the sample) and
+holds no computation of its own. Everything the module does can be scripted through
+``CalibUncertaintyLogic.process`` or the library directly.
 """
 
 import logging
@@ -13,22 +14,27 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
-import ctk
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from CalibUncertaintyLib import dependencies, runner
-from CalibUncertaintyLib.runner import PredictionRun, PredictOptions, RunState
+from CalibUncertaintyLib import dependencies, runner, slicer_support
+from CalibUncertaintyLib.runner import RunState
 
-README_URL = "https://github.com/CalibUncertainty/CalibUncertainty#3d-slicer"
+README_URL = slicer_support.HELP_URL
 POLL_INTERVAL_MS = 200
+
+
+def _versionProblem():
+    """None on a supported Slicer, else the message saying which Slicer is needed."""
+    return slicer_support.slicer_version_problem(slicer.app.majorVersion, slicer.app.minorVersion)
 
 
 #
@@ -39,9 +45,9 @@ class CalibUncertainty(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("CalibUncertainty")
-        self.parent.categories = ["Segmentation"]
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
-        self.parent.contributors = ["L. Reitani (Politecnico di Milano)", "CalibUncertainty contributors"]
+        self.parent.contributors = ["CalibUncertainty developers (see the repository's commit history)"]
         self.parent.helpText = _(
             "Runs an nnU-Net v2 model as a deep ensemble (cross-validation folds), a checkpoint ensemble "
             "or a single model on a CT, calibrates the pooled probabilities with a temperature fitted on "
@@ -56,6 +62,23 @@ class CalibUncertainty(ScriptedLoadableModule):
             "learning-based biomedical image segmentation. Nature Methods 18, 203-211 (2021). Temperature "
             "scaling: Guo C, Pleiss G, Sun Y, Weinberger KQ. On Calibration of Modern Neural Networks. "
             "ICML 2017. Distance-aware entropy and EBCU are this project's own definitions.")
+        problem = _versionProblem()
+        if problem:  # refuse at load, with the reason, instead of failing on the first Apply
+            logging.error(problem)
+            self.parent.helpText = problem + "<br><br>" + self.parent.helpText
+            return
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """Register the sample CT + model with SampleData (sample_data.py says where it comes from)."""
+    import SampleData
+
+    from CalibUncertaintyLib.sample_data import sample_data_sources
+
+    iconPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "CalibUncertainty.png")
+    for source in sample_data_sources(thumbnail=iconPath):
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(**source)
 
 
 #
@@ -68,7 +91,10 @@ class CalibUncertaintyParameterNode:
 
     Paths are strings ("" = unset) bound by hand to their ctkPathLineEdit, so an unset path shows
     empty rather than ".". ``thresholdLower``/``thresholdUpper`` are the shown range of the current
-    overlay ``foregroundMap`` (bound by hand to the ctkRangeWidget).
+    overlay ``foregroundMap`` (bound by hand to the ctkRangeWidget). ``reviewCase`` is the
+    segmentation node of the case under review (it carries the case record, mrml/case_record.py)
+    and ``currentRegion`` the region shown (-1: none); with them a reloaded scene brings the
+    review back (ReviewController.restore).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -84,6 +110,8 @@ class CalibUncertaintyParameterNode:
     thresholdLower: float = 0.0
     thresholdUpper: float = 1.0
     caseFolder: str = ""
+    reviewCase: vtkMRMLSegmentationNode
+    currentRegion: int = -1
 
 
 #
@@ -91,7 +119,7 @@ class CalibUncertaintyParameterNode:
 #
 
 class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Wires the .ui controls to CalibUncertaintyLogic, PredictionRun and ReviewController."""
+    """Wires the .ui controls to CalibUncertaintyLogic and the library's Qt-free classes."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -100,22 +128,32 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._updatingGui = False
-        self._active = None              # ActivePrediction while a run is in flight
+        self._active = None              # ScenePrediction while a run is in flight
         self._caseNodes = None
         self._controller = None
         self._removeListener = None
         self._dependenciesOk = False
-        self._problemsKey = None
-        self._problems = []
+        self._applyCheck = None
+        self._timer = None
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        problem = _versionProblem()
+        if problem:  # an unsupported Slicer: say why, offer nothing that would fail later
+            label = qt.QLabel(problem)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            return
+        from CalibUncertaintyLib.mrml.prediction import ApplyCheck
+
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/CalibUncertainty.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = CalibUncertaintyLogic()
+        self._applyCheck = ApplyCheck()
 
         self.ui.progressBar.hide()
         self.ui.regionsTableWidget.setColumnCount(5)
@@ -125,6 +163,8 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodeRemoved)
 
         self._pathWidgets = {
             "modelFolder": self.ui.modelFolderPathLineEdit,
@@ -134,6 +174,7 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for name, widget in self._pathWidgets.items():
             widget.connect("currentPathChanged(QString)", lambda path, n=name: self.onPathChanged(n, path))
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.sampleDataButton.connect("clicked(bool)", self.onSampleDataButton)
         self.ui.mapComboBox.connect("currentIndexChanged(int)", self.onMapChanged)
         self.ui.thresholdRangeWidget.connect("valuesChanged(double,double)", self.onThresholdChanged)
         self.ui.showLegendCheckBox.connect("toggled(bool)", self.onShowLegendToggled)
@@ -146,18 +187,28 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.connect("timeout()", self.onPollRun)
 
         self.initializeParameterNode()
+        self.restoreReview()  # the module opened on a scene that already holds a reviewed case
 
     def cleanup(self) -> None:
-        self._timer.stop()
+        if self._timer is not None:
+            self._timer.stop()
         if self._active is not None:
-            self._active.run.cancel()
-            self.logic.cleanupPrediction(self._active)
+            self._active.cancel()
+            self._active.cleanup()
             self._active = None
         self._setController(None)
         self.removeObservers()
 
+    def onReload(self) -> None:
+        """Developer reload: the library too, not only this file (Slicer's reload keeps the
+        imported CalibUncertaintyLib otherwise)."""
+        dropped = slicer_support.forget_library_modules()
+        logging.info("CalibUncertainty reload: dropped %d library modules", len(dropped))
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def enter(self) -> None:
-        self.initializeParameterNode()
+        if self.logic is not None:
+            self.initializeParameterNode()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -166,7 +217,7 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         if self._active is not None:  # its input volume is about to disappear
             self._log(_("The scene is closing: cancelling the prediction."))
-            self._active.run.cancel()
+            self._active.cancel()
             self.onPollRun()
         self._setController(None)
         self._caseNodes = None
@@ -175,6 +226,22 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
             self.initializeParameterNode()
+
+    def onSceneEndImport(self, caller, event) -> None:
+        """A scene (.mrb/.mrml) was loaded: bring its review back."""
+        self.initializeParameterNode()
+        self.restoreReview()
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def onNodeRemoved(self, caller, event, node) -> None:
+        if self._controller is None:
+            return
+        if node is self._controller.case.segmentation:
+            self._setController(None)
+            self._caseNodes = None
+            return
+        if self._controller.prune_removed():
+            self._setController(self._controller)  # refill the map list without the deleted layer
 
     # ---------------------------------------------------------------- parameter node
     def initializeParameterNode(self) -> None:
@@ -233,23 +300,22 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "uncertainty maps and error regions.")
 
     def _applyProblems(self) -> list:
-        """Logic.applyProblems, re-evaluated only when an input it depends on changes (the
-        parameter node is modified on every opacity or threshold drag)."""
+        """ApplyCheck: re-evaluated when a parameter, a file on disk or the CT node changes."""
         pn = self._parameterNode
         if pn is None:
             return [_("No parameter node.")]
-        key = (pn.inputVolume.GetID() if pn.inputVolume else None, pn.modelFolder, pn.ensemble, pn.folds,
-               pn.calibrationFile, pn.device)
-        if key != self._problemsKey:
-            self._problemsKey, self._problems = key, self.logic.applyProblems(pn)
-        return self._problems
+        return self._applyCheck.problems(slicer.mrmlScene, pn.inputVolume, pn.modelFolder, pn.ensemble, pn.folds,
+                                         pn.calibrationFile, pn.device, pn.tta)
 
     # ---------------------------------------------------------------- prediction
     def onApplyButton(self) -> None:
         if self._active is not None:
             self._log(_("Cancelling..."))
-            self._active.run.cancel()
+            self._active.cancel()
             self.onPollRun()
+            return
+        self._checkCanApply()  # files may have changed since the button was enabled
+        if not self.ui.applyButton.enabled:
             return
         with slicer.util.tryWithErrorDisplay(_("Could not start the prediction."), waitCursor=True):
             if not self._ensureDependencies():
@@ -275,7 +341,7 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._active is None:
             self._timer.stop()
             return
-        state = self._active.run.poll()
+        state = self._active.poll()
         if state is RunState.RUNNING:
             return
         self._timer.stop()
@@ -286,8 +352,12 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.progressBar.format = _("done")
                 with slicer.util.tryWithErrorDisplay(_("The prediction finished but its outputs could not be loaded."),
                                                      waitCursor=True):
-                    caseNodes = self.logic.loadPrediction(active)
+                    if active.input_deleted:
+                        self._log(_("The input CT was deleted during the run: loading the exported copy."))
+                    caseNodes = active.load()
                     self._parameterNode.caseFolder = str(caseNodes.case_dir)
+                    self._parameterNode.reviewCase = caseNodes.segmentation
+                    self._parameterNode.currentRegion = -1
                     self._setCaseNodes(caseNodes)
                     self.ui.statusLabel.text = _("Done: {case} ({n} regions).").format(
                         case=caseNodes.case_id, n=len(caseNodes.regions))
@@ -301,7 +371,7 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.logCollapsibleButton.collapsed = False
                 slicer.util.errorDisplay(active.run.error or _("The prediction failed."))
         finally:
-            self.logic.cleanupPrediction(active)
+            active.cleanup()
             self._checkCanApply()
 
     def _onProgress(self, event: dict) -> None:
@@ -323,18 +393,38 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         logging.info(text)
 
     def _ensureDependencies(self) -> bool:
-        """On the first Apply: check torch and the requirements, offer to install what is missing."""
-        if self._dependenciesOk:
-            return True
-        if dependencies.torch_missing() is not None and not self.logic.installTorch():
-            return False
-        missing = dependencies.missing_requirements()
-        if missing and not self.logic.installRequirements(missing):
-            return False
-        self._dependenciesOk = True
-        return True
+        """On the first Apply: install what is missing (asks first), the nnU-Net extensions' way."""
+        if not self._dependenciesOk:
+            self._dependenciesOk = self.logic.ensureDependencies()
+        return self._dependenciesOk
+
+    def onSampleDataButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not load the sample data."), waitCursor=True):
+            ctNode, modelDir, calibration = self.logic.loadSampleData()
+            pn = self._parameterNode
+            pn.inputVolume = ctNode
+            pn.modelFolder, pn.calibrationFile = str(modelDir), str(calibration)
+            pn.ensemble, pn.folds = "deep", ""
+            self.ui.statusLabel.text = _("Sample loaded: press Apply.")
 
     # ---------------------------------------------------------------- review
+    def restoreReview(self) -> None:
+        """Bring back the review a loaded scene holds (parameter node + the case's nodes)."""
+        from CalibUncertaintyLib.errors import InputError
+
+        pn = self._parameterNode
+        if pn is None or self._active is not None:
+            return
+        try:
+            controller = self.logic.restoreReview(pn)
+        except InputError as exc:
+            logging.info("no review to restore: %s", exc)
+            return
+        if controller is None:
+            return
+        self._caseNodes = controller.case
+        self._setController(controller, restored=True)
+
     def _setCaseNodes(self, caseNodes) -> None:
         from CalibUncertaintyLib.mrml.review import ReviewController
 
@@ -343,7 +433,7 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._caseNodes = caseNodes
         self._setController(ReviewController(slicer.mrmlScene, caseNodes))
 
-    def _setController(self, controller) -> None:
+    def _setController(self, controller, restored: bool = False) -> None:
         if self._removeListener is not None:
             self._removeListener()
             self._removeListener = None
@@ -359,22 +449,28 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.legendLabel.text = _("Run a prediction to see its maps.")
             return
         self._removeListener = controller.add_listener(self._onReviewEvent)
-        controller.set_opacity(self._parameterNode.opacity)
-        wanted = self._parameterNode.foregroundMap
+        if not restored:
+            controller.set_opacity(self._parameterNode.opacity)
+        wanted = controller.current_map if restored else self._parameterNode.foregroundMap
         wasBlocked = self.ui.mapComboBox.blockSignals(True)
         self.ui.mapComboBox.currentIndex = names.index(wanted) if wanted in names else 0
         self.ui.mapComboBox.blockSignals(wasBlocked)
         self.onMapChanged(self.ui.mapComboBox.currentIndex)
+        if restored and controller.current_region_index is not None:
+            self._onReviewEvent("region", controller.current_region_index)
 
     def onMapChanged(self, index: int) -> None:
         if self._controller is None or index < 0:
             return
         name = self.ui.mapComboBox.itemText(index)
-        self._controller.set_foreground_map(name)
+        with slicer.util.tryWithErrorDisplay(_("Could not show {name}.").format(name=name)):
+            self._controller.set_foreground_map(name)
+        if self._controller.current_map != name:
+            return
         lo, hi = self._controller.value_range(name)
-        current = self._controller.threshold  # set_foreground_map applied the map's (default) threshold
+        current = self._controller.threshold  # set_foreground_map applied the map's (saved or default) threshold
         wasBlocked = self.ui.thresholdRangeWidget.blockSignals(True)
-        self.ui.thresholdRangeWidget.setRange(lo, max(hi, current[1]))
+        self.ui.thresholdRangeWidget.setRange(min(lo, current[0]), max(hi, current[1]))
         self.ui.thresholdRangeWidget.singleStep = max((hi - lo) / 200.0, 1e-4)
         self.ui.thresholdRangeWidget.setValues(current[0], current[1])
         self.ui.thresholdRangeWidget.blockSignals(wasBlocked)
@@ -395,9 +491,8 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onShowLegendToggled(self, show: bool) -> None:
         if self._controller is None or self._controller.current_map is None:
             return
-        for name in self._controller.map_names():  # only the shown overlay keeps a colour bar
-            self.logic.showColorLegend(self._controller.layer_node(name),
-                                       show and name == self._controller.current_map)
+        for name, node in self._controller.case.layers().items():  # only the shown overlay keeps a colour bar
+            self.logic.showColorLegend(node, show and name == self._controller.current_map)
 
     def _fillRegionTable(self) -> None:
         regions = self._controller.regions() if self._controller is not None else []
@@ -429,6 +524,8 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             regions = self._controller.regions()
             self.ui.regionsTableWidget.selectRow(value)
             self.ui.regionLabel.text = f"{value + 1} / {len(regions)}: {regions[value].label}"
+            if self._parameterNode is not None and self._parameterNode.currentRegion != value:
+                self._parameterNode.currentRegion = value
         elif event == "opacity" and abs(self._parameterNode.opacity - value) > 1e-9:
             self._parameterNode.opacity = value
 
@@ -436,16 +533,6 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 # Logic
 #
-
-class ActivePrediction:
-    """A prediction in flight: the run, the case name, the exported CT and the input node."""
-
-    def __init__(self, run: PredictionRun, case: str, exportDir: Path, inputVolumeNode):
-        self.run = run
-        self.case = case
-        self.exportDir = exportDir
-        self.inputVolumeNode = inputVolumeNode
-
 
 class CalibUncertaintyLogic(ScriptedLoadableModuleLogic):
     """Runs predictions out of process and loads their outputs; usable without the widget::
@@ -465,20 +552,10 @@ class CalibUncertaintyLogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------ options
     @staticmethod
     def makeOptions(modelFolder, ensemble="deep", folds=None, calibrationFile=None, device="auto",
-                    tta=True, inputPath=None) -> PredictOptions:
-        return PredictOptions(input_path=inputPath, model_dir=runner.as_optional_path(modelFolder),
-                              ensemble=ensemble, folds=runner.parse_folds(folds),
-                              calibration=runner.as_optional_path(calibrationFile), device=device, tta=tta)
-
-    def applyProblems(self, parameterNode) -> list:
-        """Why Apply cannot run with these parameters (empty when it can)."""
-        problems = [] if parameterNode.inputVolume else [_("Select the input CT volume.")]
-        try:
-            options = self.makeOptions(parameterNode.modelFolder, parameterNode.ensemble, parameterNode.folds,
-                                       parameterNode.calibrationFile, parameterNode.device, parameterNode.tta)
-        except Exception as exc:  # folds that do not parse
-            return problems + [str(exc)]
-        return problems + options.problems(check_input=False)
+                    tta=True, inputPath=None) -> runner.PredictOptions:
+        return runner.PredictOptions(input_path=inputPath, model_dir=runner.as_optional_path(modelFolder),
+                                     ensemble=ensemble, folds=runner.parse_folds(folds),
+                                     calibration=runner.as_optional_path(calibrationFile), device=device, tta=tta)
 
     # ------------------------------------------------------------ running
     @staticmethod
@@ -486,45 +563,23 @@ class CalibUncertaintyLogic(ScriptedLoadableModuleLogic):
         return Path(slicer.app.temporaryPath) / "CalibUncertainty" / "results"
 
     def startPrediction(self, inputVolumeNode, modelFolder, ensemble="deep", folds=None, calibrationFile=None,
-                        device="auto", tta=True, outDir=None, onProgress=None, onLog=None) -> ActivePrediction:
-        """Export the CT, start ``calib-uncertainty predict`` out of process and return at once."""
-        from CalibUncertaintyLib.mrml.nodes import export_volume_node
+                        device="auto", tta=True, outDir=None, onProgress=None, onLog=None):
+        """Export the CT, start ``calib-uncertainty predict`` out of process and return at once
+        (a started mrml.prediction.ScenePrediction)."""
+        from CalibUncertaintyLib.mrml.prediction import ScenePrediction
 
-        if inputVolumeNode is None:
-            raise ValueError(_("No input CT volume."))
         options = self.makeOptions(modelFolder, ensemble, folds, calibrationFile, device, tta)
-        options.validate(check_input=False)
-        case = runner.safe_case_name(inputVolumeNode.GetName())
-        exportDir = Path(tempfile.mkdtemp(prefix="CalibUncertainty-input-", dir=slicer.app.temporaryPath))
-        try:
-            options.input_path = export_volume_node(inputVolumeNode, exportDir / f"{case}.nii.gz")
-            run = PredictionRun(options, Path(outDir) if outDir else self.defaultOutputFolder(),
-                                on_progress=onProgress, on_log=onLog, env=self._childEnvironment())
-            run.start()
-        except Exception:
-            import shutil
-            shutil.rmtree(exportDir, ignore_errors=True)
-            raise
-        return ActivePrediction(run, case, exportDir, inputVolumeNode)
+        prediction = ScenePrediction(slicer.mrmlScene, inputVolumeNode, options,
+                                     Path(outDir) if outDir else self.defaultOutputFolder(),
+                                     temp_root=slicer.app.temporaryPath, on_progress=onProgress, on_log=onLog,
+                                     env=self._childEnvironment())
+        return prediction.start()
 
     @staticmethod
     def _childEnvironment():
         """PythonSlicer sets up its own paths from the environment Slicer started with."""
         startup = getattr(slicer.util, "startupEnvironment", None)
         return startup() if startup is not None else None
-
-    def loadPrediction(self, active: ActivePrediction):
-        """Load the outputs of a finished, successful run into the scene -> CaseNodes."""
-        from CalibUncertaintyLib.mrml.nodes import load_case_outputs
-
-        caseDir = runner.locate_case_dir(active.run.out_dir, active.case)
-        return load_case_outputs(slicer.mrmlScene, caseDir, active.inputVolumeNode)
-
-    @staticmethod
-    def cleanupPrediction(active: ActivePrediction) -> None:
-        import shutil
-
-        shutil.rmtree(active.exportDir, ignore_errors=True)
 
     def process(self, inputVolumeNode, modelFolder, ensemble="deep", folds=None, calibrationFile=None,
                 device="auto", tta=True, outDir=None, onProgress=None, onLog=None, timeout=None):
@@ -539,63 +594,81 @@ class CalibUncertaintyLogic(ScriptedLoadableModuleLogic):
         try:
             state = active.run.wait(timeout=timeout)
             if state is RunState.RUNNING:
-                active.run.cancel()
+                active.cancel()
                 raise runner.RunError(f"the prediction did not finish within {timeout} s and was cancelled")
             if state is not RunState.SUCCEEDED:
                 raise runner.RunError(active.run.error or f"the prediction ended in state {state.value}")
-            return self.loadPrediction(active)
+            return active.load()
         finally:
             if active.run.running:
-                active.run.cancel()
-            self.cleanupPrediction(active)
+                active.cancel()
+            active.cleanup()
+
+    # ------------------------------------------------------------ review
+    @staticmethod
+    def restoreReview(parameterNode):
+        """The ReviewController of the case a loaded scene holds (the parameter node's
+        ``reviewCase``, else the scene's first recorded case), showing the saved map, threshold,
+        opacity and region; None when the scene holds no case."""
+        from CalibUncertaintyLib.mrml.case_record import case_hubs, restore_case_nodes
+        from CalibUncertaintyLib.mrml.review import ReviewController
+
+        hub = parameterNode.reviewCase
+        if hub is None:
+            hubs = case_hubs(slicer.mrmlScene)
+            if not hubs:
+                return None
+            hub = hubs[0]
+        name = parameterNode.foregroundMap or None
+        threshold = (parameterNode.thresholdLower, parameterNode.thresholdUpper) if name else None
+        region = parameterNode.currentRegion if parameterNode.currentRegion >= 0 else None
+        return ReviewController.restore(slicer.mrmlScene, restore_case_nodes(slicer.mrmlScene, hub), map_name=name,
+                                        opacity=parameterNode.opacity, threshold=threshold, region=region)
 
     # ------------------------------------------------------------ dependencies (Slicer side)
     @staticmethod
-    def installTorch() -> bool:
-        """Install PyTorch through the PyTorch extension (asks first); False if not possible."""
+    def ensureDependencies() -> bool:
+        """Install what the prediction needs (slicer_install.SlicerInstaller: torch from the PyTorch
+        extension, nnunetv2 without its declared dependencies, the rest from
+        resources/requirements.txt with Slicer's numpy/scipy/SimpleITK/torch pinned). False when
+        the user declines or something is still missing (with a message)."""
+        from CalibUncertaintyLib.slicer_install import InstallDeclined, SlicerInstaller, make_plan
+
+        plan = make_plan()
+        if plan.empty:
+            return True
         try:
             import PyTorchUtils
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         except ImportError:
-            slicer.util.errorDisplay(dependencies.TORCH_MISSING_MESSAGE, windowTitle=_("PyTorch is missing"))
-            return False
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled() and torchLogic.installTorch(askConfirmation=True) is None:
-            slicer.util.errorDisplay(_("PyTorch was not installed. ") + dependencies.TORCH_MISSING_MESSAGE)
-            return False
-        missing = dependencies.torch_missing()
-        if missing is not None:
-            slicer.util.errorDisplay(f"{missing}. " + dependencies.TORCH_MISSING_MESSAGE)
-            return False
-        return True
-
-    @staticmethod
-    def installRequirements(missing) -> bool:
-        """Install the missing requirements after a confirmation (slicer.packaging.pip_ensure when
-        this Slicer has it, else slicer.util.pip_install)."""
-        requirements = dependencies.requirement_strings([m.requirement for m in missing])
+            torchLogic = None
         try:
-            import slicer.packaging as packaging
-        except ImportError:
-            packaging = None
-        if packaging is not None and hasattr(packaging, "pip_ensure"):
-            try:
-                packaging.pip_ensure(requirements, requester="CalibUncertainty")
-            except RuntimeError as exc:  # the user declined
-                logging.info("dependency installation declined: %s", exc)
-                return False
-        else:
-            message = dependencies.missing_message(missing, python="PythonSlicer")
-            if not slicer.util.confirmOkCancelDisplay(message + "\n\n" + _("Install them now? This can take "
-                                                                          "several minutes."),
-                                                      windowTitle=_("CalibUncertainty needs Python packages")):
-                return False
-            with slicer.util.WaitCursor():
-                slicer.util.pip_install(" ".join(requirements))
-        still = dependencies.missing_requirements([m.requirement for m in missing])
+            still = SlicerInstaller(slicer.util, torchLogic, temp_dir=slicer.app.temporaryPath).install(plan)
+        except InstallDeclined as exc:
+            logging.info("dependency installation declined: %s", exc)
+            return False
+        except dependencies.MissingDependencyError as exc:
+            slicer.util.errorDisplay(str(exc), windowTitle=_("PyTorch is missing"))
+            return False
         if still:
             slicer.util.errorDisplay(dependencies.missing_message(still, python="PythonSlicer"))
             return False
         return True
+
+    # ------------------------------------------------------------ sample data
+    @staticmethod
+    def loadSampleData():
+        """Download (once, through SampleData) the sample CT and model; -> (CT node, model folder,
+        calibration file)."""
+        import SampleData
+
+        from CalibUncertaintyLib.sample_data import SAMPLE_NAME, split_downloaded, unpack_sample_model
+
+        registerSampleData()
+        # [CT node, path of the model zip] (the zip is downloaded, not loaded)
+        ctNode, zipPath = split_downloaded(SampleData.SampleDataLogic().downloadSamples(SAMPLE_NAME))
+        modelDir, calibration = unpack_sample_model(zipPath, Path(zipPath).parent / "CalibUncertaintySample")
+        return ctNode, modelDir, calibration
 
     # ------------------------------------------------------------ display helpers
     @staticmethod
@@ -617,7 +690,14 @@ class CalibUncertaintyLogic(ScriptedLoadableModuleLogic):
 #
 
 class CalibUncertaintyTest(ScriptedLoadableModuleTest):
-    """The module's self-test (ctest, the Reload-and-Test button, the Slicer CI workflow)."""
+    """The module's self-test (ctest, the Reload-and-Test button, the Slicer CI workflow).
+
+    It needs only what Slicer ships (no matplotlib, no nnU-Net): synthetic ensemble members over a
+    phantom CT. With ``CALIBU_SELFTEST_SAMPLE`` set to a folder holding the sample data
+    (``python -m CalibUncertaintyLib.sample_data DIR``: the files SampleData serves) it predicts
+    the sample CT with the sample model instead; ``CALIBU_SELFTEST_MODEL``/``CALIBU_SELFTEST_CT``
+    name any model and CT.
+    """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -633,6 +713,12 @@ class CalibUncertaintyTest(ScriptedLoadableModuleTest):
         workdir = tempfile.mkdtemp(prefix="CalibUncertaintySelfTest-", dir=slicer.app.temporaryPath)
         modelDir = os.environ.get("CALIBU_SELFTEST_MODEL") or None
         ctPath = os.environ.get("CALIBU_SELFTEST_CT") or None
+        sampleDir = os.environ.get("CALIBU_SELFTEST_SAMPLE") or None
+        if sampleDir and not modelDir:
+            from CalibUncertaintyLib.sample_data import CT_FILE, MODEL_ZIP, unpack_sample_model
+
+            modelDir, _calibration = unpack_sample_model(Path(sampleDir) / MODEL_ZIP, Path(workdir) / "sample")
+            ctPath = str(Path(sampleDir) / CT_FILE)
         # raises AssertionError naming the failed check; returns a summary dict when all passed
         result = run_self_test(slicer.mrmlScene, workdir, model_dir=modelDir, ct_path=ctPath, log=logging.info)
         self.assertIsInstance(result, dict)

@@ -25,3 +25,19 @@ def slicer_version_problem(major, minor, python=None):
                     supported=SUPPORTED, py=".".join(map(str, MIN_PYTHON)), major=major, minor=minor,
                     have=".".join(map(str, python)))
     return None
+
+#: The extension's public repository (the Extensions Index requires a name starting with "Slicer").
+REPOSITORY_NAME = "SlicerCalibUncertainty"
+REPOSITORY_URL = "https://github.com/calibuncertainty/" + REPOSITORY_NAME
+HELP_URL = REPOSITORY_URL + "#3d-slicer"
+LIBRARY_PACKAGE = "CalibUncertaintyLib"
+
+
+def forget_library_modules(package=LIBRARY_PACKAGE):
+    """Drop ``package`` and its submodules from ``sys.modules`` so that the next import reads
+    them from disk again (the module's developer Reload; Slicer's own reload re-reads only the
+    module file). Returns the names dropped. Objects already created keep their old classes."""
+    names = [n for n in list(sys.modules) if n == package or n.startswith(package + ".")]
+    for name in names:
+        del sys.modules[name]
+    return sorted(names)
