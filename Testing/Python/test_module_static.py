@@ -15,6 +15,7 @@ import ast
 import fnmatch
 import importlib.metadata
 import re
+import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -291,9 +292,18 @@ def test_library_keeps_its_import_contract():
 
 
 # --------------------------------------------------------------------------------- CI workflow
-def test_slicer_workflow_is_valid_and_runs_the_self_test():
+#: Options of Slicer's launcher used by the workflow, as qSlicerCoreCommandOptions /
+#: qSlicerCommandOptions declare them (read in Slicer's sources; the application cannot run here).
+SLICER_OPTIONS = {"--no-splash", "--no-main-window", "--testing", "--additional-module-paths", "--python-script"}
+
+
+def _workflow():
     yaml = pytest.importorskip("yaml", reason="PyYAML is part of the test environment; needed to parse the workflow")
-    doc = yaml.safe_load(WORKFLOW.read_text(encoding="utf-8"))
+    return yaml.safe_load(WORKFLOW.read_text(encoding="utf-8"))
+
+
+def test_slicer_workflow_is_valid_and_runs_the_self_test():
+    doc = _workflow()
     triggers = doc.get("on", doc.get(True))  # YAML 1.1 reads a bare `on` key as True
     assert "push" in triggers and "pull_request" in triggers
     (job,) = doc["jobs"].values()
@@ -301,16 +311,65 @@ def test_slicer_workflow_is_valid_and_runs_the_self_test():
     steps = job["steps"]
     assert steps[0]["uses"].startswith("actions/checkout@")
     script = "\n".join(s.get("run", "") for s in steps)
-    assert "download.slicer.org/download?os=linux&stability=release" in script
+    assert "download.slicer.org/download?os=linux&stability=" in script
     assert "tar -xzf" in script
     assert 'py="$SLICER_DIR/bin/PythonSlicer"' in script and '"$py" -m pip install' in script
-    assert "requirement_strings" in script  # installs exactly CalibUncertaintyLib.dependencies.REQUIREMENTS
     assert "xvfb-run" in script and "--no-main-window" in script
     assert "--additional-module-paths" in script and "CalibUncertaintyTest()" in script
     assert "slicer.util.exit(status)" in script and "status = 1" in script  # a failure fails the job
-    # the embedded self-test script is valid Python
-    py = re.search(r"<<'PY'\n(.*?)\nPY\n", script, re.S).group(1)
-    ast.parse(py)
+    used = re.findall(r'"\$SLICER_DIR/Slicer"((?:\s+\\?\s*--[a-z-]+(?:\s+"[^"]+")?)+)', script, re.S)
+    options = set(re.findall(r"(--[a-z-]+)", " ".join(used)))
+    assert options and options <= SLICER_OPTIONS, options - SLICER_OPTIONS
+    # every embedded Python script is valid Python
+    for py in re.findall(r"<<'PY'\n(.*?)\n\s*PY\n", script + "\n", re.S):
+        ast.parse(textwrap.dedent(py))
+
+
+def test_slicer_workflow_follows_the_user_path():
+    """Fresh self-test before any install; the module's own installer; the sample data; the widget
+    tests (out-of-process Apply/Cancel/Apply) and the self-test with the sample model."""
+    steps = _workflow()["jobs"]["selftest"]["steps"]
+    names = [s.get("name", "") for s in steps]
+
+    def index(word):
+        return next(i for i, n in enumerate(names) if word in n)
+
+    fresh, install, sample = index("fresh Slicer"), index("module's own path"), index("sample data")
+    widget, with_model = index("Widget tests"), index("with the sample model")
+    assert fresh < install < sample < widget < with_model
+    fresh_run = steps[fresh]["run"]
+    assert "find_spec('matplotlib') is None" in fresh_run and "pip install" not in fresh_run
+    install_run = steps[install]["run"]
+    assert "SlicerInstaller(" in install_run and "make_plan()" in install_run
+    assert "TORCH_REQUIREMENT" in install_run and "requirement_strings" not in install_run
+    assert "-m CalibUncertaintyLib.sample_data" in steps[sample]["run"]
+    assert "CALIBU_SELFTEST_SAMPLE=" in steps[sample]["run"]
+    widget_run = steps[widget]["run"]
+    assert "import CalibUncertaintyWidgetTest" in widget_run and "not result.skipped" in widget_run
+    assert steps[widget]["env"]["WIDGET_TEST_DIR"].endswith("CalibUncertainty/Testing/Python")
+    assert "run_selftest.py" in steps[with_model]["run"]
+    # the widget test the job runs has the out-of-process path through the buttons
+    tests = (MODULE_DIR / "Testing" / "Python" / "CalibUncertaintyWidgetTest.py").read_text(encoding="utf-8")
+    body = tests[tests.index("def test_apply_progress_cancel_apply_results"):]
+    assert body.count("ui.applyButton.click()") == 3 and "CALIBU_SELFTEST_SAMPLE" in tests
+    assert "def test_saved_scene_brings_the_review_back" in tests
+
+
+def test_slicer_workflow_lays_the_module_out_like_the_built_extension():
+    """lib/Slicer-X.Y/qt-scripted-modules/ with the module file, its resources (those CMake
+    installs) and every library .py and data file, as CalibUncertainty/CMakeLists.txt installs them."""
+    steps = _workflow()["jobs"]["selftest"]["steps"]
+    run = next(s["run"] for s in steps if "built extension" in s.get("name", ""))
+    assert "qt-scripted-modules" in run and "lib/Slicer-" in run
+    assert "cp CalibUncertainty/CalibUncertainty.py" in run
+    resources = re.search(r"set\(\s*MODULE_PYTHON_RESOURCES(.*?)\)", _cmake(MODULE_DIR / "CMakeLists.txt"), re.S).group(1).split()
+    for r in resources:
+        rel = r.replace("${MODULE_NAME}", "CalibUncertainty")
+        assert f"cp CalibUncertainty/{rel} " in run, rel
+    assert "--include='*.py'" in run and "--include='resources/*'" in run and "CalibUncertaintyLib/" in run
+    later = "\n".join(s.get("run", "") for s in steps[steps.index(next(s for s in steps if "built extension" in s.get("name", ""))) + 1:])
+    assert '--additional-module-paths "$MODULES_DIR"' in later
+    assert '"$GITHUB_WORKSPACE/CalibUncertainty"' not in later  # never the source tree
 
 
 # --------------------------------------------------------------------------------- dependencies

@@ -162,3 +162,23 @@ def test_slicer_version_gate():
     assert slicer_version_problem(5, 12, python=(3, 12)) is None
     assert slicer_version_problem(6, 0, python=(3, 13)) is None
     assert slicer_version_problem(5, 10, python=(3, 9)) is not None
+
+
+def test_forget_library_modules_makes_the_next_import_fresh():
+    """The module's developer Reload drops the library so that edited files are read again."""
+    import importlib
+    import sys
+
+    from CalibUncertaintyLib.slicer_support import forget_library_modules
+
+    import CalibUncertaintyLib.progress as old
+    saved = {k: v for k, v in sys.modules.items() if k == "CalibUncertaintyLib" or k.startswith("CalibUncertaintyLib.")}
+    try:
+        dropped = forget_library_modules()
+        assert "CalibUncertaintyLib" in dropped and "CalibUncertaintyLib.progress" in dropped
+        assert not any(k.startswith("CalibUncertaintyLib") for k in sys.modules)
+        assert importlib.import_module("CalibUncertaintyLib.progress") is not old
+    finally:  # give the rest of the suite its original module objects back
+        for k in [k for k in sys.modules if k.startswith("CalibUncertaintyLib")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
