@@ -74,8 +74,10 @@ def registerSampleData():
     """Register the sample CT + model with SampleData (sample_data.py says where it comes from)."""
     import SampleData
 
-    from CalibUncertaintyLib.sample_data import sample_data_sources
+    from CalibUncertaintyLib.sample_data import SAMPLE_NAME, sample_data_sources
 
+    if SampleData.SampleDataLogic().sourceForSampleName(SAMPLE_NAME) is not None:
+        return  # registered already (at startup)
     iconPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "CalibUncertainty.png")
     for source in sample_data_sources(thumbnail=iconPath):
         SampleData.SampleDataLogic.registerCustomSampleDataSource(**source)

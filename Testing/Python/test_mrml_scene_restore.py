@@ -215,3 +215,25 @@ def test_case_record_is_plain_json_on_the_segmentation(sample_case_files):
     case = nodes.load_case_outputs(scene, case_dir, input_volume_node=nodes.load_volume_file(scene, ct_path))
     doc = json.loads(case.segmentation.GetAttribute(CASE_ATTRIBUTE))
     assert doc["case_id"] == case.case_id and set(doc["probability_files"]) == {"Organ", "Nodule"}
+
+
+def test_saved_mrml_scene_folder_brings_the_review_back(sample_case_files, tmp_path):
+    """The same through a plain .mrml file with its data folder (Save scene as .mrml)."""
+    ct_path, case_dir = sample_case_files
+    scene = _scene(tmp_path / "c1")
+    case = nodes.load_case_outputs(scene, case_dir, input_volume_node=nodes.load_volume_file(scene, ct_path))
+    ctl = ReviewController(scene, case)
+    ctl.set_foreground_map("epkl")
+    ctl.set_threshold(0.02, 0.3)
+    ctl.go_to_region(1)
+    folder = tmp_path / "scene"
+    folder.mkdir()
+    assert scene.SaveSceneToSlicerDataBundleDirectory(str(folder))
+    (mrml,) = folder.glob("*.mrml")
+    scene2 = _scene(tmp_path / "c2")
+    scene2.SetURL(str(mrml))
+    assert scene2.Connect()
+    restored = ReviewController.restore(scene2)
+    assert (restored.current_map, restored.current_region_index) == ("epkl", 1)
+    assert restored.threshold == pytest.approx((0.02, 0.3))
+    assert restored.layer_node("epkl").GetImageData() is not None

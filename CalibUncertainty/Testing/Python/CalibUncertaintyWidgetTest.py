@@ -100,7 +100,10 @@ class CalibUncertaintyWidgetTest(unittest.TestCase):
         self.widget._setCaseNodes(case)
         combo = self.widget.ui.mapComboBox
         combo.currentIndex = combo.findText("entropy")
-        self.widget.ui.thresholdRangeWidget.setValues(0.05, 0.5)
+        rangeWidget = self.widget.ui.thresholdRangeWidget
+        span = rangeWidget.maximum - rangeWidget.minimum
+        rangeWidget.setValues(rangeWidget.minimum + 0.1 * span, rangeWidget.minimum + 0.6 * span)
+        lower, upper = rangeWidget.minimumValue, rangeWidget.maximumValue
         self.widget.onNextRegion()
         self.widget.onNextRegion()
         self.params.opacity = 0.3
@@ -112,8 +115,9 @@ class CalibUncertaintyWidgetTest(unittest.TestCase):
         ctl = self.widget._controller
         self.assertIsNotNone(ctl, "the review did not come back with the scene")
         self.assertEqual(ctl.current_map, "entropy")
-        self.assertAlmostEqual(ctl.threshold[0], 0.05, places=5)
-        self.assertAlmostEqual(ctl.threshold[1], 0.5, places=5)
+        self.assertAlmostEqual(ctl.threshold[0], lower, places=5)
+        self.assertAlmostEqual(ctl.threshold[1], upper, places=5)
+        self.assertAlmostEqual(self.widget.ui.thresholdRangeWidget.minimumValue, lower, places=4)
         self.assertAlmostEqual(ctl.opacity, 0.3, places=5)
         self.assertEqual(ctl.current_region_index, 1)
         self.assertEqual(self.widget.ui.mapComboBox.currentText, "entropy")
