@@ -192,6 +192,9 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.restoreReview()  # the module opened on a scene that already holds a reviewed case
 
     def cleanup(self) -> None:
+        if self.logic is None:  # the refusal panel of an unsupported Slicer
+            self.removeObservers()
+            return
         if self._timer is not None:
             self._timer.stop()
         if self._active is not None:
