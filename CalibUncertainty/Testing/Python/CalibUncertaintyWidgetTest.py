@@ -148,8 +148,10 @@ class CalibUncertaintyWidgetTest(unittest.TestCase):
 
         ui.applyButton.click()                                  # Apply
         self.assertEqual(ui.applyButton.text, "Cancel")
-        self.assertTrue(waitFor(lambda: "member" in ui.statusLabel.text or ui.logTextEdit.toPlainText(), 120),
-                        "no progress from the prediction")
+        self.assertEqual(ui.statusLabel.text, "Running...")
+        # a CALIBU_PROGRESS event replaces "Running..." with the stage (and member) it reports
+        self.assertTrue(waitFor(lambda: ui.statusLabel.text != "Running...", 120), "no progress from the prediction")
+        self.assertTrue(ui.progressBar.visible)
         ui.applyButton.click()                                  # Cancel
         self.assertEqual(ui.applyButton.text, "Apply")
         self.assertIn("Cancelled", ui.statusLabel.text)
