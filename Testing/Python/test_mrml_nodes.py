@@ -53,7 +53,8 @@ def test_outputs_sit_on_the_input_voxels(phantom_case):
     ct_path, case_dir = phantom_case
     scene = slicer.vtkMRMLScene()
     ct_node = nodes.load_volume_file(scene, ct_path)
-    case = nodes.load_case_outputs(scene, case_dir, input_volume_node=ct_node)
+    case = nodes.load_case_outputs(scene, case_dir, input_volume_node=ct_node, probabilities="all")
+    assert len(case.probabilities) == 2
     shape = case.geometry.shape_zyx
     corners = [(0, 0, 0), (shape[2] - 1, 0, 0), (0, shape[1] - 1, 0), (3, 5, shape[0] - 1),
                (shape[2] - 1, shape[1] - 1, shape[0] - 1)]
@@ -91,7 +92,10 @@ def test_display_nodes_use_project_tables_windows_and_thresholds(phantom_case):
     case = nodes.load_case_outputs(scene, case_dir, input_volume_node=nodes.load_volume_file(scene, ct_path))
     prob_id = colors.colour_table_id(scene, colors.PROBABILITY)
     unc_id = colors.colour_table_id(scene, colors.UNCERTAINTY)
-    for node in case.probabilities.values():
+    assert case.probabilities == {}                   # on demand: none until shown
+    loaded = [case.layer_node(scene, n) for n in case.layer_names() if n.startswith("prob_")]
+    assert len(loaded) == 2 and list(case.probabilities.values()) == loaded
+    for node in loaded:
         d = node.GetDisplayNode()
         assert d.GetColorNodeID() == prob_id
         assert (d.GetWindowLevelMin(), d.GetWindowLevelMax()) == pytest.approx((0.0, 1.0))
