@@ -338,8 +338,12 @@ def dice_rows(evaluation: dict) -> list[dict]:
 
 
 def quality_rows(evaluation: dict) -> list[dict]:
-    return [{"case": rec["case"], "mean_dice": rec["mean_dice"], **rec["quality"]}
-            for rec in evaluation["per_case"] if rec["quality"] is not None]
+    """One row per case in review order (``metrics.case_quality.review_order``), with its rank."""
+    from ..metrics.case_quality import review_order
+
+    recs = [rec for rec in review_order(evaluation["per_case"]) if rec["quality"] is not None]
+    return [{"review_rank": i + 1, "case": rec["case"], "mean_dice": rec["mean_dice"], **rec["quality"]}
+            for i, rec in enumerate(recs)]
 
 
 def write_evaluation(out_dir, evaluation: dict) -> list[Path]:

@@ -20,6 +20,11 @@ stays bounded by one case's accumulator plus the sampled voxels and ROI crops):
    prediction ≠ reference inside the ROI. Maps, errors and ROIs are kept cropped to the ROI
    bounding box (padded by the EBCU radius, so EBCU inside the ROI is exact).
 
+Passes 1 and 3 are per-case functions (``sample_case``, ``threshold_case``) mapped over the
+cases by ``cohort.executor.run_cohort`` (local loop or Ray tasks); only their small results (the
+sampled rows; the ROI-box crops and ROI entropies) come back, and the fit, the pooled EBCU quantile
+and the τ* search run once on them in case order, so every executor gives the same file.
+
 The calibration file records T (or w, b), the mode, the ROI rule and radius, the cases, the NLL
 before/after, τ* per map, t, the class names and the fingerprint of the model: the one given
 (``fingerprint_model_folder`` when the members were computed from a model folder: plans,

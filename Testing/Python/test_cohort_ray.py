@@ -166,6 +166,16 @@ def test_fit_and_evaluate_on_ray_equal_local(cohort, ray_local):
         rec.pop("time_s")
     for key in ("per_case", "reliability", "cohort_ece", "ueo_curves", "budget_curves", "case_quality", "aggregate"):
         close(lo[key], ra[key], key)
+    # cohort report: per-case table in review order (highest mean uncertainty of the regions map first)
+    import csv
+
+    rows = list(csv.DictReader((root / "eval_ray" / "case_quality.csv").open()))
+    assert [int(r["review_rank"]) for r in rows] == [1, 2, 3]
+    u = [float(r["mean_u_roi"]) for r in rows]
+    assert u == sorted(u, reverse=True)
+    report = (root / "eval_ray" / "report.md").read_text()
+    assert "in review order" in report and report.index(rows[0]["case"]) < report.index(rows[-1]["case"])
+    assert (root / "eval_ray" / "reliability_roi.png").is_file()
     # the cohort ECE is the ECE of the summed bins, not the mean of the per-case ECEs
     per_case_mean = np.mean([r["metrics"]["after"]["roi"]["ece_top"] for r in lo["per_case"]])
     assert lo["cohort_ece"]["after_roi"] != pytest.approx(per_case_mean, abs=1e-12)
