@@ -272,3 +272,27 @@ def test_cli_starts_and_stops_its_own_runtime(cohort, tmp_path):
     while _session_pids(proc.pid) and time.time() < deadline:
         time.sleep(0.2)
     assert not _session_pids(proc.pid), "the command's Ray runtime left processes running"
+
+
+def test_predict_on_ray_equals_local(ray_local, openkbp_dir, tmp_path):
+    """predict's per-case function on Ray workers (each loads the tiny real nnU-Net model once)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_nnunet import build_tiny_model_folder, write_test_ct
+
+    model = build_tiny_model_folder(tmp_path / "model", folds=(0, 1))
+    cts = sorted((openkbp_dir / "imagesTr").glob("*_0000.nii.gz"))[:2]
+    images = tmp_path / "images"
+    for i, ct in enumerate(cts):
+        write_test_ct(images / f"hn_{i}_0000.nii.gz", source_ct=ct, shape_zyx=(18, 40, 36))
+    outs = {}
+    for name, extra in (("local", []), ("ray", RAY)):
+        outs[name] = tmp_path / f"pred_{name}"
+        assert main(["predict", "-i", str(images), "-m", str(model), "-o", str(outs[name]), "--no-tta",
+                     "--device", "cpu", *extra]) == 0
+    top = json.loads((outs["ray"] / "summary.json").read_text())
+    assert top["executor"] == "ray" and top["done"] == ["hn_0", "hn_1"] and top["device"] == "cpu"
+    for case in ("hn_0", "hn_1"):
+        for f in sorted(p.name for p in (outs["local"] / case).glob("*.nii.gz")):
+            a, _ = read_image(outs["local"] / case / f)
+            b, _ = read_image(outs["ray"] / case / f)
+            assert np.array_equal(a, b), f"{case}/{f}"
