@@ -23,14 +23,16 @@ Per case (METHODS.md §2–§6; definitions restated in the functions used):
   Spearman correlation with the mean Dice and the risk–coverage AURC.
 
 UEO-against-τ curves for the plots are computed on a uniform random subsample of at most
-``curve_max_voxels`` ROI voxels per case (fixed seed); every number in the tables uses all voxels.
+``curve_max_voxels`` ROI voxels per case (fixed seed), lowered for large cohorts so that all cases
+together keep at most ``CURVE_TOTAL_VOXELS`` (these samples travel back to the driver; at least
+``CURVE_MIN_VOXELS`` per case); every number in the tables uses all voxels.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -47,6 +49,8 @@ log = logging.getLogger(__name__)
 STAGES = ("before", "after")
 REGIONS = ("roi", "whole_image")
 N_TAU = 60
+CURVE_TOTAL_VOXELS = 4_000_000
+CURVE_MIN_VOXELS = 10_000
 
 
 @dataclass
@@ -258,6 +262,8 @@ def evaluate_cases(pairing: Pairing, calibration, opts: EvalOptions | None = Non
     opts = opts or EvalOptions()
     if any(cf.label_path is None for cf in pairing.cases):
         raise InputError("evaluation needs reference labels for every case (--labels)")
+    n_all = max(len(pairing.cases), 1)
+    opts = replace(opts, curve_max_voxels=min(opts.curve_max_voxels, max(CURVE_MIN_VOXELS, CURVE_TOTAL_VOXELS // n_all)))
     job = EvalJob(Pairing([], pairing.n_classes, pairing.class_names, pairing.dataset_json), calibration, opts)
     result = run_cohort(evaluate_one, job, [(cf.case, cf) for cf in pairing.cases], executor, desc="evaluate")
     if not result.results:

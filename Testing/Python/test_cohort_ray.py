@@ -126,7 +126,12 @@ def test_summary_record_not_folder_existence_decides_skip(cohort, ray_local):
     assert (out / EVAL[0] / "map_dae.nii.gz").is_file()
 
 
-def test_fit_and_evaluate_on_ray_equal_local(cohort, ray_local):
+def test_fit_and_evaluate_on_ray_equal_local(cohort, ray_local, monkeypatch):
+    import CalibUncertaintyLib.pipeline.evaluate as evaluate_mod
+
+    # a "large cohort" for the curve samples that travel to the driver: 30000 voxels in all
+    monkeypatch.setattr(evaluate_mod, "CURVE_TOTAL_VOXELS", 30_000)
+    monkeypatch.setattr(evaluate_mod, "CURVE_MIN_VOXELS", 1_000)
     c, root = cohort, cohort["root"]
     cals = {}
     for name, extra in (("local", []), ("ray", RAY)):
@@ -147,6 +152,7 @@ def test_fit_and_evaluate_on_ray_equal_local(cohort, ray_local):
         evs[name] = json.loads((out / "evaluation.json").read_text())
     lo, ra = evs["local"], evs["ray"]
     assert [r["case"] for r in ra["per_case"]] == EVAL and ra["cohort"]["done"] == EVAL
+    assert lo["options"]["curve_max_voxels"] == ra["options"]["curve_max_voxels"] == 10_000
 
     def close(x, y, where):
         if isinstance(x, dict):
