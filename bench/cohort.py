@@ -127,8 +127,9 @@ def main(argv=None) -> int:
     for r in runs:
         cph = 3600 * r["n"] / r["run_s"]
         total = r["run_s"] + r["start_s"] + r["stop_s"]
-        lines.append(f"{r['name']:<9} | {r['n']:>5} | {r['run_s']:>13.1f} | {cph:>10.0f} | {base / r['run_s']:>14.2f} | "
-                     f"{r['start_s'] + r['stop_s']:>16.1f} | {3600 * r['n'] / total:>22.0f}")
+        lines.append(f"{r['name']:<9} | {r['n']:>5} | {r['run_s']:>13.1f} | {cph:>10.0f} | "
+                     f"{base / r['run_s']:>14.2f} | {r['start_s'] + r['stop_s']:>16.1f} | "
+                     f"{3600 * r['n'] / total:>22.0f}")
     local = runs[0]["stages"]
     med = {k: statistics.median(s[k] for s in local) for k in local[0]}
     lines += ["", "per case, local executor (median of the cases' summary.json timings, s): "

@@ -126,7 +126,8 @@ def run_on_ray(fn, job, items, options, resources, result, progress) -> None:
                         result.failed[case] = error_text(cause)
                         progress.finished(case, ok=False)
                     except Exception as exc:  # worker died more often than max_retries, object lost ...
-                        result.failed[case] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                        first = (str(exc).strip().splitlines() or [""])[0]
+                        result.failed[case] = f"{type(exc).__name__}: {first}"
                         progress.finished(case, ok=False)
                     else:
                         result.results[case] = value

@@ -263,7 +263,8 @@ def evaluate_cases(pairing: Pairing, calibration, opts: EvalOptions | None = Non
     if any(cf.label_path is None for cf in pairing.cases):
         raise InputError("evaluation needs reference labels for every case (--labels)")
     n_all = max(len(pairing.cases), 1)
-    opts = replace(opts, curve_max_voxels=min(opts.curve_max_voxels, max(CURVE_MIN_VOXELS, CURVE_TOTAL_VOXELS // n_all)))
+    cap = max(CURVE_MIN_VOXELS, CURVE_TOTAL_VOXELS // n_all)
+    opts = replace(opts, curve_max_voxels=min(opts.curve_max_voxels, cap))
     job = EvalJob(Pairing([], pairing.n_classes, pairing.class_names, pairing.dataset_json), calibration, opts)
     result = run_cohort(evaluate_one, job, [(cf.case, cf) for cf in pairing.cases], executor, desc="evaluate")
     if not result.results:
