@@ -79,13 +79,21 @@ def _cohort_case(fn, job, item):
     return fn(job, item)
 
 
-def _slots(ray, options, resources) -> int:
-    if options.workers is not None:
-        return options.workers
-    total = ray.cluster_resources()
-    if resources.gpu_if_available and total.get("GPU", 0) >= 1:
-        return max(1, int(total["GPU"]))
-    return max(1, int(total.get("CPU", 1) // max(resources.num_cpus, 1e-9)))
+def placement(cluster: dict, resources, workers: int | None) -> tuple[float, int, int]:
+    """(CPUs per task, GPUs per task, cases in flight) for a cluster's resources (``ray.cluster_resources()``).
+
+    A task that wants a GPU (``resources.gpu_if_available``: inference) gets one GPU and no CPU
+    reservation where the cluster has GPUs, and as many cases run at once as there are GPUs;
+    otherwise ``resources.num_cpus`` CPUs and as many cases as the CPUs allow. ``workers`` caps
+    the cases in flight.
+    """
+    if resources.gpu_if_available and cluster.get("GPU", 0) >= 1:
+        cpus, gpus, slots = 0.0, 1, int(cluster["GPU"])
+    else:
+        cpus, gpus = float(resources.num_cpus), 0
+        slots = int(cluster.get("CPU", 1) // max(cpus, 1e-9))
+    slots = max(1, slots)
+    return cpus, gpus, (workers if workers is not None else slots)
 
 
 def run_on_ray(fn, job, items, options, resources, result, progress) -> None:
@@ -93,11 +101,10 @@ def run_on_ray(fn, job, items, options, resources, result, progress) -> None:
     with ray_runtime(options) as ray:
         from ray.exceptions import RayTaskError
 
-        gpus = 1 if resources.gpu_if_available and ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        task = ray.remote(_cohort_case).options(num_cpus=0 if gpus else resources.num_cpus, num_gpus=gpus,
-                                               max_retries=options.max_retries, retry_exceptions=False)
+        cpus, gpus, slots = placement(ray.cluster_resources(), resources, options.workers)
+        task = ray.remote(_cohort_case).options(num_cpus=cpus, num_gpus=gpus, max_retries=options.max_retries,
+                                               retry_exceptions=False)
         fn_ref, job_ref = ray.put(fn), ray.put(job)
-        slots = _slots(ray, options, resources)
         pending = list(reversed(items))
         inflight: dict = {}
         errors_seen: dict[str, int] = {}

@@ -97,3 +97,14 @@ def test_ray_is_imported_only_when_used():
             "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_inference_asks_for_a_gpu_where_the_cluster_has_them():
+    from CalibUncertaintyLib.cohort.executor import TaskResources
+    from CalibUncertaintyLib.cohort.ray_backend import placement
+
+    infer, maps = TaskResources(num_cpus=1, gpu_if_available=True), TaskResources(num_cpus=1)
+    assert placement({"CPU": 64.0, "GPU": 4.0}, infer, None) == (0.0, 1, 4)   # one GPU per case, 4 at once
+    assert placement({"CPU": 2.0}, infer, None) == (1.0, 0, 2)                # no GPU: one CPU per case
+    assert placement({"CPU": 64.0, "GPU": 4.0}, maps, None) == (1.0, 0, 64)   # maps never take a GPU
+    assert placement({"CPU": 64.0, "GPU": 4.0}, infer, 2) == (0.0, 1, 2)      # --workers caps cases in flight
