@@ -225,7 +225,8 @@ def member_inputs(args, default_cache: Path, fingerprint: dict | None = None) ->
                              "labelled cases")
     cache = args.member_cache if args.member_cache is not None else default_cache
     cm = cached_member_dirs(model.path, args.ensemble, args.folds, args.images, cache, device=args.device,
-                            tta=args.tta, cases=cases, checkpoint=args.checkpoint, fingerprint=fingerprint)
+                            tta=args.tta, cases=cases, checkpoint=args.checkpoint, fingerprint=fingerprint,
+                            executor=executor_options(args))
     say(f"{len(cm.members)} member(s) ({args.ensemble}: {', '.join(m.name for m in cm.members)}) x "
         f"{len(cm.cases)} case(s): {len(cm.computed)} output(s) computed"
         f"{' on ' + cm.device if cm.device else ''}, {len(cm.reused)} reused from {cm.cache_root}")

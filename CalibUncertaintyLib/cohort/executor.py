@@ -84,6 +84,13 @@ class CohortResult:
     results: dict[str, Any] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
     executor: str = "local"
+    on_done: Callable | None = field(default=None, repr=False, compare=False)
+
+    def add_done(self, case: str, value) -> None:
+        self.results[case] = value
+        self.done.append(case)
+        if self.on_done is not None:
+            self.on_done(case, value)
 
     def ordered(self) -> list:
         """Results of the done cases, in the order the cases were given."""
@@ -139,10 +146,11 @@ def error_text(exc: BaseException) -> str:
 
 def run_cohort(fn: Callable, job, items: list[tuple[str, Any]], options: ExecutorOptions | None = None,
                desc: str = "cohort", resources: TaskResources | None = None,
-               skipped: list[str] | None = None) -> CohortResult:
+               skipped: list[str] | None = None, on_done: Callable | None = None) -> CohortResult:
     """Call ``fn(job, item)`` for every ``(case_id, item)`` of ``items`` with ``options``' executor.
 
-    ``skipped``: case ids already complete (reported, not run). Shows the cohort progress bar
+    ``skipped``: case ids already complete (reported, not run). ``on_done(case_id, value)`` is
+    called in this process as each case finishes (e.g. to record it in an index at once). Shows the cohort progress bar
     and emits the cohort progress lines. Raises InputError for a Ray setup problem (Ray missing,
     cluster unreachable) before any case runs.
     """
@@ -152,7 +160,7 @@ def run_cohort(fn: Callable, job, items: list[tuple[str, Any]], options: Executo
     cases = [c for c, _ in items]
     if len(set(cases)) != len(cases):
         raise InputError("a case id appears twice in the cohort")
-    result = CohortResult(cases=cases, skipped=list(skipped or []), executor=options.kind)
+    result = CohortResult(cases=cases, skipped=list(skipped or []), executor=options.kind, on_done=on_done)
     with CohortProgress(len(items), desc, n_skipped=len(result.skipped)) as progress:
         if options.kind == "ray":
             from .ray_backend import run_on_ray
@@ -182,7 +190,6 @@ def _run_local(fn, job, items, options: ExecutorOptions, result: CohortResult, p
                 result.failed[case] = error_text(exc)
                 progress.finished(case, ok=False)
                 break
-            result.results[case] = value
-            result.done.append(case)
+            result.add_done(case, value)
             progress.finished(case, ok=True)
             break

@@ -137,8 +137,7 @@ def run_on_ray(fn, job, items, options, resources, result, progress) -> None:
                         result.failed[case] = f"{type(exc).__name__}: {first}"
                         progress.finished(case, ok=False)
                     else:
-                        result.results[case] = value
-                        result.done.append(case)
+                        result.add_done(case, value)
                         progress.finished(case, ok=True)
         except KeyboardInterrupt:
             for ref in inflight:

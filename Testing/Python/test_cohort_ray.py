@@ -302,3 +302,41 @@ def test_predict_on_ray_equals_local(ray_local, openkbp_dir, tmp_path):
             a, _ = read_image(outs["local"] / case / f)
             b, _ = read_image(outs["ray"] / case / f)
             assert np.array_equal(a, b), f"{case}/{f}"
+
+
+def test_fit_from_model_runs_member_inference_on_ray(ray_local, tmp_path, capsys):
+    """fit-temperature --model: the members' inference is one Ray task per case (per-case function
+    ``nnunet.member_cache.predict_case_members``); cache, markers and calibration equal local's."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_nnunet import build_tiny_model_folder, write_test_ct
+    from CalibUncertaintyLib.io.images import write_image
+
+    model = build_tiny_model_folder(tmp_path / "model", folds=(0, 1))
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    shape = (14, 36, 32)
+    for i, case in enumerate(("c0", "c1")):
+        ct = write_test_ct(images / f"{case}_0000.nii.gz", shape_zyx=shape, rotation_deg=20.0 + 15 * i)
+        _, geometry = read_image(ct)
+        lab = np.zeros(shape, np.uint8)
+        lab[4:10, 8 + i:24, 6:20] = 1
+        lab[5:9, 12:18, 22:28] = 2
+        write_image(labels / f"{case}.nii.gz", lab, geometry)
+    cals, caches = {}, {}
+    for name, extra in (("local", []), ("ray", RAY)):
+        cals[name], caches[name] = tmp_path / f"cal_{name}.json", tmp_path / f"cache_{name}"
+        assert main(["fit-temperature", "-m", str(model), "--images", str(images), "--labels", str(labels),
+                     "--no-tta", "--device", "cpu", "--member-cache", str(caches[name]), "-o", str(cals[name]),
+                     *extra]) == 0
+        assert "4 output(s) computed on cpu, 0 reused" in capsys.readouterr().out
+    a, b = (json.loads(p.read_text()) for p in cals.values())
+    assert a["temperature"] == b["temperature"] and a["thresholds"] == b["thresholds"]
+    npz = {name: sorted(caches[name].rglob("*.npz")) for name in caches}
+    assert [p.relative_to(caches["local"]) for p in npz["local"]] == [p.relative_to(caches["ray"]) for p in npz["ray"]]
+    assert len(npz["ray"]) == 4
+    for p, q in zip(npz["local"], npz["ray"]):
+        x, y = np.load(p)["probabilities"], np.load(q)["probabilities"]
+        assert np.array_equal(x, y), p.name
+    assert main(["fit-temperature", "-m", str(model), "--images", str(images), "--labels", str(labels),
+                 "--no-tta", "--device", "cpu", "--member-cache", str(caches["ray"]), "-o", str(cals["ray"]),
+                 *RAY]) == 0
+    assert "0 output(s) computed, 4 reused" in capsys.readouterr().out  # markers recorded each case
