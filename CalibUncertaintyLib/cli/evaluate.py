@@ -7,7 +7,8 @@ plots and report.md, all written atomically into the output folder.
 Inputs: ``--members DIR...`` or ``-m/--model MODEL_DIR`` (members run on ``--images`` here, their
 outputs kept in ``--member-cache``, default ``<output>/members``). With --model the calibration
 file is checked against the model folder's fingerprint (plans, dataset.json, checkpoints) before
-any inference.
+any inference. ``--executor ray`` runs the per-case work (and with --model the members' inference)
+as Ray tasks; the merged tables equal the local executor's.
 """
 
 from __future__ import annotations

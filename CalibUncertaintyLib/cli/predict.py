@@ -8,6 +8,9 @@ input image's grid). No member is written to disk and only one is in memory at a
 
 summary.json additionally holds a ``prediction`` record: model folder, ensemble kind, members,
 checkpoint, device, TTA and the timings (preprocessing, each member, inference total, whole case).
+The cases run through ``pipeline.predict_job.run_predict`` (``--executor local|ray``; on Ray one
+task per case, with a GPU where the cluster has GPUs); cases already complete for the same model,
+settings and input are skipped, a failed case is reported and the others go on.
 A calibration file must come from this very model (``calibration.fingerprint``: plans, dataset.json
 and checkpoint hashes); another model's file is refused before any inference.
 """
