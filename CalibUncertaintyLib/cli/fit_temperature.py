@@ -10,6 +10,9 @@ plans + dataset.json) or ``-m/--model MODEL_DIR --images DIR`` (the command runs
 the images itself, reusing the outputs kept in ``--member-cache``, default ``members/`` next to the
 calibration file; fingerprint of the model folder, checkpoints included, so ``predict
 --calibration`` accepts the file for this model only).
+
+``--executor ray`` runs the per-case passes (and with --model the members' inference) as Ray
+tasks; the file equals the local executor's.
 """
 
 from __future__ import annotations
