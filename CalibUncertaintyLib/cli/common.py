@@ -55,6 +55,16 @@ def positive_int(text: str) -> int:
     return v
 
 
+def nonnegative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text}")
+    return v
+
+
 def existing_dir(text: str) -> Path:
     p = Path(text)
     if not p.is_dir():
@@ -215,7 +225,8 @@ def member_inputs(args, default_cache: Path, fingerprint: dict | None = None) ->
                              "labelled cases")
     cache = args.member_cache if args.member_cache is not None else default_cache
     cm = cached_member_dirs(model.path, args.ensemble, args.folds, args.images, cache, device=args.device,
-                            tta=args.tta, cases=cases, checkpoint=args.checkpoint, fingerprint=fingerprint)
+                            tta=args.tta, cases=cases, checkpoint=args.checkpoint, fingerprint=fingerprint,
+                            executor=executor_options(args))
     say(f"{len(cm.members)} member(s) ({args.ensemble}: {', '.join(m.name for m in cm.members)}) x "
         f"{len(cm.cases)} case(s): {len(cm.computed)} output(s) computed"
         f"{' on ' + cm.device if cm.device else ''}, {len(cm.reused)} reused from {cm.cache_root}")
@@ -261,6 +272,36 @@ def add_map_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--min-region-mm3", type=nonnegative_mm, default=10.0, metavar="MM3",
                    help="drop error regions smaller than this volume in cubic millimetres "
                         "(default 10 mm³)")
+
+
+def add_executor_options(parser: argparse.ArgumentParser) -> None:
+    """--executor, --ray-address, --max-retries, --workers: where the cases of a cohort run."""
+    g = parser.add_argument_group("cohort execution")
+    g.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: one case after the other in this process (default); ray: every case is "
+                        "a Ray task (pip install 'calib-uncertainty[ray]'), on a local Ray runtime "
+                        "started for the run or on --ray-address")
+    g.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="join this running Ray cluster (e.g. auto, or ray://HEAD:10001) instead of "
+                        "starting a local Ray runtime (with --executor ray)")
+    g.add_argument("--max-retries", type=nonnegative_int, default=2, metavar="N",
+                   help="retries per case after its worker died or a transient error (I/O, memory); "
+                        "then the case is reported as failed and the others go on (default 2)")
+    g.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                   help="with --executor ray: at most N cases at once (and the CPU count of a local "
+                        "Ray runtime started here); default: as the cluster's CPUs/GPUs allow")
+
+
+def executor_options(args):
+    """The typed ``cohort.executor.ExecutorOptions`` of the options added by ``add_executor_options``."""
+    from ..cohort.executor import ExecutorOptions
+    from ..errors import InputError
+
+    kind = getattr(args, "executor", "local")
+    if kind != "ray" and (getattr(args, "ray_address", None) or getattr(args, "workers", None)):
+        raise InputError("--ray-address and --workers only apply with --executor ray")
+    return ExecutorOptions(kind=kind, ray_address=getattr(args, "ray_address", None),
+                           max_retries=getattr(args, "max_retries", 2), workers=getattr(args, "workers", None))
 
 
 def add_output_option(parser: argparse.ArgumentParser, what: str, metavar: str = "DIR") -> None:

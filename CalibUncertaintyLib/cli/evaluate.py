@@ -7,15 +7,16 @@ plots and report.md, all written atomically into the output folder.
 Inputs: ``--members DIR...`` or ``-m/--model MODEL_DIR`` (members run on ``--images`` here, their
 outputs kept in ``--member-cache``, default ``<output>/members``). With --model the calibration
 file is checked against the model folder's fingerprint (plans, dataset.json, checkpoints) before
-any inference.
+any inference. ``--executor ray`` runs the per-case work (and with --model the members' inference)
+as Ray tasks; the merged tables equal the local executor's.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from .common import (ROI_RULES, add_member_options, add_output_option, nonnegative_mm, positive_mm,
-                     progress_bar, say)
+from .common import (ROI_RULES, add_executor_options, add_member_options, add_output_option, nonnegative_mm,
+                     positive_mm, say)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -47,17 +48,20 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="EBCU ball radius in millimetres (default 4 mm)")
     g.add_argument("--min-region-mm3", type=nonnegative_mm, default=10.0, metavar="MM3",
                    help="smallest error region counted, in cubic millimetres (default 10 mm³)")
+    add_executor_options(p)
     add_output_option(p, "output folder for tables, figures and report.md")
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
+    from ..errors import CalibUncertaintyError
     from ..io.nnunet_outputs import pair_cases
     from ..pipeline.dataset import load_checked_calibration
     from ..pipeline.evaluate import EvalOptions, evaluate_cases, write_evaluation
-    from .common import member_inputs
+    from .common import executor_options, member_inputs
 
+    executor = executor_options(args)
     cal, fingerprint = None, None
     if args.model is not None:  # refuse another model's calibration file before any inference
         from ..calibration.fingerprint import fingerprint_model_folder
@@ -75,8 +79,7 @@ def run(args) -> int:
                        min_region_mm3=args.min_region_mm3)
     inputs = {**members.record, "images": str(args.images), "labels": str(args.labels),
               "calibration": str(args.calibration)}
-    with progress_bar(None, total=len(pairing.cases), desc="evaluate") as bar:
-        ev = evaluate_cases(pairing, cal, opts, bar=bar, inputs=inputs)
+    ev = evaluate_cases(pairing, cal, opts, inputs=inputs, executor=executor)
     write_evaluation(args.output, ev)
     for note in ev["notes"]:
         say(f"note: {note}")
@@ -84,5 +87,9 @@ def run(args) -> int:
         if row["region"] == "roi":
             say(f"ROI {row['calibration']:>6}: NLL {row['nll.mean']:.4f}  ECE {row['ece_top.mean']:.4f}  "
                 f"Brier {row['brier_multiclass.mean']:.4f}")
-    say(f"report written: {args.output / 'report.md'}")
+    say(f"report written: {args.output / 'report.md'} ({len(ev['per_case'])} case(s); "
+        f"{len(ev['cohort']['failed'])} failed)")
+    if ev["cohort"]["failed"]:
+        raise CalibUncertaintyError(f"{len(ev['cohort']['failed'])} case(s) failed and are left out of the report "
+                                    f"({'; '.join(f['case'] + ': ' + f['error'] for f in ev['cohort']['failed'][:3])})")
     return 0

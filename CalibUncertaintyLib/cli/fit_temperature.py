@@ -10,6 +10,9 @@ plans + dataset.json) or ``-m/--model MODEL_DIR --images DIR`` (the command runs
 the images itself, reusing the outputs kept in ``--member-cache``, default ``members/`` next to the
 calibration file; fingerprint of the model folder, checkpoints included, so ``predict
 --calibration`` accepts the file for this model only).
+
+``--executor ray`` runs the per-case passes (and with --model the members' inference) as Ray
+tasks; the file equals the local executor's.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import (ENSEMBLE_MODES, add_member_options, add_output_option, add_roi_options, positive_int,
-                     positive_mm, progress_bar, say)
+from .common import (ENSEMBLE_MODES, add_executor_options, add_member_options, add_output_option, add_roi_options,
+                     positive_int, positive_mm, say)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -49,6 +52,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="σ in millimetres of the distance-aware entropy used for its τ* (default 2 mm)")
     g.add_argument("--ebcu-radius-mm", type=positive_mm, default=4.0, metavar="MM",
                    help="ball radius in millimetres of EBCU used for its τ* (default 4 mm)")
+    add_executor_options(p)
     add_output_option(p, "calibration file to write (JSON), e.g. calibration.json", metavar="FILE")
     p.set_defaults(func=run)
     return p
@@ -57,15 +61,15 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from ..io.nnunet_outputs import pair_cases
     from ..pipeline.fit import FitOptions, fit_calibration
-    from .common import member_inputs
+    from .common import executor_options, member_inputs
 
+    executor = executor_options(args)
     inputs = member_inputs(args, default_cache=Path(args.output).parent / "members")
     pairing = pair_cases(inputs.member_dirs, args.images, args.labels, inputs.cases, require_labels=True)
     opts = FitOptions(method=args.method, ensemble_mode=args.ensemble_mode, roi_radius_mm=args.roi_radius_mm,
                       roi_rule=args.roi_rule, max_voxels=args.max_voxels, seed=args.seed,
                       dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm)
-    with progress_bar(None, total=2 * len(pairing.cases), desc="fit-temperature") as bar:
-        cal = fit_calibration(pairing, opts, bar=bar, fingerprint=inputs.fingerprint)
+    cal = fit_calibration(pairing, opts, fingerprint=inputs.fingerprint, executor=executor)
     cal.extra["inputs"] = inputs.record
     path = cal.save(args.output)
     for note in pairing.notes:

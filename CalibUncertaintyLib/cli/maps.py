@@ -1,17 +1,19 @@
 """``calib-uncertainty maps``: per-case outputs from saved member probabilities.
 
-Thin wrapper over ``pipeline.case.process_case``: for every case present in all member folders,
-writes ``<out>/<case>/`` (seg, calibrated probabilities, every uncertainty map, regions.json,
-summary.json) and ``<out>/summary.json`` listing the cases. A case folder appears only when
-complete; a failing case stops the run and leaves earlier cases (and any older output of the
-failing case) intact.
+Thin wrapper over ``pipeline.maps_job.run_maps`` (``pipeline.case.process_case`` per case, on the
+local executor or on Ray): for every case present in all member folders, writes ``<out>/<case>/``
+(seg, calibrated probabilities, every uncertainty map, regions.json, summary.json) and
+``<out>/summary.json`` listing the cases done, skipped (already complete for the same inputs and
+options) and failed. A case folder appears only when complete; a failing case is reported and
+the other cases go on (exit code 2 when any failed), leaving any older output of the failing case intact.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from .common import add_apply_calibration_options, add_map_options, add_member_options, add_output_option, progress_bar, say
+from .common import (add_apply_calibration_options, add_executor_options, add_map_options, add_member_options,
+                     add_output_option, say)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -19,10 +21,12 @@ def register(subparsers) -> argparse.ArgumentParser:
         "maps", help="calibrated probabilities, uncertainty maps and error regions per case",
         description="Combine ensemble members (nnU-Net --save_probabilities folders) into calibrated "
                     "probabilities, a segmentation, all uncertainty maps and ranked error regions per "
-                    "case, written as NIfTI files on the image grid plus regions.json and summary.json.")
+                    "case, written as NIfTI files on the image grid plus regions.json and summary.json. "
+                    "Cases already complete for the same inputs and options are skipped.")
     add_member_options(p, images_required=False, labels="none")
     add_apply_calibration_options(p, "these members' model")
     add_map_options(p)
+    add_executor_options(p)
     add_output_option(p, "output folder; one sub-folder per case")
     p.set_defaults(func=run)
     return p
@@ -31,25 +35,33 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from ..io.atomic import write_json
     from ..io.nnunet_outputs import member_name, pair_cases
-    from ..pipeline.case import CaseOptions, process_case
+    from ..pipeline.case import CaseOptions
     from ..pipeline.dataset import load_checked_calibration
+    from ..pipeline.maps_job import complete_record, run_maps
+    from .common import executor_options
 
+    executor = executor_options(args)
     pairing = pair_cases(args.members, args.images, None, args.cases)
     cal = load_checked_calibration(args.calibration, pairing) if args.calibration else None
     names = [member_name(d) for d in args.members]
-    summaries = []
     for note in pairing.notes:
         say(f"note: {note}")
-    for cf in progress_bar(pairing.cases, total=len(pairing.cases), desc="maps"):
-        opts = CaseOptions(ensemble_mode=args.ensemble_mode, regions_map=args.regions_map,
-                           dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm,
-                           min_region_mm3=args.min_region_mm3, n_members=len(names), member_names=names)
-        s = process_case(cf.case, cf.load_members(pairing.n_classes), cf.geometry, args.output, cal,
-                         pairing.class_names, opts)
-        summaries.append({"case": cf.case, "n_regions": s["n_regions"], "timings_s": s["timings_s"]})
-        say(f"{cf.case}: {s['n_regions']} region(s) on {s['regions_map']}, {s['timings_s']['total_s']:.1f} s")
+    opts = CaseOptions(ensemble_mode=args.ensemble_mode, regions_map=args.regions_map,
+                       dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm,
+                       min_region_mm3=args.min_region_mm3, n_members=len(names), member_names=names)
+    result = run_maps(pairing, cal, opts, args.output, executor)
+    summaries = []
+    for cf in pairing.cases:
+        if cf.case in result.results:
+            s = result.results[cf.case]
+            summaries.append(s)
+            say(f"{cf.case}: {s['n_regions']} region(s) on {s['regions_map']}, {s['timings_s']['total_s']:.1f} s")
+        elif cf.case in result.skipped:
+            summaries.append(complete_record(args.output, cf.case))
     write_json(args.output / "summary.json",
                {"cases": summaries, "n_members": pairing.n_members, "class_names": pairing.class_names,
-                "calibration": cal.source_path if cal else None, "notes": pairing.notes})
-    say(f"{len(summaries)} case(s) written to {args.output}")
+                "calibration": cal.source_path if cal else None, "notes": pairing.notes, **result.record()})
+    say(f"{len(summaries)} case(s) in {args.output}: {result.describe()}")
+    if result.failed:
+        raise result.error()
     return 0

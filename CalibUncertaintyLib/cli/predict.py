@@ -8,6 +8,9 @@ input image's grid). No member is written to disk and only one is in memory at a
 
 summary.json additionally holds a ``prediction`` record: model folder, ensemble kind, members,
 checkpoint, device, TTA and the timings (preprocessing, each member, inference total, whole case).
+The cases run through ``pipeline.predict_job.run_predict`` (``--executor local|ray``; on Ray one
+task per case, with a GPU where the cluster has GPUs); cases already complete for the same model,
+settings and input are skipped, a failed case is reported and the others go on.
 A calibration file must come from this very model (``calibration.fingerprint``: plans, dataset.json
 and checkpoint hashes); another model's file is refused before any inference.
 """
@@ -15,12 +18,10 @@ and checkpoint hashes); another model's file is refused before any inference.
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
-import time
 from pathlib import Path
 
-from .common import add_apply_calibration_options, add_map_options, add_output_option, progress_bar, say
+from .common import add_apply_calibration_options, add_executor_options, add_map_options, add_output_option, say
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="sliding-window step as a fraction of the patch size (nnU-Net default 0.5)")
     add_apply_calibration_options(p, "THIS model")
     add_map_options(p)
+    add_executor_options(p)
     add_output_option(p, "output folder; one sub-folder per case")
     p.set_defaults(func=run)
     return p
@@ -93,70 +95,46 @@ def load_calibration_for_model(path, model):
 
 def run(args) -> int:
     from ..io.atomic import write_json
-    from ..nnunet.inference import EnsemblePredictor, collect_cases
+    from ..nnunet.inference import collect_cases
     from ..nnunet.model_folder import ModelFolder
-    from ..pipeline.case import CaseOptions, process_case
+    from ..pipeline.case import CaseOptions
+    from ..pipeline.maps_job import complete_record
+    from ..pipeline.predict_job import PredictOptions, make_predict_job, run_predict
+    from .common import executor_options
 
+    executor = executor_options(args)
     model = ModelFolder.open(args.model)
     members = model.members(args.ensemble, args.folds, args.checkpoint)
     cases = collect_cases(args.input, model.n_channels, model.file_ending)
     cal = load_calibration_for_model(args.calibration, model) if args.calibration else None
-    t_load = time.perf_counter()
-    predictor = EnsemblePredictor(model, members, device=args.device, tta=args.tta, tile_step_size=args.step_size)
-    load_s = time.perf_counter() - t_load
     names = [m.name for m in members]
-    say(f"{len(cases)} case(s), {len(members)} member(s) ({args.ensemble}: {', '.join(names)}) on "
-        f"{predictor.device_name}, TTA {'on' if args.tta else 'off'}")
-    summaries = []
-    for case_id, files in progress_bar(cases.items(), total=len(cases), desc="predict"):
-        t0 = time.perf_counter()
-        case = predictor.prepare(files, case_id)
-        record = {
-            "model_folder": str(model.path), "configuration": predictor.configuration,
-            "trainer": predictor.trainer_name, "ensemble": args.ensemble, "checkpoint": args.checkpoint,
-            "members": names, "device": predictor.device_name, "tta": bool(args.tta),
-            "tile_step_size": args.step_size, "input_files": [str(f) for f in files],
-            "timings_s": {"load_model_s": round(load_s, 4), "preprocess_s": round(case.seconds, 4)},
-        }
-        opts = CaseOptions(ensemble_mode=args.ensemble_mode, regions_map=args.regions_map,
-                           dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm,
-                           min_region_mm3=args.min_region_mm3, n_members=len(members), member_names=names,
-                           extra_summary={"prediction": record})
-        # process_case consumes the members before it builds summary.json, so the timings that
-        # _timed_members writes into ``record`` are in place by then.
-        s = process_case(case_id, _timed_members(predictor, case, record["timings_s"]), case.geometry,
-                         args.output, cal, model.class_names, opts)
-        total = time.perf_counter() - t0
-        summaries.append({"case": case_id, "n_regions": s["n_regions"], "timings_s": s["timings_s"],
-                          "prediction_timings_s": {**record["timings_s"], "case_total_s": round(total, 4)}})
-        t = record["timings_s"]
-        say(f"{case_id}: {s['n_regions']} region(s) on {s['regions_map']}; inference {t['inference_s']:.1f} s, "
-            f"total {total:.1f} s")
-        del case
+    popts = PredictOptions(ensemble=args.ensemble, folds=tuple(args.folds) if args.folds else None,
+                           checkpoint=args.checkpoint, device=args.device, tta=bool(args.tta),
+                           step_size=args.step_size)
+    opts = CaseOptions(ensemble_mode=args.ensemble_mode, regions_map=args.regions_map,
+                       dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm,
+                       min_region_mm3=args.min_region_mm3)
+    job = make_predict_job(model, members, popts, cal, opts, args.output)
+    say(f"{len(cases)} case(s), {len(members)} member(s) ({args.ensemble}: {', '.join(names)}), "
+        f"TTA {'on' if args.tta else 'off'}, executor {executor.kind}")
+    result = run_predict(job, cases, executor)
+    summaries, devices = [], []
+    for case_id in cases:
+        if case_id in result.results:
+            s = result.results[case_id]
+            summaries.append(s)
+            devices.append(s["device"])
+            t = s["prediction_timings_s"]
+            say(f"{case_id}: {s['n_regions']} region(s) on {s['regions_map']}; inference {t['inference_s']:.1f} s "
+                f"on {s['device']}, total {t['case_total_s']:.1f} s")
+        elif case_id in result.skipped:
+            summaries.append(complete_record(args.output, case_id))
     write_json(args.output / "summary.json",
                {"cases": summaries, "model_folder": str(model.path), "ensemble": args.ensemble,
-                "members": names, "class_names": model.class_names, "device": predictor.device_name,
-                "tta": bool(args.tta), "calibration": cal.source_path if cal else None})
-    say(f"{len(summaries)} case(s) written to {args.output}")
+                "members": names, "class_names": model.class_names,
+                "device": devices[0] if len(set(devices)) == 1 else sorted(set(devices)) or None,
+                "tta": bool(args.tta), "calibration": cal.source_path if cal else None, **result.record()})
+    say(f"{len(summaries)} case(s) in {args.output}: {result.describe()}")
+    if result.failed:
+        raise result.error()
     return 0
-
-
-def _timed_members(predictor, case, timings: dict):
-    """Yield each member's probabilities; record per-member and total inference seconds.
-
-    Each member comes lazily (``MemberProbabilities``: its logits, turned into probabilities
-    slab by slab as the accumulator reads them, so no member's full probability volume is ever
-    allocated). No reference to a yielded member is kept while the next one is predicted, and
-    the preprocessed image is dropped once the last member is done (the maps that follow do not
-    need it)."""
-    per_member = []
-    for pred in predictor.iter_members(case, progress=(0.0, 0.6), lazy=True):
-        per_member.append(round(pred.seconds, 4))
-        timings["members_s"] = per_member
-        timings["inference_s"] = round(sum(per_member), 4)
-        probs = pred.probabilities
-        del pred
-        yield probs
-        del probs
-    case.data = None
-    gc.collect()

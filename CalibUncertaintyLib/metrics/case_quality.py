@@ -120,3 +120,15 @@ def case_quality_summary(aggregates_per_case: list[dict], dice_per_case) -> dict
         out[name] = {**correlations(vals, dice_per_case),
                      "risk_coverage": risk_coverage(vals, dice_per_case) if x.size else None}
     return out
+
+
+def review_order(per_case: list[dict]) -> list[dict]:
+    """The per-case records in review priority: cases with no ROI (nothing predicted) first, then by
+    the regions map's mean uncertainty in the ROI (case-level aggregate ``mean_u_roi``), highest
+    first; ties keep the input order."""
+    def key(rec):
+        q = rec.get("quality")
+        u = q.get("mean_u_roi") if q else None
+        return (0, 0.0) if u is None else (1, -float(u))
+
+    return sorted(per_case, key=key)

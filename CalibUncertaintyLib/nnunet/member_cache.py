@@ -194,7 +194,8 @@ def select_cases(images_dir, model: ModelFolder, cases=None) -> dict[str, list[P
 
 def cached_member_dirs(model_dir, ensemble: str, folds, images_dir, cache_dir, device: str = "auto",
                        tta: bool = True, cases=None, checkpoint: str = DEFAULT_CHECKPOINT,
-                       tile_step_size: float = DEFAULT_TILE_STEP, fingerprint: dict | None = None) -> CachedMembers:
+                       tile_step_size: float = DEFAULT_TILE_STEP, fingerprint: dict | None = None,
+                       executor=None) -> CachedMembers:
     """Member folders holding every member's probabilities for the images in ``images_dir``.
 
     ``ensemble``/``folds``/``checkpoint`` choose the members (``ModelFolder.members``); ``cases``
@@ -204,7 +205,8 @@ def cached_member_dirs(model_dir, ensemble: str, folds, images_dir, cache_dir, d
     to the cache. Emits ``CALIBU_PROGRESS`` lines (stage "members") per predicted member and case.
 
     ``fingerprint``: ``fingerprint_model_folder(model_dir)`` when the caller already has it
-    (saves hashing the checkpoints twice). Raises ModelFolderError (model folder or members),
+    (saves hashing the checkpoints twice). ``executor``: ``cohort.executor.ExecutorOptions`` for the
+    inference, one case per task (default local). Raises ModelFolderError (model folder or members),
     InputError (images or cases).
     """
     from ..calibration.fingerprint import fingerprint_model_folder
@@ -254,7 +256,7 @@ def cached_member_dirs(model_dir, ensemble: str, folds, images_dir, cache_dir, d
                  len(out.reused) + n_todo)
     if n_todo:
         out.device = _predict_into(model, members, todo, selected, case_sha, dirs, markers, device, tta,
-                                   tile_step_size, out)
+                                   tile_step_size, out, executor)
     emit_progress("members", 1.0, n_members=len(members),
                   message=f"{len(out.computed)} computed, {len(out.reused)} reused")
     return out
@@ -266,29 +268,79 @@ def _save_marker(d: Path, marker: dict) -> None:
     write_json(d / MARKER, marker)
 
 
-def _predict_into(model, members, todo, selected, case_sha, dirs, markers, device, tta, tile_step_size,
-                  out: CachedMembers) -> str:
-    """Predict the missing (member, case) outputs into their folders; returns the device used."""
-    from ..io.nnunet_outputs import write_member_probs
+@dataclass
+class _MembersJob:
+    """What every case of the cache's inference shares (sent once to each Ray worker)."""
+
+    model_dir: Path
+    members: list           # the members to load (those with a missing output)
+    dirs: list              # member index (within ``members``) -> cache folder
+    device: str
+    tta: bool
+    tile_step_size: float
+
+
+_PREDICTORS: dict = {}
+
+
+def _job_predictor(job: _MembersJob):
+    """This process's predictor for the job's members (loaded once per process)."""
     from .inference import EnsemblePredictor
 
+    key = (str(job.model_dir), tuple(m.checkpoint for m in job.members), job.device, job.tta, job.tile_step_size)
+    if key not in _PREDICTORS:
+        _PREDICTORS.clear()
+        _PREDICTORS[key] = EnsemblePredictor(ModelFolder.open(job.model_dir), job.members, device=job.device,
+                                             tta=job.tta, tile_step_size=job.tile_step_size)
+    return _PREDICTORS[key]
+
+
+def predict_case_members(job: _MembersJob, item) -> dict:
+    """The per-case function (local loop or Ray task): the missing members' outputs of one case
+    ``(case_id, channel files, [slots within job.members])``, each written atomically into its folder."""
+    from ..io.nnunet_outputs import write_member_probs
+
+    case_id, files, slots = item
+    predictor = _job_predictor(job)
+    case = predictor.prepare(files, case_id)
+    for j in slots:
+        emit_progress("members", None, case=case_id, member=j + 1, n_members=len(job.members),
+                      message=job.members[j].name)
+        probs = predictor.logits_to_probabilities(predictor.member_logits(case, j), case)
+        write_member_probs(job.dirs[j], case_id, probs, case.geometry)
+        del probs
+    return {"case": case_id, "slots": list(slots), "device": predictor.device_name}
+
+
+def _predict_into(model, members, todo, selected, case_sha, dirs, markers, device, tta, tile_step_size,
+                  out: CachedMembers, executor=None) -> str:
+    """Predict the missing (member, case) outputs into their folders, one case per task of
+    ``executor`` (``cohort.executor.run_cohort``: local loop or Ray; on Ray a case asks for a GPU
+    where the cluster has one). Each member's marker records a case once its output is written
+    (after each finished case, in this process). Returns the device used. A case that fails
+    raises (after the others ran): fitting and evaluation need every case."""
+    from ..cohort.executor import TaskResources, run_cohort
+
     needed = sorted({i for idx in todo.values() for i in idx})
-    predictor = EnsemblePredictor(model, [members[i] for i in needed], device=device, tta=tta,
-                                  tile_step_size=tile_step_size)
-    slot = {i: j for j, i in enumerate(needed)}  # member index -> index inside the predictor
-    n_total, n_done = sum(len(v) for v in todo.values()), 0
-    for case_id in [c for c in selected if c in todo]:
-        case = predictor.prepare(selected[case_id], case_id)
-        for i in todo[case_id]:
-            emit_progress("members", n_done / n_total, case=case_id, member=i + 1, n_members=len(members),
-                          message=members[i].name)
-            probs = predictor.logits_to_probabilities(predictor.member_logits(case, slot[i]), case)
-            write_member_probs(dirs[i], case_id, probs, case.geometry)
-            del probs
+    slot = {i: j for j, i in enumerate(needed)}  # member index -> index inside the job's members
+    job = _MembersJob(model.path, [members[i] for i in needed], [dirs[i] for i in needed], device, tta,
+                      tile_step_size)
+    items = [(c, (c, list(selected[c]), [slot[i] for i in todo[c]])) for c in selected if c in todo]
+    devices = []
+
+    def record(case_id, value):
+        for j in value["slots"]:
+            i = needed[j]
             markers[i]["cases"][case_id] = case_sha[case_id]
             _save_marker(dirs[i], markers[i])
             out.computed.append((members[i].name, case_id))
-            n_done += 1
-        del case
-    return predictor.device_name
+        devices.append(value["device"])
 
+    try:
+        result = run_cohort(predict_case_members, job, items, executor, desc="members",
+                            resources=TaskResources(num_cpus=1, gpu_if_available=True), on_done=record)
+    finally:
+        _PREDICTORS.clear()
+    if result.failed:
+        raise result.error(resumable=True)
+    return devices[0] if len(set(devices)) == 1 else ", ".join(sorted(set(devices)))

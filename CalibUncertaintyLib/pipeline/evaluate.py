@@ -23,14 +23,16 @@ Per case (METHODS.md §2–§6; definitions restated in the functions used):
   Spearman correlation with the mean Dice and the risk–coverage AURC.
 
 UEO-against-τ curves for the plots are computed on a uniform random subsample of at most
-``curve_max_voxels`` ROI voxels per case (fixed seed); every number in the tables uses all voxels.
+``curve_max_voxels`` ROI voxels per case (fixed seed), lowered for large cohorts so that all cases
+together keep at most ``CURVE_TOTAL_VOXELS`` (these samples travel back to the driver; at least
+``CURVE_MIN_VOXELS`` per case); every number in the tables uses all voxels.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,7 +41,6 @@ import numpy as np
 from .. import __version__
 from ..errors import InputError
 from ..io.nnunet_outputs import Pairing
-from ..progress import emit_progress
 from .dataset import read_label
 from .ensemble import accumulate, calibrated_probs, case_maps
 
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 STAGES = ("before", "after")
 REGIONS = ("roi", "whole_image")
 N_TAU = 60
+CURVE_TOTAL_VOXELS = 4_000_000
+CURVE_MIN_VOXELS = 10_000
 
 
 @dataclass
@@ -224,27 +227,53 @@ def _pooled_curves(plots: list[dict]) -> tuple[dict, dict]:
     return ueo_curves, budget_curves
 
 
-def evaluate_cases(pairing: Pairing, calibration, opts: EvalOptions | None = None, bar=None,
-                   inputs: dict | None = None) -> dict:
-    """Evaluate every paired case; returns the evaluation dict (JSON-ready, see ``write_evaluation``)."""
+@dataclass
+class EvalJob:
+    """What every case of an evaluation shares (sent once to each Ray worker)."""
+
+    pairing: Pairing
+    calibration: object
+    opts: EvalOptions
+
+
+def evaluate_one(job: EvalJob, cf) -> tuple[dict, dict]:
+    """The per-case function of every executor: ``evaluate_case`` of one ``CaseFiles``."""
+    return evaluate_case(cf, job.pairing, job.calibration, job.opts)
+
+
+def evaluate_cases(pairing: Pairing, calibration, opts: EvalOptions | None = None, inputs: dict | None = None,
+                   executor=None) -> dict:
+    """Evaluate every paired case; returns the evaluation dict (JSON-ready, see ``write_evaluation``).
+
+    Map–reduce: ``evaluate_one`` per case (local loop or Ray tasks, ``executor``), then in case
+    order, whatever order they finished in: the per-case tables are concatenated, the reliability
+    tables pooled by summing bin counts (``report.tables.merge_reliability_tables``; the cohort
+    ECE is computed from those sums, not averaged), the UEO and budget curves averaged over
+    cases, and the case-quality correlations computed over the per-case aggregates. Every one of
+    these is exact under the merge (sums and per-case values, no approximation), so the result
+    equals the local executor's. A case that fails is listed under ``cohort.failed`` and in the
+    notes; the others are evaluated (InputError when none is).
+    """
     from ..calibration.roi import describe_roi
+    from ..cohort.executor import run_cohort
     from ..metrics.case_quality import case_quality_summary
-    from ..report.tables import merge_reliability_tables
+    from ..report.tables import ece_from_table, merge_reliability_tables
 
     opts = opts or EvalOptions()
     if any(cf.label_path is None for cf in pairing.cases):
         raise InputError("evaluation needs reference labels for every case (--labels)")
-    overlap = sorted(set(calibration.case_ids) & {cf.case for cf in pairing.cases})
-    records, plots = [], []
-    n = len(pairing.cases)
-    for i, cf in enumerate(pairing.cases):
-        emit_progress("evaluate", i / n, case=cf.case)
-        rec, plot = evaluate_case(cf, pairing, calibration, opts)
-        records.append(rec)
-        plots.append(plot)
-        if bar is not None:
-            bar.update(1)
-    emit_progress("evaluate", 1.0)
+    n_all = max(len(pairing.cases), 1)
+    cap = max(CURVE_MIN_VOXELS, CURVE_TOTAL_VOXELS // n_all)
+    opts = replace(opts, curve_max_voxels=min(opts.curve_max_voxels, cap))
+    job = EvalJob(Pairing([], pairing.n_classes, pairing.class_names, pairing.dataset_json), calibration, opts)
+    result = run_cohort(evaluate_one, job, [(cf.case, cf) for cf in pairing.cases], executor, desc="evaluate")
+    if not result.results:
+        raise result.error(resumable=False)
+    done = [cf for cf in pairing.cases if cf.case in result.results]
+    overlap = sorted(set(calibration.case_ids) & {cf.case for cf in done})
+    records = [result.results[cf.case][0] for cf in done]
+    plots = [result.results[cf.case][1] for cf in done]
+    n = len(done)
     rule = opts.roi_rule or calibration.roi["rule"]
     radius = opts.roi_radius_mm if opts.roi_radius_mm is not None else float(calibration.roi["radius_mm"])
     reliability = {f"{stage}_{region}": merge_reliability_tables([p["reliability"][(stage, region)] for p in plots
@@ -255,6 +284,8 @@ def evaluate_cases(pairing: Pairing, calibration, opts: EvalOptions | None = Non
     quality = case_quality_summary([r["quality"] for r in with_quality], [r["mean_dice"] for r in with_quality]) \
         if with_quality else {}
     notes = list(pairing.notes)
+    for case, err in result.failed.items():
+        notes.append(f"case {case} failed and is not in this evaluation: {err}")
     if overlap:
         notes.append(f"{len(overlap)} evaluated case(s) were also used to fit the calibration "
                      f"({', '.join(overlap)}): their 'after' numbers are not held-out")
@@ -280,6 +311,8 @@ def evaluate_cases(pairing: Pairing, calibration, opts: EvalOptions | None = Non
         "options": asdict(opts), "held_out_overlap": overlap, "notes": notes,
         "per_case": records, "reliability": reliability, "ueo_curves": ueo_curves,
         "budget_curves": budget_curves, "case_quality": quality,
+        "cohort_ece": {key: ece_from_table(table) for key, table in reliability.items()},
+        "cohort": result.record(),
     }
 
 
@@ -312,8 +345,12 @@ def dice_rows(evaluation: dict) -> list[dict]:
 
 
 def quality_rows(evaluation: dict) -> list[dict]:
-    return [{"case": rec["case"], "mean_dice": rec["mean_dice"], **rec["quality"]}
-            for rec in evaluation["per_case"] if rec["quality"] is not None]
+    """One row per case in review order (``metrics.case_quality.review_order``), with its rank."""
+    from ..metrics.case_quality import review_order
+
+    recs = [rec for rec in review_order(evaluation["per_case"]) if rec["quality"] is not None]
+    return [{"review_rank": i + 1, "case": rec["case"], "mean_dice": rec["mean_dice"], **rec["quality"]}
+            for i, rec in enumerate(recs)]
 
 
 def write_evaluation(out_dir, evaluation: dict) -> list[Path]:

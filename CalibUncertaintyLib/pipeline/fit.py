@@ -20,6 +20,11 @@ stays bounded by one case's accumulator plus the sampled voxels and ROI crops):
    prediction ≠ reference inside the ROI. Maps, errors and ROIs are kept cropped to the ROI
    bounding box (padded by the EBCU radius, so EBCU inside the ROI is exact).
 
+Passes 1 and 3 are per-case functions (``sample_case``, ``threshold_case``) mapped over the
+cases by ``cohort.executor.run_cohort`` (local loop or Ray tasks); only their small results (the
+sampled rows; the ROI-box crops and ROI entropies) come back, and the fit, the pooled EBCU quantile
+and the τ* search run once on them in case order, so every executor gives the same file.
+
 The calibration file records T (or w, b), the mode, the ROI rule and radius, the cases, the NLL
 before/after, τ* per map, t, the class names and the fingerprint of the model: the one given
 (``fingerprint_model_folder`` when the members were computed from a model folder: plans,
@@ -37,7 +42,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io.nnunet_outputs import Pairing
-from ..progress import emit_progress
+from ..cohort.executor import run_cohort
 from .dataset import prediction_fingerprint, read_label
 from .ensemble import accumulate, calibrated_probs, case_maps
 
@@ -69,59 +74,92 @@ def _bbox(mask: np.ndarray, pad_vox, shape) -> tuple[slice, ...]:
                  for a, p, s in zip(idx, pad_vox, shape))
 
 
-def _progress(stage, i, n, case, bar=None):
-    emit_progress(stage, (i + 1) / n, case=case)
-    if bar is not None:
-        bar.update(1)
+@dataclass
+class FitJob:
+    """What every case of a fitting pass shares (sent once to each Ray worker).
+
+    ``calibration`` is None in pass 1 (samples) and the fitted file in pass 3 (thresholds)."""
+
+    n_classes: int
+    opts: FitOptions
+    per_case: int
+    want_members: bool
+    n_members: int
+    calibration: object = None
 
 
-def collect_samples(pairing: Pairing, opts: FitOptions, want_members: bool, bar=None):
-    """Pass 1: stratified ROI samples. Returns (log p̄ rows (N, K), member rows (M, N, K) or None, labels (N,))."""
+def sample_case(job: FitJob, item) -> tuple:
+    """Pass 1 for one case ``(ci, CaseFiles)``: its stratified ROI sample.
+
+    Returns (log p̄ rows (n, K) float32, member rows (M, n, K) float32 or None, labels (n,) int64);
+    n = 0 for an empty ROI. The sample of case ``ci`` uses seed ``opts.seed + ci``, exactly as
+    ``calibration.temperature.collect_calibration_samples`` numbers the cases, so the rows do not
+    depend on which worker or in which order the cases ran.
+    """
     from ..calibration.roi import roi_mask
     from ..calibration.sampling import stratified_sample_indices
     from ..calibration.temperature import collect_calibration_samples, safe_log
 
-    n_cases = len(pairing.cases)
-    per_case = max(1, int(opts.max_voxels) // n_cases)
-    member_rows, indices = [], []
+    ci, cf = item
+    opts = job.opts
+    labels = read_label(cf, job.n_classes)
+    kept: list[np.ndarray] = []
 
-    def cases():
-        for ci, cf in enumerate(pairing.cases):
-            labels = read_label(cf, pairing.n_classes)
-            kept: list[np.ndarray] = []
+    def members_once():  # keep the members for the per-member rows if they fit the budget
+        for p in cf.load_members(job.n_classes):
+            if job.want_members and (len(kept) + 1) * p.nbytes <= MEMBER_CACHE_BYTES:
+                kept.append(p)
+            yield p
 
-            def members_once():  # keep the members for the per-member rows if they fit the budget
-                for p in cf.load_members(pairing.n_classes):
-                    if want_members and (len(kept) + 1) * p.nbytes <= MEMBER_CACHE_BYTES:
-                        kept.append(p)
-                    yield p
+    acc = accumulate(members_once())
+    pbar = acc.mean_probs()
+    del acc
+    seg = np.argmax(pbar, axis=0)
+    roi = roi_mask(seg, cf.geometry.spacing_zyx, opts.roi_radius_mm, reference=labels,
+                   rule=opts.roi_rule, allow_empty=True)
+    k = job.n_classes
+    if not roi.any():
+        log.warning("case %s: empty ROI (no predicted%s foreground), no calibration voxels",
+                    cf.case, "" if opts.roi_rule == "prediction" else " or reference")
+        xm = np.zeros((job.n_members, 0, k), np.float32) if job.want_members else None
+        return np.zeros((0, k), np.float32), xm, np.zeros(0, np.int64)
+    x, y = collect_calibration_samples([(pbar, labels, roi)], kind="probs", ensemble_mode="pool_then_calibrate",
+                                       max_voxels_per_case=job.per_case, seed=opts.seed + ci)
+    xm = None
+    if job.want_members:
+        vox = np.flatnonzero(roi.ravel())
+        keep = stratified_sample_indices(labels.reshape(-1)[vox], job.per_case, seed=opts.seed + ci)
+        vox = vox[keep]
+        source = kept if len(kept) == len(cf.member_dirs) else cf.load_members(job.n_classes)
+        xm = np.stack([safe_log(p.reshape(p.shape[0], -1)[:, vox].T).astype(np.float32) for p in source])
+        if xm.shape[1] != x.shape[0]:
+            raise RuntimeError("pooled and per-member calibration samples differ in size")  # same selector
+    return x, xm, y
 
-            acc = accumulate(members_once())
-            pbar = acc.mean_probs()
-            del acc
-            seg = np.argmax(pbar, axis=0)
-            roi = roi_mask(seg, cf.geometry.spacing_zyx, opts.roi_radius_mm, reference=labels,
-                           rule=opts.roi_rule, allow_empty=True)
-            if not roi.any():
-                log.warning("case %s: empty ROI (no predicted%s foreground), no calibration voxels",
-                            cf.case, "" if opts.roi_rule == "prediction" else " or reference")
-            if want_members and roi.any():
-                vox = np.flatnonzero(roi.ravel())
-                keep = stratified_sample_indices(labels.reshape(-1)[vox], per_case, seed=opts.seed + ci)
-                vox = vox[keep]
-                source = kept if len(kept) == len(cf.member_dirs) else cf.load_members(pairing.n_classes)
-                rows = [safe_log(p.reshape(p.shape[0], -1)[:, vox].T).astype(np.float32) for p in source]
-                member_rows.append(np.stack(rows))
-                indices.append(vox)
-            _progress("fit: collect voxels", ci, n_cases, cf.case, bar)
-            kept.clear()
-            yield pbar, labels, roi
 
-    x, y = collect_calibration_samples(cases(), kind="probs", ensemble_mode="pool_then_calibrate",
-                                       max_voxels_per_case=per_case, seed=opts.seed)
-    xm = np.concatenate(member_rows, axis=1) if want_members else None
-    if xm is not None and xm.shape[1] != x.shape[0]:
-        raise RuntimeError("pooled and per-member calibration samples differ in size")  # same selector
+def _cases(pairing: Pairing) -> list:
+    return [(cf.case, (ci, cf)) for ci, cf in enumerate(pairing.cases)]
+
+
+def _run_pass(fn, job, pairing, executor, desc) -> list:
+    result = run_cohort(fn, job, _cases(pairing), executor, desc=desc)
+    if result.failed:
+        raise result.error(resumable=False)
+    return result.ordered()
+
+
+def collect_samples(pairing: Pairing, opts: FitOptions, want_members: bool, executor=None):
+    """Pass 1: stratified ROI samples of every case (``sample_case``, mapped over the cases by the
+    executor, concatenated in case order). Returns (log p̄ rows (N, K), member rows (M, N, K) or None,
+    labels (N,))."""
+    per_case = max(1, int(opts.max_voxels) // len(pairing.cases))
+    job = FitJob(pairing.n_classes, opts, per_case, want_members, pairing.n_members)
+    parts = _run_pass(sample_case, job, pairing, executor, "fit: collect voxels")
+    if not any(p[2].size for p in parts):
+        raise InputError("no calibration voxels: every case was empty or had an empty ROI")
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[2] for p in parts])
+    xm = np.concatenate([p[1] for p in parts], axis=1) if want_members else None
     return x, xm, y
 
 
@@ -143,36 +181,45 @@ def fit_scaler(x, xm, y, opts: FitOptions):
     return pooled, per_member
 
 
-def fit_thresholds(pairing: Pairing, calibration, opts: FitOptions, bar=None) -> tuple[dict, float, dict]:
-    """Pass 3: EBCU threshold and τ* per map with ``calibration`` applied. Returns (τ*, t, info)."""
+def threshold_case(job: FitJob, item) -> tuple:
+    """Pass 3 for one case ``(ci, CaseFiles)`` with ``job.calibration`` applied: every map but
+    EBCU, the error mask and the ROI, cropped to the ROI's bounding box padded by the EBCU
+    radius, and the calibrated predictive entropy of the ROI voxels (for the pooled EBCU t)."""
     from ..calibration.roi import roi_mask
-    from ..calibration.thresholds import calibrate_thresholds
     from ..metrics.error_detection import error_mask
-    from ..uncertainty.ebcu import ebcu
     from ..uncertainty.maps import MAP_NAMES, segmentation
 
+    _, cf = item
+    opts, calibration = job.opts, job.calibration
     mode = calibration.ensemble_mode
     names = [n for n in MAP_NAMES if n != "ebcu"]
-    crops, pe_roi = [], []
+    labels = read_label(cf, job.n_classes)
+    acc = accumulate(cf.load_members(job.n_classes), calibration, mode)
+    probs = calibrated_probs(acc, calibration, mode)
+    seg = segmentation(probs)
+    roi = roi_mask(seg, cf.geometry.spacing_zyx, opts.roi_radius_mm, reference=labels,
+                   rule=opts.roi_rule, allow_empty=True)
+    maps = case_maps(acc, probs, cf.geometry, calibration, mode, names=names,
+                     dae_sigma_mm=opts.dae_sigma_mm, roi=roi)
+    del acc, probs
+    pad = [int(math.ceil(opts.ebcu_radius_mm / h)) + 1 for h in cf.geometry.spacing_zyx]
+    box = _bbox(roi, pad, roi.shape)
+    errors = error_mask(seg, labels, roi)
+    crop = ({n: maps[n][box].copy() for n in names}, errors[box].copy(), roi[box].copy(), cf.geometry.spacing_zyx)
+    return crop, maps["entropy"][roi]
+
+
+def fit_thresholds(pairing: Pairing, calibration, opts: FitOptions, executor=None) -> tuple[dict, float, dict]:
+    """Pass 3: EBCU threshold and τ* per map with ``calibration`` applied (``threshold_case`` per
+    case, mapped by the executor; the pooled quantile and the τ* search once, here). Returns (τ*, t, info)."""
+    from ..calibration.thresholds import calibrate_thresholds
+    from ..uncertainty.ebcu import ebcu
+
     n_cases = len(pairing.cases)
-    for ci, cf in enumerate(pairing.cases):
-        labels = read_label(cf, pairing.n_classes)
-        acc = accumulate(cf.load_members(pairing.n_classes), calibration, mode)
-        probs = calibrated_probs(acc, calibration, mode)
-        seg = segmentation(probs)
-        roi = roi_mask(seg, cf.geometry.spacing_zyx, opts.roi_radius_mm, reference=labels,
-                       rule=opts.roi_rule, allow_empty=True)
-        maps = case_maps(acc, probs, cf.geometry, calibration, mode, names=names,
-                         dae_sigma_mm=opts.dae_sigma_mm, roi=roi)
-        del acc, probs
-        pad = [int(math.ceil(opts.ebcu_radius_mm / h)) + 1 for h in cf.geometry.spacing_zyx]
-        box = _bbox(roi, pad, roi.shape)
-        errors = error_mask(seg, labels, roi)
-        crops.append(({n: maps[n][box].copy() for n in names}, errors[box].copy(), roi[box].copy(),
-                      cf.geometry.spacing_zyx))
-        pe_roi.append(maps["entropy"][roi])
-        del maps
-        _progress("fit: thresholds", ci, n_cases, cf.case, bar)
+    job = FitJob(pairing.n_classes, opts, 0, False, pairing.n_members, calibration)
+    parts = _run_pass(threshold_case, job, pairing, executor, "fit: thresholds")
+    crops = [p[0] for p in parts]
+    pe_roi = [p[1] for p in parts]
     pooled = np.concatenate(pe_roi) if pe_roi else np.zeros(0, np.float32)
     if pooled.size == 0:
         raise InputError("every calibration case has an empty ROI (no predicted foreground): "
@@ -189,8 +236,13 @@ def fit_thresholds(pairing: Pairing, calibration, opts: FitOptions, bar=None) ->
     return thresholds, t_ebcu, info
 
 
-def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, bar=None, fingerprint: dict | None = None):
+def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, fingerprint: dict | None = None,
+                    executor=None):
     """Fit and return a ``CalibrationFile`` (not saved) from the paired calibration cases.
+
+    ``executor``: ``cohort.executor.ExecutorOptions`` for the per-case passes (default local);
+    the result is the same under every executor (per-case seeds, case-ordered reductions).
+    A case that fails stops the fit with an error naming it, after the other cases ran.
 
     ``fingerprint``: the model's fingerprint to record (default: ``prediction_fingerprint`` of
     the member folders, which knows plans and dataset.json but not the checkpoints).
@@ -206,7 +258,7 @@ def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, bar=None, 
         raise InputError("fitting needs reference labels for every calibration case (--labels)")
     t0 = time.perf_counter()
     want_members = opts.method == "temperature"
-    x, xm, y = collect_samples(pairing, opts, want_members, bar)
+    x, xm, y = collect_samples(pairing, opts, want_members, executor)
     t1 = time.perf_counter()
     scaler, other = fit_scaler(x, xm, y, opts)
     t2 = time.perf_counter()
@@ -223,7 +275,7 @@ def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, bar=None, 
                                       case_ids=[c.case for c in pairing.cases],
                                       class_names=pairing.class_names,
                                       fingerprint=fingerprint or prediction_fingerprint(pairing), extra=extra)
-    thresholds, t_ebcu, info = fit_thresholds(pairing, cal, opts, bar)
+    thresholds, t_ebcu, info = fit_thresholds(pairing, cal, opts, executor)
     cal.thresholds = thresholds
     cal.ebcu_threshold = t_ebcu
     cal.extra.update(info)

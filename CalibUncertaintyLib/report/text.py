@@ -86,14 +86,20 @@ def render_report(evaluation: dict) -> str:
     lines += ["Top-label ECE with all cases' voxels pooled into one reliability table:", ""]
     lines += _table(["region", "before", "after"], pooled) + [""]
 
-    lines += ["### Per case (ROI)", ""]
+    from ..metrics.case_quality import review_order
+
+    lines += ["### Per case (ROI), in review order", "",
+              "Highest review priority first: cases with nothing predicted, then by the mean "
+              "uncertainty of the regions map in the ROI (case-level aggregate).", ""]
     rows = []
-    for rec in ev["per_case"]:
+    for rank, rec in enumerate(review_order(ev["per_case"]), 1):
         b, a = rec["metrics"]["before"]["roi"], rec["metrics"]["after"]["roi"]
-        rows.append([rec["case"], b and b["nll"], a and a["nll"], b and b["ece_top"], a and a["ece_top"],
-                     b and b["brier_multiclass"], a and a["brier_multiclass"], rec["roi"]["n_voxels"]])
-    lines += _table(["case", "NLL before", "NLL after", "ECE before", "ECE after", "Brier before",
-                     "Brier after", "ROI voxels"], rows) + [""]
+        q = rec.get("quality") or {}
+        rows.append([rank, rec["case"], q.get("mean_u_roi"), rec["mean_dice"], b and b["nll"], a and a["nll"],
+                     b and b["ece_top"], a and a["ece_top"], b and b["brier_multiclass"],
+                     a and a["brier_multiclass"], rec["roi"]["n_voxels"]])
+    lines += _table(["rank", "case", "mean U (ROI)", "mean Dice", "NLL before", "NLL after", "ECE before",
+                     "ECE after", "Brier before", "Brier after", "ROI voxels"], rows) + [""]
 
     lines += ["## Segmentation (Dice per class)", "",
               "Dice of the segmentation (argmax of the calibrated probability); empty reference and "

@@ -74,3 +74,12 @@ def test_summary_over_cases():
     assert s["fraction_fg_flagged"]["n"] == 3
     with pytest.raises(InputError, match="Dice values"):
         case_quality_summary(aggs, DICE[:3])
+
+
+def test_review_order_puts_empty_roi_first_then_highest_mean_uncertainty():
+    from CalibUncertaintyLib.metrics.case_quality import review_order
+
+    recs = [{"case": "a", "quality": {"mean_u_roi": 0.1}}, {"case": "b", "quality": None},
+            {"case": "c", "quality": {"mean_u_roi": 0.3}}, {"case": "d", "quality": {"mean_u_roi": None}},
+            {"case": "e", "quality": {"mean_u_roi": 0.1}}]
+    assert [r["case"] for r in review_order(recs)] == ["b", "d", "c", "a", "e"]

@@ -271,9 +271,9 @@ def test_module_cmake_builds_resources_and_tests():
 
 
 def test_library_keeps_its_import_contract():
-    """CalibUncertaintyLib never imports slicer/qt/ctk/vtk (nor torch/nnunetv2) at module level and
+    """CalibUncertaintyLib never imports slicer/qt/ctk/vtk (nor torch/nnunetv2/ray) at module level and
     never imports torchvision or timm (docs/ARCHITECTURE.md)."""
-    top_forbidden = {"slicer", "qt", "ctk", "vtk", "torch", "nnunetv2"}
+    top_forbidden = {"slicer", "qt", "ctk", "vtk", "torch", "nnunetv2", "ray"}
     anywhere_forbidden = {"torchvision", "timm"}
     for path in sorted(LIB_DIR.rglob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
