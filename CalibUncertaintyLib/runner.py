@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from .errors import CalibUncertaintyError, InputError, ModelFolderError
-from .progress import parse_progress_line
+from .progress import ENV_VAR as PROGRESS_ENV_VAR, parse_progress_line
 
 log = logging.getLogger(__name__)
 
@@ -418,6 +418,7 @@ class PredictionRun:
         env["PYTHONPATH"] = lib_parent + (os.pathsep + old if old else "")
         env["PYTHONUNBUFFERED"] = "1"  # lines arrive as they are written, not at exit
         env.setdefault("PYTHONIOENCODING", "utf-8")
+        env[PROGRESS_ENV_VAR] = "1"  # the child prints CALIBU_PROGRESS lines only when asked
         return env
 
     def _drain(self):

@@ -91,16 +91,34 @@ def load_calibration_for_model(path, model):
     return cal
 
 
+def input_identities(cases: dict) -> dict:
+    """{case: identity record of its first channel}; every channel file is read first, so a
+    truncated or corrupt file or a NaN/inf voxel is refused before any inference."""
+    from ..io.identity import file_identity
+    from ..io.images import read_image
+
+    out = {}
+    for case_id, files in cases.items():
+        out[case_id] = file_identity(files[0], case_id)
+        for f in files[1:]:
+            read_image(f)
+    return out
+
+
 def run(args) -> int:
-    from ..io.atomic import write_json
+    from ..io.identity import SUMMARY_KEY
     from ..nnunet.inference import EnsemblePredictor, collect_cases
     from ..nnunet.model_folder import ModelFolder
     from ..pipeline.case import CaseOptions, process_case
+    from ..pipeline.folder_index import update_folder_index
 
     model = ModelFolder.open(args.model)
     members = model.members(args.ensemble, args.folds, args.checkpoint)
     cases = collect_cases(args.input, model.n_channels, model.file_ending)
     cal = load_calibration_for_model(args.calibration, model) if args.calibration else None
+    if cal is not None:
+        cal.check_ensemble(args.ensemble, [m.name for m in members], bool(args.tta))
+    identities = input_identities(cases)  # every input read (intact, finite) before any inference
     t_load = time.perf_counter()
     predictor = EnsemblePredictor(model, members, device=args.device, tta=args.tta, tile_step_size=args.step_size)
     load_s = time.perf_counter() - t_load
@@ -121,7 +139,7 @@ def run(args) -> int:
         opts = CaseOptions(ensemble_mode=args.ensemble_mode, regions_map=args.regions_map,
                            dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm,
                            min_region_mm3=args.min_region_mm3, n_members=len(members), member_names=names,
-                           extra_summary={"prediction": record})
+                           extra_summary={"prediction": record, SUMMARY_KEY: identities[case_id]})
         # process_case consumes the members before it builds summary.json, so the timings that
         # _timed_members writes into ``record`` are in place by then.
         s = process_case(case_id, _timed_members(predictor, case, record["timings_s"]), case.geometry,
@@ -133,10 +151,12 @@ def run(args) -> int:
         say(f"{case_id}: {s['n_regions']} region(s) on {s['regions_map']}; inference {t['inference_s']:.1f} s, "
             f"total {total:.1f} s")
         del case
-    write_json(args.output / "summary.json",
-               {"cases": summaries, "model_folder": str(model.path), "ensemble": args.ensemble,
-                "members": names, "class_names": model.class_names, "device": predictor.device_name,
-                "tta": bool(args.tta), "calibration": cal.source_path if cal else None})
+    replaced = update_folder_index(args.output, summaries,
+                                   {"model_folder": str(model.path), "ensemble": args.ensemble, "members": names,
+                                    "class_names": model.class_names, "device": predictor.device_name,
+                                    "tta": bool(args.tta), "calibration": cal.source_path if cal else None})
+    if replaced:
+        say(f"replaced the earlier outputs of {len(replaced)} case(s): {', '.join(replaced)}")
     say(f"{len(summaries)} case(s) written to {args.output}")
     return 0
 

@@ -131,7 +131,9 @@ def test_refuses_another_models_fingerprint(models, tmp_path):
     with pytest.raises(CalibrationMismatchError) as exc:
         cal.check_fingerprint(fb)
     msg = str(exc.value)
-    assert f"model {short_hash(fa)}" in msg and f"this model is {short_hash(fb)}" in msg
+    key = "checkpoints_sha256"
+    assert f"model {short_hash(fa, key)}" in msg and f"this model is {short_hash(fb, key)}" in msg
+    assert short_hash(fa, key) != short_hash(fb, key)
     assert "cal.json" in msg and "refit" in msg
     with pytest.raises(CalibrationMismatchError, match="missing"):
         cal.check_fingerprint({})

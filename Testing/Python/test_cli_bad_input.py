@@ -112,7 +112,7 @@ def test_empty_labels(data, tmp_path, capsys):
     members, raw = list(map(str, data["members"])), data["raw"]
     assert main(["fit-temperature", "--members", *members, "--labels", str(raw / "labelsTr"), "--cases", "empty",
                  "-o", str(tmp_path / "cal.json")]) == 2
-    assert "no calibration voxels" in _error(capsys)
+    assert "every calibration label is background only" in _error(capsys)  # refused before any member is read
     assert not (tmp_path / "cal.json").exists()
     assert main(["evaluate", "--members", *members, "--images", str(raw / "imagesTr"), "--labels",
                  str(raw / "labelsTr"), "--calibration", str(data["cal"]), "--cases", "c0", "empty",
