@@ -63,7 +63,7 @@ def describe(identity: dict | None) -> str:
         return "(no identity recorded)"
     g = identity.get("geometry") or {}
     shape = "x".join(str(s) for s in g.get("shape_zyx", ())) or "?"
-    parts = [f"case {identity.get('case') or '?'}"]
+    parts = [f"case {identity['case']}"] if identity.get("case") else []
     if identity.get("file"):
         parts.append(f"file {Path(identity['file']).name}")
     parts.append(f"grid {shape}")

@@ -16,7 +16,7 @@ from ..io.identity import SUMMARY_KEY, check_identity, image_identity
 
 log = logging.getLogger(__name__)
 
-OVERRIDE_HINT = "load it with allow_identity_mismatch=True"
+OVERRIDE_HINT = "load it with allow_identity_mismatch=True (command line: --allow-identity-mismatch)"
 
 
 def check_case_on_volume(summary: dict, case_dir, volume_node=None, array: np.ndarray | None = None,

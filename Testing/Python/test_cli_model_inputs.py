@@ -254,3 +254,41 @@ def test_help_explains_the_model_options(command, capsys):
                 "--no-tta", "--member-cache"):
         assert opt in text, opt
     assert "reused" in text and "fingerprint" in text
+
+
+def test_member_outputs_of_another_image_are_refused(setup, tmp_path, capsys):
+    """Cached member folders record the sha256 of the image each case came from: given as
+    --members with another image of that case (same grid, other voxels), evaluate refuses."""
+    dirs = _member_dirs(setup["cache"], setup["model"])
+    images = tmp_path / "images"
+    for case in FIT_CASES:
+        arr, geo = read_image(setup["images"] / f"{case}_0000.nii.gz")
+        write_image(images / f"{case}_0000.nii.gz", arr + (50 if case == "c0" else 0), geo)  # c0: another scan
+    base = ["evaluate", "--members", *map(str, dirs), "--images", str(images), "--labels", str(setup["labels"]),
+            "--cases", *FIT_CASES, "--calibration", str(setup["cal"])]
+    capsys.readouterr()
+    assert main([*base, "-o", str(tmp_path / "ev")]) == 2
+    msg = _error(capsys)
+    assert msg.startswith("error: case c0: member fold_0_checkpoint_final was computed from an image with sha256")
+    assert "--allow-identity-mismatch" in msg and "c1" not in msg.split(".")[0]
+    assert not (tmp_path / "ev").exists()
+    assert main([*base, "--allow-identity-mismatch", "-o", str(tmp_path / "ev2")]) == 0
+
+
+def test_calibration_of_another_ensemble_is_refused_and_tta_warned(setup, tmp_path, capsys, caplog):
+    """setup["cal"] was fitted on the deep ensemble (folds 0, 1) without TTA."""
+    cal = json.loads(setup["cal"].read_text())
+    assert cal["ensemble"] == {"kind": "deep", "members": ["fold_0_checkpoint_final", "fold_1_checkpoint_final"],
+                               "tta": False}
+    image = setup["images"] / "c2_0000.nii.gz"
+    base = ["predict", "-i", str(image), "-m", str(setup["model"]), "--device", "cpu", "--calibration",
+            str(setup["cal"])]
+    capsys.readouterr()
+    assert main([*base, "--ensemble", "single", "--no-tta", "-o", str(tmp_path / "single")]) == 2
+    msg = _error(capsys)
+    assert "fitted on another ensemble" in msg and "ensemble kind: fitted on deep, applied to single" in msg
+    assert "2 member(s)" in msg and "1 (fold_0_checkpoint_final) now" in msg
+    assert not (tmp_path / "single").exists()
+    with caplog.at_level("WARNING"):
+        assert main([*base, "--tta", "-o", str(tmp_path / "tta")]) == 0
+    assert any("fitted with TTA off, applied with TTA on" in r.getMessage() for r in caplog.records)

@@ -117,7 +117,9 @@ def _previous_outputs_intact(out: Path):
 
 
 # --------------------------------------------------------------------------------- the run
-def test_success_delivers_progress_and_moves_outputs_into_place(fake, out_dir):
+def test_success_delivers_progress_and_moves_outputs_into_place(fake, out_dir, monkeypatch):
+    # the child prints progress lines only when asked: the runner must ask (CALIBU_PROGRESS=1)
+    monkeypatch.delenv("CALIBU_PROGRESS", raising=False)
     events, lines = [], []
     run = PredictionRun(fake("success"), out_dir, on_progress=events.append,
                         on_log=lambda line, stream: lines.append((stream, line)))
