@@ -6,9 +6,10 @@ alone lets case A's maps be shown on case B's CT. ``image_identity`` records, in
 values; ``identity_mismatch`` compares a record with an image at hand. Qt-free and MRML-free:
 the CLI, ``review``, ``evaluate`` and the Slicer loaders all call the same two functions.
 
-Voxel hash: SHA-256 over the shape and the voxel values as little-endian float64, slice by slice.
-Every int16/int32/float32 CT value is exact in float64, so the hash of a CT read from its file
-and of the same CT held in a Slicer volume node (whatever its scalar type) agree.
+Voxel hash: SHA-256 over the shape and the voxel values as little-endian float32, slice by slice.
+Every int16/uint8/float32 CT value is exact in float32, and a float64 volume node is exported as
+float32 (``io.images.write_image``) before ``predict`` reads it, so the hash of a CT read from its
+file and of the same CT held in a Slicer volume node (whatever its scalar type) agree.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ class IdentityMismatchError(InputError):
 
 
 def voxels_sha256(array: np.ndarray) -> str:
-    """SHA-256 of the shape and the voxel values (as little-endian float64), independent of dtype."""
+    """SHA-256 of the shape and the voxel values (as little-endian float32), independent of dtype."""
     a = np.asarray(array)
     h = hashlib.sha256(("shape=" + ",".join(str(int(s)) for s in a.shape) + ";").encode())
     if a.ndim == 0:
-        h.update(np.asarray(a, dtype="<f8").tobytes())
+        h.update(np.asarray(a, dtype="<f4").tobytes())
     for z in range(a.shape[0] if a.ndim else 0):
-        h.update(np.ascontiguousarray(a[z], dtype="<f8").tobytes())
+        h.update(np.ascontiguousarray(a[z], dtype="<f4").tobytes())
     return h.hexdigest()
 
 

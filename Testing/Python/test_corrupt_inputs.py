@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from CalibUncertaintyLib.cli.main import main
 from CalibUncertaintyLib.errors import InputError
-from CalibUncertaintyLib.io.images import read_header_geometry, read_image, verify_image_file, write_image
+from CalibUncertaintyLib.io.images import read_header_geometry, read_image, write_image
 from CalibUncertaintyLib.progress import parse_progress_line
 from CalibUncertaintyLib.synthetic.members import make_member_folders
 
@@ -50,6 +50,8 @@ def real(openkbp_dir):
 @pytest.mark.parametrize("kind", ["ct", "label"])
 @pytest.mark.parametrize("plain", [False, True], ids=["nii.gz", "nii"])
 def test_half_length_copies_are_refused(real, tmp_path, kind, plain):
+    from CalibUncertaintyLib.io.images import verify_image_file
+
     src = real[kind]
     bad = _half(src, tmp_path / ("half.nii" if plain else "half.nii.gz"), plain)
     # what the issue found: ITK reads the short file as if it were complete, half of it zeros

@@ -15,9 +15,7 @@ import shutil
 import pytest
 
 from CalibUncertaintyLib.cli.main import main
-from CalibUncertaintyLib.io.identity import SUMMARY_KEY, IdentityMismatchError, file_identity, identity_mismatch
 from CalibUncertaintyLib.io.images import read_header_geometry
-from CalibUncertaintyLib.pipeline.folder_index import update_folder_index
 from CalibUncertaintyLib.synthetic.members import make_member_folders
 
 A, B = "OKBP_train_001", "OKBP_train_004"
@@ -52,6 +50,8 @@ def cases(openkbp_dir, tmp_path_factory):
 
 
 def test_summary_records_the_input_identity(cases):
+    from CalibUncertaintyLib.io.identity import SUMMARY_KEY, file_identity, identity_mismatch
+
     assert cases["rc"] == (0, 0)
     for case in (A, B):
         rec = json.loads((cases["out"] / case / "summary.json").read_text())[SUMMARY_KEY]
@@ -68,6 +68,8 @@ def test_review_refuses_the_swapped_ct_unless_overridden(cases, tmp_path, capsys
     base = ["review", "--outputs", str(cases["out"]), "--images", str(cases["swapped"]), "--format", "html"]
     assert main([*base, "-o", str(tmp_path / "sheets")]) == 2
     msg = _error(capsys)
+    from CalibUncertaintyLib.io.identity import file_identity
+
     b_sha = file_identity(cases["images"] / f"{B}_0000.nii.gz")["voxels_sha256"]
     assert "another image" in msg and f"case {A}" in msg and b_sha[:12] in msg and "--allow-identity-mismatch" in msg
     assert msg.count("voxels sha256") == 2  # both identities
@@ -81,6 +83,7 @@ def test_review_refuses_the_swapped_ct_unless_overridden(cases, tmp_path, capsys
 def test_slicer_load_refuses_the_other_patients_ct(cases, caplog):
     import slicer
 
+    from CalibUncertaintyLib.io.identity import IdentityMismatchError, file_identity
     from CalibUncertaintyLib.mrml.nodes import load_case_outputs
     from CalibUncertaintyLib.mrml.volumes import load_volume_file
 
@@ -114,6 +117,8 @@ def test_rerun_keeps_the_index_whole_and_says_what_it_replaced(cases, capsys):
 
 
 def test_update_folder_index_unit(tmp_path):
+    from CalibUncertaintyLib.pipeline.folder_index import update_folder_index
+
     for case in ("c1", "c2", "c3"):
         (tmp_path / case).mkdir()
         (tmp_path / case / "summary.json").write_text(json.dumps({"case": case, "n_regions": 1, "n_members": 3}))
@@ -128,3 +133,22 @@ def test_update_folder_index_unit(tmp_path):
     assert update_folder_index(tmp_path, [{"case": "c1", "n_regions": 8}, {"case": "c2", "n_regions": 0}]) == ["c1", "c2"]
     index = json.loads((tmp_path / "summary.json").read_text())
     assert [(c["case"], c["n_regions"]) for c in index["cases"]] == [("c1", 8), ("c2", 0)]
+
+
+def test_identity_of_a_volume_node_matches_its_exported_file(openkbp_dir, tmp_path):
+    """The module's own path: a volume node (here float64) is exported, predict records the
+    file's identity, and the outputs are then loaded back onto that node: no false mismatch."""
+    import numpy as np
+
+    from CalibUncertaintyLib.io.identity import file_identity, identity_mismatch, image_identity
+    from CalibUncertaintyLib.io.images import read_image
+    from CalibUncertaintyLib.mrml.volumes import export_volume_node, geometry_from_volume_node, new_volume_node, \
+        volume_array
+
+    arr, geo = read_image(openkbp_dir / "imagesTr" / f"{A}_0000.nii.gz")
+    node = new_volume_node(arr.astype(np.float64) + 0.1, geo, "CT")
+    path = export_volume_node(node, tmp_path / "ct.nii.gz")
+    from_file = file_identity(path, A)
+    from_node = image_identity(volume_array(node), geometry_from_volume_node(node))
+    assert identity_mismatch(from_file, from_node) is None
+

@@ -24,7 +24,6 @@ import pytest
 
 from CalibUncertaintyLib.cli.main import build_parser, main
 from CalibUncertaintyLib.errors import InputError
-from CalibUncertaintyLib.io.output_paths import check_output_path
 from CalibUncertaintyLib.synthetic.members import make_member_folders
 
 NOBODY = 65534
@@ -150,6 +149,8 @@ def test_read_only_location_as_a_normal_user(openkbp_dir):
 
 
 def test_check_output_path_unit(tmp_path):
+    from CalibUncertaintyLib.io.output_paths import check_output_path
+
     assert check_output_path(tmp_path / "new" / "deeper", "dir") == tmp_path / "new" / "deeper"
     assert not (tmp_path / "new").exists()  # nothing is created by the check
     assert check_output_path(tmp_path / "x.json", "file") == tmp_path / "x.json"
