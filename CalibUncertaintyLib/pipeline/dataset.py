@@ -64,7 +64,8 @@ def check_member_inputs(pairing: Pairing, allow_mismatch: bool = False) -> list[
                 marker = json.loads((d / MARKER).read_text())
             except (OSError, ValueError):
                 continue
-            recorded = (marker.get("cases") or {}).get(cf.case) if isinstance(marker, dict) else None
+            cases = marker.get("cases") if isinstance(marker, dict) else None
+            recorded = cases.get(cf.case) if isinstance(cases, dict) else None  # the demo's writer lists names only
             if not isinstance(recorded, str):
                 continue
             actual = actual or inputs_sha256(cf.image_paths)
