@@ -6,6 +6,8 @@
 - ``evaluate.evaluate_cases`` / ``evaluate.write_evaluation``: metrics before and after
   calibration, error detection, plots and report.md.
 - ``dataset``: labels, fingerprint and calibration-file checks on top of ``io.nnunet_outputs``.
+- ``folder_index.update_folder_index``: the output folder's top-level summary.json, merged
+  with the cases already there (called once after a run's cases are done).
 
 Modules are imported on use (``from CalibUncertaintyLib.pipeline.case import process_case``).
 """
