@@ -6,14 +6,25 @@ One line per event on stderr::
 
 ``fraction`` is the overall fraction done (0..1) when the emitter knows it. ``parse_progress_line``
 is the inverse and returns None for any other line, so a reader can pass the rest to its log.
+
+Lines are printed only when asked: environment variable ``CALIBU_PROGRESS=1`` (set by the
+out-of-process runner ``runner.py`` for the Slicer module, or by the CLI's ``--progress``), or an
+explicit ``stream``. A person at a terminal gets the progress bar and log, not JSON.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 PREFIX = "CALIBU_PROGRESS "
+#: set to "1" to get progress lines on stderr
+ENV_VAR = "CALIBU_PROGRESS"
+
+
+def progress_enabled() -> bool:
+    return os.environ.get(ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def format_progress(stage: str, fraction: float | None = None, **fields) -> str:
@@ -25,7 +36,11 @@ def format_progress(stage: str, fraction: float | None = None, **fields) -> str:
 
 
 def emit_progress(stage: str, fraction: float | None = None, stream=None, **fields) -> None:
-    stream = sys.stderr if stream is None else stream
+    """Write one progress line to ``stream``; with no stream, to stderr when ``progress_enabled()``."""
+    if stream is None:
+        if not progress_enabled():
+            return
+        stream = sys.stderr
     stream.write(format_progress(stage, fraction, **fields) + "\n")
     stream.flush()
 

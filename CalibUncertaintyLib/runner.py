@@ -15,7 +15,8 @@ How a run works
    ``on_progress`` and every other line to ``on_log``. Callbacks therefore run in the thread that
    calls :meth:`poll` (the GUI thread in Slicer), never in a reader thread.
 3. On exit code 0 every top-level entry of the staging folder replaces the entry of the same name
-   in ``out_dir`` (the old one is kept aside until the new one is in place, then deleted); other
+   in ``out_dir``, except the folder index ``summary.json``, which is merged into ``out_dir``'s
+   (``pipeline.folder_index.update_folder_index``) (the old one is kept aside until the new one is in place, then deleted); other
    entries of ``out_dir`` are left alone. On failure or cancel the staging folder is deleted and
    ``out_dir`` is exactly as it was.
 4. :meth:`cancel` ends the whole process tree, not just the direct child: the child starts in a new
@@ -46,7 +47,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from .errors import CalibUncertaintyError, InputError, ModelFolderError
-from .progress import parse_progress_line
+from .pipeline.folder_index import INDEX_NAME, update_folder_index
+from .progress import ENV_VAR as PROGRESS_ENV_VAR, parse_progress_line
 
 log = logging.getLogger(__name__)
 
@@ -422,6 +424,7 @@ class PredictionRun:
         env["PYTHONPATH"] = lib_parent + (os.pathsep + old if old else "")
         env["PYTHONUNBUFFERED"] = "1"  # lines arrive as they are written, not at exit
         env.setdefault("PYTHONIOENCODING", "utf-8")
+        env[PROGRESS_ENV_VAR] = "1"  # the child prints CALIBU_PROGRESS lines only when asked
         return env
 
     def _drain(self):
@@ -471,7 +474,11 @@ class PredictionRun:
             produced = sorted(self.staging_dir.iterdir())
             if not produced:
                 raise RunError(f"{self._describe()} finished but wrote no output")
-            _move_into(produced, self.out_dir)
+            index = _staged_index(self.staging_dir)
+            _move_into([p for p in produced if index is None or p.name != INDEX_NAME], self.out_dir)
+            if index is not None:  # merged, so the folder's index keeps the cases of earlier runs
+                run = {k: v for k, v in index.items() if k not in ("cases", "n_cases", "replaced", "updated_utc")}
+                update_folder_index(self.out_dir, index["cases"], run)
         except (OSError, RunError) as exc:
             self._remove_staging()
             self._finish(RunState.FAILED, f"{exc}")
@@ -541,6 +548,20 @@ def _pump(stream, name: str, q: queue.Queue):
             stream.close()
         except OSError:
             pass
+
+
+def _staged_index(staging_dir: Path) -> dict | None:
+    """The folder index (``pipeline.folder_index``) the command wrote, or None."""
+    import json
+
+    try:
+        doc = json.loads((staging_dir / INDEX_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(doc, dict) and isinstance(doc.get("cases"), list) and all(
+            isinstance(r, dict) and "case" in r for r in doc["cases"]):
+        return doc
+    return None
 
 
 def _move_into(entries: Iterable[Path], out_dir: Path):

@@ -25,9 +25,9 @@ import numpy as np
 from .. import __version__
 from ..errors import CalibrationMismatchError, InputError
 from ..io.atomic import write_json
-from .fingerprint import compare_fingerprints, short_hash
+from .fingerprint import compare_fingerprints, differing_component, short_hash
 from .roi import DEFAULT_RADIUS_MM, ROI_RULES, describe_roi
-from .temperature import ENSEMBLE_MODES, apply_temperature, check_temperature
+from .temperature import DEFAULT_T_BOUNDS, ENSEMBLE_MODES, apply_temperature, check_temperature
 from .vector_scaling import VectorScaler, apply_vector_scaling
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,10 @@ class CalibrationFile:
     created: str = field(default_factory=_now)
     tool_version: str = __version__
     extra: dict = field(default_factory=dict)  # free-form: e.g. the other ensemble mode's fit
+    #: foreground voxels in the calibration labels (0: fitted on empty labels, refused); None: not recorded
+    label_foreground_voxels: int | None = None
+    #: what the members were: {"kind": deep|checkpoint|single|None, "members": [names], "tta": bool|None}
+    ensemble: dict = field(default_factory=dict)
     source_path: str | None = field(default=None, compare=False, repr=False)
 
     # --- construction ------------------------------------------------------------------------
@@ -102,6 +106,11 @@ class CalibrationFile:
                 self.temperature = check_temperature(self.temperature)
             except InputError as exc:
                 raise InputError(f"{where}: {exc}") from None
+            lo, hi = DEFAULT_T_BOUNDS
+            if not lo * (1 - 1e-6) <= self.temperature <= hi * (1 + 1e-6):
+                raise InputError(f"{where}: temperature {self.temperature:.4g} is outside [{lo:g}, {hi:g}], the range "
+                                 f"fit-temperature searches, so no fit produced it (a damaged or hand-edited "
+                                 f"file?); {REFIT_HINT}")
         else:
             if self.ensemble_mode != "pool_then_calibrate":
                 raise InputError(f"{where}: vector scaling is only defined for pool_then_calibrate")
@@ -130,16 +139,58 @@ class CalibrationFile:
             raise InputError(f"{where}: ebcu_threshold must be a finite number or null")
         if not isinstance(self.fingerprint, dict):
             raise InputError(f"{where}: fingerprint must be an object")
+        if self.label_foreground_voxels is not None and (
+                not isinstance(self.label_foreground_voxels, int) or self.label_foreground_voxels < 0):
+            raise InputError(f"{where}: label_foreground_voxels must be a whole number >= 0 or null")
+        if self.label_foreground_voxels == 0:
+            raise InputError(f"{where} was fitted on calibration labels that are all background (no structure "
+                             "at all), so its temperature and thresholds mean nothing; refit on cases whose "
+                             "labels hold the structures")
+        if not isinstance(self.ensemble, dict):
+            raise InputError(f"{where}: ensemble must be an object {{kind, members, tta}}")
         return self
+
+    def check_ensemble(self, kind: str | None = None, members=None, tta: bool | None = None) -> str | None:
+        """Compare the ensemble this file was fitted on with the one it is applied to.
+
+        ``kind``: the model's ensemble kind (None for member folders, whose names are then
+        compared with member folder names only). Another member count, member set or ensemble
+        kind: CalibrationMismatchError (a temperature fitted on
+        five folds is wrong for one, and the reverse). Another TTA setting: a warning, returned
+        (TTA shifts confidence a little; the file still comes from the same networks). Anything
+        not recorded on either side is not compared."""
+        rec = self.ensemble or {}
+        name = Path(self.source_path).name if self.source_path else "(unsaved)"
+        problems = []
+        if rec.get("kind") and kind and rec["kind"] != kind:
+            problems.append(f"ensemble kind: fitted on {rec['kind']}, applied to {kind}")
+        if rec.get("members") and members:
+            a, b = _member_set(rec["members"]), _member_set(members)
+            if len(a) != len(b):
+                problems.append(f"{len(a)} member(s) ({', '.join(sorted(a))}) when fitted, {len(b)} "
+                                f"({', '.join(sorted(b))}) now")
+            elif a != b and (rec.get("kind") is None) == (kind is None):
+                # names are comparable when both sides name model members, or both name folders
+                problems.append(f"members: fitted on {', '.join(sorted(a))}; applied to {', '.join(sorted(b))}")
+        if problems:
+            raise CalibrationMismatchError(f"calibration file {name} was fitted on another ensemble ("
+                                           f"{'; '.join(problems)}); {REFIT_HINT} with the same ensemble")
+        if rec.get("tta") is not None and tta is not None and bool(rec["tta"]) != bool(tta):
+            msg = (f"calibration file {name} was fitted with TTA {'on' if rec['tta'] else 'off'}, applied with "
+                   f"TTA {'on' if tta else 'off'}: confidence may be slightly miscalibrated; use the same setting")
+            log.warning(msg)
+            return msg
+        return None
 
     def check_fingerprint(self, fp: dict) -> None:
         """Raise CalibrationMismatchError unless ``fp`` matches the model this file was fitted on."""
         reason = compare_fingerprints(self.fingerprint, fp)
         if reason is not None:
             name = Path(self.source_path).name if self.source_path else "(unsaved)"
+            key = differing_component(self.fingerprint, fp)
             raise CalibrationMismatchError(
-                f"calibration file {name} was fitted on model {short_hash(self.fingerprint)}, this model is "
-                f"{short_hash(fp)} ({reason}); {REFIT_HINT}")
+                f"calibration file {name} was fitted on model {short_hash(self.fingerprint, key)}, this model is "
+                f"{short_hash(fp, key)} ({reason}); {REFIT_HINT}")
 
     # --- use ---------------------------------------------------------------------------------
     def transform_probs(self, probs, axis: int = 0) -> np.ndarray:
@@ -218,6 +269,12 @@ class CalibrationFile:
             raise InputError(f"calibration file {path} is not valid JSON ({exc.msg} at line {exc.lineno}, "
                              f"column {exc.colno}): it is corrupt or truncated; {REFIT_HINT}") from exc
         return cls.from_dict(data, source=str(path))
+
+
+def _member_set(names) -> set:
+    """Member names compared across commands: 'fold_0/checkpoint_final' (model folder) and
+    'fold_0_checkpoint_final' (its cache folder) are the same member."""
+    return {str(n).replace("/", "_").removesuffix(".pth") for n in names}
 
 
 def _finite(v) -> bool:

@@ -186,8 +186,24 @@ def compare_fingerprints(a: dict | None, b: dict | None) -> str | None:
     return None
 
 
-def short_hash(fp: dict | None) -> str:
-    """12 hex digits identifying a fingerprint in messages (checkpoints, else plans, else names)."""
+def differing_component(a: dict | None, b: dict | None) -> str | None:
+    """The first component known on both sides that differs (``compare_fingerprints`` order), or None."""
+    for key in COMPONENTS:
+        va, vb = (a or {}).get(key), (b or {}).get(key)
+        if va is not None and vb is not None and va != vb:
+            return key
+    return None
+
+
+def short_hash(fp: dict | None, key: str | None = None) -> str:
+    """Identifies a fingerprint in messages: component ``key`` when given (so two fingerprints
+    that differ print two different values), else 12 hex digits of the checkpoints, else of
+    plans/dataset.json, else of the member names."""
+    if fp and key:
+        v = fp.get(key)
+        if v is None:
+            return "unknown"
+        return f"{v} classes" if key == "n_classes" else f"{key.replace('_sha256', '')} {str(v)[:12]}"
     if fp:
         for key in ("checkpoints_sha256", "plans_dataset_sha256", "member_names_sha256"):
             if fp.get(key):

@@ -87,6 +87,9 @@ def add_global_options(parser: argparse.ArgumentParser, suppress_defaults: bool 
                         "traceback instead of the one-line message", **kw)
     parser.add_argument("-v", "--verbose", action="count", help="more log output (-v info, -vv debug)",
                         **({"default": argparse.SUPPRESS} if suppress_defaults else {"default": 0}))
+    parser.add_argument("--progress", action="store_true",
+                        help="print machine-readable 'CALIBU_PROGRESS {...}' lines on stderr for a GUI "
+                             "(same as the environment variable CALIBU_PROGRESS=1)", **kw)
 
 
 def add_member_options(parser: argparse.ArgumentParser, images_required: bool = False,
@@ -160,9 +163,23 @@ def add_model_run_options(parser: argparse.ArgumentParser) -> None:
                    help="folder keeping every member's probabilities per case (nnU-Net "
                         "--save_probabilities layout, under <model>-<hash>/<tta|notta>/<member>/), "
                         "reused by later runs when the model's checkpoints, the TTA setting and the "
-                        "input image are unchanged; share it between fit-temperature and evaluate. "
-                        "Default: a 'members' folder beside the calibration file (fit-temperature) or "
-                        "inside the output folder (evaluate)")
+                        "input image are unchanged. Default, the same for fit-temperature and evaluate: "
+                        "$CALIBU_CACHE_DIR/members, else $XDG_CACHE_HOME (~/.cache)/calib-uncertainty/members")
+
+
+def default_member_cache() -> Path:
+    """The member cache both fit-temperature and evaluate use without --member-cache, so the
+    second command reuses what the first computed: ``$CALIBU_CACHE_DIR/members``, else
+    ``$XDG_CACHE_HOME/calib-uncertainty/members`` (``~/.cache`` when XDG_CACHE_HOME is unset).
+    Entries are keyed by model hash, TTA setting and member, and checked against the input
+    image's sha256, so one cache serves every model and image set."""
+    import os
+
+    root = os.environ.get("CALIBU_CACHE_DIR")
+    if root:
+        return Path(root).expanduser() / "members"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "calib-uncertainty" / "members"
 
 
 @dataclass
@@ -180,7 +197,7 @@ class MemberInputs:
     model: object = None
 
 
-def member_inputs(args, default_cache: Path, fingerprint: dict | None = None) -> MemberInputs:
+def member_inputs(args, default_cache: Path | None = None, fingerprint: dict | None = None) -> MemberInputs:
     """Resolve --members or --model (``add_member_options(model_alternative=True)``).
 
     With --model: checks --images is given and, when the command has --labels, that every
@@ -223,7 +240,7 @@ def member_inputs(args, default_cache: Path, fingerprint: dict | None = None) ->
             raise InputError(f"case(s) {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} have an "
                              f"image but no label <case>.nii.gz in {args.labels}; pass --cases with the "
                              "labelled cases")
-    cache = args.member_cache if args.member_cache is not None else default_cache
+    cache = args.member_cache if args.member_cache is not None else (default_cache or default_member_cache())
     cm = cached_member_dirs(model.path, args.ensemble, args.folds, args.images, cache, device=args.device,
                             tta=args.tta, cases=cases, checkpoint=args.checkpoint, fingerprint=fingerprint,
                             executor=executor_options(args))
@@ -232,6 +249,25 @@ def member_inputs(args, default_cache: Path, fingerprint: dict | None = None) ->
         f"{' on ' + cm.device if cm.device else ''}, {len(cm.reused)} reused from {cm.cache_root}")
     record = {**cm.record(), "ensemble": args.ensemble, "checkpoint": args.checkpoint, "tta": bool(args.tta)}
     return MemberInputs(cm.member_dirs, cm.cases, cm.fingerprint, record, cm.model)
+
+
+def add_identity_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """--allow-identity-mismatch: the explicit override of the wrong-patient check."""
+    parser.add_argument("--allow-identity-mismatch", action="store_true",
+                        help=f"use {what} even when it records another input image than the one given "
+                             "(another patient, or another version of the scan); only when you know it is "
+                             "the same patient")
+
+
+def ensemble_record(args, pairing) -> dict:
+    """What the members are, for the calibration file's ``ensemble`` record and its check:
+    with --model the ensemble kind, member names and TTA; with --members the folder names."""
+    from ..io.nnunet_outputs import member_name
+
+    names = [member_name(d) for d in (pairing.cases[0].member_dirs if pairing.cases else [])]
+    if getattr(args, "model", None) is None:
+        return {"kind": None, "members": names, "tta": None}
+    return {"kind": args.ensemble, "members": names, "tta": bool(args.tta)}
 
 
 def add_roi_options(parser: argparse.ArgumentParser) -> None:
@@ -306,6 +342,8 @@ def executor_options(args):
 
 def add_output_option(parser: argparse.ArgumentParser, what: str, metavar: str = "DIR") -> None:
     parser.add_argument("-o", "--output", required=True, type=Path, metavar=metavar, help=what)
+    # checked (kind, writable) by cli.main before the command does any work
+    parser.set_defaults(output_kind="file" if metavar == "FILE" else "dir")
 
 
 # --- runtime -------------------------------------------------------------------------------

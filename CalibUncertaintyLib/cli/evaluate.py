@@ -5,7 +5,8 @@ aggregated, inside the ROI and over the whole image, reliability diagrams, error
 plots and report.md, all written atomically into the output folder.
 
 Inputs: ``--members DIR...`` or ``-m/--model MODEL_DIR`` (members run on ``--images`` here, their
-outputs kept in ``--member-cache``, default ``<output>/members``). With --model the calibration
+outputs kept in ``--member-cache``, default ``cli.common.default_member_cache()``, shared with
+``fit-temperature``). With --model the calibration
 file is checked against the model folder's fingerprint (plans, dataset.json, checkpoints) before
 any inference. ``--executor ray`` runs the per-case work (and with --model the members' inference)
 as Ray tasks; the merged tables equal the local executor's.
@@ -15,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (ROI_RULES, add_executor_options, add_member_options, add_output_option, nonnegative_mm,
-                     positive_mm, say)
+from .common import (ROI_RULES, add_executor_options, add_identity_option, add_member_options, add_output_option,
+                     nonnegative_mm, positive_mm, say)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -48,6 +49,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="EBCU ball radius in millimetres (default 4 mm)")
     g.add_argument("--min-region-mm3", type=nonnegative_mm, default=10.0, metavar="MM3",
                    help="smallest error region counted, in cubic millimetres (default 10 mm³)")
+    add_identity_option(p, "member outputs")
     add_executor_options(p)
     add_output_option(p, "output folder for tables, figures and report.md")
     p.set_defaults(func=run)
@@ -57,9 +59,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from ..errors import CalibUncertaintyError
     from ..io.nnunet_outputs import pair_cases
-    from ..pipeline.dataset import load_checked_calibration
+    from ..pipeline.dataset import check_member_inputs, load_checked_calibration
     from ..pipeline.evaluate import EvalOptions, evaluate_cases, write_evaluation
-    from .common import executor_options, member_inputs
+    from .common import ensemble_record, executor_options, member_inputs
 
     executor = executor_options(args)
     cal, fingerprint = None, None
@@ -70,10 +72,18 @@ def run(args) -> int:
         model = ModelFolder.open(args.model)
         fingerprint = fingerprint_model_folder(model.path)
         cal = load_checked_calibration(args.calibration, fingerprint=fingerprint, n_classes=len(model.class_names))
-    members = member_inputs(args, default_cache=args.output / "members", fingerprint=fingerprint)
+        from ..nnunet.model_folder import DEFAULT_CHECKPOINT
+
+        run_members = model.members(args.ensemble or "deep", args.folds, args.checkpoint or DEFAULT_CHECKPOINT)
+        cal.check_ensemble(args.ensemble or "deep", [m.name for m in run_members],
+                           True if args.tta is None else bool(args.tta))
+    members = member_inputs(args, fingerprint=fingerprint)
     pairing = pair_cases(members.member_dirs, args.images, args.labels, members.cases, require_labels=True)
+    check_member_inputs(pairing, args.allow_identity_mismatch)
     if cal is None:
         cal = load_checked_calibration(args.calibration, pairing)
+    rec = ensemble_record(args, pairing)
+    cal.check_ensemble(rec["kind"], rec["members"], rec["tta"])
     opts = EvalOptions(roi_radius_mm=args.roi_radius_mm, roi_rule=args.roi_rule, regions_map=args.regions_map,
                        dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm,
                        min_region_mm3=args.min_region_mm3)

@@ -7,8 +7,8 @@ model's fingerprint. The output file is written atomically.
 
 Inputs: ``--members DIR...`` (nnU-Net --save_probabilities folders; fingerprint of those folders:
 plans + dataset.json) or ``-m/--model MODEL_DIR --images DIR`` (the command runs every member on
-the images itself, reusing the outputs kept in ``--member-cache``, default ``members/`` next to the
-calibration file; fingerprint of the model folder, checkpoints included, so ``predict
+the images itself, reusing the outputs kept in ``--member-cache``, default
+``cli.common.default_member_cache()``, shared with ``evaluate``; fingerprint of the model folder, checkpoints included, so ``predict
 --calibration`` accepts the file for this model only).
 
 ``--executor ray`` runs the per-case passes (and with --model the members' inference) as Ray
@@ -18,10 +18,9 @@ tasks; the file equals the local executor's.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from .common import (ENSEMBLE_MODES, add_executor_options, add_member_options, add_output_option, add_roi_options,
-                     positive_int, positive_mm, say)
+from .common import (ENSEMBLE_MODES, add_executor_options, add_identity_option, add_member_options, add_output_option,
+                     add_roi_options, positive_int, positive_mm, say)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -52,6 +51,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="σ in millimetres of the distance-aware entropy used for its τ* (default 2 mm)")
     g.add_argument("--ebcu-radius-mm", type=positive_mm, default=4.0, metavar="MM",
                    help="ball radius in millimetres of EBCU used for its τ* (default 4 mm)")
+    add_identity_option(p, "member outputs")
     add_executor_options(p)
     add_output_option(p, "calibration file to write (JSON), e.g. calibration.json", metavar="FILE")
     p.set_defaults(func=run)
@@ -60,17 +60,20 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from ..io.nnunet_outputs import pair_cases
+    from ..pipeline.dataset import check_member_inputs
     from ..pipeline.fit import FitOptions, fit_calibration
-    from .common import executor_options, member_inputs
+    from .common import ensemble_record, executor_options, member_inputs
 
     executor = executor_options(args)
-    inputs = member_inputs(args, default_cache=Path(args.output).parent / "members")
+    inputs = member_inputs(args)
     pairing = pair_cases(inputs.member_dirs, args.images, args.labels, inputs.cases, require_labels=True)
+    check_member_inputs(pairing, args.allow_identity_mismatch)
     opts = FitOptions(method=args.method, ensemble_mode=args.ensemble_mode, roi_radius_mm=args.roi_radius_mm,
                       roi_rule=args.roi_rule, max_voxels=args.max_voxels, seed=args.seed,
                       dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm)
     cal = fit_calibration(pairing, opts, fingerprint=inputs.fingerprint, executor=executor)
     cal.extra["inputs"] = inputs.record
+    cal.ensemble = ensemble_record(args, pairing)
     path = cal.save(args.output)
     for note in pairing.notes:
         say(f"note: {note}")

@@ -8,6 +8,8 @@ that module itself: a missing dependency inside an existing command module is a 
 Errors raised on purpose by the library (``errors.CalibUncertaintyError`` and subclasses) print
 ``error: <message>`` on stderr and exit with code 2, without a traceback (``--debug`` shows it).
 Bad command-line values are reported by argparse, also with exit code 2. Ctrl-C exits with 130.
+The output location (-o/--output, --member-cache) is checked (kind, writable) before any work.
+``--progress`` (or CALIBU_PROGRESS=1) turns on the machine-readable progress lines.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import traceback
 
@@ -53,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_outputs(args) -> None:
+    """Refuse a bad -o/--output (wrong kind, not writable) and --member-cache before any work."""
+    from ..io.output_paths import check_output_path
+
+    if getattr(args, "output", None) is not None and getattr(args, "output_kind", None):
+        check_output_path(args.output, args.output_kind)
+    if getattr(args, "member_cache", None) is not None:
+        check_output_path(args.member_cache, "dir", "member cache folder")
+
+
 def main(argv=None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return the exit code."""
     parser = build_parser()
@@ -61,7 +74,13 @@ def main(argv=None) -> int:
         parser.print_help(sys.stderr)
         return 2
     setup_logging(getattr(args, "verbose", 0) or 0)
+    from ..progress import ENV_VAR
+
+    progress_before = os.environ.get(ENV_VAR)
+    if getattr(args, "progress", False):
+        os.environ[ENV_VAR] = "1"  # also reaches child processes (e.g. Ray workers)
     try:
+        check_outputs(args)
         rc = args.func(args)
     except CalibUncertaintyError as e:
         if getattr(args, "debug", False):
@@ -71,6 +90,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return 130
+    finally:  # main() may be called in-process (tests, Slicer): leave the environment as it was
+        if progress_before is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = progress_before
     return int(rc or 0)
 
 

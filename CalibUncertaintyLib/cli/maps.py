@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (add_apply_calibration_options, add_executor_options, add_map_options, add_member_options,
-                     add_output_option, say)
+from .common import (add_apply_calibration_options, add_executor_options, add_identity_option, add_map_options,
+                     add_member_options, add_output_option, say)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -26,6 +26,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     add_member_options(p, images_required=False, labels="none")
     add_apply_calibration_options(p, "these members' model")
     add_map_options(p)
+    add_identity_option(p, "member outputs")
     add_executor_options(p)
     add_output_option(p, "output folder; one sub-folder per case")
     p.set_defaults(func=run)
@@ -33,23 +34,29 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from ..io.atomic import write_json
+    from ..io.identity import file_identity
     from ..io.nnunet_outputs import member_name, pair_cases
     from ..pipeline.case import CaseOptions
-    from ..pipeline.dataset import load_checked_calibration
+    from ..pipeline.dataset import check_member_inputs, load_checked_calibration
+    from ..pipeline.folder_index import update_folder_index
     from ..pipeline.maps_job import complete_record, run_maps
     from .common import executor_options
 
     executor = executor_options(args)
     pairing = pair_cases(args.members, args.images, None, args.cases)
+    check_member_inputs(pairing, args.allow_identity_mismatch)
     cal = load_checked_calibration(args.calibration, pairing) if args.calibration else None
+    if cal is not None:
+        cal.check_ensemble(None, [member_name(d) for d in args.members], None)
+    # every image read (intact, finite) and fingerprinted before any case is computed
+    identities = {cf.case: file_identity(cf.image_paths[0], cf.case) for cf in pairing.cases if cf.image_paths}
     names = [member_name(d) for d in args.members]
     for note in pairing.notes:
         say(f"note: {note}")
     opts = CaseOptions(ensemble_mode=args.ensemble_mode, regions_map=args.regions_map,
                        dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm,
                        min_region_mm3=args.min_region_mm3, n_members=len(names), member_names=names)
-    result = run_maps(pairing, cal, opts, args.output, executor)
+    result = run_maps(pairing, cal, opts, args.output, executor, identities=identities)
     summaries = []
     for cf in pairing.cases:
         if cf.case in result.results:
@@ -58,9 +65,12 @@ def run(args) -> int:
             say(f"{cf.case}: {s['n_regions']} region(s) on {s['regions_map']}, {s['timings_s']['total_s']:.1f} s")
         elif cf.case in result.skipped:
             summaries.append(complete_record(args.output, cf.case))
-    write_json(args.output / "summary.json",
-               {"cases": summaries, "n_members": pairing.n_members, "class_names": pairing.class_names,
-                "calibration": cal.source_path if cal else None, "notes": pairing.notes, **result.record()})
+    replaced = update_folder_index(args.output, summaries,
+                                   {"n_members": pairing.n_members, "class_names": pairing.class_names,
+                                    "calibration": cal.source_path if cal else None, "notes": pairing.notes},
+                                   cohort=result.record())
+    if replaced:
+        say(f"replaced the earlier outputs of {len(replaced)} case(s): {', '.join(replaced)}")
     say(f"{len(summaries)} case(s) in {args.output}: {result.describe()}")
     if result.failed:
         raise result.error()

@@ -93,11 +93,25 @@ def load_calibration_for_model(path, model):
     return cal
 
 
+def input_identities(cases: dict) -> dict:
+    """{case: identity record of its first channel}; every channel file is read first, so a
+    truncated or corrupt file or a NaN/inf voxel is refused before any inference."""
+    from ..io.identity import file_identity
+    from ..io.images import read_image
+
+    out = {}
+    for case_id, files in cases.items():
+        out[case_id] = file_identity(files[0], case_id)
+        for f in files[1:]:
+            read_image(f)
+    return out
+
+
 def run(args) -> int:
-    from ..io.atomic import write_json
     from ..nnunet.inference import collect_cases
     from ..nnunet.model_folder import ModelFolder
     from ..pipeline.case import CaseOptions
+    from ..pipeline.folder_index import update_folder_index
     from ..pipeline.maps_job import complete_record
     from ..pipeline.predict_job import PredictOptions, make_predict_job, run_predict
     from .common import executor_options
@@ -108,13 +122,16 @@ def run(args) -> int:
     cases = collect_cases(args.input, model.n_channels, model.file_ending)
     cal = load_calibration_for_model(args.calibration, model) if args.calibration else None
     names = [m.name for m in members]
+    if cal is not None:
+        cal.check_ensemble(args.ensemble, names, bool(args.tta))
+    identities = input_identities(cases)  # every input read (intact, finite) before any inference
     popts = PredictOptions(ensemble=args.ensemble, folds=tuple(args.folds) if args.folds else None,
                            checkpoint=args.checkpoint, device=args.device, tta=bool(args.tta),
                            step_size=args.step_size)
     opts = CaseOptions(ensemble_mode=args.ensemble_mode, regions_map=args.regions_map,
                        dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm,
                        min_region_mm3=args.min_region_mm3)
-    job = make_predict_job(model, members, popts, cal, opts, args.output)
+    job = make_predict_job(model, members, popts, cal, opts, args.output, identities)
     say(f"{len(cases)} case(s), {len(members)} member(s) ({args.ensemble}: {', '.join(names)}), "
         f"TTA {'on' if args.tta else 'off'}, executor {executor.kind}")
     result = run_predict(job, cases, executor)
@@ -129,11 +146,14 @@ def run(args) -> int:
                 f"on {s['device']}, total {t['case_total_s']:.1f} s")
         elif case_id in result.skipped:
             summaries.append(complete_record(args.output, case_id))
-    write_json(args.output / "summary.json",
-               {"cases": summaries, "model_folder": str(model.path), "ensemble": args.ensemble,
-                "members": names, "class_names": model.class_names,
-                "device": devices[0] if len(set(devices)) == 1 else sorted(set(devices)) or None,
-                "tta": bool(args.tta), "calibration": cal.source_path if cal else None, **result.record()})
+    replaced = update_folder_index(args.output, summaries,
+                                   {"model_folder": str(model.path), "ensemble": args.ensemble, "members": names,
+                                    "class_names": model.class_names,
+                                    "device": devices[0] if len(set(devices)) == 1 else sorted(set(devices)) or None,
+                                    "tta": bool(args.tta), "calibration": cal.source_path if cal else None},
+                                   cohort=result.record())
+    if replaced:
+        say(f"replaced the earlier outputs of {len(replaced)} case(s): {', '.join(replaced)}")
     say(f"{len(summaries)} case(s) in {args.output}: {result.describe()}")
     if result.failed:
         raise result.error()

@@ -45,6 +45,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="pixel size of each snapshot (default 256)")
     p.add_argument("--table-rows", type=positive_int, default=20, metavar="N",
                    help="rows of the region table on each sheet (default 20; a note counts the rest)")
+    p.add_argument("--allow-identity-mismatch", action="store_true",
+                   help="show outputs on a CT that is not the image they were computed from (summary.json "
+                        "records its case id and voxel hash); only when you know it is the same patient")
     p.add_argument("--keep-going", action="store_true",
                    help="skip a case that cannot be reviewed (reported at the end) instead of stopping")
     add_output_option(p, "folder for the review sheets (<case>_review.png / .html)")
@@ -86,8 +89,8 @@ def run(args) -> int:
     sheets = review_folder(scene, outputs, images=args.images, out_dir=args.output, top_n=args.top_n,
                            map_name=args.map_name, formats=tuple(args.formats), opacity=args.opacity,
                            size_px=args.size_px, fov_mm=args.fov_mm, table_rows=args.table_rows,
-                           keep_going=args.keep_going,
-                           results=results)
+                           keep_going=args.keep_going, results=results,
+                           allow_identity_mismatch=args.allow_identity_mismatch)
     for r in results:
         if r.ok:
             say(f"{r.case_id}: {r.n_regions} region(s) -> {', '.join(str(p) for p in r.sheets)}")

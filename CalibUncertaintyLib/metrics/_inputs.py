@@ -16,6 +16,24 @@ from ..errors import InputError
 PROB_TOL = 1e-3
 
 
+def finite_number(value, name: str, low: float | None = None, high: float | None = None,
+                  low_open: bool = False) -> float:
+    """``value`` as a float, or InputError when it is not a finite number in [low, high]
+    (``low_open``: (low, high]). A NaN parameter would otherwise make every comparison false
+    and a metric quietly report 'nothing flagged'."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {value!r}") from None
+    if not np.isfinite(v):
+        raise InputError(f"{name} must be a finite number, got {v}")
+    if low is not None and (v <= low if low_open else v < low):
+        raise InputError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {v:g}")
+    if high is not None and v > high:
+        raise InputError(f"{name} must be <= {high:g}, got {v:g}")
+    return v
+
+
 def flat_mask(mask, shape, name: str = "mask") -> np.ndarray | None:
     """Boolean mask of ``shape`` (or None), flattened; raises InputError on a shape mismatch."""
     if mask is None:

@@ -29,13 +29,14 @@ import math
 import numpy as np
 
 from ..errors import InputError
-from ._inputs import as_bool, same_grid
+from ._inputs import as_bool, finite_number, same_grid
 
 AGGREGATES = ("mean_u_roi", "sum_u_fg", "largest_region_mm3", "fraction_fg_flagged")
 
 
 def case_aggregates(u, roi, pred_fg, tau: float, region_volumes_mm3=(), voxel_volume_mm3: float = 1.0) -> dict:
     """The four aggregates of one case (module docstring); ``roi``/``pred_fg`` boolean volumes."""
+    tau = finite_number(tau, "threshold tau")
     u = np.asarray(u, dtype=np.float64)
     roi = as_bool(roi, "ROI")
     pred_fg = as_bool(pred_fg, "predicted foreground")

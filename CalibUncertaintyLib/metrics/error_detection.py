@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
-from ._inputs import as_bool, flat_mask, same_grid
+from ._inputs import as_bool, finite_number, flat_mask, same_grid
 from .dice import dice_from_counts
 
 BUDGET_MAX_FRACTION = 0.05
@@ -67,7 +67,8 @@ def _in_roi(u, errors, roi) -> tuple[np.ndarray, np.ndarray]:
 
 
 def detection_at_threshold(u, errors, tau: float, roi=None) -> dict:
-    """UEO, error recall and error precision of F = {U > τ} ∩ ROI against E ∩ ROI."""
+    """UEO, error recall and error precision of F = {U > τ} ∩ ROI against E ∩ ROI (τ finite)."""
+    tau = finite_number(tau, "threshold tau")
     uf, ef = _in_roi(u, errors, roi)
     flagged = uf > tau
     n_f, n_e = int(np.count_nonzero(flagged)), int(np.count_nonzero(ef))
@@ -138,7 +139,7 @@ def budget_curve(u, errors, roi=None, fractions=None, max_fraction: float = BUDG
             raise InputError("max_fraction must lie in (0, 1] and n_points be >= 1")
         fractions = max_fraction * np.arange(1, n_points + 1) / n_points
     fractions = np.asarray(fractions, dtype=np.float64).reshape(-1)
-    if fractions.size == 0 or fractions.min() <= 0 or fractions.max() > 1 or np.any(np.diff(fractions) <= 0):
+    if fractions.size == 0 or not np.all(np.isfinite(fractions)) or fractions.min() <= 0 or fractions.max() > 1 or np.any(np.diff(fractions) <= 0):
         raise InputError("budget fractions must be increasing values in (0, 1]")
     n = uf.size
     n_e = int(np.count_nonzero(ef))
@@ -182,7 +183,7 @@ def boundary_split(u, pred, errors, tau: float, roi=None) -> dict:
         roi = as_bool(roi, "ROI")
         same_grid("uncertainty map", u, "ROI", roi)
     err = errors if roi is None else errors & roi
-    detected = err & (u > tau)
+    detected = err & (u > finite_number(tau, "threshold tau"))
     out = {}
     for name, sel in (("boundary", zone), ("non_boundary", ~zone)):
         n_e = int(np.count_nonzero(err & sel))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
-from ._inputs import probs_and_labels
+from ._inputs import finite_number, probs_and_labels
 
 #: Clamp inside logs (METHODS notation ε; same value as ``uncertainty.streaming.EPS``).
 EPS = 1e-12
@@ -20,8 +20,10 @@ def nll(probs, labels, mask=None, eps: float = EPS) -> float:
     """NLL = mean over voxels of −log p_y, with p_y clamped to at least ``eps`` (natural log).
 
     Equals scikit-learn's ``log_loss(labels, probs.T)`` when no probability is below ``eps``
-    (sklearn clips at its own machine epsilon).
+    (sklearn clips at its own machine epsilon). ``eps`` must lie in (0, 1): 0 would give an
+    infinite NLL for one wrong, fully confident voxel.
     """
+    eps = finite_number(eps, "eps", 0.0, 1.0, low_open=True)
     p, y = probs_and_labels(probs, labels, mask)
     p_true = p[y, np.arange(y.size)].astype(np.float64)
     return float(-np.mean(np.log(np.maximum(p_true, eps))))

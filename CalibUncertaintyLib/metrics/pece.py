@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
-from ._inputs import probs_and_labels
+from ._inputs import finite_number, probs_and_labels
 from .ece import bin_index, check_n_bins
 
 PECE_BINS = 10
@@ -27,6 +27,7 @@ PECE_LAMBDA = 2.0
 
 def pece_from_confidences(conf, is_fg, n_bins: int = PECE_BINS, lam: float = PECE_LAMBDA) -> float:
     """pECE from flat foreground confidences ``conf`` and binary foreground truth ``is_fg``."""
+    lam = finite_number(lam, "pECE lambda", 0.0)
     conf = np.asarray(conf, dtype=np.float64).reshape(-1)
     is_fg = np.asarray(is_fg).reshape(-1)
     if conf.shape != is_fg.shape:

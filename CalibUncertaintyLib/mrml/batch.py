@@ -159,7 +159,8 @@ def _check_options(top_n: int, formats) -> tuple[str, ...]:
 # --- one case ---------------------------------------------------------------------------------
 def review_case(scene, case_dir, out_dir, images=None, top_n: int = 3, map_name: str | None = None,
                 formats=("png",), opacity: float | None = None, size_px: int = 256,
-                fov_mm: float | None = None, table_rows: int = 20) -> CaseReview:
+                fov_mm: float | None = None, table_rows: int = 20,
+                allow_identity_mismatch: bool = False) -> CaseReview:
     """Load one case into ``scene``, write ``<out_dir>/<case>_review.<fmt>`` per format, and
     remove every node this call added (also when it fails). Raises on failure."""
     from .nodes import load_case_outputs
@@ -177,7 +178,8 @@ def review_case(scene, case_dir, out_dir, images=None, top_n: int = 3, map_name:
     try:
         if result.input_image is not None:
             ct_node = load_volume_file(scene, result.input_image, name=f"{case_id} CT")
-        case_nodes = load_case_outputs(scene, case_dir, input_volume_node=ct_node)
+        case_nodes = load_case_outputs(scene, case_dir, input_volume_node=ct_node,
+                                       allow_identity_mismatch=allow_identity_mismatch)
         try:
             layer = _resolve_layer(case_nodes, map_name)
             result.n_regions = len(case_nodes.regions)
@@ -198,7 +200,8 @@ def review_case(scene, case_dir, out_dir, images=None, top_n: int = 3, map_name:
 def review_folder(scene, case_dirs_or_out_dir, images=None, out_dir=None, top_n: int = 3,
                   map_name: str | None = None, formats=("png",), opacity: float | None = None,
                   size_px: int = 256, fov_mm: float | None = None, table_rows: int = 20,
-                  keep_going: bool = False, results: list | None = None) -> list[Path]:
+                  keep_going: bool = False, results: list | None = None,
+                  allow_identity_mismatch: bool = False) -> list[Path]:
     """Write a review sheet per case folder and return the paths of the sheets written.
 
     ``case_dirs_or_out_dir``: an output folder of ``maps``/``predict``, one case folder or a list
@@ -216,7 +219,9 @@ def review_folder(scene, case_dirs_or_out_dir, images=None, out_dir=None, top_n:
     its error at once, the sheets of earlier cases staying on disk; with ``keep_going=True`` it
     is logged and skipped, and an InputError naming every failed case is raised at the end only
     if no sheet at all was written. Pass a list as ``results`` to receive one
-    :class:`CaseReview` per case (sheets, region count, error).
+    :class:`CaseReview` per case (sheets, region count, error). A CT that is not the image
+    the outputs were computed from (summary.json ``input_identity``) is an error unless
+    ``allow_identity_mismatch``.
     """
     formats = _check_options(top_n, formats)
     case_dirs = find_case_dirs(case_dirs_or_out_dir)
@@ -233,7 +238,7 @@ def review_folder(scene, case_dirs_or_out_dir, images=None, out_dir=None, top_n:
         emit_progress("review", i / n, case=case_dir.name)
         try:
             res = review_case(scene, case_dir, out_dir, images, top_n, map_name, formats, opacity, size_px,
-                              fov_mm, table_rows)
+                              fov_mm, table_rows, allow_identity_mismatch)
         except CalibUncertaintyError as e:
             if not keep_going:
                 raise

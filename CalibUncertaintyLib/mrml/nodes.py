@@ -30,6 +30,7 @@ import numpy as np
 from ..errors import GeometryMismatchError, InputError
 from ..io.geometry import Geometry
 from ..io.images import read_image
+from .identity_check import check_case_on_volume
 from . import colors
 from .case_folder import CaseData, Region, read_case_folder, threshold_for_map
 from .volumes import (display_ct, display_overlay, export_volume_node,  # noqa: F401 (re-exported)
@@ -277,7 +278,7 @@ def default_thresholds(data: CaseData) -> tuple[dict, dict]:
 
 
 def load_case_outputs(scene, case_dir, input_volume_node=None, name_prefix: str | None = None,
-                      probabilities: str = "on_demand") -> CaseNodes:
+                      probabilities: str = "on_demand", allow_identity_mismatch: bool = False) -> CaseNodes:
     """Load one per-case output folder as nodes of ``scene`` and return them as CaseNodes.
 
     Creates a segmentation (segments named from class_names), the class probability volumes
@@ -290,13 +291,16 @@ def load_case_outputs(scene, case_dir, input_volume_node=None, name_prefix: str 
 
     The folder is read completely before the scene is touched; if adding nodes fails half way,
     every node added is removed again. Raises InputError (missing files, listed) and
-    GeometryMismatchError.
+    GeometryMismatchError; IdentityMismatchError when summary.json's ``input_identity`` is another
+    image than the CT (unless ``allow_identity_mismatch``: then a warning).
     """
     if probabilities not in ("on_demand", "all"):
         raise InputError(f"probabilities must be 'on_demand' or 'all', got {probabilities!r}")
     data = read_case_folder(case_dir, probabilities=probabilities == "all")
     if input_volume_node is not None:
         _check_input_geometry(input_volume_node, data.geometry)
+        check_case_on_volume(data.summary, data.case_dir, input_volume_node,
+                             allow_identity_mismatch=allow_identity_mismatch)
     prefix = name_prefix or data.case_id
     thresholds, shown = default_thresholds(data)
     ranges = {n: colour_window(a, thresholds[n][0]) for n, a in data.maps.items()}
@@ -306,6 +310,8 @@ def load_case_outputs(scene, case_dir, input_volume_node=None, name_prefix: str 
     if input_path is not None:
         input_array, input_geo = read_image(input_path)
         input_geo.require_same(data.geometry, str(input_path), "the case outputs")
+        check_case_on_volume(data.summary, data.case_dir, array=input_array, geometry=input_geo,
+                             allow_identity_mismatch=allow_identity_mismatch)
 
     before = _node_ids(scene)
     case = None

@@ -9,6 +9,8 @@
   function (``maps_case`` / ``predict_case``) on the local executor or Ray (``cohort.executor``),
   skipping cases already complete.
 - ``dataset``: labels, fingerprint and calibration-file checks on top of ``io.nnunet_outputs``.
+- ``folder_index.update_folder_index``: the output folder's top-level summary.json, merged
+  with the cases already there (called once after a run's cases are done).
 
 Modules are imported on use (``from CalibUncertaintyLib.pipeline.case import process_case``).
 """

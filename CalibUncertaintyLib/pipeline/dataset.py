@@ -41,6 +41,47 @@ def read_label(case: CaseFiles, n_classes: int) -> np.ndarray:
     return labels
 
 
+def check_member_inputs(pairing: Pairing, allow_mismatch: bool = False) -> list[str]:
+    """Refuse member outputs computed from another image than the case's ``--images`` file.
+
+    Member folders written by the member cache (``nnunet.member_cache``; ``--model`` runs, or
+    those folders given as ``--members``) record per case the sha256 of the input image file(s).
+    When such a record names another image than the one paired with the case, raise
+    IdentityMismatchError printing both (``allow_mismatch``: return the messages, each logged as
+    a warning). Folders without a record (nnU-Net's own output) are not checked."""
+    import json
+
+    from ..io.identity import IdentityMismatchError
+    from ..nnunet.member_cache import MARKER, inputs_sha256
+
+    messages = []
+    for cf in pairing.cases:
+        if not cf.image_paths:
+            continue
+        actual = None
+        for d in cf.member_dirs:
+            try:
+                marker = json.loads((d / MARKER).read_text())
+            except (OSError, ValueError):
+                continue
+            cases = marker.get("cases") if isinstance(marker, dict) else None
+            recorded = cases.get(cf.case) if isinstance(cases, dict) else None  # the demo's writer lists names only
+            if not isinstance(recorded, str):
+                continue
+            actual = actual or inputs_sha256(cf.image_paths)
+            if recorded != actual:
+                messages.append(f"case {cf.case}: member {d.name} was computed from an image with sha256 "
+                                f"{recorded[:12]}, but the image given ({cf.image_paths[0].name}) has sha256 "
+                                f"{actual[:12]}: another patient or another version of the scan")
+                break
+    if messages and not allow_mismatch:
+        raise IdentityMismatchError("; ".join(messages) + ". If the images really are the same patients, "
+                                    "pass --allow-identity-mismatch")
+    for m in messages:
+        log.warning("%s (allowed: --allow-identity-mismatch)", m)
+    return messages
+
+
 def prediction_fingerprint(pairing: Pairing) -> dict:
     """Fingerprint of the member folders (calibration.fingerprint.fingerprint_prediction_folder)."""
     from ..calibration.fingerprint import fingerprint_prediction_folder

@@ -86,7 +86,7 @@ def evaluate_case(cf, pairing: Pairing, calibration, opts: EvalOptions) -> tuple
     from ..metrics.error_detection import error_detection_report, error_mask
     from ..metrics.summary import calibration_summary
     from ..regions.components import find_regions
-    from ..uncertainty.maps import MAP_NAMES, segmentation
+    from ..uncertainty.maps import ENSEMBLE_ONLY_MAPS, MAP_NAMES, segmentation
     from .case import map_threshold_info
 
     t0 = time.perf_counter()
@@ -141,6 +141,7 @@ def evaluate_case(cf, pairing: Pairing, calibration, opts: EvalOptions) -> tuple
         maps = case_maps(acc, p_after, cf.geometry, calibration, mode, names=list(MAP_NAMES),
                          dae_sigma_mm=opts.dae_sigma_mm, ebcu_radius_mm=opts.ebcu_radius_mm, roi=roi,
                          info=map_info)
+        acc_members = acc.n_members
         del acc, p_after
         # Every error-detection number only looks at ROI voxels and (for the contour zone) their
         # 26-neighbours, so it is computed on the ROI bounding box grown by 2 voxels: exact, cheaper.
@@ -152,7 +153,11 @@ def evaluate_case(cf, pairing: Pairing, calibration, opts: EvalOptions) -> tuple
         if vox.size > opts.curve_max_voxels:
             vox = np.sort(rng.choice(vox, opts.curve_max_voxels, replace=False))
         err_sample = errors.ravel()[vox]
+        single = acc_members == 1
         for name in MAP_NAMES:
+            if single and name in ENSEMBLE_ONLY_MAPS:
+                record["error_detection"][name] = {"applicable": False, "not_applicable": NOT_APPLICABLE_ONE_MEMBER}
+                continue
             entry = threshold_entry(name, calibration.thresholds)
             info = map_threshold_info(name, entry, threshold_for_case(entry, maps[name], roi))
             score = uncertainty_score(name, maps[name][box])
@@ -165,13 +170,18 @@ def evaluate_case(cf, pairing: Pairing, calibration, opts: EvalOptions) -> tuple
                 "n_flagged": at["n_flagged"], "budget_area": budget["normalised_area"],
                 "oracle_budget_area": budget["oracle_normalised_area"],
                 "boundary_recall": bs["boundary"]["recall"], "non_boundary_recall": bs["non_boundary"]["recall"],
-                "boundary_error_fraction": bs["boundary_error_fraction"]}
+                "boundary_error_fraction": bs["boundary_error_fraction"], "applicable": True}
             plot["curves"][name] = {"score": score.ravel()[vox].astype(np.float32), "errors": err_sample,
                                     "tau_score": info["tau_score"],
                                     "budget": {"fractions": budget["fractions"], "ueo": budget["ueo"],
                                                "oracle_ueo": budget["oracle_ueo"]}}
         rmap = opts.regions_map
         r = record["error_detection"][rmap]
+        if not r["applicable"]:
+            notes.append(f"regions map {rmap} is {NOT_APPLICABLE_ONE_MEMBER}: no case-level quality")
+            record["ebcu_threshold"] = map_info.get("ebcu_threshold")
+            record["time_s"] = round(time.perf_counter() - t0, 3)
+            return record, plot
         score = uncertainty_score(rmap, maps[rmap])
         regions = find_regions(score, r["tau_score"], roi, seg, cf.geometry, class_names=names,
                                min_volume_mm3=opts.min_region_mm3)
@@ -182,6 +192,9 @@ def evaluate_case(cf, pairing: Pairing, calibration, opts: EvalOptions) -> tuple
         record["ebcu_threshold"] = map_info.get("ebcu_threshold")
     record["time_s"] = round(time.perf_counter() - t0, 3)
     return record, plot
+
+
+NOT_APPLICABLE_ONE_MEMBER = "not applicable with one member (members cannot disagree)"
 
 
 def _roi_box(roi: np.ndarray, pad: int) -> tuple[slice, ...]:
@@ -370,7 +383,8 @@ def write_evaluation(out_dir, evaluation: dict) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     m_rows, d_rows = metric_rows(evaluation), detection_rows(evaluation)
     evaluation["aggregate"] = {"metrics": aggregate_rows(m_rows, ("calibration", "region")),
-                               "error_detection": aggregate_rows(d_rows, ("map",), skip=("case", "kind", "source", "flag")),
+                               "error_detection": aggregate_rows(d_rows, ("map",), skip=(
+                                   "case", "kind", "source", "flag", "applicable", "not_applicable")),
                                "dice": aggregate_rows(dice_rows(evaluation), (), skip=("case", "empty_reference"))}
     files = [write_csv(out / "metrics_per_case.csv", m_rows),
              write_csv(out / "metrics_aggregate.csv", evaluation["aggregate"]["metrics"]),

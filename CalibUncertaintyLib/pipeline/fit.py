@@ -88,6 +88,21 @@ class FitJob:
     calibration: object = None
 
 
+def label_foreground_voxels(pairing: Pairing) -> int:
+    """Foreground voxels over all calibration labels, read (and checked) before any member is.
+
+    InputError when every label is background only: T would then be fitted to make the ensemble
+    confident that nothing is there, and τ* to flag every prediction (empty error masks)."""
+    total = 0
+    for cf in pairing.cases:
+        total += int(np.count_nonzero(read_label(cf, pairing.n_classes)))
+    if total == 0:
+        raise InputError(f"every calibration label is background only ({', '.join(c.case for c in pairing.cases)}): "
+                         "a temperature and thresholds fitted on them would mean nothing; use calibration cases "
+                         "whose labels hold the structures")
+    return total
+
+
 def sample_case(job: FitJob, item) -> tuple:
     """Pass 1 for one case ``(ci, CaseFiles)``: its stratified ROI sample.
 
@@ -257,6 +272,7 @@ def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, fingerprin
     if any(cf.label_path is None for cf in pairing.cases):
         raise InputError("fitting needs reference labels for every calibration case (--labels)")
     t0 = time.perf_counter()
+    n_foreground = label_foreground_voxels(pairing)
     want_members = opts.method == "temperature"
     x, xm, y = collect_samples(pairing, opts, want_members, executor)
     t1 = time.perf_counter()
@@ -274,7 +290,8 @@ def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, fingerprin
     cal = CalibrationFile.from_scaler(scaler, roi_rule=opts.roi_rule, radius_mm=opts.roi_radius_mm,
                                       case_ids=[c.case for c in pairing.cases],
                                       class_names=pairing.class_names,
-                                      fingerprint=fingerprint or prediction_fingerprint(pairing), extra=extra)
+                                      fingerprint=fingerprint or prediction_fingerprint(pairing), extra=extra,
+                                      label_foreground_voxels=n_foreground)
     thresholds, t_ebcu, info = fit_thresholds(pairing, cal, opts, executor)
     cal.thresholds = thresholds
     cal.ebcu_threshold = t_ebcu

@@ -116,6 +116,9 @@ def render_report(evaluation: dict) -> str:
               "errors within 1 voxel of the predicted contour and the rest.", ""]
     rows = []
     for row in ev.get("aggregate", {}).get("error_detection", []):
+        if not row.get("ueo.n"):  # no case has a value: one member and a disagreement map
+            rows.append([row["map"]] + ["not applicable (one member)"] + [None] * 7)
+            continue
         rows.append([row["map"], row.get("tau_abs.mean"), row.get("ueo.mean"), row.get("recall.mean"),
                      row.get("precision.mean"), row.get("auroc.mean"),
                      f"{_f(row.get('budget_area.mean'))} ({_f(row.get('oracle_budget_area.mean'))})",

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 MAP_NAMES = ("confidence", "entropy", "entropy_norm", "expected_entropy", "mutual_information",
              "epkl", "fg_variance", "vote_disagreement", "dae", "ebcu")
+#: maps that measure disagreement between members: identically zero with one member, so their
+#: error-detection numbers (UEO 0, AUROC 0.5) would describe nothing ("not applicable")
+ENSEMBLE_ONLY_MAPS = ("mutual_information", "epkl", "fg_variance", "vote_disagreement")
 
 MAP_DESCRIPTIONS = {
     "confidence": "Confidence: probability of the predicted class, max_c p_c (low = uncertain).",

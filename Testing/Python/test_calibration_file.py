@@ -131,7 +131,9 @@ def test_refuses_another_models_fingerprint(models, tmp_path):
     with pytest.raises(CalibrationMismatchError) as exc:
         cal.check_fingerprint(fb)
     msg = str(exc.value)
-    assert f"model {short_hash(fa)}" in msg and f"this model is {short_hash(fb)}" in msg
+    key = "checkpoints_sha256"
+    assert f"model {short_hash(fa, key)}" in msg and f"this model is {short_hash(fb, key)}" in msg
+    assert short_hash(fa, key) != short_hash(fb, key)
     assert "cal.json" in msg and "refit" in msg
     with pytest.raises(CalibrationMismatchError, match="missing"):
         cal.check_fingerprint({})
@@ -167,3 +169,32 @@ def test_refuses_corrupt_or_foreign_files(tmp_path):
     with pytest.raises(InputError, match="temperature"):
         broken.save(path)
     assert path.read_text() == text and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))== []
+
+
+def test_temperature_range_empty_labels_and_ensemble_record(tmp_path):
+    scaler, _, _ = fitted_scaler()
+    good = CalibrationFile.from_scaler(scaler, case_ids=["c"], fingerprint={"n_classes": 3},
+                                       label_foreground_voxels=10,
+                                       ensemble={"kind": "deep", "members": ["fold_0/checkpoint_final",
+                                                                             "fold_1/checkpoint_final"], "tta": True})
+    path = good.save(tmp_path / "cal.json")
+    cal = CalibrationFile.load(path)
+    assert cal.check_ensemble("deep", ["fold_0_checkpoint_final", "fold_1_checkpoint_final"], True) is None
+    assert "TTA on, applied with TTA off" in cal.check_ensemble("deep", ["fold_0/checkpoint_final",
+                                                                          "fold_1/checkpoint_final"], False)
+    with pytest.raises(CalibrationMismatchError, match="fitted on deep, applied to checkpoint"):
+        cal.check_ensemble("checkpoint", ["fold_0/snapshot_1", "fold_0/snapshot_2"], True)
+    with pytest.raises(CalibrationMismatchError, match="members: fitted on fold_0_checkpoint_final"):
+        cal.check_ensemble("deep", ["fold_0/checkpoint_final", "fold_2/checkpoint_final"], True)
+    assert cal.check_ensemble(None, ["a", "b"], None) is None  # folder names vs model members: not comparable
+    doc = json.loads(path.read_text())
+    for t in (1e-30, 0.04, 25.0):
+        path.write_text(json.dumps({**doc, "temperature": t}))
+        with pytest.raises(InputError, match=r"outside \[0.05, 20\]"):
+            CalibrationFile.load(path)
+    path.write_text(json.dumps({**doc, "label_foreground_voxels": 0}))
+    with pytest.raises(InputError, match="all background"):
+        CalibrationFile.load(path)
+    old = {k: v for k, v in doc.items() if k not in ("label_foreground_voxels", "ensemble")}
+    path.write_text(json.dumps(old))  # a file from before these fields: accepted, nothing to compare
+    assert CalibrationFile.load(path).check_ensemble("single", ["fold_0/checkpoint_final"], False) is None

@@ -112,7 +112,7 @@ def test_empty_labels(data, tmp_path, capsys):
     members, raw = list(map(str, data["members"])), data["raw"]
     assert main(["fit-temperature", "--members", *members, "--labels", str(raw / "labelsTr"), "--cases", "empty",
                  "-o", str(tmp_path / "cal.json")]) == 2
-    assert "no calibration voxels" in _error(capsys)
+    assert "every calibration label is background only" in _error(capsys)  # refused before any member is read
     assert not (tmp_path / "cal.json").exists()
     assert main(["evaluate", "--members", *members, "--images", str(raw / "imagesTr"), "--labels",
                  str(raw / "labelsTr"), "--calibration", str(data["cal"]), "--cases", "c0", "empty",
@@ -224,3 +224,79 @@ def test_command_modules_not_written_yet_are_skipped_but_broken_ones_are_not(tmp
     monkeypatch.setattr(main_mod, "COMMANDS", ("maps", "broken_cmd"))
     with pytest.raises(ModuleNotFoundError, match="a_dependency_that_is_not_installed_xyz"):
         main_mod.build_parser()
+
+
+# --- calibration files that cannot be right (issue 12, item 6) -----------------------------------
+def _edited_calibration(data, tmp_path, **changes):
+    doc = json.loads(data["cal"].read_text())
+    doc.update(changes)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_temperature_no_fit_can_produce_is_refused(data, tmp_path, capsys):
+    for t in (1e-30, 1e6):
+        cal = _edited_calibration(data, tmp_path, temperature=t)
+        assert _maps(data["members"], data, tmp_path / "out", "--calibration", str(cal)) == 2
+        msg = _error(capsys)
+        assert msg.startswith("error: calibration file") and f"temperature {t:.4g} is outside [0.05, 20]" in msg
+        assert not (tmp_path / "out").exists()
+
+
+def test_calibration_fitted_on_empty_labels(data, tmp_path, capsys):
+    """Predictions with foreground, labels all background: refused at fit time (before: a warning
+    and a file with a large T), and an old file that records it is refused when applied."""
+    labels = tmp_path / "labels"
+    for case in CASES:
+        write_image(labels / f"{case}.nii.gz", np.zeros(GEOM.shape_zyx, np.uint8), GEOM)
+    assert main(["fit-temperature", "--members", *map(str, data["members"]), "--labels", str(labels),
+                 "--cases", *CASES, "-o", str(tmp_path / "cal.json")]) == 2
+    assert "every calibration label is background only (c0, c1, c2)" in _error(capsys)
+    assert not (tmp_path / "cal.json").exists()
+    assert json.loads(data["cal"].read_text())["label_foreground_voxels"] > 0
+    cal = _edited_calibration(data, tmp_path, label_foreground_voxels=0)
+    assert _maps(data["members"], data, tmp_path / "out", "--calibration", str(cal)) == 2
+    assert "all background" in _error(capsys)
+
+
+def test_calibration_of_other_members_is_refused(data, tmp_path, capsys):
+    assert json.loads(data["cal"].read_text())["ensemble"] == {
+        "kind": None, "members": ["member_0", "member_1", "member_2"], "tta": None}
+    assert _maps(data["members"][:2], data, tmp_path / "out", "--calibration", str(data["cal"])) == 2
+    msg = _error(capsys)
+    assert "fitted on another ensemble" in msg and "3 member(s) (member_0, member_1, member_2) when fitted, 2" in msg
+
+
+# --- one member: disagreement maps are not applicable (issue 12, item 7) -------------------------
+def test_one_member_disagreement_maps_are_not_applicable(data, tmp_path):
+    one = data["members"][:1]
+    cal = tmp_path / "cal1.json"
+    raw = data["raw"]
+    assert main(["fit-temperature", "--members", *map(str, one), "--labels", str(raw / "labelsTr"),
+                 "--cases", *CASES, "-o", str(cal)]) == 0
+    assert main(["evaluate", "--members", *map(str, one), "--images", str(raw / "imagesTr"), "--labels",
+                 str(raw / "labelsTr"), "--calibration", str(cal), "--cases", "c0", "c1", "-o",
+                 str(tmp_path / "ev")]) == 0
+    ev = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    for name in ("mutual_information", "epkl", "fg_variance", "vote_disagreement"):
+        rec = ev["per_case"][0]["error_detection"][name]
+        assert rec["applicable"] is False and "ueo" not in rec and "auroc" not in rec
+    assert ev["per_case"][0]["error_detection"]["entropy"]["applicable"] is True
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert "| mutual_information | not applicable (one member) |" in report
+    assert "| epkl | not applicable (one member) |" in report
+
+
+# --- progress lines only when asked (issue 12, item 7) -------------------------------------------
+def test_progress_lines_only_when_asked(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CALIBU_PROGRESS", raising=False)
+    assert _maps(data["members"], data, tmp_path / "quiet", "--cases", "c0") == 0
+    assert "CALIBU_PROGRESS" not in capsys.readouterr().err
+    assert _maps(data["members"], data, tmp_path / "flag", "--cases", "c0", "--progress") == 0
+    assert "CALIBU_PROGRESS {" in capsys.readouterr().err
+    import os
+    assert "CALIBU_PROGRESS" not in os.environ  # the flag does not leak out of main()
+    monkeypatch.setenv("CALIBU_PROGRESS", "1")
+    assert _maps(data["members"], data, tmp_path / "env", "--cases", "c0") == 0
+    assert "CALIBU_PROGRESS {" in capsys.readouterr().err

@@ -42,7 +42,16 @@ def _label(shape, seed):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def member_cache(tmp_path_factory):
+    """The default member cache (CALIBU_CACHE_DIR/members) of this module's runs."""
+    with pytest.MonkeyPatch.context() as mp:
+        d = tmp_path_factory.mktemp("calibu_cache")
+        mp.setenv("CALIBU_CACHE_DIR", str(d))
+        yield d / "members"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, member_cache):
     root = tmp_path_factory.mktemp("model_inputs")
     model = build_tiny_model_folder(root / "model", folds=(0, 1))
     other = build_tiny_model_folder(root / "other", folds=(0, 1), seed=7)  # same plans, other weights
@@ -56,7 +65,7 @@ def setup(tmp_path_factory):
     first = main(["fit-temperature", "-m", str(model), "--images", str(images), "--labels", str(labels),
                   "--cases", *FIT_CASES, *RUN, "-o", str(cal)])
     return {"root": root, "model": model, "other": other, "images": images, "labels": labels, "cal": cal,
-            "first_rc": first}
+            "first_rc": first, "cache": member_cache}
 
 
 def _member_dirs(cache_root, model, tta=False):
@@ -82,8 +91,8 @@ def test_fit_from_model_records_the_model_fingerprint(setup):
     inputs = cal["extra"]["inputs"]
     assert inputs["model_folder"] == str(setup["model"]) and inputs["members"] == ["fold_0/checkpoint_final",
                                                                                    "fold_1/checkpoint_final"]
-    # the default cache sits beside the calibration file, one nnU-Net --save_probabilities folder per member
-    dirs = _member_dirs(setup["cal"].parent / "members", setup["model"])
+    # the default cache (shared by fit-temperature and evaluate), one --save_probabilities folder per member
+    dirs = _member_dirs(setup["cache"], setup["model"])
     assert [d.name for d in dirs] == ["fold_0_checkpoint_final", "fold_1_checkpoint_final"]
     for d in dirs:
         assert sorted(p.name for p in d.glob("*.npz")) == ["c0.npz", "c1.npz"]
@@ -99,7 +108,7 @@ def test_fit_from_model_records_the_model_fingerprint(setup):
 
 
 def test_second_run_reuses_the_cache_and_members_path_agrees(setup, tmp_path, capsys):
-    dirs = _member_dirs(setup["cal"].parent / "members", setup["model"])
+    dirs = _member_dirs(setup["cache"], setup["model"])
     stamps = {p: p.stat().st_mtime_ns for d in dirs for p in d.glob("*.npz")}
     again = setup["cal"].parent / "again.json"
     capsys.readouterr()
@@ -141,7 +150,7 @@ def test_evaluate_from_model(setup, tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["evaluate", "-m", str(setup["model"]), "--images", str(setup["images"]), "--labels",
                  str(setup["labels"]), "--cases", *TEST_CASES, "--calibration", str(setup["cal"]), *RUN,
-                 "-o", str(out)]) == 0
+                 "--progress", "-o", str(out)]) == 0
     text = capsys.readouterr()
     assert "2 output(s) computed on cpu, 0 reused" in text.out
     assert {"members"} == {e["stage"] for e in map(parse_progress_line, text.err.splitlines())
@@ -151,8 +160,18 @@ def test_evaluate_from_model(setup, tmp_path, capsys):
     assert ev["n_members"] == 2 and [r["case"] for r in ev["per_case"]] == TEST_CASES
     assert ev["inputs"]["model_folder"] == str(setup["model"]) and ev["inputs"]["ensemble"] == "deep"
     assert ev["calibration"]["temperature"] == json.loads(setup["cal"].read_text())["temperature"]
-    assert [d.name for d in _member_dirs(out / "members", setup["model"])] == ["fold_0_checkpoint_final",
+    assert [d.name for d in _member_dirs(setup["cache"], setup["model"])] == ["fold_0_checkpoint_final",
                                                                               "fold_1_checkpoint_final"]
+
+
+def test_evaluate_reuses_what_fit_temperature_cached_by_default(setup, tmp_path, capsys):
+    """Both commands default to one member cache: evaluating the fitted cases computes nothing."""
+    capsys.readouterr()
+    assert main(["evaluate", "-m", str(setup["model"]), "--images", str(setup["images"]), "--labels",
+                 str(setup["labels"]), "--cases", *FIT_CASES, "--calibration", str(setup["cal"]), *RUN,
+                 "-o", str(tmp_path / "eval_fit_cases")]) == 0
+    assert "0 output(s) computed, 4 reused" in capsys.readouterr().out
+    assert not (tmp_path / "eval_fit_cases" / "members").exists()
 
 
 def test_evaluate_refuses_another_models_calibration_before_inference(setup, tmp_path, capsys):
@@ -235,3 +254,41 @@ def test_help_explains_the_model_options(command, capsys):
                 "--no-tta", "--member-cache"):
         assert opt in text, opt
     assert "reused" in text and "fingerprint" in text
+
+
+def test_member_outputs_of_another_image_are_refused(setup, tmp_path, capsys):
+    """Cached member folders record the sha256 of the image each case came from: given as
+    --members with another image of that case (same grid, other voxels), evaluate refuses."""
+    dirs = _member_dirs(setup["cache"], setup["model"])
+    images = tmp_path / "images"
+    for case in FIT_CASES:
+        arr, geo = read_image(setup["images"] / f"{case}_0000.nii.gz")
+        write_image(images / f"{case}_0000.nii.gz", arr + (50 if case == "c0" else 0), geo)  # c0: another scan
+    base = ["evaluate", "--members", *map(str, dirs), "--images", str(images), "--labels", str(setup["labels"]),
+            "--cases", *FIT_CASES, "--calibration", str(setup["cal"])]
+    capsys.readouterr()
+    assert main([*base, "-o", str(tmp_path / "ev")]) == 2
+    msg = _error(capsys)
+    assert msg.startswith("error: case c0: member fold_0_checkpoint_final was computed from an image with sha256")
+    assert "--allow-identity-mismatch" in msg and "c1" not in msg.split(".")[0]
+    assert not (tmp_path / "ev").exists()
+    assert main([*base, "--allow-identity-mismatch", "-o", str(tmp_path / "ev2")]) == 0
+
+
+def test_calibration_of_another_ensemble_is_refused_and_tta_warned(setup, tmp_path, capsys, caplog):
+    """setup["cal"] was fitted on the deep ensemble (folds 0, 1) without TTA."""
+    cal = json.loads(setup["cal"].read_text())
+    assert cal["ensemble"] == {"kind": "deep", "members": ["fold_0_checkpoint_final", "fold_1_checkpoint_final"],
+                               "tta": False}
+    image = setup["images"] / "c2_0000.nii.gz"
+    base = ["predict", "-i", str(image), "-m", str(setup["model"]), "--device", "cpu", "--calibration",
+            str(setup["cal"])]
+    capsys.readouterr()
+    assert main([*base, "--ensemble", "single", "--no-tta", "-o", str(tmp_path / "single")]) == 2
+    msg = _error(capsys)
+    assert "fitted on another ensemble" in msg and "ensemble kind: fitted on deep, applied to single" in msg
+    assert "2 member(s)" in msg and "1 (fold_0_checkpoint_final) now" in msg
+    assert not (tmp_path / "single").exists()
+    with caplog.at_level("WARNING"):
+        assert main([*base, "--tta", "-o", str(tmp_path / "tta")]) == 0
+    assert any("fitted with TTA off, applied with TTA on" in r.getMessage() for r in caplog.records)

@@ -58,7 +58,8 @@ def _check_case(out_case, image_path, n_members, ensemble):
     return seg, summary
 
 
-def test_deep_ensemble_on_a_folder_of_cases(setup, tmp_path, capsys):
+def test_deep_ensemble_on_a_folder_of_cases(setup, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CALIBU_PROGRESS", "1")  # progress lines only when asked (the Slicer runner sets it)
     out = tmp_path / "deep"
     assert _predict(setup, out) == 0
     err = capsys.readouterr().err

@@ -118,3 +118,35 @@ def test_shape_mismatch_and_nan_raise():
     u[0, 0, 0] = np.nan
     with pytest.raises(InputError, match="NaN"):
         voxel_auroc(u, np.zeros((2, 2, 2), bool))
+
+
+def test_nan_parameters_are_refused_not_read_as_nothing_flagged():
+    """A NaN threshold made every comparison false (UEO 0, recall 0, no error); a NaN budget
+    fraction gave a NaN area; eps = 0 gave an infinite NLL. Each is now an InputError."""
+    from CalibUncertaintyLib.metrics.case_quality import case_aggregates
+    from CalibUncertaintyLib.metrics.nll_brier import nll
+    from CalibUncertaintyLib.metrics.pece import pece
+
+    rng = np.random.default_rng(0)
+    u = rng.random((4, 5, 6))
+    pred, ref = (u > 0.5).astype(np.int64), (u > 0.6).astype(np.int64)
+    errors = pred != ref
+    for bad in (float("nan"), float("inf"), None, "x"):
+        with pytest.raises(InputError, match="threshold tau"):
+            detection_at_threshold(u, errors, bad)
+        with pytest.raises(InputError, match="threshold tau"):
+            boundary_split(u, pred, errors, bad)
+        with pytest.raises(InputError, match="threshold tau"):
+            error_detection_report(u, pred, ref, bad)
+        with pytest.raises(InputError, match="threshold tau"):
+            case_aggregates(u, np.ones(u.shape, bool), pred > 0, bad)
+    with pytest.raises(InputError, match="budget fractions"):
+        budget_curve(u, errors, fractions=[0.01, float("nan")])
+    probs = np.stack([np.ones(u.shape), np.zeros(u.shape)])  # fully confident background: wrong where ref = 1
+    for eps in (0.0, -1e-12, float("nan"), 1.5):
+        with pytest.raises(InputError, match="eps"):
+            nll(probs, ref, eps=eps)
+    assert np.isfinite(nll(probs, ref))
+    p = np.stack([1 - u, u])
+    with pytest.raises(InputError, match="lambda"):
+        pece(p, ref, lam=float("nan"))

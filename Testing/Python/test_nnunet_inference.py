@@ -242,7 +242,8 @@ def test_one_member_ensemble_equals_single_model(tiny, model, deep_predictions):
     np.testing.assert_array_equal(a, preds[2].probabilities)
 
 
-def test_snapshot_members_run_and_progress_lines_are_emitted(tiny, model, capsys):
+def test_snapshot_members_run_and_progress_lines_are_emitted(tiny, model, capsys, monkeypatch):
+    monkeypatch.setenv("CALIBU_PROGRESS", "1")
     members = model.members("checkpoint")[:2]
     pred = EnsemblePredictor(model, members, device="cpu", tta=False)
     case = pred.prepare([tiny["image"]], case_id="A")

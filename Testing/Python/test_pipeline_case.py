@@ -45,7 +45,8 @@ def _cal(**kw):
     return CalibrationFile(**base).validate()
 
 
-def test_outputs_follow_the_contract(tmp_path, members, capsys):
+def test_outputs_follow_the_contract(tmp_path, members, capsys, monkeypatch):
+    monkeypatch.setenv("CALIBU_PROGRESS", "1")
     s = process_case("c1", iter(members), GEOM, tmp_path, None, NAMES, CaseOptions(n_members=3))
     d = tmp_path / "c1"
     expected = {"seg.nii.gz", "prob_Left_Parotid.nii.gz", "prob_Cord.nii.gz", "regions.json", "summary.json"}

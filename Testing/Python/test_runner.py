@@ -50,6 +50,11 @@ FAKE_PREDICT = textwrap.dedent('''
     if mode == "leave":  # exits 0 but leaves its child running
         print("done", flush=True)
         sys.exit(0)
+    if mode == "indexed":  # a case folder and the folder index, as predict writes them
+        (out / "case_a" / "summary.json").write_text('{"case": "case_a"}')
+        (out / "summary.json").write_text('{"cases": [{"case": "case_a", "n_regions": 2}], "n_members": 3}')
+        child.terminate(); child.wait()
+        sys.exit(0)
     if mode == "empty":
         child.terminate(); child.wait()
         (out / "case_a" / "summary.json").unlink(); (out / "case_a").rmdir()
@@ -118,7 +123,9 @@ def _previous_outputs_intact(out: Path):
 
 
 # --------------------------------------------------------------------------------- the run
-def test_success_delivers_progress_and_moves_outputs_into_place(fake, out_dir):
+def test_success_delivers_progress_and_moves_outputs_into_place(fake, out_dir, monkeypatch):
+    # the child prints progress lines only when asked: the runner must ask (CALIBU_PROGRESS=1)
+    monkeypatch.delenv("CALIBU_PROGRESS", raising=False)
     events, lines = [], []
     run = PredictionRun(fake("success"), out_dir, on_progress=events.append,
                         on_log=lambda line, stream: lines.append((stream, line)))
@@ -140,6 +147,18 @@ def test_success_delivers_progress_and_moves_outputs_into_place(fake, out_dir):
     assert json.loads((out_dir / "case_other" / "summary.json").read_text()) == {"run": "other"}
     assert _staging_dirs(out_dir) == []
     assert sorted(p.name for p in out_dir.iterdir()) == ["case_a", "case_other"]
+
+
+def test_a_run_merges_the_folder_index_instead_of_replacing_it(fake, out_dir):
+    """Issue 12 item 5 on the Slicer path: the staged index lists only this run's case."""
+    (out_dir / "case_other" / "summary.json").write_text('{"case": "case_other"}')
+    (out_dir / "summary.json").write_text('{"cases": [{"case": "case_other", "n_regions": 1}]}')
+    run = PredictionRun(fake("indexed"), out_dir).start()
+    assert run.wait(timeout=30) is RunState.SUCCEEDED
+    index = json.loads((out_dir / "summary.json").read_text())
+    assert [c["case"] for c in index["cases"]] == ["case_a", "case_other"]
+    assert index["replaced"] == [] and index["n_members"] == 3 and index["cases"][1]["n_regions"] == 1
+    assert _staging_dirs(out_dir) == []
 
 
 def test_processes_left_running_by_a_successful_command_are_stopped(fake, tmp_path):

@@ -54,7 +54,8 @@ def test_training_config_validation():
         get_trainer_class("nnUNetTrainerV2")
 
 
-def test_snapshot_run_lr_restarts_snapshots_reuse_and_progress(tiny_prepared_dataset, tmp_path):
+def test_snapshot_run_lr_restarts_snapshots_reuse_and_progress(tiny_prepared_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("CALIBU_PROGRESS", "1")
     _, prepared = tiny_prepared_dataset
     cfg = TrainingConfig(num_epochs=4, iterations_per_epoch=3, cycles=2, initial_lr=1e-2, min_lr=1e-4,
                          val_iterations=1, seed=3)
