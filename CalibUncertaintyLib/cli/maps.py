@@ -34,7 +34,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from ..io.identity import file_identity
+    from ..io.images import read_image
     from ..io.nnunet_outputs import member_name, pair_cases
     from ..pipeline.case import CaseOptions
     from ..pipeline.dataset import check_member_inputs, load_checked_calibration
@@ -48,15 +48,16 @@ def run(args) -> int:
     cal = load_checked_calibration(args.calibration, pairing) if args.calibration else None
     if cal is not None:
         cal.check_ensemble(None, [member_name(d) for d in args.members], None)
-    # every image read (intact, finite) and fingerprinted before any case is computed
-    identities = {cf.case: file_identity(cf.image_paths[0], cf.case) for cf in pairing.cases if cf.image_paths}
+    for cf in pairing.cases:  # every image read (intact, finite) before any case is computed
+        for path in cf.image_paths[:1]:
+            read_image(path)
     names = [member_name(d) for d in args.members]
     for note in pairing.notes:
         say(f"note: {note}")
     opts = CaseOptions(ensemble_mode=args.ensemble_mode, regions_map=args.regions_map,
                        dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm,
                        min_region_mm3=args.min_region_mm3, n_members=len(names), member_names=names)
-    result = run_maps(pairing, cal, opts, args.output, executor, identities=identities)
+    result = run_maps(pairing, cal, opts, args.output, executor)
     summaries = []
     for cf in pairing.cases:
         if cf.case in result.results:

@@ -93,18 +93,14 @@ def load_calibration_for_model(path, model):
     return cal
 
 
-def input_identities(cases: dict) -> dict:
-    """{case: identity record of its first channel}; every channel file is read first, so a
-    truncated or corrupt file or a NaN/inf voxel is refused before any inference."""
-    from ..io.identity import file_identity
+def check_inputs(cases: dict) -> None:
+    """Read every channel file of every case, so that a truncated or corrupt file or a NaN/inf
+    voxel is refused before any inference (each case's identity is recorded by ``predict_case``)."""
     from ..io.images import read_image
 
-    out = {}
-    for case_id, files in cases.items():
-        out[case_id] = file_identity(files[0], case_id)
-        for f in files[1:]:
+    for files in cases.values():
+        for f in files:
             read_image(f)
-    return out
 
 
 def run(args) -> int:
@@ -124,14 +120,14 @@ def run(args) -> int:
     names = [m.name for m in members]
     if cal is not None:
         cal.check_ensemble(args.ensemble, names, bool(args.tta))
-    identities = input_identities(cases)  # every input read (intact, finite) before any inference
+    check_inputs(cases)  # every input read (intact, finite) before any inference
     popts = PredictOptions(ensemble=args.ensemble, folds=tuple(args.folds) if args.folds else None,
                            checkpoint=args.checkpoint, device=args.device, tta=bool(args.tta),
                            step_size=args.step_size)
     opts = CaseOptions(ensemble_mode=args.ensemble_mode, regions_map=args.regions_map,
                        dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm,
                        min_region_mm3=args.min_region_mm3)
-    job = make_predict_job(model, members, popts, cal, opts, args.output, identities)
+    job = make_predict_job(model, members, popts, cal, opts, args.output)
     say(f"{len(cases)} case(s), {len(members)} member(s) ({args.ensemble}: {', '.join(names)}), "
         f"TTA {'on' if args.tta else 'off'}, executor {executor.kind}")
     result = run_predict(job, cases, executor)

@@ -11,7 +11,7 @@ Index layout::
     {"cases": [{"case", "n_regions", "timings_s", ..., "run": {...}}, ...],   # sorted by case id
      "n_cases": N, "replaced": [case ids this update replaced], "updated_utc": "...",
      **run,                                                                     # the latest run's fields
-     "cohort": {"executor", "done", "skipped", "failed", "retried"}}            # the latest run's outcome
+     "executor", "done", "skipped", "failed", "retried"}                        # the latest run's outcome
 
 ``run`` (e.g. n_members, class_names, calibration, model folder, ensemble) is stored in each
 new case record too, so a case written by an earlier run keeps the description of its own run.
@@ -75,7 +75,8 @@ def update_folder_index(out_dir: str | os.PathLike, new_case_records: list[dict]
     ``run``: fields describing this run (stored at the top level and in each new record). Old
     records are kept for cases whose folder is still complete; complete case folders missing
     from the old index get a record from their own summary.json. ``cohort``: the outcome of this
-    run (``cohort.executor.CohortResult.record()``), stored at the top level only."""
+    run (``cohort.executor.CohortResult.record()``: executor, done, skipped, failed, retried), stored
+    at the top level only."""
     out_dir = Path(out_dir)
     run = dict(run or {})
     old = _read_json(out_dir / INDEX_NAME)
@@ -99,8 +100,7 @@ def update_folder_index(out_dir: str | os.PathLike, new_case_records: list[dict]
     merged.update(new)
     index = {"cases": [merged[c] for c in sorted(merged)], "n_cases": len(merged), "replaced": replaced,
              "updated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **run}
-    if cohort is not None:
-        index["cohort"] = cohort
+    index.update(cohort or {})
     write_json(out_dir / INDEX_NAME, index)
     return replaced
 

@@ -10,12 +10,13 @@ under the case's final name.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..cohort.completeness import case_is_complete, file_identity, job_key
 from ..cohort.executor import ExecutorOptions, TaskResources, run_cohort
 from ..io.identity import SUMMARY_KEY as IDENTITY_KEY
+from ..io.identity import file_identity as input_identity
 from .case import CaseOptions, process_case
 
 
@@ -29,7 +30,6 @@ class MapsJob:
     calibration: object | None
     options: CaseOptions
     key: str
-    identities: dict = field(default_factory=dict)  # {case: io.identity record of its image}
 
 
 def calibration_identity(calibration) -> list | None:
@@ -41,11 +41,10 @@ def calibration_identity(calibration) -> list | None:
             calibration.vector, calibration.ebcu_threshold, calibration.thresholds]
 
 
-def make_maps_job(pairing, calibration, options: CaseOptions, out_dir, identities: dict | None = None) -> MapsJob:
+def make_maps_job(pairing, calibration, options: CaseOptions, out_dir) -> MapsJob:
     opts = {k: v for k, v in asdict(options).items() if k != "extra_summary"}
     key = job_key("maps", opts, calibration_identity(calibration), pairing.class_names)
-    return MapsJob(Path(out_dir), pairing.n_classes, list(pairing.class_names), calibration, options, key,
-                   dict(identities or {}))
+    return MapsJob(Path(out_dir), pairing.n_classes, list(pairing.class_names), calibration, options, key)
 
 
 def case_key(job: MapsJob, cf) -> str:
@@ -57,8 +56,8 @@ def case_key(job: MapsJob, cf) -> str:
 def maps_case(job: MapsJob, cf) -> dict:
     """One case: members -> ``<out>/<case>/`` (``process_case``); returns its short record."""
     extra = {**job.options.extra_summary, "cohort": {"job_key": case_key(job, cf)}}
-    if cf.case in job.identities:
-        extra[IDENTITY_KEY] = job.identities[cf.case]
+    if cf.image_paths:  # the wrong-patient check of review and Slicer compares against this record
+        extra[IDENTITY_KEY] = input_identity(cf.image_paths[0], cf.case)
     s = process_case(cf.case, cf.load_members(job.n_classes), cf.geometry, job.out_dir, job.calibration,
                      job.class_names, replace(job.options, extra_summary=extra))
     return {"case": cf.case, "n_regions": s["n_regions"], "regions_map": s["regions_map"],
@@ -74,11 +73,9 @@ def complete_record(out_dir, case: str) -> dict:
             "timings_s": s.get("timings_s"), "skipped": True}
 
 
-def run_maps(pairing, calibration, options: CaseOptions, out_dir, executor: ExecutorOptions | None = None,
-             identities: dict | None = None):
-    """Every case of ``pairing`` not yet complete -> its output folder. Returns the ``CohortResult``.
-    ``identities``: {case: input identity record} written into each case's summary.json."""
-    job = make_maps_job(pairing, calibration, options, out_dir, identities)
+def run_maps(pairing, calibration, options: CaseOptions, out_dir, executor: ExecutorOptions | None = None):
+    """Every case of ``pairing`` not yet complete -> its output folder. Returns the ``CohortResult``."""
+    job = make_maps_job(pairing, calibration, options, out_dir)
     skipped = [cf.case for cf in pairing.cases if case_is_complete(out_dir, cf.case, case_key(job, cf))]
     items = [(cf.case, cf) for cf in pairing.cases if cf.case not in skipped]
     return run_cohort(maps_case, job, items, executor, desc="maps", resources=TaskResources(num_cpus=1),

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..cohort.completeness import case_is_complete, file_identity, job_key
 from ..cohort.executor import ExecutorOptions, TaskResources, run_cohort
 from ..io.identity import SUMMARY_KEY as IDENTITY_KEY
+from ..io.identity import file_identity as input_identity
 from .case import CaseOptions, process_case
 from .maps_job import calibration_identity
 
@@ -47,18 +48,16 @@ class PredictJob:
     calibration: object | None
     options: CaseOptions
     key: str
-    identities: dict = field(default_factory=dict)  # {case: io.identity record of its first channel}
 
 
-def make_predict_job(model, members, predict: PredictOptions, calibration, options: CaseOptions, out_dir,
-                     identities: dict | None = None) -> PredictJob:
+def make_predict_job(model, members, predict: PredictOptions, calibration, options: CaseOptions, out_dir) -> PredictJob:
     names = [m.name for m in members]
     key = job_key("predict", str(Path(model.path).resolve()), predict.__dict__, names,
                   file_identity([m.checkpoint for m in members]),
                   {k: v for k, v in options.__dict__.items() if k != "extra_summary"},
                   calibration_identity(calibration))
     return PredictJob(Path(model.path), predict, Path(out_dir), calibration,
-                      replace(options, n_members=len(members), member_names=names), key, dict(identities or {}))
+                      replace(options, n_members=len(members), member_names=names), key)
 
 
 def case_key(job: PredictJob, files) -> str:
@@ -97,8 +96,7 @@ def predict_case(job: PredictJob, item) -> dict:
         "timings_s": {"load_model_s": round(load_s, 4), "preprocess_s": round(case.seconds, 4)},
     }
     extra = {**job.options.extra_summary, "prediction": record, "cohort": {"job_key": case_key(job, files)}}
-    if case_id in job.identities:
-        extra[IDENTITY_KEY] = job.identities[case_id]
+    extra[IDENTITY_KEY] = input_identity(files[0], case_id)  # for the wrong-patient check of review and Slicer
     # process_case consumes the members before it builds summary.json, so the timings that
     # _timed_members writes into ``record`` are in place by then.
     s = process_case(case_id, _timed_members(predictor, case, record["timings_s"]), case.geometry,

@@ -23,7 +23,8 @@ def flaky_case(job, item):
     return case.upper()
 
 
-def test_transient_errors_retried_deterministic_not(capsys):
+def test_transient_errors_retried_deterministic_not(capsys, monkeypatch):
+    monkeypatch.setenv("CALIBU_PROGRESS", "1")  # progress lines only when asked
     job = {"calls": {}, "error": OSError}
     items = [("a", ("a", 0)), ("b", ("b", 2)), ("c", ("c", 5))]
     r = run_cohort(flaky_case, job, items, ExecutorOptions(max_retries=2))

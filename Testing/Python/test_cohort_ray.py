@@ -248,7 +248,7 @@ def test_cli_starts_and_stops_its_own_runtime(cohort, tmp_path):
     """The console entry point with no terminal: it starts its own Ray runtime, Ctrl-C (SIGINT)
     after the first finished case stops it with exit code 130, only complete cases are left, and
     no process of its runtime survives."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "CALIBU_PROGRESS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "CalibUncertaintyLib.cli.main", "maps", "--members", *cohort["members"],
            "--images", cohort["images"], "--cases", *EVAL, "-o", str(out), *RAY, "--workers", "1"]
