@@ -35,6 +35,7 @@ class PredictOptions:
     device: str = "auto"
     tta: bool = True
     step_size: float = 0.5
+    passes: int | None = None  # MC-dropout passes (ensemble "dropout")
 
 
 @dataclass
@@ -76,7 +77,7 @@ def _predictor(job: PredictJob):
         t = time.perf_counter()
         model = ModelFolder.open(job.model_dir)
         p = job.predict
-        members = model.members(p.ensemble, list(p.folds) if p.folds else None, p.checkpoint)
+        members = model.members(p.ensemble, list(p.folds) if p.folds else None, p.checkpoint, p.passes)
         predictor = EnsemblePredictor(model, members, device=p.device, tta=p.tta, tile_step_size=p.step_size)
         _PREDICTORS[k] = (model, members, predictor, time.perf_counter() - t)
     return _PREDICTORS[k]
@@ -92,7 +93,7 @@ def predict_case(job: PredictJob, item) -> dict:
     record = {
         "model_folder": str(model.path), "configuration": predictor.configuration,
         "trainer": predictor.trainer_name, "ensemble": p.ensemble, "checkpoint": p.checkpoint,
-        "members": [m.name for m in members], "device": predictor.device_name, "tta": bool(p.tta),
+        "members": [m.name for m in members], "device": predictor.device_name, "tta": bool(p.tta), "passes": p.passes,
         "tile_step_size": p.step_size, "input_files": [str(f) for f in files],
         "timings_s": {"load_model_s": round(load_s, 4), "preprocess_s": round(case.seconds, 4)},
     }
