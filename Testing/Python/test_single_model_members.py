@@ -180,3 +180,27 @@ def test_cli_predict_tta_and_fit_evaluate_record_the_kind(tiny, tmp_path, capsys
                      str(cal), "-o", str(tmp_path / "ev2")]) == 2
         err = capsys.readouterr().err
         assert "fitted on another ensemble" in err and why in err, err
+
+
+def test_slicer_runner_options_for_tta_and_dropout(tiny, tmp_path):
+    """The Slicer module's ensemble selector goes through runner.PredictOptions (Qt-free)."""
+    from CalibUncertaintyLib import runner
+    from CalibUncertaintyLib.runner import PredictOptions
+
+    ct = tiny["image"]
+    assert PredictOptions(ct, tiny["plain"], ensemble="tta").problems() == []
+    (p,) = PredictOptions(ct, tiny["plain"], ensemble="tta", tta=False).problems()
+    assert "turn mirroring (TTA) on" in p
+    (p,) = PredictOptions(ct, tiny["plain"], ensemble="dropout").problems()
+    assert "has no dropout layers" in p
+    assert PredictOptions(ct, tiny["dropout"], ensemble="dropout", passes=4).problems() == []
+    cmd = runner.build_predict_command(PredictOptions(ct, tiny["dropout"], ensemble="dropout", passes=4), "/o")
+    assert cmd[cmd.index("--ensemble") + 1] == "dropout" and cmd[cmd.index("--passes") + 1] == "4"
+    cmd = runner.build_predict_command(PredictOptions(ct, tiny["plain"], ensemble="tta", passes=4), "/o")
+    assert "--passes" not in cmd and "--tta" in cmd  # passes only for dropout: the GUI keeps its value
+    # and the command line it builds is accepted by the CLI's parser
+    from CalibUncertaintyLib.cli.main import build_parser
+
+    args = build_parser().parse_args(runner.build_predict_command(
+        PredictOptions(ct, tiny["dropout"], ensemble="dropout", passes=4), str(tmp_path / "o"))[3:])
+    assert args.ensemble == "dropout" and args.passes == 4
