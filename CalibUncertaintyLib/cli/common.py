@@ -238,6 +238,9 @@ def member_inputs(args, default_cache: Path | None = None, fingerprint: dict | N
 
     model = ModelFolder.open(args.model)
     model.members(args.ensemble, args.folds, args.checkpoint, args.passes)  # a bad member request fails here, first
+    from ..nnunet.cascade import check_previous_stage
+
+    check_previous_stage(model)
     cases = list(select_cases(args.images, model, args.cases))
     if getattr(args, "labels", None) is not None:
         have = list_label_cases(args.labels)

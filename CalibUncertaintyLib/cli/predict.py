@@ -109,6 +109,7 @@ def input_identities(cases: dict) -> dict:
 
 def run(args) -> int:
     from ..nnunet.inference import collect_cases
+    from ..nnunet.cascade import check_previous_stage
     from ..nnunet.model_folder import ModelFolder
     from ..pipeline.case import CaseOptions
     from ..pipeline.folder_index import update_folder_index
@@ -120,6 +121,7 @@ def run(args) -> int:
     model = ModelFolder.open(args.model)
     args.tta = resolve_tta(args.ensemble, args.tta)
     members = model.members(args.ensemble, args.folds, args.checkpoint, args.passes)
+    check_previous_stage(model)  # a cascade without its low-resolution stage: refused before any work
     cases = collect_cases(args.input, model.n_channels, model.file_ending)
     cal = load_calibration_for_model(args.calibration, model) if args.calibration else None
     names = [m.name for m in members]

@@ -241,10 +241,14 @@ class EnsemblePredictor:
             self.configuration_manager = self.plans_manager.get_configuration(self.configuration)
         except (RuntimeError, ValueError, KeyError) as e:
             raise ModelFolderError(f"plans.json has no usable configuration {self.configuration!r}: {e}") from e
-        if self.configuration_manager.previous_stage_name is not None:
-            raise ModelFolderError(f"configuration {self.configuration} is a cascade stage (needs the "
-                                   f"{self.configuration_manager.previous_stage_name} prediction); not supported")
         self.trainer_name = str(first.get("trainer_name", self.model.trainer_name or "nnUNetTrainer"))
+        #: a cascade's low-resolution stage (``cascade.LowResStage``), run first in ``prepare``
+        self.previous_stage = None
+        if self.configuration_manager.previous_stage_name is not None:
+            from .cascade import LowResStage
+
+            self.previous_stage = LowResStage(self.model, self.configuration_manager.previous_stage_name,
+                                              self.trainer_name, device, tta, tile_step_size)
         self.label_manager = self.plans_manager.get_label_manager(self.model.dataset_json)
         if self.label_manager.has_regions:
             raise ModelFolderError("region-based nnU-Net models are not supported (their outputs are sigmoids, "
@@ -312,6 +316,12 @@ class EnsemblePredictor:
         geometry = check_input_files(files)
         case_id = case_id or split_image_name(files[0].name)[0]
         t0 = time.perf_counter()
+        if self.previous_stage is not None:  # a cascade: the low-resolution stage first, as nnU-Net
+            from .cascade import cascade_input
+
+            data, props = cascade_input(self, files, self.previous_stage.segmentation(files, case_id))
+            self._warn_spacing(case_id, props["spacing"])
+            return PreparedCase(case_id, files, geometry, data, props, time.perf_counter() - t0)
         preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
         with contextlib.redirect_stdout(io.StringIO()):
             data, _, props = preprocessor.run_case([str(f) for f in files], None, self.plans_manager,
