@@ -237,6 +237,8 @@ def member_inputs(args, default_cache: Path | None = None, fingerprint: dict | N
     args.tta = resolve_tta(args.ensemble, args.tta)
 
     model = ModelFolder.open(args.model)
+    if model.is_region_based:  # sigmoid outputs: softmax calibration does not apply (the reason, from class_names)
+        model.class_names  # noqa: B018
     model.members(args.ensemble, args.folds, args.checkpoint, args.passes)  # a bad member request fails here, first
     from ..nnunet.cascade import check_previous_stage
 

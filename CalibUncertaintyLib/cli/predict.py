@@ -86,6 +86,13 @@ def load_calibration_for_model(path, model):
     from ..errors import InputError
 
     cal = CalibrationFile.load(path)
+    if model.is_region_based:
+        from ..errors import CalibrationMismatchError
+
+        raise CalibrationMismatchError(
+            f"calibration file {path} calibrates softmax class probabilities ({cal.method}), but {model.path.name} "
+            "is a region-based model (one sigmoid per region): a softmax calibration does not apply to it. Run "
+            "predict without --calibration (region maps are uncalibrated)")
     cal.check_fingerprint(fingerprint_model_folder(model.path))
     if cal.class_names and len(cal.class_names) != len(model.class_names):
         raise InputError(f"calibration file {path} is for {len(cal.class_names)} classes, the model has "
@@ -151,7 +158,7 @@ def run(args) -> int:
             summaries.append(complete_record(args.output, case_id))
     replaced = update_folder_index(args.output, summaries,
                                    {"model_folder": str(model.path), "ensemble": args.ensemble, "members": names,
-                                    "class_names": model.class_names,
+                                    "class_names": model.output_names,
                                     "device": devices[0] if len(set(devices)) == 1 else sorted(set(devices)) or None,
                                     "tta": bool(args.tta), "calibration": cal.source_path if cal else None},
                                    cohort=result.record())

@@ -250,9 +250,8 @@ class EnsemblePredictor:
             self.previous_stage = LowResStage(self.model, self.configuration_manager.previous_stage_name,
                                               self.trainer_name, device, tta, tile_step_size)
         self.label_manager = self.plans_manager.get_label_manager(self.model.dataset_json)
-        if self.label_manager.has_regions:
-            raise ModelFolderError("region-based nnU-Net models are not supported (their outputs are sigmoids, "
-                                   "not a softmax over classes)")
+        #: region-based model: ``n_classes`` sigmoid outputs, one per region (bernoulli_regions)
+        self.has_regions = bool(self.label_manager.has_regions)
         self.n_classes = self.label_manager.num_segmentation_heads
         self.network = self._build_network()
         if any(m.dropout_pass is not None for m in self.members):

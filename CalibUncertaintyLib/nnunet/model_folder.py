@@ -175,13 +175,17 @@ class ModelFolder:
     def class_names(self) -> list[str]:
         """Class names ordered by label value (index = class index of the probabilities).
 
-        Region-based labels (tuples) are not supported by this project and raise ModelFolderError."""
+        A region-based model has no classes (its outputs are one sigmoid per region): ModelFolderError
+        (use ``region_names``; such a model runs with ``predict`` only)."""
         labels = self.dataset_json["labels"]
         items = []
         for name, value in labels.items():
-            if isinstance(value, (list, tuple)):
-                raise ModelFolderError(f"dataset.json label {name!r} is a region {value}; region-based "
-                                       "models are not supported (their outputs are not a softmax)")
+            if isinstance(value, (list, tuple)) or self.is_region_based:
+                raise ModelFolderError(f"{self.path.name} is a region-based model (dataset.json label {name!r} = "
+                                       f"{value}, regions_class_order {self.dataset_json.get('regions_class_order')}): "
+                                       "its outputs are one sigmoid per region, not a softmax over classes. It runs "
+                                       "with `predict` (maps of independent per-region Bernoullis); softmax "
+                                       "calibration (fit-temperature, evaluate, maps) does not apply")
             if name == "ignore":
                 continue
             items.append((int(value), str(name)))
@@ -189,6 +193,25 @@ class ModelFolder:
         if [v for v, _ in items] != list(range(len(items))):
             raise ModelFolderError(f"dataset.json labels must be consecutive 0..K-1, got {dict(labels)}")
         return [n for _, n in items]
+
+    @property
+    def is_region_based(self) -> bool:
+        """True for nnU-Net region-based training (a label given as a list of labels, or
+        ``regions_class_order`` in dataset.json): sigmoid outputs, one per region."""
+        labels = self.dataset_json.get("labels", {})
+        return any(isinstance(v, (list, tuple)) for v in labels.values()) or \
+            self.dataset_json.get("regions_class_order") is not None
+
+    @property
+    def region_names(self) -> list[str]:
+        """Region names in network output order (dataset.json label order, background and ignore
+        left out, as nnU-Net's LabelManager orders its regions)."""
+        return [str(n) for n in self.dataset_json["labels"] if n not in ("background", "ignore")]
+
+    @property
+    def output_names(self) -> list[str]:
+        """``class_names``, or for a region-based model background + ``region_names``."""
+        return ["background", *self.region_names] if self.is_region_based else self.class_names
 
     @property
     def file_ending(self) -> str:

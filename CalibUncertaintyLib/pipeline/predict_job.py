@@ -102,8 +102,15 @@ def predict_case(job: PredictJob, item) -> dict:
         extra[IDENTITY_KEY] = job.identities[case_id]
     # process_case consumes the members before it builds summary.json, so the timings that
     # _timed_members writes into ``record`` are in place by then.
-    s = process_case(case_id, _timed_members(predictor, case, record["timings_s"]), case.geometry,
-                     job.out_dir, job.calibration, model.class_names, replace(job.options, extra_summary=extra))
+    if predictor.has_regions:  # sigmoid outputs: independent per-region Bernoullis
+        from .region_case import process_region_case
+
+        s = process_region_case(case_id, _timed_members(predictor, case, record["timings_s"]), case.geometry,
+                                job.out_dir, model.region_names, predictor.label_manager.regions_class_order,
+                                replace(job.options, extra_summary=extra))
+    else:
+        s = process_case(case_id, _timed_members(predictor, case, record["timings_s"]), case.geometry,
+                         job.out_dir, job.calibration, model.class_names, replace(job.options, extra_summary=extra))
     total = time.perf_counter() - t0
     del case
     return {"case": case_id, "n_regions": s["n_regions"], "regions_map": s["regions_map"],
