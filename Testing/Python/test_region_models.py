@@ -119,6 +119,15 @@ def test_predict_region_model_writes_bernoulli_maps_and_refuses_softmax_calibrat
     seg, _ = read_image(out / "case_R" / "seg.nii.gz")
     np.testing.assert_array_equal(seg, segmentation(acc.mean_probs(), [1, 2]))
 
+    # the case folder loads in a real MRML scene (what the Slicer module does after predict)
+    import slicer
+
+    from CalibUncertaintyLib.mrml.nodes import load_case_outputs
+
+    case = load_case_outputs(slicer.vtkMRMLScene(), out / "case_R", None)
+    assert case.layer_names() == ["entropy", "entropy_norm", "expected_entropy", "mutual_information", "epkl",
+                                  "prob_whole", "prob_core"]
+
     cal = CalibrationFile(temperature=2.0, class_names=["background", "whole", "core"], n_cases=1).save(
         tmp_path / "softmax.json")
     capsys.readouterr()
