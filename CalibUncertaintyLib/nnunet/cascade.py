@@ -119,3 +119,20 @@ def check_previous_stage(model: ModelFolder) -> None:
             previous_stage_folder(model, prev)
             return
         name = configs[name].get("inherits_from")
+
+
+def previous_stage_key(model: ModelFolder) -> str | None:
+    """For a cascade stage, a sha256 of its low-resolution folder's plans, dataset.json and
+    checkpoints (its outputs depend on them, so the member cache keys on it); None otherwise."""
+    configs = model.plans.get("configurations", {})
+    name, seen = model.configuration, set()
+    while name in configs and name not in seen:
+        seen.add(name)
+        prev = configs[name].get("previous_stage")
+        if prev:
+            from ..calibration.fingerprint import fingerprint_model_folder
+
+            fp = fingerprint_model_folder(previous_stage_folder(model, prev))
+            return f"{fp['plans_dataset_sha256']}:{fp['checkpoints_sha256']}"
+        name = configs[name].get("inherits_from")
+    return None

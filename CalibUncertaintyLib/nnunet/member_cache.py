@@ -23,7 +23,8 @@ Two writers:
   The model key hashes plans.json, dataset.json and every checkpoint (``fingerprint_model_folder``),
   so another model, or the same folder retrained, never reads these outputs. Inside, a member's
   ``.calibu_member.json`` records its checkpoint's sha256, TTA, the sliding-window step, the
-  member's variant (a TTA member's flip, an MC-dropout pass), and per
+  member's variant (a TTA member's flip, an MC-dropout pass), for a cascade its low-resolution
+  stage's hash, and per
   case the sha256 of the input image file(s) it was computed from. A (member, case) output is
   reused only when all of these match and its files exist; anything else is recomputed. The
   record is updated after each case, so an interrupted run keeps the cases it finished, and a
@@ -222,6 +223,9 @@ def cached_member_dirs(model_dir, ensemble: str, folds, images_dir, cache_dir, d
     root = Path(cache_dir) / model_cache_key(model, fingerprint) / ("tta" if tta else "notta")
     case_sha = {c: inputs_sha256(files) for c, files in selected.items()}
 
+    from .cascade import previous_stage_key
+
+    previous_stage = previous_stage_key(model)  # a cascade's outputs depend on its low-res stage too
     plans_bytes = {n: (model.path / n).read_bytes() for n in ("plans.json", "dataset.json")}
     dirs, markers, todo = [], [], {}  # todo: case -> [member index]
     out = CachedMembers(model, members, dirs, list(selected), fingerprint, root)
@@ -232,6 +236,8 @@ def cached_member_dirs(model_dir, ensemble: str, folds, images_dir, cache_dir, d
                "sha256": fingerprint["checkpoints"][rel], "tta": bool(tta), "tile_step_size": float(tile_step_size)}
         if m.variant is not None:  # one mirrored prediction / one dropout pass of the checkpoint
             key["variant"] = m.variant
+        if previous_stage is not None:
+            key["previous_stage"] = previous_stage
         have = _read_marker(d)
         if have is not None and all(have.get(k) == v for k, v in key.items()) and isinstance(have.get("cases"), dict):
             done = dict(have["cases"])

@@ -29,7 +29,7 @@ from ..io.atomic import write_json
 from ..io.geometry import Geometry
 from ..io.images import write_image
 from ..progress import emit_progress
-from ..uncertainty.bernoulli_regions import REGION_MAP_NAMES, RegionAccumulator, region_maps, segmentation
+from ..uncertainty.bernoulli_regions import RegionAccumulator, region_maps, segmentation
 from .case import CaseOptions, _replace_dir, _stats, safe_name
 
 DEFINITIONS = ("independent per-region Bernoullis: entropy, expected entropy, MI and EPKL are sums over "

@@ -6,6 +6,8 @@ probabilities and segmentation are compared with ``nnUNetPredictor`` on the same
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -13,9 +15,9 @@ from CalibUncertaintyLib.errors import ModelFolderError
 from CalibUncertaintyLib.nnunet.inference import EnsemblePredictor
 from CalibUncertaintyLib.nnunet.model_folder import ModelFolder
 
-from tiny_nnunet import write_test_ct
+from tiny_nnunet import save_checkpoint, write_test_ct
 from tiny_nnunet_kinds import (build_cascade_folders, build_ignore_label_folder, build_multichannel_folder,
-                               build_resenc_folder)
+                               build_resenc_folder, network_weights)
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +110,22 @@ def test_cascade_without_low_res_stage_is_a_clear_error(tmp_path, images, capsys
     err = capsys.readouterr().err
     assert "full-resolution stage of a cascade" in err and "nnUNetTrainer__nnUNetPlans__3d_lowres" in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_member_cache_of_a_cascade_keys_on_its_low_res_stage(tmp_path, images):
+    from CalibUncertaintyLib.nnunet.member_cache import cached_member_dirs
+
+    cascade, low = build_cascade_folders(tmp_path / "m")
+    img_dir = images[0].parent / "only_A"
+    img_dir.mkdir(exist_ok=True)
+    (img_dir / images[0].name).write_bytes(images[0].read_bytes())
+    first = cached_member_dirs(cascade, "single", None, img_dir, tmp_path / "cache", device="cpu", tta=False)
+    again = cached_member_dirs(cascade, "single", None, img_dir, tmp_path / "cache", device="cpu", tta=False)
+    assert len(first.computed) == 1 and len(again.reused) == 1 and not again.computed
+    # retrain (here: new weights for) the low-res stage: the cascade's cached outputs are stale
+    plans = json.loads((low / "plans.json").read_text())
+    ds = json.loads((low / "dataset.json").read_text())
+    save_checkpoint(low / "fold_0" / "checkpoint_final.pth", network_weights(plans, ds, "3d_lowres", 77), plans, ds, 0,
+                    configuration="3d_lowres")
+    third = cached_member_dirs(cascade, "single", None, img_dir, tmp_path / "cache", device="cpu", tta=False)
+    assert len(third.computed) == 1 and not third.reused

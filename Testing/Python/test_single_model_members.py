@@ -167,6 +167,16 @@ def test_cli_predict_tta_and_fit_evaluate_record_the_kind(tiny, tmp_path, capsys
     assert rec["members"] == ["fold_0_checkpoint_final_dropout_1", "fold_0_checkpoint_final_dropout_2"]
     markers = sorted(cache.rglob(".calibu_member.json"))
     assert sorted(json.loads(m.read_text())["variant"]["dropout_pass"] for m in markers) == [1, 2]
+    # a TTA fit: one cached member per mirroring, keyed by its flip; the file records kind tta
+    cal_tta = tmp_path / "cal_tta.json"
+    assert main(["fit-temperature", "--model", str(tiny["plain"]), "--ensemble", "tta", "--device", "cpu",
+                 "--images", str(images), "--labels", str(labels), "--member-cache", str(cache),
+                 "-o", str(cal_tta)]) == 0
+    rec = json.loads(cal_tta.read_text())["ensemble"]
+    assert rec["kind"] == "tta" and rec["tta"] is True and len(rec["members"]) == 8
+    flips = sorted(tuple(json.loads(m.read_text())["variant"]["flip"]) for m in cache.rglob(".calibu_member.json")
+                   if "flip" in json.loads(m.read_text()).get("variant", {}))
+    assert flips == sorted(mirror_combinations((0, 1, 2)))
     # evaluate with the same ensemble reuses the cache; another pass count or kind is refused
     rc = main(["evaluate", "--model", str(tiny["dropout"]), "--ensemble", "dropout", "--passes", "2", "--no-tta",
                "--device", "cpu", "--images", str(images), "--labels", str(labels), "--member-cache", str(cache),
