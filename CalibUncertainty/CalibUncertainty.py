@@ -300,6 +300,8 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.toolTip = _("Stop the prediction (the whole process tree); no output is kept.")
             return
         self.ui.applyButton.text = _("Apply")
+        if self._parameterNode is not None:  # the passes only mean something for MC dropout
+            self.ui.passesSpinBox.enabled = self._parameterNode.ensemble == "dropout"
         problems = self._applyProblems()
         self.ui.applyButton.enabled = not problems
         self.ui.applyButton.toolTip = "\n".join(problems) if problems else _(
