@@ -100,7 +100,10 @@ def _checkpoint_info(path: str, mtime_ns: int, size: int) -> dict:
 
 def _checkpoint_info_torch(path: str) -> dict:
     """Legacy (non-zip) checkpoints: torch.load."""
-    import torch
+    try:
+        import torch
+    except ImportError as e:
+        raise ModelFolderError(f"{path} is not a zip checkpoint and PyTorch is not installed to read it") from e
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
