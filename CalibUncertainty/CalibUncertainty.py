@@ -49,8 +49,9 @@ class CalibUncertainty(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["CalibUncertainty developers (see the repository's commit history)"]
         self.parent.helpText = _(
-            "Runs an nnU-Net v2 model as a deep ensemble (cross-validation folds), a checkpoint ensemble "
-            "or a single model on a CT, calibrates the pooled probabilities with a temperature fitted on "
+            "Runs an nnU-Net v2 model as a deep ensemble (cross-validation folds), a checkpoint ensemble, "
+            "one model's mirrored predictions (tta), MC-dropout passes (dropout) or a single model on a CT, "
+            "calibrates the pooled probabilities with a temperature fitted on "
             "held-out cases, and shows where the model is unsure and probably wrong: calibrated "
             "probabilities, entropy, mutual information, EPKL, distance-aware entropy, EBCU, and a ranked "
             "list of suspected error regions to step through. The prediction runs in a separate process "
@@ -106,6 +107,7 @@ class CalibUncertaintyParameterNode:
     calibrationFile: str = ""
     device: Annotated[str, Choice(list(runner.DEVICE_CHOICES))] = "auto"
     tta: bool = True
+    passes: Annotated[int, WithinRange(2, 100)] = runner.DEFAULT_PASSES
     outputFolder: str = ""
     foregroundMap: str = ""
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
@@ -298,6 +300,8 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.toolTip = _("Stop the prediction (the whole process tree); no output is kept.")
             return
         self.ui.applyButton.text = _("Apply")
+        if self._parameterNode is not None:  # the passes only mean something for MC dropout
+            self.ui.passesSpinBox.enabled = self._parameterNode.ensemble == "dropout"
         problems = self._applyProblems()
         self.ui.applyButton.enabled = not problems
         self.ui.applyButton.toolTip = "\n".join(problems) if problems else _(
@@ -310,7 +314,7 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if pn is None:
             return [_("No parameter node.")]
         return self._applyCheck.problems(slicer.mrmlScene, pn.inputVolume, pn.modelFolder, pn.ensemble, pn.folds,
-                                         pn.calibrationFile, pn.device, pn.tta)
+                                         pn.calibrationFile, pn.device, pn.tta, pn.passes)
 
     # ---------------------------------------------------------------- prediction
     def onApplyButton(self) -> None:
@@ -331,7 +335,7 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._log(deviceText)
             self._active = self.logic.startPrediction(
                 pn.inputVolume, pn.modelFolder, ensemble=pn.ensemble, folds=pn.folds,
-                calibrationFile=pn.calibrationFile, device=pn.device, tta=pn.tta,
+                calibrationFile=pn.calibrationFile, device=pn.device, tta=pn.tta, passes=pn.passes,
                 outDir=pn.outputFolder or None, onProgress=self._onProgress, onLog=self._onLog)
             self._log(" ".join(self._active.run.command))
             self.ui.progressBar.setRange(0, 100)
@@ -557,10 +561,11 @@ class CalibUncertaintyLogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------ options
     @staticmethod
     def makeOptions(modelFolder, ensemble="deep", folds=None, calibrationFile=None, device="auto",
-                    tta=True, inputPath=None) -> runner.PredictOptions:
+                    tta=True, inputPath=None, passes=runner.DEFAULT_PASSES) -> runner.PredictOptions:
         return runner.PredictOptions(input_path=inputPath, model_dir=runner.as_optional_path(modelFolder),
                                      ensemble=ensemble, folds=runner.parse_folds(folds),
-                                     calibration=runner.as_optional_path(calibrationFile), device=device, tta=tta)
+                                     calibration=runner.as_optional_path(calibrationFile), device=device, tta=tta,
+                                     passes=passes)
 
     # ------------------------------------------------------------ running
     @staticmethod
@@ -568,12 +573,13 @@ class CalibUncertaintyLogic(ScriptedLoadableModuleLogic):
         return Path(slicer.app.temporaryPath) / "CalibUncertainty" / "results"
 
     def startPrediction(self, inputVolumeNode, modelFolder, ensemble="deep", folds=None, calibrationFile=None,
-                        device="auto", tta=True, outDir=None, onProgress=None, onLog=None):
+                        device="auto", tta=True, outDir=None, onProgress=None, onLog=None,
+                        passes=runner.DEFAULT_PASSES):
         """Export the CT, start ``calib-uncertainty predict`` out of process and return at once
         (a started mrml.prediction.ScenePrediction)."""
         from CalibUncertaintyLib.mrml.prediction import ScenePrediction
 
-        options = self.makeOptions(modelFolder, ensemble, folds, calibrationFile, device, tta)
+        options = self.makeOptions(modelFolder, ensemble, folds, calibrationFile, device, tta, passes=passes)
         prediction = ScenePrediction(slicer.mrmlScene, inputVolumeNode, options,
                                      Path(outDir) if outDir else self.defaultOutputFolder(),
                                      temp_root=slicer.app.temporaryPath, on_progress=onProgress, on_log=onLog,
@@ -587,7 +593,8 @@ class CalibUncertaintyLogic(ScriptedLoadableModuleLogic):
         return startup() if startup is not None else None
 
     def process(self, inputVolumeNode, modelFolder, ensemble="deep", folds=None, calibrationFile=None,
-                device="auto", tta=True, outDir=None, onProgress=None, onLog=None, timeout=None):
+                device="auto", tta=True, outDir=None, onProgress=None, onLog=None, timeout=None,
+                passes=runner.DEFAULT_PASSES):
         """Blocking prediction for scripts: run out of process, load the outputs, return CaseNodes.
 
         Raises ``dependencies.MissingDependencyError`` (what to install), ``ModelFolderError`` /
@@ -595,7 +602,7 @@ class CalibUncertaintyLogic(ScriptedLoadableModuleLogic):
         """
         dependencies.require()
         active = self.startPrediction(inputVolumeNode, modelFolder, ensemble, folds, calibrationFile, device,
-                                      tta, outDir, onProgress, onLog)
+                                      tta, outDir, onProgress, onLog, passes=passes)
         try:
             state = active.run.wait(timeout=timeout)
             if state is RunState.RUNNING:

@@ -62,7 +62,8 @@ STAGING_PREFIX = ".staging-"
 WINDOWS_NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000)
 WINDOWS_NEW_PROCESS_GROUP = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x00000200)
 
-ENSEMBLE_CHOICES = ("deep", "checkpoint", "single")
+ENSEMBLE_CHOICES = ("deep", "checkpoint", "single", "tta", "dropout")
+DEFAULT_PASSES = 10  # MC-dropout passes (nnunet.single_model_members.DEFAULT_PASSES)
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 STDERR_TAIL_LINES = 20
 _EOF_GRACE_S = 2.0  # after the child exits, wait this long for grandchildren to close the pipes
@@ -123,12 +124,14 @@ def parse_folds(text: str | Sequence | None) -> tuple[str, ...] | None:
     return tuple(parts)
 
 
-def model_folder_problem(model_dir, ensemble: str | None = None, folds=None) -> str | None:
+def model_folder_problem(model_dir, ensemble: str | None = None, folds=None, passes: int | None = None) -> str | None:
     """Why ``model_dir`` cannot serve the requested ensemble, or ``None`` if it can.
 
     Uses ``nnunet.model_folder.ModelFolder`` (JSON files and file names only, no torch): the folder
     must be a trained nnU-Net v2 model folder, and when ``ensemble`` is given it must hold the
-    members that ensemble needs (the given folds, or snapshot checkpoints for ``checkpoint``).
+    members that ensemble needs (the given folds, or snapshot checkpoints for ``checkpoint``,
+    mirroring axes for ``tta``, dropout layers in the plans for ``dropout``; ``passes`` only for
+    ``dropout``).
     """
     from .nnunet.model_folder import ModelFolder
 
@@ -138,7 +141,7 @@ def model_folder_problem(model_dir, ensemble: str | None = None, folds=None) -> 
     try:
         folder = ModelFolder.open(path)
         if ensemble is not None:
-            folder.members(ensemble, folds)
+            folder.members(ensemble, folds, passes=passes if ensemble == "dropout" else None)
     except ModelFolderError as exc:
         return str(exc)
     return None
@@ -150,7 +153,8 @@ class PredictOptions:
 
     ``input_path`` is a CT file the caller has already written (the runner exports nothing);
     ``folds`` None means every fold the model has; ``calibration`` None means uncalibrated
-    (T = 1, EBCU threshold from the case itself, see METHODS.md).
+    (T = 1, EBCU threshold from the case itself, see METHODS.md). ``passes``: MC-dropout passes,
+    used with ``ensemble="dropout"`` only (ignored otherwise, so a GUI can keep its value).
     """
 
     input_path: Path | None
@@ -161,6 +165,11 @@ class PredictOptions:
     device: str = "auto"
     tta: bool = True
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    passes: int = DEFAULT_PASSES
+
+    @property
+    def dropout_passes(self) -> int | None:
+        return int(self.passes) if self.ensemble == "dropout" else None
 
     def problems(self, check_input: bool = True) -> list[str]:
         """Every reason the options cannot run, in the order a user should fix them (empty list
@@ -176,9 +185,11 @@ class PredictOptions:
             out.append(f"Unknown ensemble type {self.ensemble!r}; choose one of {', '.join(ENSEMBLE_CHOICES)}.")
             problem = model_folder_problem(self.model_dir)
         else:
-            problem = model_folder_problem(self.model_dir, self.ensemble, self.folds)
+            problem = model_folder_problem(self.model_dir, self.ensemble, self.folds, self.dropout_passes)
         if problem:
             out.append(problem)
+        if self.ensemble == "tta" and not self.tta:
+            out.append("The tta ensemble makes each mirrored prediction a member: turn mirroring (TTA) on.")
         cal = as_optional_path(self.calibration)
         if cal is not None and not cal.is_file():
             out.append(f"The calibration file {cal} does not exist.")
@@ -190,7 +201,7 @@ class PredictOptions:
         """Raise :class:`ModelFolderError` (model folder) or :class:`InputError` (anything else)
         with every problem found; return ``self`` when the options can run."""
         model_problem = model_folder_problem(self.model_dir, self.ensemble if self.ensemble in ENSEMBLE_CHOICES
-                                             else None, self.folds)
+                                             else None, self.folds, self.dropout_passes)
         if model_problem:
             raise ModelFolderError(model_problem)
         problems = self.problems(check_input=check_input)
@@ -214,6 +225,8 @@ def build_predict_command(options: PredictOptions, output: str = OUTPUT_PLACEHOL
     cal = as_optional_path(options.calibration)
     if cal is not None:
         cmd += ["--calibration", str(cal)]
+    if options.dropout_passes is not None:
+        cmd += ["--passes", str(options.dropout_passes)]
     cmd += ["--device", options.device, "--tta" if options.tta else "--no-tta"]
     cmd += [str(a) for a in options.extra_args]
     return cmd

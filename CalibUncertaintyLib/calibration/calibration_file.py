@@ -67,7 +67,7 @@ class CalibrationFile:
     extra: dict = field(default_factory=dict)  # free-form: e.g. the other ensemble mode's fit
     #: foreground voxels in the calibration labels (0: fitted on empty labels, refused); None: not recorded
     label_foreground_voxels: int | None = None
-    #: what the members were: {"kind": deep|checkpoint|single|None, "members": [names], "tta": bool|None}
+    #: what the members were: {"kind": deep|checkpoint|single|tta|dropout|None, "members": [names], "tta": bool|None}
     ensemble: dict = field(default_factory=dict)
     source_path: str | None = field(default=None, compare=False, repr=False)
 

@@ -15,6 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ENSEMBLE_MODES = ("pool_then_calibrate", "per_member")
+ENSEMBLE_HELP = ("deep: one member per fold (default); checkpoint: the snapshot checkpoints "
+                 "checkpoint_snapshot_<cycle>.pth of the chosen fold(s); single: one model; tta: one model, "
+                 "one member per mirroring combination of the axes its checkpoint allows (8 for 3-D); "
+                 "dropout: one model with dropout layers, one member per MC-dropout pass (--passes)")
+PASSES_HELP = "MC-dropout passes with --ensemble dropout (default 10, at least 2)"
 ROI_RULES = ("prediction", "gt_union_prediction")
 
 
@@ -146,13 +151,14 @@ def add_model_run_options(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("running a model (with --model only)")
     g.add_argument("--ensemble", choices=ENSEMBLE_KINDS, default=None,
-                   help="deep: one member per fold (default); checkpoint: the snapshot checkpoints "
-                        "checkpoint_snapshot_<cycle>.pth of the chosen fold(s); single: one model")
+                   help=ENSEMBLE_HELP)
     g.add_argument("--folds", nargs="+", metavar="FOLD",
                    help="folds to use (numbers or 'all'; default: every fold holding the checkpoint, "
                         "for single: fold 0)")
     g.add_argument("--checkpoint", default=None, metavar="NAME",
                    help=f"checkpoint file of each fold for deep/single (default {DEFAULT_CHECKPOINT})")
+    g.add_argument("--passes", type=positive_int, default=None, metavar="N",
+                   help=PASSES_HELP)
     g.add_argument("--device", choices=CHOICES, default=None,
                    help="auto: CUDA, else Apple MPS, else the CPU; an unavailable device falls back to "
                         "the CPU with a warning (default auto)")
@@ -210,7 +216,7 @@ def member_inputs(args, default_cache: Path | None = None, fingerprint: dict | N
     from ..nnunet.model_folder import DEFAULT_CHECKPOINT
 
     run_opts = {"--ensemble": "ensemble", "--folds": "folds", "--checkpoint": "checkpoint", "--device": "device",
-                "--tta/--no-tta": "tta", "--member-cache": "member_cache"}
+                "--tta/--no-tta": "tta", "--member-cache": "member_cache", "--passes": "passes"}
     if getattr(args, "model", None) is None:
         given = [opt for opt, attr in run_opts.items() if getattr(args, attr, None) is not None]
         if given:
@@ -228,10 +234,15 @@ def member_inputs(args, default_cache: Path | None = None, fingerprint: dict | N
     args.ensemble = args.ensemble or "deep"
     args.checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     args.device = args.device or "auto"
-    args.tta = True if args.tta is None else args.tta
+    args.tta = resolve_tta(args.ensemble, args.tta)
 
     model = ModelFolder.open(args.model)
-    model.members(args.ensemble, args.folds, args.checkpoint)  # a bad member request fails here, first
+    if model.is_region_based:  # sigmoid outputs: softmax calibration does not apply (the reason, from class_names)
+        model.class_names  # noqa: B018
+    model.members(args.ensemble, args.folds, args.checkpoint, args.passes)  # a bad member request fails here, first
+    from ..nnunet.cascade import check_previous_stage
+
+    check_previous_stage(model)
     cases = list(select_cases(args.images, model, args.cases))
     if getattr(args, "labels", None) is not None:
         have = list_label_cases(args.labels)
@@ -243,12 +254,25 @@ def member_inputs(args, default_cache: Path | None = None, fingerprint: dict | N
     cache = args.member_cache if args.member_cache is not None else (default_cache or default_member_cache())
     cm = cached_member_dirs(model.path, args.ensemble, args.folds, args.images, cache, device=args.device,
                             tta=args.tta, cases=cases, checkpoint=args.checkpoint, fingerprint=fingerprint,
-                            executor=executor_options(args))
+                            executor=executor_options(args), passes=args.passes)
     say(f"{len(cm.members)} member(s) ({args.ensemble}: {', '.join(m.name for m in cm.members)}) x "
         f"{len(cm.cases)} case(s): {len(cm.computed)} output(s) computed"
         f"{' on ' + cm.device if cm.device else ''}, {len(cm.reused)} reused from {cm.cache_root}")
     record = {**cm.record(), "ensemble": args.ensemble, "checkpoint": args.checkpoint, "tta": bool(args.tta)}
     return MemberInputs(cm.member_dirs, cm.cases, cm.fingerprint, record, cm.model)
+
+
+def resolve_tta(ensemble: str | None, tta: bool | None) -> bool:
+    """The TTA setting for ``ensemble``: given or on by default; ``--ensemble tta`` makes every
+    mirrored prediction a member, so it is on by definition and ``--no-tta`` contradicts it."""
+    from ..errors import InputError
+
+    if ensemble == "tta":
+        if tta is False:
+            raise InputError("--ensemble tta makes each mirrored prediction a member; it cannot be combined "
+                             "with --no-tta")
+        return True
+    return True if tta is None else bool(tta)
 
 
 def add_identity_option(parser: argparse.ArgumentParser, what: str) -> None:

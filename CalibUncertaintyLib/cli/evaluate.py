@@ -74,9 +74,12 @@ def run(args) -> int:
         cal = load_checked_calibration(args.calibration, fingerprint=fingerprint, n_classes=len(model.class_names))
         from ..nnunet.model_folder import DEFAULT_CHECKPOINT
 
-        run_members = model.members(args.ensemble or "deep", args.folds, args.checkpoint or DEFAULT_CHECKPOINT)
+        from .common import resolve_tta
+
+        run_members = model.members(args.ensemble or "deep", args.folds, args.checkpoint or DEFAULT_CHECKPOINT,
+                                    args.passes)
         cal.check_ensemble(args.ensemble or "deep", [m.name for m in run_members],
-                           True if args.tta is None else bool(args.tta))
+                           resolve_tta(args.ensemble, args.tta))
     members = member_inputs(args, fingerprint=fingerprint)
     pairing = pair_cases(members.member_dirs, args.images, args.labels, members.cases, require_labels=True)
     check_member_inputs(pairing, args.allow_identity_mismatch)

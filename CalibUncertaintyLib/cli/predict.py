@@ -21,7 +21,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from .common import add_apply_calibration_options, add_executor_options, add_map_options, add_output_option, say
+from .common import (ENSEMBLE_HELP, PASSES_HELP, add_apply_calibration_options, add_executor_options, add_map_options,
+                     add_output_option, positive_int, say)
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="nnU-Net v2 trained model folder <Trainer>__<Plans>__<Configuration> (holding "
                         "plans.json, dataset.json and fold_<k>/checkpoint_*.pth)")
     g = p.add_argument_group("ensemble")
-    g.add_argument("--ensemble", choices=ENSEMBLE_KINDS, default="deep",
-                   help="deep: one member per fold (default); checkpoint: the snapshot checkpoints "
-                        "checkpoint_snapshot_<cycle>.pth of the chosen fold(s); single: one model")
+    g.add_argument("--ensemble", choices=ENSEMBLE_KINDS, default="deep", help=ENSEMBLE_HELP)
+    g.add_argument("--passes", type=positive_int, default=None, metavar="N", help=PASSES_HELP)
     g.add_argument("--folds", nargs="+", metavar="FOLD",
                    help="folds to use (numbers or 'all'; default: every fold holding the checkpoint, "
                         "for single: fold 0)")
@@ -55,7 +55,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--device", choices=CHOICES, default="auto",
                    help="auto: CUDA, else Apple MPS, else the CPU; an unavailable device falls back to "
                         "the CPU with a warning (default auto)")
-    g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="nnU-Net's mirroring test-time augmentation (default on; --no-tta is up to 8x faster)")
     g.add_argument("--step-size", type=_step_size, default=0.5, metavar="F",
                    help="sliding-window step as a fraction of the patch size (nnU-Net default 0.5)")
@@ -86,6 +86,13 @@ def load_calibration_for_model(path, model):
     from ..errors import InputError
 
     cal = CalibrationFile.load(path)
+    if model.is_region_based:
+        from ..errors import CalibrationMismatchError
+
+        raise CalibrationMismatchError(
+            f"calibration file {path} calibrates softmax class probabilities ({cal.method}), but {model.path.name} "
+            "is a region-based model (one sigmoid per region): a softmax calibration does not apply to it. Run "
+            "predict without --calibration (region maps are uncalibrated)")
     cal.check_fingerprint(fingerprint_model_folder(model.path))
     if cal.class_names and len(cal.class_names) != len(model.class_names):
         raise InputError(f"calibration file {path} is for {len(cal.class_names)} classes, the model has "
@@ -105,16 +112,19 @@ def check_inputs(cases: dict) -> None:
 
 def run(args) -> int:
     from ..nnunet.inference import collect_cases
+    from ..nnunet.cascade import check_previous_stage
     from ..nnunet.model_folder import ModelFolder
     from ..pipeline.case import CaseOptions
     from ..pipeline.folder_index import update_folder_index
     from ..pipeline.maps_job import complete_record
     from ..pipeline.predict_job import PredictOptions, make_predict_job, run_predict
-    from .common import executor_options
+    from .common import executor_options, resolve_tta
 
     executor = executor_options(args)
     model = ModelFolder.open(args.model)
-    members = model.members(args.ensemble, args.folds, args.checkpoint)
+    args.tta = resolve_tta(args.ensemble, args.tta)
+    members = model.members(args.ensemble, args.folds, args.checkpoint, args.passes)
+    check_previous_stage(model)  # a cascade without its low-resolution stage: refused before any work
     cases = collect_cases(args.input, model.n_channels, model.file_ending)
     cal = load_calibration_for_model(args.calibration, model) if args.calibration else None
     names = [m.name for m in members]
@@ -123,7 +133,7 @@ def run(args) -> int:
     check_inputs(cases)  # every input read (intact, finite) before any inference
     popts = PredictOptions(ensemble=args.ensemble, folds=tuple(args.folds) if args.folds else None,
                            checkpoint=args.checkpoint, device=args.device, tta=bool(args.tta),
-                           step_size=args.step_size)
+                           step_size=args.step_size, passes=args.passes)
     opts = CaseOptions(ensemble_mode=args.ensemble_mode, regions_map=args.regions_map,
                        dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm,
                        min_region_mm3=args.min_region_mm3)
@@ -144,7 +154,7 @@ def run(args) -> int:
             summaries.append(complete_record(args.output, case_id))
     replaced = update_folder_index(args.output, summaries,
                                    {"model_folder": str(model.path), "ensemble": args.ensemble, "members": names,
-                                    "class_names": model.class_names,
+                                    "class_names": model.output_names,
                                     "device": devices[0] if len(set(devices)) == 1 else sorted(set(devices)) or None,
                                     "tta": bool(args.tta), "calibration": cal.source_path if cal else None},
                                    cohort=result.record())

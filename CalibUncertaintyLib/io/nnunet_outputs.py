@@ -241,8 +241,10 @@ def class_names_from_dataset(dataset: dict | None, n_classes: int) -> list[str]:
     by_value = {}
     for name, value in labels.items():
         if isinstance(value, (list, tuple)):
-            raise InputError(f"dataset.json label {name!r} is region-based ({value}); only plain "
-                             "softmax label sets are supported")
+            raise InputError(f"dataset.json label {name!r} is region-based ({value}): these members are "
+                             "sigmoid region outputs, and only plain softmax label sets are supported here; run "
+                             "`calib-uncertainty predict -m MODEL_FOLDER` for a region-based model (maps of "
+                             "independent per-region Bernoullis)")
         by_value[int(value)] = str(name)
     if sorted(by_value) != list(range(n_classes)):
         raise InputError(f"dataset.json labels {labels} do not match the {n_classes} probability "

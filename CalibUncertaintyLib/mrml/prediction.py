@@ -133,7 +133,7 @@ def _stamp(path) -> tuple:
 class ApplyCheck:
     """Why Apply cannot run (empty list when it can), cached until an input changes.
 
-    ``problems(scene, input_node, model_dir, ensemble, folds, calibration, device, tta)`` keys its
+    ``problems(scene, input_node, model_dir, ensemble, folds, calibration, device, tta, passes)`` keys its
     cache on the parameters, on whether the CT node is still in the scene, and on the
     modification times of the model folder (and its fold folders) and the calibration file.
     """
@@ -144,12 +144,13 @@ class ApplyCheck:
         self.evaluations = 0
 
     def problems(self, scene, input_node, model_dir, ensemble="deep", folds=None, calibration=None,
-                 device="auto", tta=True) -> list[str]:
-        from ..runner import as_optional_path, parse_folds
+                 device="auto", tta=True, passes=None) -> list[str]:
+        from ..runner import DEFAULT_PASSES, as_optional_path, parse_folds
 
+        passes = DEFAULT_PASSES if passes is None else int(passes)
         present = node_in_scene(scene, input_node)
         key = (input_node.GetID() if present else None, str(model_dir or ""), ensemble, str(folds or ""),
-               str(calibration or ""), device, bool(tta), _stamp(model_dir), _stamp(calibration))
+               str(calibration or ""), device, bool(tta), passes, _stamp(model_dir), _stamp(calibration))
         if key == self._key:
             return list(self._problems)
         self.evaluations += 1
@@ -157,7 +158,7 @@ class ApplyCheck:
         try:
             options = PredictOptions(input_path=None, model_dir=as_optional_path(model_dir), ensemble=ensemble,
                                      folds=parse_folds(folds), calibration=as_optional_path(calibration),
-                                     device=device, tta=tta)
+                                     device=device, tta=tta, passes=passes)
             problems += options.problems(check_input=False)
         except Exception as exc:          # folds that do not parse
             problems.append(str(exc))

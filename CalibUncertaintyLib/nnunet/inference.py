@@ -241,16 +241,26 @@ class EnsemblePredictor:
             self.configuration_manager = self.plans_manager.get_configuration(self.configuration)
         except (RuntimeError, ValueError, KeyError) as e:
             raise ModelFolderError(f"plans.json has no usable configuration {self.configuration!r}: {e}") from e
-        if self.configuration_manager.previous_stage_name is not None:
-            raise ModelFolderError(f"configuration {self.configuration} is a cascade stage (needs the "
-                                   f"{self.configuration_manager.previous_stage_name} prediction); not supported")
         self.trainer_name = str(first.get("trainer_name", self.model.trainer_name or "nnUNetTrainer"))
+        #: a cascade's low-resolution stage (``cascade.LowResStage``), run first in ``prepare``
+        self.previous_stage = None
+        if self.configuration_manager.previous_stage_name is not None:
+            from .cascade import LowResStage
+
+            self.previous_stage = LowResStage(self.model, self.configuration_manager.previous_stage_name,
+                                              self.trainer_name, device, tta, tile_step_size)
         self.label_manager = self.plans_manager.get_label_manager(self.model.dataset_json)
-        if self.label_manager.has_regions:
-            raise ModelFolderError("region-based nnU-Net models are not supported (their outputs are sigmoids, "
-                                   "not a softmax over classes)")
+        #: region-based model: ``n_classes`` sigmoid outputs, one per region (bernoulli_regions)
+        self.has_regions = bool(self.label_manager.has_regions)
         self.n_classes = self.label_manager.num_segmentation_heads
         self.network = self._build_network()
+        if any(m.dropout_pass is not None for m in self.members):
+            from .single_model_members import dropout_modules
+
+            if not dropout_modules(self.network):
+                raise ModelFolderError(f"the network of {self.model.path.name} has no dropout layers with p > 0, "
+                                       "so MC-dropout passes would all be equal; use --ensemble tta for a single "
+                                       "model, or a model trained with dropout")
         self._load_weights(first, self.members[0])
         self._loaded = 0
         del first
@@ -288,9 +298,10 @@ class EnsemblePredictor:
         self._mirror_axes = ckpt.get("inference_allowed_mirroring_axes")
 
     def _activate(self, index: int) -> None:
-        if self._loaded != index:
+        # members of one network (TTA flips, dropout passes) share a checkpoint: loaded once
+        if self._loaded != index and self.members[self._loaded].checkpoint != self.members[index].checkpoint:
             self._load_weights(_load_checkpoint(self.members[index].checkpoint), self.members[index])
-            self._loaded = index
+        self._loaded = index
 
     # --- reading -------------------------------------------------------------------------
     def prepare(self, files: Sequence, case_id: str | None = None) -> PreparedCase:
@@ -304,6 +315,12 @@ class EnsemblePredictor:
         geometry = check_input_files(files)
         case_id = case_id or split_image_name(files[0].name)[0]
         t0 = time.perf_counter()
+        if self.previous_stage is not None:  # a cascade: the low-resolution stage first, as nnU-Net
+            from .cascade import cascade_input
+
+            data, props = cascade_input(self, files, self.previous_stage.segmentation(files, case_id))
+            self._warn_spacing(case_id, props["spacing"])
+            return PreparedCase(case_id, files, geometry, data, props, time.perf_counter() - t0)
         preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
         with contextlib.redirect_stdout(io.StringIO()):
             data, _, props = preprocessor.run_case([str(f) for f in files], None, self.plans_manager,
@@ -335,16 +352,41 @@ class EnsemblePredictor:
         from .sliding_window import sliding_window_logits
 
         self._activate(index)
+        member = self.members[index]
         torch = self._torch
         n_threads = torch.get_num_threads()
         torch.set_num_threads(min(default_num_processes, n_threads))
+        # a TTA member is one mirrored prediction; the other members use nnU-Net's TTA if asked
+        mirror = None if member.flip is not None or not self.tta else self._mirror_axes
         try:
-            logits = sliding_window_logits(self.network, case.data, self.configuration_manager.patch_size,
-                                           self.n_classes, self.device, self.tile_step_size,
-                                           self._mirror_axes if self.tta else None).to("cpu")
+            with self._dropout_rng(member):
+                logits = sliding_window_logits(self.network, case.data, self.configuration_manager.patch_size,
+                                               self.n_classes, self.device, self.tile_step_size, mirror,
+                                               flip=member.flip, mc_dropout=member.dropout_pass is not None)
+            logits = logits.to("cpu")
         finally:
             torch.set_num_threads(n_threads)
         return logits
+
+    def _dropout_rng(self, member: Member):
+        """For an MC-dropout member: the RNG seeded for its pass (forked, so the caller's RNG
+        state is untouched); otherwise nothing."""
+        if member.dropout_pass is None:
+            return contextlib.nullcontext()
+        from .single_model_members import pass_seed
+
+        torch = self._torch
+        kwargs = {"devices": [self.device], "device_type": "cuda"} if self.device.type == "cuda" else {"devices": []}
+        ctx = torch.random.fork_rng(**kwargs)
+        seed = pass_seed(member.dropout_pass)
+
+        @contextlib.contextmanager
+        def seeded():
+            with ctx:
+                torch.manual_seed(seed)
+                yield
+
+        return seeded()
 
     def member_probabilities(self, logits, case: PreparedCase):
         """nnU-Net's export of one member's logits, computed slab by slab on demand: a

@@ -22,7 +22,9 @@ Two writers:
 
   The model key hashes plans.json, dataset.json and every checkpoint (``fingerprint_model_folder``),
   so another model, or the same folder retrained, never reads these outputs. Inside, a member's
-  ``.calibu_member.json`` records its checkpoint's sha256, TTA, the sliding-window step, and per
+  ``.calibu_member.json`` records its checkpoint's sha256, TTA, the sliding-window step, the
+  member's variant (a TTA member's flip, an MC-dropout pass), for a cascade its low-resolution
+  stage's hash, and per
   case the sha256 of the input image file(s) it was computed from. A (member, case) output is
   reused only when all of these match and its files exist; anything else is recomputed. The
   record is updated after each case, so an interrupted run keeps the cases it finished, and a
@@ -195,10 +197,11 @@ def select_cases(images_dir, model: ModelFolder, cases=None) -> dict[str, list[P
 def cached_member_dirs(model_dir, ensemble: str, folds, images_dir, cache_dir, device: str = "auto",
                        tta: bool = True, cases=None, checkpoint: str = DEFAULT_CHECKPOINT,
                        tile_step_size: float = DEFAULT_TILE_STEP, fingerprint: dict | None = None,
-                       executor=None) -> CachedMembers:
+                       executor=None, passes: int | None = None) -> CachedMembers:
     """Member folders holding every member's probabilities for the images in ``images_dir``.
 
-    ``ensemble``/``folds``/``checkpoint`` choose the members (``ModelFolder.members``); ``cases``
+    ``ensemble``/``folds``/``checkpoint``/``passes`` choose the members (``ModelFolder.members``;
+    a TTA or MC-dropout member's flip / pass is part of its cache key); ``cases``
     restricts to those case ids (each must have an image; default: every case in the folder).
     Outputs already in ``cache_dir`` for this model, checkpoint, TTA, step and input image are
     reused; the rest are predicted (the model is loaded only if something is missing) and added
@@ -214,12 +217,15 @@ def cached_member_dirs(model_dir, ensemble: str, folds, images_dir, cache_dir, d
     if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise InputError(f"member cache {cache_dir} is a file; give a folder (it is created if missing)")
     model = ModelFolder.open(model_dir)
-    members = model.members(ensemble, folds, checkpoint)
+    members = model.members(ensemble, folds, checkpoint, passes)
     selected = select_cases(images_dir, model, cases)
     fingerprint = fingerprint if fingerprint is not None else fingerprint_model_folder(model.path)
     root = Path(cache_dir) / model_cache_key(model, fingerprint) / ("tta" if tta else "notta")
     case_sha = {c: inputs_sha256(files) for c, files in selected.items()}
 
+    from .cascade import previous_stage_key
+
+    previous_stage = previous_stage_key(model)  # a cascade's outputs depend on its low-res stage too
     plans_bytes = {n: (model.path / n).read_bytes() for n in ("plans.json", "dataset.json")}
     dirs, markers, todo = [], [], {}  # todo: case -> [member index]
     out = CachedMembers(model, members, dirs, list(selected), fingerprint, root)
@@ -228,6 +234,10 @@ def cached_member_dirs(model_dir, ensemble: str, folds, images_dir, cache_dir, d
         rel = m.checkpoint.relative_to(model.path).as_posix()
         key = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "checkpoint": rel,
                "sha256": fingerprint["checkpoints"][rel], "tta": bool(tta), "tile_step_size": float(tile_step_size)}
+        if m.variant is not None:  # one mirrored prediction / one dropout pass of the checkpoint
+            key["variant"] = m.variant
+        if previous_stage is not None:
+            key["previous_stage"] = previous_stage
         have = _read_marker(d)
         if have is not None and all(have.get(k) == v for k, v in key.items()) and isinstance(have.get("cases"), dict):
             done = dict(have["cases"])

@@ -55,6 +55,7 @@ class MemberProbabilities:
         if not crop_box_fits(properties, shape_zyx, plans_manager.transpose_forward):
             raise ValueError("nnU-Net's crop box does not lie inside the image; use nnU-Net's export")
         self._nonlin = label_manager.inference_nonlin
+        self._background_outside = 0.0 if label_manager.has_regions else 1.0
         self._torch = torch
         shape_crop = tuple(int(s) for s in properties["shape_after_cropping_and_before_resampling"])
         spacing_t = [properties["spacing"][i] for i in plans_manager.transpose_forward]
@@ -84,7 +85,7 @@ class MemberProbabilities:
             raise RuntimeError("this member's logits were released")
         z0, z1, _ = sl.indices(self.shape[1])
         out = np.empty((self.n_classes, z1 - z0) + self.shape[2:], dtype=np.float32)
-        out[0] = 1.0
+        out[0] = self._background_outside  # outside the crop box: background 1; a region model's 0
         out[1:] = 0.0
         # ``view``: ``out`` in nnU-Net's axis order; output z is internal axis ``axis``
         view = out.transpose([0] + [i + 1 for i in self._forward])

@@ -9,16 +9,21 @@ A trained model folder is what ``nnUNetv2_train`` writes under ``nnUNet_results`
         fold_1/...                    fold_all/...
         fold_0/checkpoint_snapshot_<cycle>.pth   (cyclical-LR snapshots, this project's trainer)
 
-Three kinds of ensemble are built from it (``ModelFolder.members``):
+Five kinds of ensemble are built from it (``ModelFolder.members``, the one member-source interface):
 
 - ``"deep"``: one member per fold (each fold trained from its own initialisation), all with the
   same checkpoint name (default ``checkpoint_final.pth``), as ``nnUNetv2_predict -f 0 1 2 3 4``.
 - ``"checkpoint"``: the snapshot checkpoints ``checkpoint_snapshot_<cycle>.pth`` of the chosen
   fold(s), one member per snapshot, in cycle order.
 - ``"single"``: exactly one checkpoint of one fold (an "ensemble" of one: mutual information 0).
+- ``"tta"``: one network, one member per mirroring combination of the axes its checkpoint allows
+  (``single_model_members``).
+- ``"dropout"``: one network with dropout layers, one member per MC-dropout pass
+  (``single_model_members``; refused for a network without dropout).
 
 Opening a folder reads only JSON and file names (no torch), so it is cheap and every problem is
-reported before any inference starts.
+reported before any inference starts; ``"tta"`` members also read the checkpoint's pickled header
+(its mirroring axes), still without torch.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from pathlib import Path
 
 from ..errors import ModelFolderError
 
-ENSEMBLE_KINDS = ("deep", "checkpoint", "single")
+ENSEMBLE_KINDS = ("deep", "checkpoint", "single", "tta", "dropout")
+#: kinds whose members all come from one network (one checkpoint per fold)
+SINGLE_MODEL_KINDS = ("tta", "dropout")
 DEFAULT_CHECKPOINT = "checkpoint_final.pth"
 SNAPSHOT_PATTERN = re.compile(r"^checkpoint_snapshot_(\d+)\.pth$")
 _FOLD_DIR = re.compile(r"^fold_(\d+|all)$")
@@ -44,11 +51,24 @@ def snapshot_checkpoint_name(cycle: int) -> str:
 
 @dataclass(frozen=True)
 class Member:
-    """One ensemble member: a fold and one of its checkpoint files."""
+    """One ensemble member: a fold and one of its checkpoint files; for the single-model kinds
+    also ``flip`` (spatial axes every tile is mirrored along, ``()`` = as is) or ``dropout_pass``
+    (1-based MC-dropout pass, its masks drawn from ``single_model_members.pass_seed``)."""
 
     fold: int | str
     checkpoint: Path
     name: str
+    flip: tuple | None = None
+    dropout_pass: int | None = None
+
+    @property
+    def variant(self) -> dict | None:
+        """What makes this member differ from its checkpoint's plain prediction (None: nothing)."""
+        if self.flip is not None:
+            return {"flip": list(self.flip)}
+        if self.dropout_pass is not None:
+            return {"dropout_pass": int(self.dropout_pass)}
+        return None
 
 
 def _fold_key(fold: int | str):
@@ -155,13 +175,17 @@ class ModelFolder:
     def class_names(self) -> list[str]:
         """Class names ordered by label value (index = class index of the probabilities).
 
-        Region-based labels (tuples) are not supported by this project and raise ModelFolderError."""
+        A region-based model has no classes (its outputs are one sigmoid per region): ModelFolderError
+        (use ``region_names``; such a model runs with ``predict`` only)."""
         labels = self.dataset_json["labels"]
         items = []
         for name, value in labels.items():
-            if isinstance(value, (list, tuple)):
-                raise ModelFolderError(f"dataset.json label {name!r} is a region {value}; region-based "
-                                       "models are not supported (their outputs are not a softmax)")
+            if isinstance(value, (list, tuple)) or self.is_region_based:
+                raise ModelFolderError(f"{self.path.name} is a region-based model (dataset.json label {name!r} = "
+                                       f"{value}, regions_class_order {self.dataset_json.get('regions_class_order')}): "
+                                       "its outputs are one sigmoid per region, not a softmax over classes. It runs "
+                                       "with `predict` (maps of independent per-region Bernoullis); softmax "
+                                       "calibration (fit-temperature, evaluate, maps) does not apply")
             if name == "ignore":
                 continue
             items.append((int(value), str(name)))
@@ -169,6 +193,25 @@ class ModelFolder:
         if [v for v, _ in items] != list(range(len(items))):
             raise ModelFolderError(f"dataset.json labels must be consecutive 0..K-1, got {dict(labels)}")
         return [n for _, n in items]
+
+    @property
+    def is_region_based(self) -> bool:
+        """True for nnU-Net region-based training (a label given as a list of labels, or
+        ``regions_class_order`` in dataset.json): sigmoid outputs, one per region."""
+        labels = self.dataset_json.get("labels", {})
+        return any(isinstance(v, (list, tuple)) for v in labels.values()) or \
+            self.dataset_json.get("regions_class_order") is not None
+
+    @property
+    def region_names(self) -> list[str]:
+        """Region names in network output order (dataset.json label order, background and ignore
+        left out, as nnU-Net's LabelManager orders its regions)."""
+        return [str(n) for n in self.dataset_json["labels"] if n not in ("background", "ignore")]
+
+    @property
+    def output_names(self) -> list[str]:
+        """``class_names``, or for a region-based model background + ``region_names``."""
+        return ["background", *self.region_names] if self.is_region_based else self.class_names
 
     @property
     def file_ending(self) -> str:
@@ -195,13 +238,16 @@ class ModelFolder:
                                    f"({names}, from dataset.json channel_names)")
 
     # --- members -------------------------------------------------------------------------
-    def members(self, ensemble: str = "deep", folds=None, checkpoint: str = DEFAULT_CHECKPOINT) -> list[Member]:
+    def members(self, ensemble: str = "deep", folds=None, checkpoint: str = DEFAULT_CHECKPOINT,
+                passes: int | None = None) -> list[Member]:
         """The ensemble members, in a fixed order.
 
         ensemble: ``"deep"`` (one member per fold, checkpoint ``checkpoint``; default folds: every
         fold holding it), ``"checkpoint"`` (every ``checkpoint_snapshot_<cycle>.pth`` of the given
         folds; default: every fold holding snapshots) or ``"single"`` (one member: the given fold, or
-        fold 0 / the first fold holding ``checkpoint``).
+        fold 0 / the first fold holding ``checkpoint``). ``"tta"`` / ``"dropout"``: the chosen fold(s)
+        as for single (default one fold; several folds give fold x variant members), expanded into
+        one member per mirroring combination / ``passes`` MC-dropout passes (default 10).
         """
         if ensemble not in ENSEMBLE_KINDS:
             raise ModelFolderError(f"unknown ensemble kind {ensemble!r}; choose one of {', '.join(ENSEMBLE_KINDS)}")
@@ -217,6 +263,17 @@ class ModelFolder:
                 raise ModelFolderError(f"fold {_fmt_folds(absent)} has no {wanted} (there is no "
                                        f"fold_{absent[0]}/checkpoint_*.pth in {self.path}); folds present: "
                                        f"{_fmt_folds(self.folds)}")
+
+        if passes is not None and ensemble != "dropout":
+            raise ModelFolderError(f"--passes applies to --ensemble dropout only (not {ensemble})")
+        if ensemble in SINGLE_MODEL_KINDS:
+            from .single_model_members import dropout_members, tta_members
+
+            if folds is None:
+                bases = self.members("single", None, checkpoint)
+            else:
+                bases = [b for f in folds for b in self.members("single", [f], checkpoint)]
+            return tta_members(self, bases) if ensemble == "tta" else dropout_members(self, bases, passes)
 
         if ensemble == "checkpoint":
             chosen = folds if folds is not None else [f for f in self.folds if self.snapshot_checkpoints(f)]

@@ -59,11 +59,17 @@ def tile_slicers(image_size, patch_size, step: float) -> list[tuple]:
             for origin in itertools.product(*steps)]
 
 
-def predict_tile(network, x, mirror_axes=None):
+def predict_tile(network, x, mirror_axes=None, flip=None):
     """Logits of one tile batch ``x`` (1, C, ...); with ``mirror_axes`` (spatial axes, 0-based)
-    the mean over ``x`` and its flips along every non-empty combination of those axes."""
+    the mean over ``x`` and its flips along every non-empty combination of those axes; with
+    ``flip`` (spatial axes) the logits of ``x`` flipped along them, flipped back (one TTA member)."""
     import torch
 
+    if flip:
+        if mirror_axes:
+            raise ValueError("a tile is either one mirrored member (flip) or nnU-Net's mirrored mean")
+        axes = [int(a) + 2 for a in flip]
+        return torch.flip(network(torch.flip(x, axes)), axes)
     prediction = network(x)
     if mirror_axes:
         if max(mirror_axes) > x.ndim - 3:
@@ -77,24 +83,31 @@ def predict_tile(network, x, mirror_axes=None):
 
 
 def sliding_window_logits(network, image, patch_size, n_outputs: int, device, step: float = 0.5,
-                          mirror_axes=None):
+                          mirror_axes=None, flip=None, mc_dropout: bool = False):
     """Logits (n_outputs, *image.shape[1:]) float16 of ``network`` on ``image`` (a (C, ...)
     float32 tensor in nnU-Net's preprocessed space), on ``device`` (torch.device); see the
-    module docstring. ``mirror_axes``: None for no test-time augmentation."""
+    module docstring. ``mirror_axes``: None for no test-time augmentation. ``flip``: every tile
+    mirrored along these spatial axes (one TTA member, ``single_model_members``). ``mc_dropout``:
+    the network's dropout layers stay active (one MC-dropout pass; seed the RNG before)."""
     import torch
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
     network = network.to(device)
     network.eval()
+    if mc_dropout:
+        from .single_model_members import enable_mc_dropout
+
+        enable_mc_dropout(network)
     autocast = torch.autocast(device.type, enabled=True) if device.type == "cuda" else contextlib.nullcontext()
     with torch.inference_mode(), autocast:
         data, revert = pad_nd_image(image, tuple(patch_size), "constant", {"value": 0}, True, None)
         slicers = tile_slicers(data.shape[1:], patch_size, step)
         if device.type == "cpu":
-            logits = _accumulate(network, data, slicers, patch_size, n_outputs, device, device, mirror_axes)
+            logits = _accumulate(network, data, slicers, patch_size, n_outputs, device, device, mirror_axes, flip)
         else:
             try:
-                logits = _accumulate(network, data, slicers, patch_size, n_outputs, device, device, mirror_axes)
+                logits = _accumulate(network, data, slicers, patch_size, n_outputs, device, device, mirror_axes,
+                                     flip)
             except LogitOverflowError:
                 raise
             except RuntimeError as e:  # out of device memory: keep the sums on the CPU
@@ -102,12 +115,14 @@ def sliding_window_logits(network, image, patch_size, n_outputs: int, device, st
                             device, str(e).splitlines()[0] if str(e) else type(e).__name__)
                 _empty_cache(device)
                 logits = _accumulate(network, data, slicers, patch_size, n_outputs, device,
-                                     torch.device("cpu"), mirror_axes)
+                                     torch.device("cpu"), mirror_axes, flip)
         _empty_cache(device)
+        if mc_dropout:
+            network.eval()
         return logits[(slice(None), *revert[1:])]
 
 
-def _accumulate(network, data, slicers, patch_size, n_outputs, device, results_device, mirror_axes):
+def _accumulate(network, data, slicers, patch_size, n_outputs, device, results_device, mirror_axes, flip=None):
     import torch
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
@@ -122,7 +137,7 @@ def _accumulate(network, data, slicers, patch_size, n_outputs, device, results_d
                                 value_scaling_factor=GAUSSIAN_PEAK, device=results_device)
     for sl in slicers:
         x = torch.clone(data[sl][None], memory_format=torch.contiguous_format).to(device)
-        prediction = predict_tile(network, x, mirror_axes)[0].to(results_device)
+        prediction = predict_tile(network, x, mirror_axes, flip)[0].to(results_device)
         del x
         prediction *= gaussian
         logits[sl] += prediction

@@ -36,6 +36,7 @@ class PredictOptions:
     device: str = "auto"
     tta: bool = True
     step_size: float = 0.5
+    passes: int | None = None  # MC-dropout passes (ensemble "dropout")
 
 
 @dataclass
@@ -75,7 +76,7 @@ def _predictor(job: PredictJob):
         t = time.perf_counter()
         model = ModelFolder.open(job.model_dir)
         p = job.predict
-        members = model.members(p.ensemble, list(p.folds) if p.folds else None, p.checkpoint)
+        members = model.members(p.ensemble, list(p.folds) if p.folds else None, p.checkpoint, p.passes)
         predictor = EnsemblePredictor(model, members, device=p.device, tta=p.tta, tile_step_size=p.step_size)
         _PREDICTORS[k] = (model, members, predictor, time.perf_counter() - t)
     return _PREDICTORS[k]
@@ -91,7 +92,7 @@ def predict_case(job: PredictJob, item) -> dict:
     record = {
         "model_folder": str(model.path), "configuration": predictor.configuration,
         "trainer": predictor.trainer_name, "ensemble": p.ensemble, "checkpoint": p.checkpoint,
-        "members": [m.name for m in members], "device": predictor.device_name, "tta": bool(p.tta),
+        "members": [m.name for m in members], "device": predictor.device_name, "tta": bool(p.tta), "passes": p.passes,
         "tile_step_size": p.step_size, "input_files": [str(f) for f in files],
         "timings_s": {"load_model_s": round(load_s, 4), "preprocess_s": round(case.seconds, 4)},
     }
@@ -99,8 +100,15 @@ def predict_case(job: PredictJob, item) -> dict:
     extra[IDENTITY_KEY] = input_identity(files[0], case_id)  # for the wrong-patient check of review and Slicer
     # process_case consumes the members before it builds summary.json, so the timings that
     # _timed_members writes into ``record`` are in place by then.
-    s = process_case(case_id, _timed_members(predictor, case, record["timings_s"]), case.geometry,
-                     job.out_dir, job.calibration, model.class_names, replace(job.options, extra_summary=extra))
+    if predictor.has_regions:  # sigmoid outputs: independent per-region Bernoullis
+        from .region_case import process_region_case
+
+        s = process_region_case(case_id, _timed_members(predictor, case, record["timings_s"]), case.geometry,
+                                job.out_dir, model.region_names, predictor.label_manager.regions_class_order,
+                                replace(job.options, extra_summary=extra))
+    else:
+        s = process_case(case_id, _timed_members(predictor, case, record["timings_s"]), case.geometry,
+                         job.out_dir, job.calibration, model.class_names, replace(job.options, extra_summary=extra))
     total = time.perf_counter() - t0
     del case
     return {"case": case_id, "n_regions": s["n_regions"], "regions_map": s["regions_map"],

@@ -166,7 +166,8 @@ def test_ui_file_is_valid_and_has_every_widget_the_module_uses(module_tree, ui_r
                 "nextRegionButton": "QPushButton", "previousRegionButton": "QPushButton",
                 "inputVolumeSelector": "qMRMLNodeComboBox", "modelFolderPathLineEdit": "ctkPathLineEdit",
                 "calibrationPathLineEdit": "ctkPathLineEdit", "ensembleComboBox": "QComboBox",
-                "deviceComboBox": "QComboBox", "ttaCheckBox": "QCheckBox", "foldsLineEdit": "QLineEdit"}
+                "deviceComboBox": "QComboBox", "ttaCheckBox": "QCheckBox", "foldsLineEdit": "QLineEdit",
+                "passesSpinBox": "QSpinBox"}
     for name, cls in expected.items():
         assert widgets.get(name) == cls, name
     assert _bool_property(ui_root, "logCollapsibleButton", "collapsed") is True
@@ -194,10 +195,11 @@ def test_ui_parameter_bindings_match_the_parameter_node(module_tree, ui_root):
     assert set(bound) <= fields, set(bound) - fields
     # every bound widget has a connector in parameterNodeWrapper for its field's type
     assert bound == {"inputVolume": "qMRMLNodeComboBox", "ensemble": "QComboBox", "folds": "QLineEdit",
-                     "device": "QComboBox", "tta": "QCheckBox", "opacity": "ctkSliderWidget"}
+                     "device": "QComboBox", "tta": "QCheckBox", "opacity": "ctkSliderWidget", "passes": "QSpinBox"}
     source = ast.unparse(pn)
     assert "Choice(list(runner.ENSEMBLE_CHOICES))" in source and "Choice(list(runner.DEVICE_CHOICES))" in source
     assert "WithinRange(0.0, 1.0)" in source  # a ctkSliderWidget connector needs a bounded float
+    assert "passes: Annotated[int, WithinRange(2, 100)]" in source  # QSpinBox <-> int connector
 
 
 # --------------------------------------------------------------------------------- CMake
