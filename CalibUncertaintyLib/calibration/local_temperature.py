@@ -32,8 +32,10 @@ nll_i(β) = logsumexp(β x_i) − β x_{i,y_i} (x = log p̄, clamped), m = ``poo
 and NLL_parent the parent's own (pooled) objective as a mean per voxel: for a class,
 NLL_parent = mean nll over all voxels; for a (class, bin) cell, NLL_parent =
 (Σ_{i in class} nll_i + m · NLL_all) / (n_class + m). Each term is convex in β, so
-F_cell is convex: a coarse grid over log β in the bounds (T in [0.05, 20], as the global fit)
-then ``minimize_scalar(method="bounded")`` between the grid neighbours of the best point. A cell
+F_cell is convex: its derivative in β is non-decreasing, and a safeguarded Newton iteration
+(analytic first and second derivatives; bisection whenever a Newton step would leave the current
+bracket) inside the bounds β in [1/20, 1/0.05] (T in [0.05, 20], as the global fit) finds the
+minimiser, or the bound when the optimum lies beyond it. A cell
 with n voxels is pulled towards its parent's temperature with weight m / (n + m): an empty cell
 gets the parent's (pooled) T, a cell with n >> m its own; m -> inf gives the global T everywhere. Parents: local cell -> its predicted class ->
 the global temperature (the pool of all voxels, i.e. ordinary temperature scaling). The parent
@@ -54,7 +56,6 @@ import logging
 import math
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 
 from ..errors import InputError
 from .temperature import DEFAULT_T_BOUNDS, _row_logsumexp, safe_log, softmax
@@ -64,7 +65,6 @@ log = logging.getLogger(__name__)
 DEFAULT_EDGES_MM = (0.0, 2.0, 4.0, 6.0, 9.0, 12.0, 15.0)
 DEFAULT_POOL_VOXELS = 2000.0
 KINDS = ("class_temperature", "local_temperature")
-_GRID = 25
 _CHUNK = 1 << 17
 
 
@@ -117,24 +117,58 @@ def _nll_sum(x: np.ndarray, y: np.ndarray, beta: float) -> float:
     return total
 
 
+def _grad_hess(x: np.ndarray, y: np.ndarray, beta: float) -> tuple[float, float]:
+    """d/dβ and d²/dβ² of Σ_i nll_i(β): Σ (E_p[x_i] − x_{i,y_i}) and Σ Var_p[x_i] (p = softmax(β x_i))."""
+    g = h = 0.0
+    for a in range(0, x.shape[0], _CHUNK):
+        xs = x[a:a + _CHUNK]
+        ys = y[a:a + _CHUNK]
+        z = xs * beta
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        m1 = np.einsum("ij,ij->i", p, xs)
+        m2 = np.einsum("ij,ij->i", p, xs * xs)
+        g += float(np.sum(m1) - np.sum(xs[np.arange(ys.size), ys]))
+        h += float(np.sum(m2 - m1 * m1))
+    return g, h
+
+
 def _fit_beta(terms, bounds) -> float:
-    """argmin over β in ``bounds`` of Σ_terms w · Σ_rows nll(β) for terms (x, y, w): convex in β."""
-    lo, hi = math.log(bounds[0]), math.log(bounds[1])
+    """argmin over β in ``bounds`` of Σ_terms w · Σ_rows nll(β) for terms (x, y, w).
+
+    The objective is convex in β, so its derivative is non-decreasing: a safeguarded Newton
+    iteration inside a shrinking bracket [lo, hi] (Newton step when it stays inside the bracket,
+    else bisection) finds the minimiser, or the bound where the derivative does not change sign.
+    """
+    lo, hi = float(bounds[0]), float(bounds[1])
     terms = [(tx, ty, w) for tx, ty, w in terms if tx.shape[0] and w > 0]
     if not terms:
         raise InputError("no calibration voxels")
 
-    def f(logb):
-        b = math.exp(logb)
-        return sum(w * _nll_sum(tx, ty, b) for tx, ty, w in terms)
+    def gh(b):
+        g = h = 0.0
+        for tx, ty, w in terms:
+            gi, hi_ = _grad_hess(tx, ty, b)
+            g += w * gi
+            h += w * hi_
+        return g, h
 
-    grid = np.linspace(lo, hi, _GRID)
-    vals = [f(g) for g in grid]
-    j = int(np.argmin(vals))
-    a, b = grid[max(j - 1, 0)], grid[min(j + 1, _GRID - 1)]
-    res = minimize_scalar(f, bounds=(a, b), method="bounded", options={"xatol": 1e-5})
-    best = float(res.x) if res.fun <= vals[j] else float(grid[j])
-    return math.exp(best)
+    beta = min(max(1.0, lo), hi)
+    for _ in range(100):
+        g, h = gh(beta)
+        if g > 0:
+            hi = beta
+        else:
+            lo = beta
+        if hi - lo <= 1e-9 * max(beta, 1e-3) or g == 0:
+            break
+        step = beta - g / h if h > 0 else None
+        new = step if step is not None and lo < step < hi else 0.5 * (lo + hi)
+        if abs(new - beta) <= 1e-10 * max(beta, 1e-3):
+            break
+        beta = new
+    return float(min(max(beta, bounds[0]), bounds[1]))
 
 
 def _subsample(idx: np.ndarray, n: int, rng) -> np.ndarray:
@@ -161,7 +195,7 @@ class _TableTemperature:
     kind = ""
 
     def __init__(self, edges_mm=DEFAULT_EDGES_MM, pool_voxels: float = DEFAULT_POOL_VOXELS,
-                 t_bounds=DEFAULT_T_BOUNDS, parent_rows: int = 20_000, seed: int = 0):
+                 t_bounds=DEFAULT_T_BOUNDS, parent_rows: int = 5_000, seed: int = 0):
         e = [float(v) for v in edges_mm]
         if not e or e[0] != 0.0 or any(b <= a for a, b in zip(e, e[1:])):
             raise InputError(f"distance edges must start at 0 mm and increase, got {edges_mm}")

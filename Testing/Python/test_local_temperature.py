@@ -65,7 +65,7 @@ def test_argmax_unchanged_bit_for_bit():
 
 
 def test_local_recovers_generating_temperatures_and_lowers_nll():
-    x, y, pred, dist = _rows(120_000, seed=0)
+    x, y, pred, dist = _rows(80_000, seed=0)
     m = LocalTemperatureScaler(edges_mm=EDGES, pool_voxels=200).fit(x, y, pred, dist)
     want = np.array([[_true_t(np.array([c]), np.array([EDGES[b] + 0.5]))[0] for b in range(len(EDGES))]
                      for c in range(3)])
@@ -97,10 +97,10 @@ def test_class_temperature_recovers_per_class():
 
 
 def test_pooling_pulls_empty_and_small_cells_to_parent():
-    x, y, pred, dist = _rows(20_000, seed=4)
+    x, y, pred, dist = _rows(8_000, seed=4)
     keep = ~((pred == 1) & (dist >= 15))  # empty cell (class 1, last bin)
-    m = LocalTemperatureScaler(edges_mm=EDGES, pool_voxels=1e9).fit(x[keep], y[keep], pred[keep], dist[keep])
-    # infinite pooling: every cell equals the global temperature
+    m = LocalTemperatureScaler(edges_mm=EDGES, pool_voxels=1e9, parent_rows=10**6).fit(x[keep], y[keep], pred[keep], dist[keep])
+    # infinite pooling (parent term on all rows): every cell equals the global temperature
     assert np.allclose(m.table_, m.global_temperature_, rtol=1e-3)
     m0 = LocalTemperatureScaler(edges_mm=EDGES).fit(x[keep], y[keep], pred[keep], dist[keep])
     c = ClassTemperatureScaler().fit(x[keep], y[keep], pred[keep])
@@ -127,11 +127,43 @@ def test_record_round_trip_and_bad_records():
 
 
 def test_cross_validated_nll():
-    x, y, pred, dist = _rows(30_000, seed=6)
-    cases = np.arange(y.size) % 4
+    x, y, pred, dist = _rows(12_000, seed=6)
+    cases = np.arange(y.size) % 3
     cv_local = cross_validated_nll("local_temperature", x, y, pred, dist, cases, edges_mm=EDGES)
     cv_global = cross_validated_nll("global", x, y, pred, dist, cases)
-    assert cv_local["n_cases"] == 4 and len(cv_local["per_case"]) == 4
+    assert cv_local["n_cases"] == 3 and len(cv_local["per_case"]) == 3
     assert cv_local["nll"] < cv_global["nll"]
     with pytest.raises(InputError, match="two"):
         cross_validated_nll("global", x, y, pred, dist, np.zeros(y.size))
+
+
+def test_calibration_file_stores_and_applies_the_local_record(tmp_path):
+    from CalibUncertaintyLib.calibration.calibration_file import CalibrationFile
+
+    x, y, pred, dist = _rows(4000, seed=7)
+    m = LocalTemperatureScaler(edges_mm=EDGES).fit(x, y, pred, dist)
+    g = TemperatureScaler().fit(x, y)
+    cal = CalibrationFile.from_scaler(g, case_ids=["a"], class_names=["bg", "o1", "o2"])
+    plain = tmp_path / "global.json"
+    cal.save(plain)
+    assert "local" not in plain.read_text()  # files without a local record look as before
+    assert CalibrationFile.load(plain).local is None
+    cal.method, cal.local = "local_temperature", m.to_record()
+    path = tmp_path / "local.json"
+    cal.save(path)
+    back = CalibrationFile.load(path)
+    assert back.method == "local_temperature" and back.temperature == pytest.approx(g.temperature_)
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet([0.5] * 3, size=(6, 7, 8)).transpose(3, 0, 1, 2).astype(np.float32)
+    out = back.transform_probs(probs, spacing_zyx=(2.0, 1.0, 1.0))
+    assert np.array_equal(out, m.transform_volume(probs, (2.0, 1.0, 1.0)))
+    assert np.array_equal(np.argmax(out, axis=0), np.argmax(probs, axis=0))
+    with pytest.raises(InputError, match="spacing"):
+        back.transform_probs(probs)
+    assert back.as_global().method == "temperature" and back.as_global().local is None
+    assert "local temperature" in back.describe()
+    bad = back.to_dict() | {"local": {"kind": "class_temperature", "temperatures": [[1.0]] * 3}}
+    with pytest.raises(InputError, match="local"):
+        CalibrationFile.from_dict(bad)
+    with pytest.raises(InputError, match="pool_then_calibrate"):
+        CalibrationFile.from_dict(back.to_dict() | {"ensemble_mode": "per_member"})
