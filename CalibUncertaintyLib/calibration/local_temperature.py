@@ -37,7 +37,10 @@ F_cell is convex: its derivative in β is non-decreasing, and a safeguarded Newt
 bracket) inside the bounds β in [1/20, 1/0.05] (T in [0.05, 20], as the global fit) finds the
 minimiser, or the bound when the optimum lies beyond it. A cell
 with n voxels is pulled towards its parent's temperature with weight m / (n + m): an empty cell
-gets the parent's (pooled) T, a cell with n >> m its own; m -> inf gives the global T everywhere. Parents: local cell -> its predicted class ->
+with n >> m gets its own; m -> inf gives the global T everywhere. A cell without any voxel takes
+the T of the nearest distance bin of the same class that has voxels (so the far background, beyond
+the fitting ROI, keeps the temperature fitted at the ROI's outer edge, not the class average), and
+the class's T when the class has no voxel at all. Parents: local cell -> its predicted class ->
 the global temperature (the pool of all voxels, i.e. ordinary temperature scaling). The parent
 term is evaluated on at most ``parent_rows`` voxels of the parent pool (a fixed-seed subsample).
 
@@ -277,8 +280,11 @@ class _TableTemperature:
             for b in range(nb):
                 cell = in_c[bins[in_c] == b]
                 counts[c, b] = cell.size
-                table[c, b] = (1.0 / _fit_beta([(x[cell], y[cell], 1.0), *parent], bounds)
-                               if cell.size else 1.0 / beta_c)
+                if cell.size:
+                    table[c, b] = 1.0 / _fit_beta([(x[cell], y[cell], 1.0), *parent], bounds)
+            filled = np.flatnonzero(counts[c] > 0)
+            for b in np.flatnonzero(counts[c] == 0):  # no voxel: the nearest populated bin, else the class T
+                table[c, b] = table[c, filled[np.argmin(np.abs(filled - b))]] if filled.size else 1.0 / beta_c
         self.table_ = table
         self.counts_ = counts
         self.n_classes_ = int(k)

@@ -102,9 +102,14 @@ def test_pooling_pulls_empty_and_small_cells_to_parent():
     m = LocalTemperatureScaler(edges_mm=EDGES, pool_voxels=1e9, parent_rows=10**6).fit(x[keep], y[keep], pred[keep], dist[keep])
     # infinite pooling (parent term on all rows): every cell equals the global temperature
     assert np.allclose(m.table_, m.global_temperature_, rtol=1e-3)
+    # an empty cell takes the nearest populated distance bin of its class
     m0 = LocalTemperatureScaler(edges_mm=EDGES).fit(x[keep], y[keep], pred[keep], dist[keep])
-    c = ClassTemperatureScaler().fit(x[keep], y[keep], pred[keep])
-    assert m0.counts_[1, -1] == 0 and m0.table_[1, -1] == pytest.approx(c.table_[1, 0], rel=1e-3)
+    assert m0.counts_[1, -1] == 0 and m0.counts_[1, -2] > 0 and m0.table_[1, -1] == m0.table_[1, -2]
+    # a class without voxels takes its class temperature, which pooling pulls to the global one
+    none1 = pred[keep] != 1
+    m1 = LocalTemperatureScaler(edges_mm=EDGES).fit(x[keep][none1], y[keep][none1], pred[keep][none1],
+                                                    dist[keep][none1])
+    assert np.all(m1.counts_[1] == 0) and np.allclose(m1.table_[1], m1.global_temperature_, rtol=1e-6)
 
 
 def test_record_round_trip_and_bad_records():
