@@ -99,7 +99,8 @@ def test_class_temperature_recovers_per_class():
 def test_pooling_pulls_empty_and_small_cells_to_parent():
     x, y, pred, dist = _rows(8_000, seed=4)
     keep = ~((pred == 1) & (dist >= 15))  # empty cell (class 1, last bin)
-    m = LocalTemperatureScaler(edges_mm=EDGES, pool_voxels=1e9, parent_rows=10**6).fit(x[keep], y[keep], pred[keep], dist[keep])
+    m = LocalTemperatureScaler(edges_mm=EDGES, pool_voxels=1e9, parent_rows=10**6)
+    m.fit(x[keep], y[keep], pred[keep], dist[keep])
     # infinite pooling (parent term on all rows): every cell equals the global temperature
     assert np.allclose(m.table_, m.global_temperature_, rtol=1e-3)
     # an empty cell takes the nearest populated distance bin of its class
