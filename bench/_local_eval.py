@@ -70,6 +70,8 @@ def fit_all(dirs, labels_dir, cal_ids, max_vox, seed):
         ps.append(seg.ravel()[vox])
         ds.append(dist.ravel()[vox])
         cs.append(np.full(vox.size, ci))
+    if not xs:
+        return None, None
     x, y, p, d, c = (np.concatenate(a) for a in (xs, ys, ps, ds, cs))
     fitted = {"global": TemperatureScaler().fit(x, y),
               "class": ClassTemperatureScaler().fit(x, y, p),
@@ -98,6 +100,8 @@ def calibrate(name, fitted, pbar, spacing):
 
 
 def _metrics(q, lab, mask, k):
+    if mask is not None and not mask.any():  # nothing predicted: no ROI, ROI metrics undefined
+        return None
     fg = foreground_ece(q, lab, mask)
     return {"nll": nll(q, lab, mask), "ece": top_label_ece(q, lab, mask),
             "ece_class": float(np.mean([fg[c] for c in range(1, k) if fg.get(c) is not None])),
@@ -128,6 +132,9 @@ def _aggregates(q, spacing, tau, pbar=None, case=None):
 
 def evaluate_configuration(dirs, labels_dir, cal_ids, test_ids, ood_id, max_vox, default, seed=0) -> dict:
     fitted, info = fit_all(dirs, labels_dir, cal_ids, max_vox, seed)
+    if fitted is None:
+        return {"skipped": "the ensemble predicts no organ on any calibration case (no ROI, nothing to calibrate): "
+                           "the model learned nothing"}
     # flag threshold for triage: pooled ROI entropy quantile of the default calibrator on the cal cases
     ents = []
     for case in cal_ids:
@@ -149,7 +156,7 @@ def evaluate_configuration(dirs, labels_dir, cal_ids, test_ids, ood_id, max_vox,
             seg = np.argmax(q, axis=0)
             own = roi_mask(seg, spacing, ROI_MM, allow_empty=True)
             rec[name] = {"roi": _metrics(q, lab, roi, k), "image": _metrics(q, lab, None, k),
-                         "own_roi_nll": nll(q, lab, own),
+                         "own_roi_nll": nll(q, lab, own) if own.any() else None,
                          "dice": mean_dice(dice_per_class(seg, lab, k)),
                          "seg_changed_voxels": int(np.count_nonzero(seg != seg0)),
                          "seg_changed_roi_voxels": int(np.count_nonzero((seg != seg0) & roi))}
@@ -181,8 +188,11 @@ def evaluate_configuration(dirs, labels_dir, cal_ids, test_ids, ood_id, max_vox,
         m = {}
         for region in ("roi", "image"):
             for key in ("nll", "ece", "ece_class", "brier"):
-                m[f"{region}_{key}"] = float(np.mean([r[name][region][key] for r in per_case]))
-        m["own_roi_nll"] = float(np.mean([r[name]["own_roi_nll"] for r in per_case]))
+                vals = [r[name][region][key] for r in per_case if r[name][region] is not None]
+                m[f"{region}_{key}"] = float(np.mean(vals)) if vals else None
+        own = [r[name]["own_roi_nll"] for r in per_case if r[name]["own_roi_nll"] is not None]
+        m["own_roi_nll"] = float(np.mean(own)) if own else None
+        m["n_cases_with_roi"] = int(sum(r[name]["roi"] is not None for r in per_case))
         m["dice"] = float(np.mean([r[name]["dice"] for r in per_case]))
         m["seg_changed_voxels"] = int(sum(r[name]["seg_changed_voxels"] for r in per_case))
         m["seg_changed_roi_voxels"] = int(sum(r[name]["seg_changed_roi_voxels"] for r in per_case))

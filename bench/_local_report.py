@@ -18,7 +18,8 @@ def _pct(a, b):
 
 def beats_global(m: dict, default: str) -> dict:
     keys = ("roi_nll", "roi_ece", "image_nll", "image_ece")
-    return {k: m[default][k] < m["global"][k] for k in keys}
+    return {k: m[default][k] is not None and m["global"][k] is not None and m[default][k] < m["global"][k]
+            for k in keys}
 
 
 def render(out: dict) -> str:
@@ -31,8 +32,12 @@ def render(out: dict) -> str:
     s += [f"- Machine: {run['machine']['cpu_cores']} CPU cores shared with three other engineers' jobs "
           f"({run['machine']['platform']}), torch threads {run['machine']['torch_threads']}; load average at the "
           f"end {', '.join(f'{v:.1f}' for v in run['machine']['load_average_at_end'])}.",
-          f"- Wall time {run['wall_s'] / 60:.1f} min (steps: {secs}; evaluation per configuration: "
-          + ", ".join(f"{k} {c['seconds'] / 60:.1f} min" for k, c in cfgs.items()) + ").",
+          f"- Time: {run['all_steps_s'] / 60 + sum(c['seconds'] for c in cfgs.values()) / 60:.1f} min for all steps "
+          f"when they ran (steps: {secs}; evaluation per configuration: "
+          + ", ".join(f"{k} {c['seconds'] / 60:.1f} min" for k, c in cfgs.items())
+          + f"); the invocation that wrote this report took {run['wall_s'] / 60:.1f} min"
+          + (f", reusing {', '.join(run['steps_reused'])} from its work folder" if run.get("steps_reused") else "")
+          + ".",
           f"- Data: {run['data']}; split seed {run['split']['seed']}: {len(run['split']['train'])} training, "
           f"{len(run['split']['calibration'])} calibration ({', '.join(run['split']['calibration'])}), "
           f"{len(run['split']['test'])} test cases ({', '.join(run['split']['test'])}). OOD CT: {run['ood']}.",
@@ -52,8 +57,14 @@ def render(out: dict) -> str:
           "averaged over the organs; Brier multi-class. Definitions: ../shared/docs/METHODS.md, docs/METHODS.md.",
           f"- Default calibrator in this run: **{LABEL[default]}**.", ""]
     for cfg, c in cfgs.items():
+        if c.get("skipped"):
+            s += [f"## {CONFIG.get(cfg, cfg)} ({len(c['members'])} member(s))", "",
+                  f"**Not evaluated**: {c['skipped']}.", ""]
+            continue
         fit, m = c["fit"], c["mean"]
         s += [f"## {CONFIG.get(cfg, cfg)} ({len(c['members'])} member(s))", "",
+              f"ROI numbers over the {m['uncalibrated']['n_cases_with_roi']} of {c['n_test']} test cases with a "
+              "predicted organ (an empty prediction has no ROI); image numbers over all of them.",
               f"Global T = {fit['global_T']:.3f}; per-class T = "
               + ", ".join(f"{t:.2f}" for t in fit["class_T"]) + f"; fitted on {fit['n_voxels']} voxels.",
               "Leave-one-case-out NLL on the calibration cases: "
@@ -83,6 +94,8 @@ def render(out: dict) -> str:
         s.append("")
     s += ["## Case triage and the out-of-distribution CT", ""]
     for cfg, c in cfgs.items():
+        if c.get("skipped"):
+            continue
         t = c["triage"]
         s += [f"### {CONFIG.get(cfg, cfg)}", "", f"Flag threshold τ = {t['tau']:.3f} ({t['tau_rule']}). "
               "Risk = 1 − mean organ Dice; AURC of the risk–coverage curve when the test cases are reviewed "

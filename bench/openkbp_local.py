@@ -184,6 +184,7 @@ def main(argv=None) -> int:
                                                  ood_id if ood_id in cases else None, args.max_voxels_per_case,
                                                  args.default_calibrator, seed=args.seed)
         results[ens]["members"] = [d.name for d in dirs]
+        results[ens].setdefault("n_test", len(split["test"]))
         results[ens]["seconds"] = round(time.time() - t0, 1)
         log.info("%s: evaluated in %.0f s", ens, time.time() - t0)
 
