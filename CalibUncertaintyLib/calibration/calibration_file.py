@@ -1,10 +1,18 @@
 """The calibration file: one JSON document per fitted model (METHODS.md §2 "The calibration file").
 
-It records the calibrator (temperature T, or vector-scaling w and b fitted on log-probabilities),
+It records the calibrator (temperature T, or vector-scaling w and b fitted on log-probabilities,
+or a per-class / local temperature table in the nested record ``local``, see below),
 the ensemble mode, the ROI rule and radius in mm, the fitting cases (count and ids), the number
 of voxels, NLL before/after, the error-detection thresholds τ* per map (METHODS.md §4), the EBCU
 threshold t (METHODS.md §1), the class names and the model fingerprint (``fingerprint.py``).
 Applying it to a model with another fingerprint raises ``CalibrationMismatchError``.
+
+Per-class and local temperature (``calibration.local_temperature``): ``method`` is
+``"class_temperature"`` or ``"local_temperature"``, ``local`` holds the calibrator's self-contained
+record (its ``to_record()``: kind, distance edges in mm, the temperature table, voxel counts, NLL,
+cross-validated NLL), and ``temperature`` still holds the global T fitted on the same voxels (so
+the global calibrator stays available: ``as_global()``). Both are pool-then-calibrate only. Files
+without ``local`` (every file written before it existed) load and behave as before.
 
 ``save`` writes atomically (``io.atomic.write_json``); ``load`` refuses a missing file, a file
 that is not JSON, another format or a newer schema, with a message that says what to do.
@@ -34,7 +42,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_NAME = "calib-uncertainty-calibration"
 SCHEMA_VERSION = 1
-METHODS = ("temperature", "vector")
+METHODS = ("temperature", "vector", "class_temperature", "local_temperature")
+LOCAL_METHODS = ("class_temperature", "local_temperature")
 THRESHOLD_KINDS = ("absolute", "quantile")
 REFIT_HINT = "refit with `calib-uncertainty fit-temperature` on this model's calibration cases"
 
@@ -52,6 +61,8 @@ class CalibrationFile:
     ensemble_mode: str = "pool_then_calibrate"
     temperature: float | None = None
     vector: dict | None = None  # {"w": [K], "b": [K], "fitted_on": "log_probs"}
+    #: per-class / local temperature record (``local_temperature._TableTemperature.to_record()``), or None
+    local: dict | None = None
     roi: dict = field(default_factory=lambda: {"rule": "prediction", "radius_mm": DEFAULT_RADIUS_MM})
     n_cases: int = 0
     case_ids: list = field(default_factory=list)
@@ -101,7 +112,7 @@ class CalibrationFile:
             raise InputError(f"{where}: unknown method {self.method!r} (expected one of {', '.join(METHODS)})")
         if self.ensemble_mode not in ENSEMBLE_MODES:
             raise InputError(f"{where}: unknown ensemble_mode {self.ensemble_mode!r}")
-        if self.method == "temperature":
+        if self.method == "temperature" or self.method in LOCAL_METHODS:
             try:
                 self.temperature = check_temperature(self.temperature)
             except InputError as exc:
@@ -111,6 +122,19 @@ class CalibrationFile:
                 raise InputError(f"{where}: temperature {self.temperature:.4g} is outside [{lo:g}, {hi:g}], the range "
                                  f"fit-temperature searches, so no fit produced it (a damaged or hand-edited "
                                  f"file?); {REFIT_HINT}")
+            if self.method in LOCAL_METHODS:
+                if self.ensemble_mode != "pool_then_calibrate":
+                    raise InputError(f"{where}: {self.method} is only defined for pool_then_calibrate")
+                if not isinstance(self.local, dict) or self.local.get("kind") != self.method:
+                    raise InputError(f"{where}: method {self.method} needs a 'local' record of that kind; "
+                                     f"{REFIT_HINT}")
+                try:
+                    scaler = self.local_scaler()
+                except InputError as exc:
+                    raise InputError(f"{where}: {exc}; {REFIT_HINT}") from None
+                if self.class_names and scaler.n_classes_ != len(self.class_names):
+                    raise InputError(f"{where}: {self.method} table has {scaler.n_classes_} classes for "
+                                     f"{len(self.class_names)} class names")
         else:
             if self.ensemble_mode != "pool_then_calibrate":
                 raise InputError(f"{where}: vector scaling is only defined for pool_then_calibrate")
@@ -193,11 +217,41 @@ class CalibrationFile:
                 f"{short_hash(fp, key)} ({reason}); {REFIT_HINT}")
 
     # --- use ---------------------------------------------------------------------------------
-    def transform_probs(self, probs, axis: int = 0) -> np.ndarray:
+    def local_scaler(self):
+        """The fitted per-class / local temperature calibrator of the ``local`` record (None if absent)."""
+        from .local_temperature import _TableTemperature
+
+        if self.local is None:
+            return None
+        cached = getattr(self, "_local_cache", None)
+        if cached is not None and cached[0] is self.local:
+            return cached[1]
+        scaler = _TableTemperature.from_record(self.local)
+        object.__setattr__(self, "_local_cache", (self.local, scaler))
+        return scaler
+
+    def as_global(self) -> "CalibrationFile":
+        """This file with the global temperature as its calibrator (per-class / local files carry it)."""
+        from dataclasses import replace
+
+        if self.method not in LOCAL_METHODS:
+            return self
+        out = replace(self, method="temperature", local=None, source_path=self.source_path)
+        return out.validate()
+
+    @property
+    def needs_spacing(self) -> bool:
+        """True when applying this file to a volume needs its spacing (local temperature: distances in mm)."""
+        return self.method == "local_temperature"
+
+    def transform_probs(self, probs, axis: int = 0, spacing_zyx=None) -> np.ndarray:
         """Apply the stored calibrator along the class ``axis`` of probabilities (K, ...).
 
         Temperature: softmax(log p / T) — on p̄ in pool_then_calibrate mode, on each member's p_m
-        before averaging in per_member mode. Vector: softmax(w ⊙ log p̄ + b).
+        before averaging in per_member mode. Vector: softmax(w ⊙ log p̄ + b). Per-class / local
+        temperature: softmax(log p̄ / T(x)) on a whole volume (K, z, y, x) (the segmentation and,
+        for the local one, the distance to its contour come from the volume: ``spacing_zyx`` in mm
+        is required for it).
         """
         p = np.asarray(probs)
         k = p.shape[axis] if p.ndim else 0
@@ -206,11 +260,26 @@ class CalibrationFile:
                              f"{len(self.class_names)} classes ({', '.join(map(str, self.class_names))})")
         if self.method == "temperature":
             return apply_temperature(p, self.temperature, axis=axis)
+        if self.method in LOCAL_METHODS:
+            if axis != 0 or p.ndim != 4:
+                raise InputError(f"{self.method} is applied to a whole volume (K, z, y, x), got shape {p.shape}")
+            if self.needs_spacing and spacing_zyx is None:
+                raise InputError("local temperature needs the image spacing (distances to the contour are in mm)")
+            scaler = self.local_scaler()
+            return scaler.transform_volume(p, spacing_zyx if spacing_zyx is not None else (1.0, 1.0, 1.0))
         return apply_vector_scaling(p, self.vector["w"], self.vector["b"], axis=axis)
 
     def describe(self) -> str:
         """One line for reports: calibrator, mode, ROI and fit size."""
-        how = f"T = {self.temperature:.4f}" if self.method == "temperature" else "vector scaling"
+        if self.method == "temperature":
+            how = f"T = {self.temperature:.4f}"
+        elif self.method in LOCAL_METHODS:
+            t = np.asarray(self.local_scaler().table_)
+            what = ("per-class temperature (T by predicted class" if self.method == "class_temperature" else
+                    "local temperature T(x) (by predicted class and distance to the predicted contour")
+            how = f"{what}, {t.min():.3f}–{t.max():.3f}; global T = {self.temperature:.4f})"
+        else:
+            how = "vector scaling"
         nll = (f", NLL {self.nll_before:.4f} -> {self.nll_after:.4f}"
                if self.nll_before is not None and self.nll_after is not None else "")
         return (f"{how} ({self.ensemble_mode}) fitted on {self.n_cases} cases / {self.n_voxels} voxels "
@@ -220,6 +289,8 @@ class CalibrationFile:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("source_path")
+        if d.get("local") is None:  # files without it stay byte-compatible with older readers
+            d.pop("local", None)
         return {"format": FORMAT_NAME, **d}
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -36,9 +36,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     add_member_options(p, images_required=False, labels="required", model_alternative=True)
     add_roi_options(p)
     g = p.add_argument_group("fitting")
-    g.add_argument("--method", choices=("temperature", "vector"), default="temperature",
+    g.add_argument("--method", choices=("temperature", "vector", "class_temperature", "local_temperature"),
+                   default="temperature",
                    help="'temperature': one T for all classes (default); 'vector': per-class scale and "
-                        "bias on log-probabilities (may change the segmentation)")
+                        "bias on log-probabilities (may change the segmentation); 'class_temperature': one T "
+                        "per predicted class; 'local_temperature': T(x) by predicted class and distance in mm "
+                        "to the predicted contour (both keep the segmentation and store the global T too)")
     g.add_argument("--ensemble-mode", choices=ENSEMBLE_MODES, default="pool_then_calibrate",
                    help="'pool_then_calibrate': average the members, then softmax(log p̄ / T) (default); "
                         "'per_member': scale every member by T before averaging. Both are fitted and "

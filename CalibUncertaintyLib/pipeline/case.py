@@ -177,7 +177,7 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
 
     t = time.perf_counter()
     emit_progress("calibrate", 0.62, case=case_id)
-    probs = calibrated_probs(acc, calibration, mode)
+    probs = calibrated_probs(acc, calibration, mode, geometry.spacing_zyx)
     seg = segmentation(probs)
     roi = roi_mask(seg, geometry.spacing_zyx, radius, rule="prediction", allow_empty=True)
     if not roi.any():

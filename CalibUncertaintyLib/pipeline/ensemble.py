@@ -93,12 +93,13 @@ def maps_temperature(calibration, ensemble_mode: str) -> float | None:
     return float(calibration.temperature)
 
 
-def calibrated_probs(acc, calibration, ensemble_mode: str) -> np.ndarray:
+def calibrated_probs(acc, calibration, ensemble_mode: str, spacing_zyx=None) -> np.ndarray:
     """The calibrated ensemble probability (K, z, y, x) float32.
 
     No calibration: p̄. Temperature, pool then calibrate: softmax(log p̄ / T). Per member:
     the mean of the scaled members (already in the accumulator). Vector scaling:
-    softmax(w ⊙ log p̄ + b).
+    softmax(w ⊙ log p̄ + b). Per-class / local temperature: softmax(log p̄ / T(x))
+    (``spacing_zyx`` in mm: the local one measures distances to the predicted contour).
     """
     from ..uncertainty.maps import calibrated_mean_probs
 
@@ -106,12 +107,15 @@ def calibrated_probs(acc, calibration, ensemble_mode: str) -> np.ndarray:
         return acc.mean_probs()
     if calibration.method == "temperature":
         return calibrated_mean_probs(acc, float(calibration.temperature))
+    if getattr(calibration, "needs_spacing", False):
+        return np.asarray(calibration.transform_probs(acc.mean_probs(), spacing_zyx=spacing_zyx), dtype=np.float32)
     return np.asarray(calibration.transform_probs(acc.mean_probs()), dtype=np.float32)
 
 
 def maps_need_probs(calibration, ensemble_mode: str) -> bool:
-    """True when ``case_maps`` reads the calibrated probability it is given: vector scaling
-    pooled first (its calibrated p̄ is not a temperature of p̄). Otherwise it may be None."""
+    """True when ``case_maps`` reads the calibrated probability it is given: vector scaling or
+    per-class / local temperature pooled first (their calibrated p̄ is not one temperature of p̄).
+    Otherwise it may be None."""
     return calibration is not None and ensemble_mode != "per_member" and calibration.method != "temperature"
 
 

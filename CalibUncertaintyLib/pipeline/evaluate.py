@@ -8,6 +8,11 @@ Per case (METHODS.md §2–§6; definitions restated in the functions used):
   scaling in pool-then-calibrate mode; ``segmentation_unchanged`` says whether it is).
 - ROI: the calibration file's rule and radius unless overridden: voxels within R mm of the
   predicted foreground ("prediction") or of reference ∪ prediction ("gt_union_prediction").
+  Each stage is measured on **its own** prediction's ROI (region "roi": "before" on the ROI of
+  argmax p̄, "after" on the ROI of the calibrated segmentation), and both stages also on **one
+  shared ROI** (region "shared_roi": the uncalibrated prediction's ROI, the same voxels for
+  both, for comparisons). They differ only when the calibrator changes the segmentation (vector
+  scaling, per-member scaling); error detection and case quality use the "after" ROI.
 - Calibration metrics (``metrics.summary.calibration_summary``) inside the ROI and over the
   whole image, both labelled: NLL = mean −log p_y; Brier = mean over voxels of
   Σ_c (p_c − y_c)² (multi-class; for K = 2 also the binary Brier, half of it); top-label ECE,
@@ -47,7 +52,8 @@ from .ensemble import accumulate, calibrated_probs, case_maps
 log = logging.getLogger(__name__)
 
 STAGES = ("before", "after")
-REGIONS = ("roi", "whole_image")
+REGIONS = ("roi", "whole_image")  # regions with reliability tables and plots
+METRIC_REGIONS = ("roi", "shared_roi", "whole_image")  # regions of the metric tables
 N_TAU = 60
 CURVE_TOTAL_VOXELS = 4_000_000
 CURVE_MIN_VOXELS = 10_000
@@ -97,11 +103,15 @@ def evaluate_case(cf, pairing: Pairing, calibration, opts: EvalOptions) -> tuple
     p_before = acc.mean_probs()
     if mode == "per_member":
         acc = accumulate(cf.load_members(k), calibration, mode)
-    p_after = calibrated_probs(acc, calibration, mode)
+    p_after = calibrated_probs(acc, calibration, mode, cf.geometry.spacing_zyx)
     seg_before, seg = segmentation(p_before), segmentation(p_after)
     rule = opts.roi_rule or calibration.roi["rule"]
     radius = opts.roi_radius_mm if opts.roi_radius_mm is not None else float(calibration.roi["radius_mm"])
     roi = roi_mask(seg, cf.geometry.spacing_zyx, radius, reference=labels, rule=rule, allow_empty=True)
+    unchanged = bool(np.array_equal(seg, seg_before))
+    roi_before = roi if unchanged else roi_mask(seg_before, cf.geometry.spacing_zyx, radius, reference=labels,
+                                                rule=rule, allow_empty=True)
+    stage_roi = {"before": roi_before, "after": roi}
     notes = []
     if not labels.any():
         notes.append("empty reference label: Dice of every class follows the empty-reference "
@@ -113,20 +123,26 @@ def evaluate_case(cf, pairing: Pairing, calibration, opts: EvalOptions) -> tuple
     metrics, reliability = {}, {}
     for stage, p in (("before", p_before), ("after", p_after)):
         metrics[stage] = {}
-        for region, mask in (("roi", roi), ("whole_image", None)):
-            if region == "roi" and not roi.any():
+        own = stage_roi[stage]
+        for region, mask in (("roi", own), ("shared_roi", roi_before), ("whole_image", None)):
+            if region == "shared_roi" and own is roi_before:  # the same voxels: the same numbers
+                metrics[stage][region] = metrics[stage]["roi"]
+                continue
+            if mask is not None and not mask.any():
                 metrics[stage][region] = None
                 continue
             s = calibration_summary(p, labels, mask, n_bins=opts.n_bins)
             metrics[stage][region] = _metrics_block(s, names)
-            reliability[(stage, region)] = s["reliability_top"]
+            if region in REGIONS:
+                reliability[(stage, region)] = s["reliability_top"]
     del p_before
 
     dice = dice_per_class(seg, labels, k)
     record = {
         "case": cf.case, "n_members": acc.n_members, "ensemble_mode": mode,
-        "roi": {"rule": rule, "radius_mm": radius, "n_voxels": int(roi.sum())},
-        "segmentation_unchanged": bool(np.array_equal(seg, seg_before)),
+        "roi": {"rule": rule, "radius_mm": radius, "n_voxels": int(roi.sum()),
+                "n_voxels_before": int(roi_before.sum())},
+        "segmentation_unchanged": unchanged,
         "dice": {names[c]: d["dice"] for c, d in dice.items()},
         "dice_empty_reference": [names[c] for c, d in dice.items() if d["empty_reference"]],
         "mean_dice": mean_dice(dice),
@@ -318,7 +334,11 @@ def evaluate_cases(pairing: Pairing, calibration, opts: EvalOptions | None = Non
             "ece": f"{opts.n_bins} equal-width bins, last bin closed at 1.0; top-label (conf = max_c p_c) "
                    "and foreground per class (conf = p_c)",
             "pece": "pixel-wise ECE with false-positive penalty, lambda = 2, 10 bins, foreground view",
-            "regions": "'roi' = inside the ROI described above; 'whole_image' = every voxel of the image",
+            "regions": "'roi' = inside the ROI described above, each stage on its own prediction's ROI "
+                       "('before': ROI of the uncalibrated argmax; 'after': ROI of the calibrated segmentation); "
+                       "'shared_roi' = both stages on one shared ROI, the uncalibrated prediction's (identical "
+                       "voxels: use it to compare the stages); the two differ only where the calibration changed "
+                       "the segmentation; 'whole_image' = every voxel of the image",
             "error_mask": "prediction != reference inside the ROI",
         },
         "options": asdict(opts), "held_out_overlap": overlap, "notes": notes,
@@ -334,8 +354,8 @@ def metric_rows(evaluation: dict) -> list[dict]:
     rows = []
     for rec in evaluation["per_case"]:
         for stage in STAGES:
-            for region in REGIONS:
-                m = rec["metrics"][stage][region]
+            for region in METRIC_REGIONS:
+                m = rec["metrics"][stage].get(region)
                 if m is None:
                     continue
                 row = {"case": rec["case"], "calibration": stage, "region": region}

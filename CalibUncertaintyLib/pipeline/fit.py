@@ -12,7 +12,12 @@ stays bounded by one case's accumulator plus the sampled voxels and ROI crops):
    fitted on identical voxels and both are reported; the requested mode is the one stored.
    (A case's members are kept in memory for this up to ``MEMBER_CACHE_BYTES``, else re-read.)
 2. Fit: T by a bounded 1-D search on log T minimising the NLL (``TemperatureScaler``), or
-   per-class scale and bias (``VectorScaler``, pooled ensemble only).
+   per-class scale and bias (``VectorScaler``, pooled ensemble only), or a per-class / local
+   temperature table (``calibration.local_temperature``, pooled ensemble only; the global T is
+   fitted on the same voxels and stored too). For the local one, pass 1 also keeps each sampled
+   voxel's predicted class and distance in mm to the predicted contour; the file records the
+   leave-one-case-out NLL of global, per-class and local temperature on the calibration cases
+   (on at most ``CV_MAX_ROWS`` of the rows, a fixed-seed subsample).
 3. Thresholds with the calibration applied: the EBCU threshold t is the 0.95 quantile of the
    calibrated predictive entropy inside the ROI, pooled over the voxels of all calibration
    cases; then every map is computed (EBCU with that t) and τ* per map maximises the mean UEO
@@ -49,6 +54,7 @@ from .ensemble import accumulate, calibrated_probs, case_maps
 log = logging.getLogger(__name__)
 
 EBCU_QUANTILE = 0.95
+CV_MAX_ROWS = 300_000  # rows used for the leave-one-case-out NLL of the local calibrators
 MEMBER_CACHE_BYTES = 1 << 30  # members of one case kept in memory in pass 1 up to this size, else re-read
 
 
@@ -64,6 +70,9 @@ class FitOptions:
     seed: int = 0
     dae_sigma_mm: float = 2.0
     ebcu_radius_mm: float = 4.0
+    #: local temperature: distance-bin edges in mm (first 0, last bin open) and pooling strength
+    local_edges_mm: tuple = (0.0, 2.0, 4.0, 6.0, 9.0, 12.0, 15.0)
+    pool_voxels: float = 2000.0
 
 
 def _bbox(mask: np.ndarray, pad_vox, shape) -> tuple[slice, ...]:
@@ -86,6 +95,7 @@ class FitJob:
     want_members: bool
     n_members: int
     calibration: object = None
+    want_local: bool = False  # also return the predicted class and contour distance of each row
 
 
 def label_foreground_voxels(pairing: Pairing) -> int:
@@ -106,8 +116,9 @@ def label_foreground_voxels(pairing: Pairing) -> int:
 def sample_case(job: FitJob, item) -> tuple:
     """Pass 1 for one case ``(ci, CaseFiles)``: its stratified ROI sample.
 
-    Returns (log p̄ rows (n, K) float32, member rows (M, n, K) float32 or None, labels (n,) int64);
-    n = 0 for an empty ROI. The sample of case ``ci`` uses seed ``opts.seed + ci``, exactly as
+    Returns (log p̄ rows (n, K) float32, member rows (M, n, K) float32 or None, labels (n,) int64,
+    (predicted class (n,), distance to the predicted contour in mm (n,)) or None); n = 0 for an
+    empty ROI. The sample of case ``ci`` uses seed ``opts.seed + ci``, exactly as
     ``calibration.temperature.collect_calibration_samples`` numbers the cases, so the rows do not
     depend on which worker or in which order the cases ran.
     """
@@ -137,19 +148,25 @@ def sample_case(job: FitJob, item) -> tuple:
         log.warning("case %s: empty ROI (no predicted%s foreground), no calibration voxels",
                     cf.case, "" if opts.roi_rule == "prediction" else " or reference")
         xm = np.zeros((job.n_members, 0, k), np.float32) if job.want_members else None
-        return np.zeros((0, k), np.float32), xm, np.zeros(0, np.int64)
+        feats = (np.zeros(0, np.int64), np.zeros(0, np.float32)) if job.want_local else None
+        return np.zeros((0, k), np.float32), xm, np.zeros(0, np.int64), feats
     x, y = collect_calibration_samples([(pbar, labels, roi)], kind="probs", ensemble_mode="pool_then_calibrate",
                                        max_voxels_per_case=job.per_case, seed=opts.seed + ci)
-    xm = None
+    xm = feats = None
+    vox = np.flatnonzero(roi.ravel())
+    keep = stratified_sample_indices(labels.reshape(-1)[vox], job.per_case, seed=opts.seed + ci)
+    vox = vox[keep]  # the same voxels as collect_calibration_samples took (same selector and seed)
+    if job.want_local:
+        from ..calibration.local_temperature import contour_distance_mm
+
+        feats = (seg.reshape(-1)[vox].astype(np.int64),
+                 contour_distance_mm(seg, cf.geometry.spacing_zyx).reshape(-1)[vox])
     if job.want_members:
-        vox = np.flatnonzero(roi.ravel())
-        keep = stratified_sample_indices(labels.reshape(-1)[vox], job.per_case, seed=opts.seed + ci)
-        vox = vox[keep]
         source = kept if len(kept) == len(cf.member_dirs) else cf.load_members(job.n_classes)
         xm = np.stack([safe_log(p.reshape(p.shape[0], -1)[:, vox].T).astype(np.float32) for p in source])
         if xm.shape[1] != x.shape[0]:
             raise RuntimeError("pooled and per-member calibration samples differ in size")  # same selector
-    return x, xm, y
+    return x, xm, y, feats
 
 
 def _cases(pairing: Pairing) -> list:
@@ -163,19 +180,24 @@ def _run_pass(fn, job, pairing, executor, desc) -> list:
     return result.ordered()
 
 
-def collect_samples(pairing: Pairing, opts: FitOptions, want_members: bool, executor=None):
+def collect_samples(pairing: Pairing, opts: FitOptions, want_members: bool, executor=None,
+                    want_local: bool = False):
     """Pass 1: stratified ROI samples of every case (``sample_case``, mapped over the cases by the
     executor, concatenated in case order). Returns (log p̄ rows (N, K), member rows (M, N, K) or None,
-    labels (N,))."""
+    labels (N,)); with ``want_local`` a fourth item {"pred", "dist_mm", "case"} (N,) each."""
     per_case = max(1, int(opts.max_voxels) // len(pairing.cases))
-    job = FitJob(pairing.n_classes, opts, per_case, want_members, pairing.n_members)
+    job = FitJob(pairing.n_classes, opts, per_case, want_members, pairing.n_members, want_local=want_local)
     parts = _run_pass(sample_case, job, pairing, executor, "fit: collect voxels")
     if not any(p[2].size for p in parts):
         raise InputError("no calibration voxels: every case was empty or had an empty ROI")
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[2] for p in parts])
     xm = np.concatenate([p[1] for p in parts], axis=1) if want_members else None
-    return x, xm, y
+    if not want_local:
+        return x, xm, y
+    local = {"pred": np.concatenate([p[3][0] for p in parts]), "dist_mm": np.concatenate([p[3][1] for p in parts]),
+             "case": np.concatenate([np.full(p[2].size, i) for i, p in enumerate(parts)])}
+    return x, xm, y, local
 
 
 def fit_scaler(x, xm, y, opts: FitOptions):
@@ -184,6 +206,9 @@ def fit_scaler(x, xm, y, opts: FitOptions):
     from ..calibration.vector_scaling import VectorScaler
 
     other = None
+    if opts.method in ("class_temperature", "local_temperature") and opts.ensemble_mode != "pool_then_calibrate":
+        raise InputError(f"{opts.method} is fitted on the pooled ensemble only; use --ensemble-mode "
+                         "pool_then_calibrate or --method temperature")
     if opts.method == "vector":
         if opts.ensemble_mode != "pool_then_calibrate":
             raise InputError("vector scaling is fitted on the pooled ensemble only; use "
@@ -194,6 +219,32 @@ def fit_scaler(x, xm, y, opts: FitOptions):
     if opts.ensemble_mode == "per_member":
         return per_member, pooled
     return pooled, per_member
+
+
+def fit_local(x, y, local: dict, opts: FitOptions) -> dict:
+    """The per-class / local temperature record of ``opts.method`` fitted on the pass-1 rows, with
+    the leave-one-case-out NLL of global, per-class and local temperature (``cv_nll``)."""
+    from ..calibration.local_temperature import cross_validated_nll, make_scaler
+
+    kw = dict(pool_voxels=opts.pool_voxels, seed=opts.seed)
+    if opts.method == "local_temperature":
+        kw["edges_mm"] = tuple(opts.local_edges_mm)
+    scaler = make_scaler(opts.method, **kw).fit(x, y, local["pred"], local["dist_mm"])
+    rec = scaler.to_record()
+    if np.unique(local["case"]).size >= 2:
+        rows = np.arange(y.size)
+        if rows.size > CV_MAX_ROWS:
+            rows = np.sort(np.random.default_rng(opts.seed).choice(rows, CV_MAX_ROWS, replace=False))
+        args = (x[rows], y[rows], local["pred"][rows], local["dist_mm"][rows], local["case"][rows])
+        rec["cv_nll"] = {"rows": int(rows.size), "unit": "leave one calibration case out"}
+        class_kw = dict(pool_voxels=opts.pool_voxels, seed=opts.seed)
+        for name, kkw in (("global", {}), ("class_temperature", class_kw),
+                          ("local_temperature", dict(class_kw, edges_mm=tuple(opts.local_edges_mm)))):
+            rec["cv_nll"][name] = cross_validated_nll("global" if name == "global" else name, *args, **kkw)["nll"]
+    else:
+        rec["cv_nll"] = None
+        log.warning("one calibration case: no cross-validated NLL for %s", opts.method)
+    return rec
 
 
 def threshold_case(job: FitJob, item) -> tuple:
@@ -210,7 +261,7 @@ def threshold_case(job: FitJob, item) -> tuple:
     names = [n for n in MAP_NAMES if n != "ebcu"]
     labels = read_label(cf, job.n_classes)
     acc = accumulate(cf.load_members(job.n_classes), calibration, mode)
-    probs = calibrated_probs(acc, calibration, mode)
+    probs = calibrated_probs(acc, calibration, mode, cf.geometry.spacing_zyx)
     seg = segmentation(probs)
     roi = roi_mask(seg, cf.geometry.spacing_zyx, opts.roi_radius_mm, reference=labels,
                    rule=opts.roi_rule, allow_empty=True)
@@ -274,9 +325,15 @@ def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, fingerprin
     t0 = time.perf_counter()
     n_foreground = label_foreground_voxels(pairing)
     want_members = opts.method == "temperature"
-    x, xm, y = collect_samples(pairing, opts, want_members, executor)
+    want_local = opts.method in ("class_temperature", "local_temperature")
+    if want_local and opts.ensemble_mode != "pool_then_calibrate":
+        raise InputError(f"{opts.method} is fitted on the pooled ensemble only; use --ensemble-mode "
+                         "pool_then_calibrate or --method temperature")
+    samples = collect_samples(pairing, opts, want_members, executor, want_local=want_local)
+    x, xm, y = samples[:3]
     t1 = time.perf_counter()
     scaler, other = fit_scaler(x, xm, y, opts)
+    local_rec = fit_local(x, y, samples[3], opts) if want_local else None
     t2 = time.perf_counter()
     extra = {"roi_description": describe_roi(opts.roi_rule, opts.roi_radius_mm),
              "max_voxels": int(opts.max_voxels), "seed": int(opts.seed),
@@ -292,6 +349,9 @@ def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, fingerprin
                                       class_names=pairing.class_names,
                                       fingerprint=fingerprint or prediction_fingerprint(pairing), extra=extra,
                                       label_foreground_voxels=n_foreground)
+    if local_rec is not None:
+        cal.method, cal.local = opts.method, local_rec
+        cal.validate()
     thresholds, t_ebcu, info = fit_thresholds(pairing, cal, opts, executor)
     cal.thresholds = thresholds
     cal.ebcu_threshold = t_ebcu

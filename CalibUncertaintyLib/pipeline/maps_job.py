@@ -38,7 +38,8 @@ def calibration_identity(calibration) -> list | None:
         return None
     src = [calibration.source_path] if calibration.source_path else []
     return [file_identity(src), calibration.method, calibration.ensemble_mode, calibration.temperature,
-            calibration.vector, calibration.ebcu_threshold, calibration.thresholds]
+            calibration.vector, calibration.ebcu_threshold, calibration.thresholds,
+            *([calibration.local] if getattr(calibration, "local", None) is not None else [])]
 
 
 def make_maps_job(pairing, calibration, options: CaseOptions, out_dir) -> MapsJob:

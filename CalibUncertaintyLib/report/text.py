@@ -71,7 +71,12 @@ def render_report(evaluation: dict) -> str:
     lines += ["## Calibration before and after (mean over cases)", ""]
     keys = [("nll", "NLL"), ("brier_multiclass", "Brier (multi-class)"), ("ece_top", "ECE top-label"),
             ("mce_top", "MCE top-label"), ("ace_top", "ACE top-label"), ("pece", "pECE")]
-    for region, label in (("roi", "Inside the ROI"), ("whole_image", "Whole image")):
+    lines += ["'Inside the ROI': each stage on its own prediction's ROI. 'Shared ROI': both stages on the "
+              "uncalibrated prediction's ROI (the same voxels; use it to compare before and after). They differ "
+              "only where the calibration changed the segmentation.", ""]
+    for region, label in (("roi", "Inside the ROI (each stage's own)"),
+                          ("shared_roi", "Inside one shared ROI (the uncalibrated prediction's)"),
+                          ("whole_image", "Whole image")):
         b, a = _agg(ev, "before", region), _agg(ev, "after", region)
         if not b:
             lines += [f"No case has a non-empty evaluation region ({label.lower()}).", ""]

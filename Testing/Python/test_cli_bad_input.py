@@ -193,7 +193,9 @@ def test_debug_shows_the_traceback(data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, key", [(["--ensemble-mode", "per_member"], "per_member"),
-                                        (["--method", "vector"], "vector")])
+                                        (["--method", "vector"], "vector"),
+                                        (["--method", "local_temperature"], "local_temperature"),
+                                        (["--method", "class_temperature"], "class_temperature")])
 def test_other_calibration_modes_run_end_to_end(data, tmp_path, extra, key):
     """Not bad input: the non-default modes go through fit, maps and evaluate on the tiny data."""
     members, raw = list(map(str, data["members"])), data["raw"]
@@ -201,7 +203,10 @@ def test_other_calibration_modes_run_end_to_end(data, tmp_path, extra, key):
     assert main(["fit-temperature", "--members", *members, "--labels", str(raw / "labelsTr"), "--cases", *CASES,
                  "-o", str(cal), *extra]) == 0
     doc = json.loads(cal.read_text())
-    assert (doc["ensemble_mode"] == "per_member") if key == "per_member" else (doc["method"] == "vector")
+    assert (doc["ensemble_mode"] == "per_member") if key == "per_member" else (doc["method"] == key)
+    if key.endswith("_temperature"):  # the table, the global T and the cross-validated NLL are stored
+        assert doc["local"]["kind"] == key and doc["temperature"] > 0
+        assert set(doc["local"]["cv_nll"]) >= {"global", "class_temperature", "local_temperature"}
     assert _maps(members, data, tmp_path / "out", "--cases", "c1", "--calibration", str(cal)) == 0
     summary = json.loads((tmp_path / "out" / "c1" / "summary.json").read_text())
     assert summary["calibration"]["method"] == doc["method"] and summary["ensemble_mode"] == doc["ensemble_mode"]
@@ -209,6 +214,15 @@ def test_other_calibration_modes_run_end_to_end(data, tmp_path, extra, key):
                  str(raw / "labelsTr"), "--calibration", str(cal), "--cases", "c1", "-o", str(tmp_path / "ev")]) == 0
     rec = json.loads((tmp_path / "ev" / "evaluation.json").read_text())["per_case"][0]
     assert rec["metrics"]["after"]["roi"]["nll"] != rec["metrics"]["before"]["roi"]["nll"]
+    # each stage on its own prediction's ROI, and both on the uncalibrated prediction's ROI
+    m = rec["metrics"]
+    assert m["before"]["roi"]["n_voxels"] == rec["roi"]["n_voxels_before"]
+    assert m["after"]["roi"]["n_voxels"] == rec["roi"]["n_voxels"]
+    assert m["before"]["shared_roi"] == m["before"]["roi"]
+    assert m["after"]["shared_roi"]["n_voxels"] == rec["roi"]["n_voxels_before"]
+    if key.endswith("_temperature"):
+        assert rec["segmentation_unchanged"]
+        assert rec["roi"]["n_voxels"] == rec["roi"]["n_voxels_before"]
 
 
 def test_command_modules_not_written_yet_are_skipped_but_broken_ones_are_not(tmp_path, monkeypatch):

@@ -84,7 +84,7 @@ def test_held_out_roi_nll_and_ece_improve(run):
     header = (run["root"] / "eval" / "metrics_per_case.csv").read_text().splitlines()[0].split(",")
     assert header[:3] == ["case", "calibration", "region"] and "ece_fg_Mandible" in header
     agg = (run["root"] / "eval" / "metrics_aggregate.csv").read_text()
-    assert "nll.mean" in agg and agg.count("\n") == 5  # header + before/after x roi/whole_image
+    assert "nll.mean" in agg and agg.count("\n") == 7  # header + before/after x roi/shared_roi/whole_image
 
 
 def test_outputs_on_the_image_grid_and_contract(run):

@@ -1,0 +1,115 @@
+"""Markdown report of ``bench/openkbp_local.py`` (tables from the JSON record it writes)."""
+
+from __future__ import annotations
+
+CALS = ("uncalibrated", "global", "class", "local", "vector")
+LABEL = {"uncalibrated": "uncalibrated", "global": "global T", "class": "per-class T", "local": "local T(x)",
+         "vector": "vector scaling"}
+CONFIG = {"single": "single model (fold 0)", "deep": "deep ensemble", "checkpoint": "checkpoint ensemble"}
+
+
+def _f(v, d=4):
+    return "n/a" if v is None else f"{v:.{d}f}"
+
+
+def _pct(a, b):
+    return "n/a" if a is None or b is None or a == 0 else f"{100 * (b - a) / a:+.1f} %"
+
+
+def beats_global(m: dict, default: str) -> dict:
+    keys = ("roi_nll", "roi_ece", "image_nll", "image_ece")
+    return {k: m[default][k] is not None and m["global"][k] is not None and m[default][k] < m["global"][k]
+            for k in keys}
+
+
+def render(out: dict) -> str:
+    run, cfgs = out["run"], out["configurations"]
+    default = run["default_calibrator"]
+    tr = run["training"]
+    s = ["# OpenKBP, 2d nnU-Net: global, per-class and local temperature, vector scaling (issue 11)", "",
+         "Produced by", "", "```", f"PYTHONPATH=. {run['command']}", "```", ""]
+    secs = ", ".join(f"{k} {v / 60:.1f} min" for k, v in run["step_seconds"].items())
+    s += [f"- Machine: {run['machine']['cpu_cores']} CPU cores shared with three other engineers' jobs "
+          f"({run['machine']['platform']}), torch threads {run['machine']['torch_threads']}; load average at the "
+          f"end {', '.join(f'{v:.1f}' for v in run['machine']['load_average_at_end'])}.",
+          f"- Time: {run['all_steps_s'] / 60 + sum(c['seconds'] for c in cfgs.values()) / 60:.1f} min for all steps "
+          f"when they ran (steps: {secs}; evaluation per configuration: "
+          + ", ".join(f"{k} {c['seconds'] / 60:.1f} min" for k, c in cfgs.items())
+          + f"); the invocation that wrote this report took {run['wall_s'] / 60:.1f} min"
+          + (f", reusing {', '.join(run['steps_reused'])} from its work folder" if run.get("steps_reused") else "")
+          + ".",
+          f"- Data: {run['data']}; split seed {run['split']['seed']}: {len(run['split']['train'])} training, "
+          f"{len(run['split']['calibration'])} calibration ({', '.join(run['split']['calibration'])}), "
+          f"{len(run['split']['test'])} test cases ({', '.join(run['split']['test'])}). OOD CT: {run['ood']}.",
+          f"- Model: nnU-Net **2d** configuration, small plan ({run['plan']['n_stages']} stages, "
+          f"{run['plan']['base_features']}→{run['plan']['max_features']} features, patch "
+          f"{'×'.join(map(str, run['plan']['patch_size']))}, batch {run['plan']['batch_size']}, in-plane target "
+          f"spacing {run['plan']['target_spacing_mm']:g} mm). Training: Adam, lr {tr['deep']['initial_lr']:g}, "
+          f"nnU-Net's Dice + CE loss with deep supervision; deep ensemble = {len(tr['records']['deep'])} folds × "
+          f"{tr['deep']['num_epochs']} × {tr['deep']['iterations_per_epoch']} iterations (poly LR); checkpoint "
+          f"ensemble = fold 0, {tr['checkpoint']['num_epochs']} × {tr['checkpoint']['iterations_per_epoch']} "
+          f"iterations in {tr['checkpoint']['cycles']} cosine cycles, one snapshot per cycle; single model = "
+          "fold 0 of the deep ensemble. Inference: sliding window, step 1, no mirroring.",
+          "- Calibrators (pool then calibrate), all fitted on the same stratified ROI voxels of the calibration "
+          "cases; ROI = voxels within 15 mm of the *uncalibrated* predicted foreground. Test numbers: means over "
+          "the test cases; **ROI** = the uncalibrated prediction's ROI (one shared set of voxels for every "
+          "calibrator), **image** = every voxel. ECE: top-label, 15 bins; per-class ECE: foreground ECE "
+          "averaged over the organs; Brier multi-class. Definitions: ../shared/docs/METHODS.md, docs/METHODS.md.",
+          f"- Default calibrator in this run: **{LABEL[default]}**.", ""]
+    for cfg, c in cfgs.items():
+        if c.get("skipped"):
+            s += [f"## {CONFIG.get(cfg, cfg)} ({len(c['members'])} member(s))", "",
+                  f"**Not evaluated**: {c['skipped']}.", ""]
+            continue
+        fit, m = c["fit"], c["mean"]
+        s += [f"## {CONFIG.get(cfg, cfg)} ({len(c['members'])} member(s))", "",
+              f"ROI numbers over the {m['uncalibrated']['n_cases_with_roi']} of {c['n_test']} test cases with a "
+              "predicted organ (an empty prediction has no ROI); image numbers over all of them.",
+              f"Global T = {fit['global_T']:.3f}; per-class T = "
+              + ", ".join(f"{t:.2f}" for t in fit["class_T"]) + f"; fitted on {fit['n_voxels']} voxels.",
+              "Leave-one-case-out NLL on the calibration cases: "
+              + ", ".join(f"{LABEL[k]} {_f(v['nll'])}" for k, v in fit["cv_nll"].items()) + ".", "",
+              "| calibrator | ROI NLL | Δ vs uncal. | ROI ECE | ROI class ECE | ROI Brier | image NLL | image ECE "
+              "| image class ECE | image Brier | mean Dice | changed voxels (cases unchanged) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for k in CALS:
+            r = m[k]
+            s.append(f"| {LABEL[k]} | {_f(r['roi_nll'])} | {_pct(m['uncalibrated']['roi_nll'], r['roi_nll'])} | "
+                     f"{_f(r['roi_ece'])} | {_f(r['roi_ece_class'])} | {_f(r['roi_brier'])} | {_f(r['image_nll'])} | "
+                     f"{_f(r['image_ece'])} | {_f(r['image_ece_class'])} | {_f(r['image_brier'])} | "
+                     f"{_f(r['dice'], 3)} | {r['seg_changed_voxels']} ({r['cases_unchanged']}/{c['n_test']}) |")
+        b = beats_global(m, default)
+        lost = [k for k, v in b.items() if not v]
+        s += ["", (f"{LABEL[default]} beats global T on " + ", ".join(k for k, v in b.items() if v)
+                   + (f"; it does **not** on {', '.join(lost)}." if lost else " — all four.")), ""]
+        loc = fit["local_T"]
+        s += ["Local T(x) (rows: predicted class; columns: distance to the predicted contour, bins from "
+              + ", ".join(f"{e:g}" for e in fit["edges_mm"]) + " mm, last open):", "",
+              "| class | " + " | ".join(f"≥{e:g}" for e in fit["edges_mm"]) + " |",
+              "|---|" + "---|" * len(fit["edges_mm"])]
+        names = run.get("class_names") or [str(i) for i in range(len(loc))]
+        for i, row in enumerate(loc):
+            s.append(f"| {names[i] if i < len(names) else i} | " + " | ".join(
+                f"{t:.2f} ({n})" for t, n in zip(row, fit["local_counts"][i])) + " |")
+        s.append("")
+    s += ["## Case triage and the out-of-distribution CT", ""]
+    for cfg, c in cfgs.items():
+        if c.get("skipped"):
+            continue
+        t = c["triage"]
+        s += [f"### {CONFIG.get(cfg, cfg)}", "", f"Flag threshold τ = {t['tau']:.3f} ({t['tau_rule']}). "
+              "Risk = 1 − mean organ Dice; AURC of the risk–coverage curve when the test cases are reviewed "
+              "by each aggregate (lower is better; oracle = ranking by the true risk).", "",
+              "| aggregate | Spearman ρ with Dice | AURC | oracle AURC | OOD value | max over test cases | OOD ranked "
+              "above every test case |", "|---|---|---|---|---|---|---|"]
+        for a, v in t["summary"].items():
+            rc = v.get("risk_coverage") or {}
+            o = (t.get("ood") or {}).get("ranks", {}).get(a) or {}
+            s.append(f"| {a} | {_f(v.get('spearman'), 2)} | {_f(rc.get('aurc'), 3)} | "
+                     f"{_f(rc.get('aurc_optimal'), 3)} | {_f(o.get('ood'), 3)} | {_f(o.get('max_test'), 3)} | "
+                     f"{'yes' if o.get('above_every_test_case') else 'no'} |")
+        if t["summary"]:
+            first = next(iter(t["summary"].values()))["risk_coverage"] or {}
+            s += ["", "Risk–coverage (mean_u_roi): " + ", ".join(
+                f"{cv:.1f}→{r:.3f}" for cv, r in zip(first.get("coverage", []), first.get("risk", []))), ""]
+    return "\n".join(s) + "\n"

@@ -1,0 +1,217 @@
+"""Benchmark on real CT (issue 11): over-confident 2d nnU-Net models on OpenKBP; global, per-class and
+local temperature and vector scaling on held-out cases; case triage and the out-of-distribution check.
+
+A sibling of ``bench/openkbp.py`` (same data helpers, step records and member writer). What differs:
+
+1. Models as over-confident as real nnU-Net models: nnU-Net's **2d** configuration (whole 128 x 128
+   slices at ``--spacing-mm`` in-plane, default 4 mm, close to OpenKBP's native 3.9 mm), trained with
+   Adam and nnU-Net's own loss (Dice + cross-entropy with deep supervision: ``CalibuTinyTrainer`` and
+   ``CalibuSnapshotTrainer`` subclass ``nnUNetTrainer`` and keep its ``_build_loss``), for as many
+   iterations as the CPU budget allows. Deep ensemble = ``--folds`` folds; checkpoint ensemble =
+   snapshots of fold 0; single model = fold 0 of the deep ensemble.
+2. Calibrators, all fitted on the same stratified ROI voxels of the calibration cases (ROI = voxels
+   within 15 mm of the uncalibrated predicted foreground), pool then calibrate:
+   ``global`` (``TemperatureScaler``), ``class`` (``ClassTemperatureScaler``), ``local``
+   (``LocalTemperatureScaler``), ``vector`` (``VectorScaler``). Leave-one-case-out NLL of the three
+   temperature calibrators on the calibration cases.
+3. Test cases, every calibrator: ROI NLL, top-label ECE, per-class (foreground) ECE averaged over the
+   organs, multi-class Brier, mean Dice, voxels whose segmentation changed; inside the *shared* ROI
+   (that of the uncalibrated prediction, the same voxels for every calibrator) and over the whole
+   image. Means over the test cases.
+4. Triage (METHODS.md §6): per-case aggregates of the calibrated predictive entropy of the default
+   calibrator (τ = 0.95 quantile of the calibration cases' ROI entropy), their risk–coverage curve
+   (risk = 1 − mean organ Dice) on the test cases, and the OOD CT ``../shared/data/ood_ct`` ranked
+   against the test cases by each aggregate.
+
+Report: ``bench/results/openkbp_local.md`` and ``.json``.
+
+    .venv/bin/python bench/openkbp_local.py [--workdir /tmp/calibu_openkbp_local] [--n-train 30 --n-cal 6
+        --n-test 10] [--folds 3] [--deep-epochs 20] [--snapshot-epochs 30] [--iterations 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for p in (REPO, REPO / "bench"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from CalibUncertaintyLib.errors import CalibUncertaintyError  # noqa: E402
+from CalibUncertaintyLib.io.atomic import write_json, write_text  # noqa: E402
+from openkbp import Steps, _display_path, default_data, signature  # noqa: E402
+
+log = logging.getLogger("bench.openkbp_local")
+DATASET_ID, DATASET_NAME = 502, "OpenKBPLocal"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=default_data())
+    p.add_argument("--ood", type=Path, default=default_data().parent / "ood_ct" / "abdomen_ct_3mm.nii.gz",
+                   help="out-of-distribution CT (default ../shared/data/ood_ct/abdomen_ct_3mm.nii.gz)")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/calibu_openkbp_local"))
+    p.add_argument("--n-train", type=int, default=30)
+    p.add_argument("--n-cal", type=int, default=6)
+    p.add_argument("--n-test", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spacing-mm", type=float, default=4.0, help="in-plane target spacing of the 2d plan")
+    p.add_argument("--n-stages", type=int, default=5)
+    p.add_argument("--base-features", type=int, default=8)
+    p.add_argument("--max-features", type=int, default=64)
+    p.add_argument("--patch", type=int, nargs=2, default=[128, 128])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--deep-epochs", type=int, default=20)
+    p.add_argument("--snapshot-epochs", type=int, default=30)
+    p.add_argument("--cycles", type=int, default=3)
+    p.add_argument("--iterations", type=int, default=25)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-voxels-per-case", type=int, default=60_000)
+    p.add_argument("--default-calibrator", default="local", choices=("global", "class", "local", "vector"))
+    p.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    a = p.parse_args(argv)
+    a.workdir = a.workdir.expanduser().resolve()
+    if a.workdir == REPO or REPO in a.workdir.parents:
+        p.error(f"--workdir {a.workdir} lies inside the repository")
+    if a.snapshot_epochs % a.cycles:
+        p.error("--snapshot-epochs must be a multiple of --cycles")
+    return a
+
+
+def main(argv=None) -> int:
+    import _openkbp_data as data
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S"))
+    for name in ("bench.openkbp_local", "bench.openkbp"):
+        lg = logging.getLogger(name)
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+    t_start = time.time()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    command = " ".join(shlex.quote(x) for x in [".venv/bin/python", "bench/openkbp_local.py",
+                                                *(sys.argv[1:] if argv is None else argv)])
+    source = data.find_dataset(args.data)
+    split = data.make_split(data.case_ids(source), args.n_train, args.n_cal, args.n_test, args.seed)
+    root = args.workdir / f"split_{signature([split, str(source)])}"
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(root / "split.json", split)
+    steps = Steps(root)
+    raw, pre, res = root / "nnUNet_raw", root / "nnUNet_preprocessed", root / "nnUNet_results"
+
+    train_folder = data.link_training_dataset(source, raw, DATASET_ID, DATASET_NAME, split["train"])
+    from _openkbp_plan import bench_plans_name, prepare_bench_plan
+
+    plan_kw = dict(n_stages=args.n_stages, base_features=args.base_features, max_features=args.max_features,
+                   patch_size=list(args.patch), batch_size=args.batch_size)
+    plans_file = pre / train_folder.name / f"{bench_plans_name(args.spacing_mm)}.json"
+    steps.run("plan", {"split": split, "plan": plan_kw, "spacing_mm": args.spacing_mm, "cfg": "2d"}, [plans_file],
+              lambda: str(prepare_bench_plan(train_folder, pre, args.spacing_mm, configuration="2d",
+                                             **plan_kw).plans_file))
+    prepared = prepare_bench_plan(train_folder, pre, args.spacing_mm, configuration="2d", **plan_kw)
+
+    from CalibUncertaintyLib.nnunet.training import FOLD_RECORD, TrainingConfig, model_folder_path, train_folds
+
+    deep_cfg = TrainingConfig(trainer="CalibuTinyTrainer", num_epochs=args.deep_epochs,
+                              iterations_per_epoch=args.iterations, initial_lr=args.lr, val_iterations=1, seed=0)
+    snap_cfg = TrainingConfig(trainer="CalibuSnapshotTrainer", num_epochs=args.snapshot_epochs,
+                              iterations_per_epoch=args.iterations, cycles=args.cycles, initial_lr=args.lr,
+                              val_iterations=1, seed=100)
+
+    def done(cfg, folds):
+        d = model_folder_path(res, prepared.dataset_name, cfg.trainer, prepared.plans_name, prepared.configuration)
+        return [d / f"fold_{f}" / FOLD_RECORD for f in folds]
+
+    plan_sig = signature(prepared.plans_file.read_text())
+    deep_dir = Path(steps.run("train_deep", {"split": split, "plan": plan_sig, "config": deep_cfg.record(),
+                                             "folds": args.folds}, done(deep_cfg, range(args.folds)),
+                              lambda: str(train_folds(prepared, res, list(range(args.folds)), deep_cfg, device="cpu",
+                                                      num_threads=args.threads))))
+    snap_dir = Path(steps.run("train_checkpoint", {"split": split, "plan": plan_sig, "config": snap_cfg.record()},
+                              done(snap_cfg, [0]),
+                              lambda: str(train_folds(prepared, res, [0], snap_cfg, device="cpu",
+                                                      num_threads=args.threads))))
+    training = data.training_records(deep_dir, snap_dir)
+
+    from _openkbp_members import RECORD, predict_members
+
+    images = source / "imagesTr"
+    held_out = split["calibration"] + split["test"]
+    cases = {c: [images / f"{c}_0000.nii.gz"] for c in held_out}
+    ood_id = "OOD_abdomen"
+    if args.ood.is_file():
+        cases[ood_id] = [args.ood]
+    members, inference = {}, {}
+    for ens, model_dir, folds in (("deep", deep_dir, None), ("checkpoint", snap_dir, [0])):
+        inputs = {"model": str(model_dir), "train": training[ens], "cases": sorted(cases)}
+
+        def predict(ens=ens, model_dir=model_dir, folds=folds):
+            dirs, timing = predict_members(model_dir, ens, cases, root / "members" / ens, 1.0, False, folds)
+            return {"dirs": [str(d) for d in dirs], "timing": timing}
+
+        out = steps.run(f"members_{ens}", inputs, [root / "members" / ens], predict)
+        members[ens], inference[ens] = out["dirs"], out["timing"]
+    members["single"] = members["deep"][:1]
+
+    import _local_eval as ev
+    import _local_report as report
+
+    labels = source / "labelsTr"
+    class_names = [n for n, _ in sorted(json.loads((source / "dataset.json").read_text())["labels"].items(),
+                                        key=lambda kv: kv[1])]
+    results = {}
+    for ens in ("single", "deep", "checkpoint"):
+        dirs = [Path(d) for d in members[ens]]
+        t0 = time.time()
+        results[ens] = ev.evaluate_configuration(dirs, labels, split["calibration"], split["test"],
+                                                 ood_id if ood_id in cases else None, args.max_voxels_per_case,
+                                                 args.default_calibrator, seed=args.seed)
+        results[ens]["members"] = [d.name for d in dirs]
+        results[ens].setdefault("n_test", len(split["test"]))
+        results[ens]["seconds"] = round(time.time() - t0, 1)
+        log.info("%s: evaluated in %.0f s", ens, time.time() - t0)
+
+    run_info = {
+        "command": command, "wall_s": round(time.time() - t_start, 1),
+        "all_steps_s": round(sum(steps.seconds.values()), 1), "step_seconds": steps.seconds,
+        "steps_run": steps.ran, "steps_reused": steps.reused,
+        "machine": {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "torch_threads": args.threads,
+                    "load_average_at_end": list(os.getloadavg())},
+        "data": _display_path(source), "ood": _display_path(args.ood), "split": split,
+        "plan": {**plan_kw, "configuration": "2d", "target_spacing_mm": args.spacing_mm,
+                 "spacing": data.plan_spacing(prepared.plans_file)},
+        "training": {"deep": deep_cfg.record(), "checkpoint": snap_cfg.record(), "records": training},
+        "inference": inference, "class_names": class_names, "default_calibrator": args.default_calibrator,
+        "member_record": RECORD,
+    }
+    out = {"run": run_info, "configurations": results}
+    args.results.mkdir(parents=True, exist_ok=True)
+    write_json(args.results / "openkbp_local.json", out)
+    write_text(args.results / "openkbp_local.md", report.render(out))
+    log.info("wrote %s (%.0f s)", args.results / "openkbp_local.md", time.time() - t_start)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except CalibUncertaintyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
