@@ -128,7 +128,8 @@ def case_miss_rate(score, errors, tau) -> float | None:
 def margin_losses(prob_k, label_is_k, pred_is_k, grid=PROB_GRID) -> dict:
     """Per-case loss curves of one class on ``grid`` (module docstring).
 
-    Returns {"outer_miss": (G,), "inner_fdp": (G,) monotone envelope, "n_true", "n_pred"}. ``outer_miss[j]``: fraction of true voxels outside
+    Returns {"outer_miss": (G,), "inner_fdp": (G,) monotone envelope, "inner_fdp_raw": (G,) the
+    FDP itself (for held-out checks), "n_true", "n_pred"}. ``outer_miss[j]``: fraction of true voxels outside
     {p ≥ grid[j]} ∪ prediction; ``inner_fdp[j]``: max over grid[j'] ≥ grid[j] of the FDP of {p > grid[j']}.
     """
     p = np.asarray(prob_k, dtype=np.float32)
@@ -153,7 +154,8 @@ def margin_losses(prob_k, label_is_k, pred_is_k, grid=PROB_GRID) -> dict:
     n_false_in = (vals.size - cum_true[-1]) - (k - cum_true[k])
     fdp = np.where(n_in > 0, n_false_in / np.maximum(n_in, 1), 0.0)
     envelope = np.maximum.accumulate(fdp[::-1])[::-1]
-    return {"outer_miss": outer, "inner_fdp": envelope, "n_true": n_true, "n_pred": int(pr.sum())}
+    return {"outer_miss": outer, "inner_fdp": envelope, "inner_fdp_raw": fdp, "n_true": n_true,
+            "n_pred": int(pr.sum())}
 
 
 def margin_thresholds(curves: list[dict], alpha: float, grid=PROB_GRID) -> dict:
