@@ -119,3 +119,23 @@ def test_record_round_trip_and_bad_alpha():
     broken = dict(rec, alpha=2)
     with pytest.raises(InputError, match="alpha"):
         cf.validate_record(broken)
+
+
+def test_calibration_file_keeps_the_record_and_old_files_load():
+    import json
+
+    from CalibUncertaintyLib.calibration.calibration_file import CalibrationFile
+
+    base = dict(method="temperature", temperature=1.5, class_names=["background", "organ"],
+                fingerprint={"n_classes": 2}, ebcu_threshold=0.3)
+    old = CalibrationFile(**base).to_dict()
+    old.pop("conformal")  # a file written before the record existed
+    assert CalibrationFile.from_dict(old).conformal == {}
+    rng = np.random.default_rng(5)
+    rec = cf.build_record(0.2, {"dae": [_case_errors(rng) for _ in range(6)]}, {})
+    loaded = CalibrationFile.from_dict(json.loads(json.dumps(CalibrationFile(**base, conformal=rec).to_dict())))
+    assert loaded.conformal == rec and not cf.at_alpha(loaded.conformal, "flags", "dae")["trivial"]
+    bad = json.loads(json.dumps(CalibrationFile(**base, conformal=rec).to_dict()))
+    bad["conformal"]["flags"]["dae"]["0.2"]["tau"] = "x"
+    with pytest.raises(InputError, match="conformal.flags.dae"):
+        CalibrationFile.from_dict(bad)
