@@ -51,9 +51,11 @@ ALPHA_GRID = (0.05, 0.1, 0.2, 0.3)
 SOURCE = ("conformal risk control, Angelopoulos, Bates, Fisch, Lei & Schuster, 'Conformal Risk "
           "Control' (ICLR 2024), Theorem 1, B = 1")
 INNER_MIN = 0.5
-#: probability levels searched for the margins: 0.001 steps plus finer steps near 0 and 1
+#: probability levels searched for the margins: 0.001 steps plus finer steps near 0 and 1, each a
+#: float32 number, so a float32 probability map compares with a level the same way in float32 and float64
 PROB_GRID = np.unique(np.concatenate((
-    np.linspace(0.0, 1.0, 1001), np.geomspace(1e-6, 1e-3, 13), 1.0 - np.geomspace(1e-6, 1e-3, 13)))).astype(np.float64)
+    np.linspace(0.0, 1.0, 1001), np.geomspace(1e-6, 1e-3, 13), 1.0 - np.geomspace(1e-6, 1e-3, 13))
+).astype(np.float32)).astype(np.float64)
 
 
 def check_alpha(alpha) -> float:
