@@ -221,7 +221,7 @@ def guarantee_text(alpha: float, what: str = "flags") -> str:
         return f"flags cover ≥ {pct} of errors in expectation"
     if what == "outer":
         return f"outer contour holds ≥ {pct} of the organ's voxels in expectation"
-    return f"inner contour is ≥ {pct} organ in expectation (precision)"
+    return f"inner contour's voxels are organ with precision ≥ {pct} in expectation"
 
 
 def build_record(alpha: float, flag_scores: dict, margin_curves: dict, alphas=ALPHA_GRID) -> dict:
@@ -289,15 +289,27 @@ def describe_record(rec: dict, maps=None) -> list[str]:
     if shown:
         parts = []
         for m in shown:
-            th = at_alpha(rec, "flags", m)
-            parts.append(f"{m} > {th['tau']:.4g}" if th and th["tau"] is not None else f"{m}: whole ROI")
+            parts.append(_flag_rule(m, at_alpha(rec, "flags", m)))
         lines.append(f"  {guarantee_text(a)} at: " + ", ".join(parts))
+    if rec.get("margins"):
+        lines.append(f"  organ margins: {guarantee_text(a, 'outer')}; {guarantee_text(a, 'inner')}:")
     for cname in rec.get("margins") or {}:
         th = at_alpha(rec, "margins", cname)
         if th:
-            lines.append(f"  margins {cname}: outer p ≥ {th['outer']:.4g} ({guarantee_text(a, 'outer')}), "
-                         f"inner p > {max(th['inner'], INNER_MIN):.4g} ({guarantee_text(a, 'inner')})")
+            lines.append(f"    {cname}: outer p ≥ {th['outer']:.4g}, inner p > {max(th['inner'], INNER_MIN):.4g}")
     return lines
+
+
+def _flag_rule(name: str, th: dict | None) -> str:
+    """How a stored flag threshold reads in the map's own units (every score is >= 0, so a
+    threshold at or below 0 flags the whole ROI: the map is 0 at some calibration errors)."""
+    from .thresholds import LOWER_IS_UNCERTAIN
+
+    if not th or th["tau"] is None or th["c"] <= 0:
+        return f"{name}: whole ROI"
+    if name in LOWER_IS_UNCERTAIN:
+        return f"{name} < {1.0 - th['tau']:.4g}"
+    return f"{name} > {th['tau']:.4g}"
 
 
 def case_guarantees(calibration, regions_map: str) -> dict | None:
@@ -309,7 +321,7 @@ def case_guarantees(calibration, regions_map: str) -> dict | None:
     flag = at_alpha(rec, "flags", regions_map)
     return {"alpha": a, "n_cases": rec.get("n_cases"), "source": rec.get("source"),
             "trivial": bool(flag["trivial"]) if flag else None,
-            "flags": {"map": regions_map, "tau_score": flag["tau"] if flag else None,
+            "flags": {"map": regions_map, "tau_score": flag["tau"], "rule": _flag_rule(regions_map, flag),
                       "guarantee": guarantee_text(a)} if flag else None,
             "margins": {"outer": guarantee_text(a, "outer"), "inner": guarantee_text(a, "inner")}
             if rec.get("margins") else None}

@@ -44,7 +44,7 @@ def guarantee_lines(summary: dict) -> list[str]:
     flags = conf.get("flags") or {}
     if flags:
         what = "the whole ROI (too few calibration cases for α)" if conf.get("trivial") else \
-            f"{flags['map']} > {flags['tau_score']:.4g}"
+            flags.get("rule") or f"{flags['map']} > {flags['tau_score']:.4g}"
         lines.append(f"Conformal flags ({what}): {flags['guarantee']}.")
     margins = conf.get("margins") or {}
     if margins:
