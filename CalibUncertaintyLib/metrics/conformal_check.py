@@ -99,7 +99,7 @@ def report_lines(summary: dict | None, regions_map: str) -> list[str]:
              "| map | α | τ (score) | mean miss rate | SE | mean ≤ α + SE |", "|---|---|---|---|---|---|"]
     for name, rows in summary["flags"].items():
         for r in rows:
-            tau = "whole ROI" if r["tau"] is None else f"{r['tau']:.4g}"
+            tau = "whole ROI" if r["tau"] is None or r["tau"] <= 0 else f"{r['tau']:.4g}"
             se = "n/a" if r["se"] is None else f"{r['se']:.4f}"
             lines.append(f"| {name} | {r['alpha']:g} | {tau} | {r['mean_miss']:.4f} | {se} | "
                          f"{'yes' if r['met'] else 'NO'} |")
