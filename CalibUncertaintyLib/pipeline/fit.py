@@ -219,7 +219,8 @@ def threshold_case(job: FitJob, item) -> tuple:
                      dae_sigma_mm=opts.dae_sigma_mm, roi=roi)
     margins = case_margin_curves(probs, labels, seg)
     del acc, probs
-    pad = [int(math.ceil(opts.ebcu_radius_mm / h)) + 1 for h in cf.geometry.spacing_zyx]
+    r_ebcu = effective_radius_mm(opts.ebcu_radius_mm, cf.geometry.spacing_zyx)
+    pad = [int(math.ceil(r_ebcu / h)) + 1 for h in cf.geometry.spacing_zyx]
     box = _bbox(roi, pad, roi.shape)
     errors = error_mask(seg, labels, roi)
     crop = ({n: maps[n][box].copy() for n in names}, errors[box].copy(), roi[box].copy(), cf.geometry.spacing_zyx)
@@ -237,7 +238,7 @@ def fit_thresholds(pairing: Pairing, calibration, opts: FitOptions, executor=Non
     """Pass 3: EBCU threshold and τ* per map with ``calibration`` applied (``threshold_case`` per
     case, mapped by the executor; the pooled quantile and the τ* search once, here). Returns (τ*, t, info)."""
     from ..calibration.thresholds import calibrate_thresholds
-    from ..uncertainty.ebcu import ebcu
+    from ..uncertainty.ebcu import ebcu, effective_radius_mm
 
     n_cases = len(pairing.cases)
     job = FitJob(pairing.n_classes, opts, 0, False, pairing.n_members, calibration)
@@ -250,7 +251,8 @@ def fit_thresholds(pairing: Pairing, calibration, opts: FitOptions, executor=Non
                          "cannot fit thresholds; check the members")
     t_ebcu = float(np.quantile(pooled, EBCU_QUANTILE))
     for c_maps, _, _, spacing in crops:
-        c_maps["ebcu"] = ebcu(c_maps["entropy"], spacing, radius_mm=opts.ebcu_radius_mm, threshold=t_ebcu)
+        c_maps["ebcu"] = ebcu(c_maps["entropy"], spacing, radius_mm=effective_radius_mm(opts.ebcu_radius_mm, spacing),
+                              threshold=t_ebcu)
     thresholds = calibrate_thresholds([c[0] for c in crops], [c[1] for c in crops], [c[2] for c in crops],
                                       seed=opts.seed)
     conformal = conformal_record(crops, [p[2] for p in parts], calibration.class_names, opts.conformal_alpha)

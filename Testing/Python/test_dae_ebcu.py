@@ -229,3 +229,19 @@ def test_default_threshold_and_errors():
     with pytest.raises(InputError, match="entropy shape"):
         distance_aware_entropy(u[:2], np.zeros(u.shape, np.uint8), (1, 1, 1))
     assert not ebcu(u, (1, 1, 1), threshold=5000).any()  # nothing above t: all zero
+
+
+def test_maps_use_a_ball_of_at_least_two_coarse_voxels():
+    """On a coarse grid (3.9 mm, like OpenKBP) the 4 mm ball would be 7 voxels, so the maps use
+    2 × 3.9 mm; on a fine grid the 4 mm radius stays (ebcu.effective_radius_mm)."""
+    from CalibUncertaintyLib.uncertainty.ebcu import effective_radius_mm
+
+    assert effective_radius_mm(4.0, (2.5, 3.9, 3.9)) == pytest.approx(7.8)
+    assert effective_radius_mm(4.0, (1.0, 0.8, 0.8)) == 4.0
+    assert len(ball_offsets(4.0, (2.5, 3.9, 3.9))) == 7
+    coarse = (2.5, 3.9, 3.9)
+    probs, _ = sphere_phantom(coarse, size_mm=60.0)
+    acc = EnsembleAccumulator(2, probs.shape[1:])
+    acc.add(probs)
+    maps = compute_maps(acc, Geometry(probs.shape[1:], coarse[::-1]), names=["entropy", "ebcu"], ebcu_threshold=0.3)
+    np.testing.assert_allclose(maps["ebcu"], ebcu(maps["entropy"], coarse, radius_mm=7.8, threshold=0.3), atol=1e-6)
