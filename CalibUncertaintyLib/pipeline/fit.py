@@ -203,6 +203,7 @@ def threshold_case(job: FitJob, item) -> tuple:
     radius, and the calibrated predictive entropy of the ROI voxels (for the pooled EBCU t)."""
     from ..calibration.roi import roi_mask
     from ..metrics.error_detection import error_mask
+    from ..uncertainty.ebcu import effective_radius_mm
     from ..uncertainty.maps import MAP_NAMES, segmentation
 
     _, cf = item
@@ -267,7 +268,7 @@ def fit_thresholds(pairing: Pairing, calibration, opts: FitOptions, executor=Non
 def conformal_record(crops, margin_curves, class_names, alpha) -> dict:
     """Conformal risk control thresholds (METHODS.md §7) from the pass-3 crops (every map's
     scores at each case's ROI error voxels) and the per-case margin curves."""
-    from ..calibration.conformal import build_record, min_cases
+    from ..calibration.conformal import build_record
     from ..calibration.thresholds import uncertainty_score
 
     flag_scores = {name: [uncertainty_score(name, c_maps[name])[errs & roi] for c_maps, errs, roi, _ in crops]
