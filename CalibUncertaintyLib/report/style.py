@@ -24,8 +24,13 @@ _NOT_STYLE = ("backend", "backend_fallback", "interactive", "toolbar", "webagg."
 
 @contextmanager
 def fixed_style():
-    """Context in which matplotlib's rcParams are its defaults plus ``STYLE``."""
-    import matplotlib as mpl
+    """Context in which matplotlib's rcParams are its defaults plus ``STYLE`` (nothing to do
+    without matplotlib: Slicer does not ship it, and the callers then draw without it)."""
+    try:
+        import matplotlib as mpl
+    except ImportError:
+        yield
+        return
 
     base = {k: v for k, v in mpl.rcParamsDefault.items() if not k.startswith(_NOT_STYLE)}
     with mpl.rc_context(base):
