@@ -45,6 +45,10 @@ from .synthetic.phantom import PhantomSpec
 log = logging.getLogger(__name__)
 
 ENSEMBLES = ("single", "deep", "checkpoint")
+#: torch CPU threads for training and inference unless the caller gives a number: a fixed count,
+#: not one that follows the machine's CPU count, because the thread count changes the order of
+#: floating-point sums in training and so the tiny models and every number after them
+DEMO_THREADS = 1
 STEP_DIR = ".steps"
 
 
@@ -172,6 +176,35 @@ def _summary_row(ensemble: str, n_members: int, evaluation: dict) -> dict:
     return row
 
 
+def reproducibility(num_threads: int, device: str) -> dict:
+    """What the numbers depend on beyond the seeds: threads, device, CPU, library versions."""
+    import platform
+
+    import numpy
+    import torch
+
+    return {"torch_threads": num_threads, "device": device, "machine": platform.machine(),
+            "processor": platform.processor() or None, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version(),
+            "note": "seeds fix data, splits, initialisation and augmentation; a rerun with the same threads on the "
+                    "same CPU and library versions repeats the numbers, another thread count, CPU instruction "
+                    "set or library version changes the tiny models' training and so the numbers"}
+
+
+def comparison_table(rows: list[dict]) -> list[str]:
+    """The README's table (Markdown lines) from the comparison rows this run produced."""
+    dice_cols = sorted({k for r in rows for k in r if k.startswith("dice_")})
+    head = ["ensemble", "members", "T", *[f"Dice {c[len('dice_'):]}" for c in dice_cols],
+            "ROI NLL before → after", "ROI ECE (top-label) before → after"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["ensemble"], str(r["members"]), _fmt(r.get("temperature")), *[_fmt(r.get(c)) for c in dice_cols],
+                 f"{_fmt(r.get('nll_before'))} → {_fmt(r.get('nll_after'))}",
+                 f"{_fmt(r.get('ece_top_before'))} → {_fmt(r.get('ece_top_after'))}"]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def _fmt(v) -> str:
     if v is None:
         return "–"
@@ -200,6 +233,10 @@ def render_report(summary: dict) -> str:
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    rep = summary.get("reproducibility") or {}
+    if rep:
+        lines += ["", f"Run with {rep['torch_threads']} torch thread(s) on {rep['device']} ({rep['machine']}, "
+                      f"{rep['cpu_count']} CPUs), torch {rep['torch']}, numpy {rep['numpy']}: {rep['note']}."]
     lines += ["", "## Where things are", ""]
     for k, v in summary["paths"].items():
         lines.append(f"- {k}: `{v}`")
@@ -216,10 +253,11 @@ def run_demo(workdir: str | os.PathLike = "demo_output", device: str = "auto",
     """Run (or resume) the whole demo in ``workdir``; see the module docstring for the steps."""
     from .nnunet.inference import collect_cases
     from .nnunet.small_plan import prepare_small_plan
-    from .nnunet.training import train_folds
+    from .nnunet.training import _torch_threads, train_folds
     from .synthetic.phantom import write_phantom_dataset
 
     t_start = time.time()
+    num_threads = DEMO_THREADS if num_threads is None else int(num_threads)
     workdir = Path(workdir).resolve()
     if workdir.exists() and not workdir.is_dir():
         raise InputError(f"--workdir {workdir} is a file; give a folder (it is created if missing)")
@@ -250,14 +288,8 @@ def run_demo(workdir: str | os.PathLike = "demo_output", device: str = "auto",
     stage(3, "member predictions")
     all_cases = collect_cases(ds.folder / "imagesTs")
     members = {}
-    for ens, model_dir, folds in (("deep", deep_dir, None), ("checkpoint", snap_dir, [s.snapshot_fold])):
-        members[ens] = steps.run(
-            f"members_{ens}", {"model": str(model_dir), "cases": sorted(all_cases), "tta": s.tta,
-                               "train": s.record()},
-            [workdir / "members" / ens],
-            lambda ens=ens, model_dir=model_dir, folds=folds: [
-                str(p) for p in write_members(model_dir, ens, all_cases, workdir / "members" / ens, device,
-                                              s.tta, folds)])
+    with _torch_threads(num_threads, "cpu"):  # the same thread count as training (DEMO_THREADS)
+        _member_steps(members, steps, deep_dir, snap_dir, all_cases, workdir, device, s)
     members["single"] = members["deep"][:1]
 
     stage(4, "calibration, maps, evaluation")
@@ -307,11 +339,23 @@ def run_demo(workdir: str | os.PathLike = "demo_output", device: str = "auto",
                   "predict example": str(pred_out / example)},
         "steps_run": steps.ran, "steps_skipped": steps.skipped, "step_seconds": steps.seconds,
         "seconds": round(time.time() - t_start, 1),
+        "reproducibility": reproducibility(num_threads, device),
     }
     write_json(workdir / "demo_summary.json", summary)
     report = write_text(workdir / "REPORT.md", render_report(summary))
     emit_progress("demo", 1.0, message="done")
     return DemoResult(workdir, summary, report, steps.ran, steps.skipped)
+
+
+def _member_steps(members, steps, deep_dir, snap_dir, all_cases, workdir, device, s) -> None:
+    for ens, model_dir, folds in (("deep", deep_dir, None), ("checkpoint", snap_dir, [s.snapshot_fold])):
+        members[ens] = steps.run(
+            f"members_{ens}", {"model": str(model_dir), "cases": sorted(all_cases), "tta": s.tta,
+                               "train": s.record()},
+            [workdir / "members" / ens],
+            lambda ens=ens, model_dir=model_dir, folds=folds: [
+                str(p) for p in write_members(model_dir, ens, all_cases, workdir / "members" / ens, device,
+                                              s.tta, folds)])
 
 
 def _file_sha(path: Path) -> str:

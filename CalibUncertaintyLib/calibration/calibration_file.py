@@ -4,7 +4,8 @@ It records the calibrator (temperature T, or vector-scaling w and b fitted on lo
 or a per-class / local temperature table in the nested record ``local``, see below),
 the ensemble mode, the ROI rule and radius in mm, the fitting cases (count and ids), the number
 of voxels, NLL before/after, the error-detection thresholds τ* per map (METHODS.md §4), the EBCU
-threshold t (METHODS.md §1), the class names and the model fingerprint (``fingerprint.py``).
+threshold t (METHODS.md §1), the conformal risk control record (α and the flag and margin
+thresholds, METHODS.md §7; absent in older files, which still load), the class names and the model fingerprint (``fingerprint.py``).
 Applying it to a model with another fingerprint raises ``CalibrationMismatchError``.
 
 Per-class and local temperature (``calibration.local_temperature``): ``method`` is
@@ -33,6 +34,7 @@ import numpy as np
 from .. import __version__
 from ..errors import CalibrationMismatchError, InputError
 from ..io.atomic import write_json
+from .conformal import validate_record
 from .fingerprint import compare_fingerprints, differing_component, short_hash
 from .roi import DEFAULT_RADIUS_MM, ROI_RULES, describe_roi
 from .temperature import DEFAULT_T_BOUNDS, ENSEMBLE_MODES, apply_temperature, check_temperature
@@ -80,6 +82,9 @@ class CalibrationFile:
     label_foreground_voxels: int | None = None
     #: what the members were: {"kind": deep|checkpoint|single|tta|dropout|None, "members": [names], "tta": bool|None}
     ensemble: dict = field(default_factory=dict)
+    #: conformal risk control (``conformal.build_record``): {"alpha", "source", "n_cases", "alphas",
+    #: "flags": {map: {alpha: {...}}}, "margins": {class: {alpha: {...}}}}; {} in older files
+    conformal: dict = field(default_factory=dict)
     source_path: str | None = field(default=None, compare=False, repr=False)
 
     # --- construction ------------------------------------------------------------------------
@@ -172,6 +177,9 @@ class CalibrationFile:
                              "labels hold the structures")
         if not isinstance(self.ensemble, dict):
             raise InputError(f"{where}: ensemble must be an object {{kind, members, tta}}")
+        if self.conformal is None:
+            self.conformal = {}
+        validate_record(self.conformal, where)
         return self
 
     def check_ensemble(self, kind: str | None = None, members=None, tta: bool | None = None) -> str | None:

@@ -26,7 +26,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=CHOICES, default="auto",
                    help="auto: CUDA, else Apple MPS, else the CPU (default auto)")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads for training (default $CALIBU_TORCH_THREADS, else half the logical CPUs)")
+                   help="torch CPU threads for training and inference (default 1, whatever the machine: the "
+                        "thread count changes the tiny models and so the numbers)")
     p.add_argument("--quick", action="store_true",
                    help="a seconds-long smoke run of every step (tiny volumes, few iterations): checks the "
                         "installation, the numbers mean nothing")
@@ -35,7 +36,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from ..demo import DemoSettings, run_demo
+    from ..demo import DemoSettings, comparison_table, run_demo
 
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     result = run_demo(args.workdir, device=args.device, settings=settings, num_threads=args.threads)
@@ -43,6 +44,12 @@ def run(args) -> int:
         say(f"{row['ensemble']:>10} ({row['members']} member(s)): T = {_f(row.get('temperature'))}, "
             f"ROI NLL {_f(row.get('nll_before'))} -> {_f(row.get('nll_after'))}, "
             f"ECE {_f(row.get('ece_top_before'))} -> {_f(row.get('ece_top_after'))}")
+    say("the table this run produced:")
+    for line in comparison_table(result.summary["comparison"]):
+        say(line)
+    rep = result.summary.get("reproducibility") or {}
+    say(f"({rep.get('torch_threads')} torch thread(s), {rep.get('machine')}, torch {rep.get('torch')}: the same "
+        "settings on the same CPU repeat it; other thread counts or CPUs give other numbers)")
     say(f"report: {result.report}")
     say(f"done in {result.summary['seconds']:.0f} s (reused: {', '.join(result.steps_skipped) or 'nothing'})")
     return 0

@@ -54,11 +54,26 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="σ in millimetres of the distance-aware entropy used for its τ* (default 2 mm)")
     g.add_argument("--ebcu-radius-mm", type=positive_mm, default=4.0, metavar="MM",
                    help="ball radius in millimetres of EBCU used for its τ* (default 4 mm)")
+    g.add_argument("--conformal-alpha", type=_alpha, default=0.1, metavar="A",
+                   help="α of conformal risk control (default 0.1): flags that miss at most a fraction α "
+                        "of the ROI errors and organ margins (outer: holds ≥ 1 − α of the organ; inner: "
+                        "precision ≥ 1 − α), in expectation over cases; needs ≥ 1/α − 1 calibration cases "
+                        "(9 for 0.1), else the guarantee is the trivial one")
     add_identity_option(p, "member outputs")
     add_executor_options(p)
     add_output_option(p, "calibration file to write (JSON), e.g. calibration.json", metavar="FILE")
     p.set_defaults(func=run)
     return p
+
+
+def _alpha(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1) (e.g. 0.1), got {text!r}")
+    return v
 
 
 def run(args) -> int:
@@ -73,7 +88,8 @@ def run(args) -> int:
     check_member_inputs(pairing, args.allow_identity_mismatch)
     opts = FitOptions(method=args.method, ensemble_mode=args.ensemble_mode, roi_radius_mm=args.roi_radius_mm,
                       roi_rule=args.roi_rule, max_voxels=args.max_voxels, seed=args.seed,
-                      dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm)
+                      dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm,
+                      conformal_alpha=args.conformal_alpha)
     cal = fit_calibration(pairing, opts, fingerprint=inputs.fingerprint, executor=executor)
     cal.extra["inputs"] = inputs.record
     cal.ensemble = ensemble_record(args, pairing)
@@ -82,5 +98,8 @@ def run(args) -> int:
         say(f"note: {note}")
     say(cal.describe())
     say(f"EBCU threshold {cal.ebcu_threshold:.4g} nats; τ* for {len(cal.thresholds)} maps")
+    from ..calibration.conformal import describe_record
+    for line in describe_record(cal.conformal):
+        say(line)
     say(f"calibration file written: {path}")
     return 0

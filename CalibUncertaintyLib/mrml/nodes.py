@@ -31,6 +31,7 @@ from ..errors import GeometryMismatchError, InputError
 from ..io.geometry import Geometry
 from ..io.images import read_image
 from .identity_check import check_case_on_volume
+from .margins import add_margins_node
 from . import colors
 from .case_folder import CaseData, Region, read_case_folder, threshold_for_map
 from .volumes import (display_ct, display_overlay, export_volume_node,  # noqa: F401 (re-exported)
@@ -69,6 +70,7 @@ class CaseNodes:
     owns_input: bool = False
     probability_files: dict = field(default_factory=dict)  # class name -> prob file (loaded on demand)
     name_prefix: str = ""
+    margins: object = None                       # vtkMRMLSegmentationNode of the organ margins, or None
 
     def layers(self) -> dict:
         """Overlay layers that are nodes now, by name: map names first, then ``prob_<Class>``."""
@@ -104,7 +106,7 @@ class CaseNodes:
 
     def output_nodes(self) -> list:
         nodes = [self.segmentation, *self.probabilities.values(), *self.maps.values(),
-                 self.regions_markups, self.regions_table]
+                 self.regions_markups, self.regions_table, self.margins]
         if self.owns_input and self.input_volume is not None:
             nodes.append(self.input_volume)
         return [n for n in nodes if n is not None]
@@ -281,7 +283,8 @@ def load_case_outputs(scene, case_dir, input_volume_node=None, name_prefix: str 
                       probabilities: str = "on_demand", allow_identity_mismatch: bool = False) -> CaseNodes:
     """Load one per-case output folder as nodes of ``scene`` and return them as CaseNodes.
 
-    Creates a segmentation (segments named from class_names), the class probability volumes
+    Creates a segmentation (segments named from class_names), the organ margins segmentation
+    when the folder has one (``margins.add_margins_node``: inner / prediction / outer per organ), the class probability volumes
     (``probabilities="on_demand"``, the default: none now, each when first shown through
     :meth:`CaseNodes.layer_node`; ``"all"``: one per class now), one volume per map, a locked markups point list of region centroids (labels like
     "R1 Brainstem 123 mm³"), a table of regions (rank, class, volume mm³, mean and max
@@ -364,7 +367,8 @@ def _add_case_nodes(scene, data: CaseData, input_volume_node, input_array, prefi
                      regions=data.regions, default_thresholds=thresholds, default_shown=shown,
                      value_ranges=ranges,
                      regions_doc=data.regions_doc, summary=data.summary, owns_input=owns_input,
-                     probability_files=dict(data.probability_files), name_prefix=prefix)
+                     probability_files=dict(data.probability_files), name_prefix=prefix,
+                     margins=add_margins_node(scene, data.case_dir, data.summary, data.geometry, f"{prefix} margins"))
     # outputs follow the input volume's parent transform, so they stay on its voxels
     transform_id = input_volume_node.GetTransformNodeID() if input_volume_node is not None else None
     if transform_id:

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io.atomic import atomic_path, write_text
+from ..report.style import styled
 from .snapshots import ORIENTATIONS, encode_png, render_slice
 
 log = logging.getLogger(__name__)
@@ -276,6 +277,7 @@ def _write_png_plain(path: Path, case_nodes, rows, layer, window=None, gap: int 
     return path
 
 
+@styled
 def _write_png(path: Path, case_nodes, rows, layer, thr, max_table_rows: int, window=None, dpi: int = 100) -> Path:
     if not matplotlib_available():
         log.warning(NO_MATPLOTLIB_MESSAGE)

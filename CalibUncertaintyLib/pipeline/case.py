@@ -12,6 +12,7 @@ calibration file's τ* for that map, else ``calibration.thresholds.DEFAULT_THRES
 Files (all in the input geometry, each written atomically):
 
     <out>/<case>/seg.nii.gz, prob_<Class>.nii.gz, map_<name>.nii.gz, regions.json, summary.json
+    margins_<Class>.nii.gz (when the calibration file holds conformal margins, ``pipeline.margins``)
 
 The folder is built as ``<out>/.<case>.partial/`` and renamed to ``<out>/<case>/`` only when
 complete, so an interrupted run never leaves a half case; an existing complete folder of the
@@ -38,6 +39,7 @@ from ..io.atomic import write_json
 from ..io.geometry import Geometry
 from ..io.images import write_image
 from ..progress import emit_progress
+from .margins import write_margins
 from .ensemble import accumulate, calibrated_probs, iter_case_maps, maps_need_probs, resolve_mode
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,7 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
     checked by the caller) or None for uncalibrated outputs. ``class_names``: K names,
     background first (default ``background, class_1, ...``).
     """
+    from ..calibration.conformal import case_guarantees
     from ..calibration.roi import describe_roi, roi_mask
     from ..calibration.thresholds import threshold_entry, threshold_for_case, uncertainty_score
     from ..regions.components import find_regions, regions_to_dict
@@ -195,14 +198,17 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
         t = time.perf_counter()
         files = ["seg.nii.gz"]
         write_image(partial / "seg.nii.gz", seg.astype(np.uint8, copy=False), geometry)
-        used = set()
+        used, stems = set(), {}
         for c in range(1, k):
             fname = f"prob_{safe_name(class_names[c])}.nii.gz"
             if fname in used:
                 fname = f"prob_{safe_name(class_names[c])}_{c}.nii.gz"
             used.add(fname)
+            stems[c] = fname[len("prob_"):]
             write_image(partial / fname, probs[c].astype(np.float32, copy=False), geometry)
             files.append(fname)
+        margins = write_margins(partial, probs, seg, calibration, class_names, geometry, stems)
+        files += [m["file"] for m in (margins or {"classes": {}})["classes"].values()]
         if not maps_need_probs(calibration, mode):
             probs = None
         write_early_s = time.perf_counter() - t
@@ -278,6 +284,8 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
             "n_regions": len(regions_doc["regions"]),
             "maps": {n: map_stats[n] for n in names},
             "ebcu_threshold": map_info.get("ebcu_threshold"),
+            "conformal": case_guarantees(calibration, rmap),
+            "margins": margins,
             "ebcu_threshold_source": map_info.get("ebcu_threshold_source"),
             "options": {kk: v for kk, v in asdict(opts).items() if kk not in ("member_names", "extra_summary")},
             "timings_s": {kk: round(v, 4) for kk, v in timings.items()},

@@ -23,6 +23,9 @@ Per case (METHODS.md §2–§6; definitions restated in the functions used):
   k ≤ 5 %) and its normalised area, boundary / non-boundary error recall
   (``metrics.error_detection.error_detection_report``). The error mask is prediction ≠
   reference inside the ROI.
+- Conformal guarantees (METHODS.md §7; ``metrics.conformal_check``): per map and α the
+  held-out miss rate of the conformal flags, per class and α the outer margin's miss rate and the
+  inner margin's 1 − precision; mean ± standard error over cases against α.
 - Case quality (METHODS.md §6) from the regions map (default DAE): mean U in the ROI, Σ U over
   the foreground, largest region, fraction of foreground flagged; across cases their Pearson /
   Spearman correlation with the mean Dice and the risk–coverage AURC.
@@ -93,6 +96,7 @@ def evaluate_case(cf, pairing: Pairing, calibration, opts: EvalOptions) -> tuple
     from ..metrics.summary import calibration_summary
     from ..regions.components import find_regions
     from ..uncertainty.maps import ENSEMBLE_ONLY_MAPS, MAP_NAMES, segmentation
+    from ..metrics.conformal_check import case_check as conformal_case_check
     from .case import map_threshold_info
 
     t0 = time.perf_counter()
@@ -158,6 +162,7 @@ def evaluate_case(cf, pairing: Pairing, calibration, opts: EvalOptions) -> tuple
                          dae_sigma_mm=opts.dae_sigma_mm, ebcu_radius_mm=opts.ebcu_radius_mm, roi=roi,
                          info=map_info)
         acc_members = acc.n_members
+        record["conformal"] = conformal_case_check(calibration, maps, seg, labels, roi, p_after, names)
         del acc, p_after
         # Every error-detection number only looks at ROI voxels and (for the contour zone) their
         # 26-neighbours, so it is computed on the ROI bounding box grown by 2 voxels: exact, cheaper.
@@ -286,6 +291,7 @@ def evaluate_cases(pairing: Pairing, calibration, opts: EvalOptions | None = Non
     from ..calibration.roi import describe_roi
     from ..cohort.executor import run_cohort
     from ..metrics.case_quality import case_quality_summary
+    from ..metrics.conformal_check import summarise as conformal_summary
     from ..report.tables import ece_from_table, merge_reliability_tables
 
     opts = opts or EvalOptions()
@@ -345,6 +351,7 @@ def evaluate_cases(pairing: Pairing, calibration, opts: EvalOptions | None = Non
         "per_case": records, "reliability": reliability, "ueo_curves": ueo_curves,
         "budget_curves": budget_curves, "case_quality": quality,
         "cohort_ece": {key: ece_from_table(table) for key, table in reliability.items()},
+        "conformal": conformal_summary(calibration, [r.get("conformal") for r in records]),
         "cohort": result.record(),
     }
 
@@ -392,7 +399,8 @@ def write_evaluation(out_dir, evaluation: dict) -> list[Path]:
     metrics_per_case.csv, metrics_aggregate.csv (mean/std/median/min/max over cases per
     calibration × region), dice_per_case.csv, error_detection_per_case.csv,
     error_detection_aggregate.csv, case_quality.csv, evaluation.json, reliability_roi.png,
-    reliability_whole_image.png, ueo_vs_threshold.png, budget_curves.png, report.md.
+    reliability_whole_image.png, ueo_vs_threshold.png, budget_curves.png,
+    conformal_miss_vs_alpha.png (when the calibration file holds conformal thresholds), report.md.
     """
     from ..io.atomic import write_json, write_text
     from ..report import plots
@@ -425,6 +433,9 @@ def write_evaluation(out_dir, evaluation: dict) -> list[Path]:
                                               title="UEO against threshold (score scale), mean over cases"))
         files.append(plots.budget_curve_plot(out / "budget_curves.png", evaluation["budget_curves"],
                                              title="Error detection under a review budget"))
+    if evaluation.get("conformal"):
+        files.append(plots.conformal_plot(out / "conformal_miss_vs_alpha.png", evaluation["conformal"],
+                                          title="Conformal flags and margins on held-out cases"))
     files.append(write_json(out / "evaluation.json", evaluation))
     files.append(write_text(out / "report.md", render_report(evaluation)))
     return files

@@ -73,6 +73,7 @@ class FitOptions:
     #: local temperature: distance-bin edges in mm (first 0, last bin open) and pooling strength
     local_edges_mm: tuple = (0.0, 2.0, 4.0, 6.0, 9.0, 12.0, 15.0)
     pool_voxels: float = 2000.0
+    conformal_alpha: float = 0.1  # α of the conformal flags and margins (METHODS.md §7)
 
 
 def _bbox(mask: np.ndarray, pad_vox, shape) -> tuple[slice, ...]:
@@ -253,6 +254,7 @@ def threshold_case(job: FitJob, item) -> tuple:
     radius, and the calibrated predictive entropy of the ROI voxels (for the pooled EBCU t)."""
     from ..calibration.roi import roi_mask
     from ..metrics.error_detection import error_mask
+    from ..uncertainty.ebcu import effective_radius_mm
     from ..uncertainty.maps import MAP_NAMES, segmentation
 
     _, cf = item
@@ -267,19 +269,28 @@ def threshold_case(job: FitJob, item) -> tuple:
                    rule=opts.roi_rule, allow_empty=True)
     maps = case_maps(acc, probs, cf.geometry, calibration, mode, names=names,
                      dae_sigma_mm=opts.dae_sigma_mm, roi=roi)
+    margins = case_margin_curves(probs, labels, seg)
     del acc, probs
-    pad = [int(math.ceil(opts.ebcu_radius_mm / h)) + 1 for h in cf.geometry.spacing_zyx]
+    r_ebcu = effective_radius_mm(opts.ebcu_radius_mm, cf.geometry.spacing_zyx)
+    pad = [int(math.ceil(r_ebcu / h)) + 1 for h in cf.geometry.spacing_zyx]
     box = _bbox(roi, pad, roi.shape)
     errors = error_mask(seg, labels, roi)
     crop = ({n: maps[n][box].copy() for n in names}, errors[box].copy(), roi[box].copy(), cf.geometry.spacing_zyx)
-    return crop, maps["entropy"][roi]
+    return crop, maps["entropy"][roi], margins
+
+
+def case_margin_curves(probs, labels, seg) -> list:
+    """The per-class conformal margin loss curves of one case (``calibration.conformal.margin_losses``)."""
+    from ..calibration.conformal import margin_losses
+
+    return [margin_losses(probs[c], labels == c, seg == c) for c in range(1, probs.shape[0])]
 
 
 def fit_thresholds(pairing: Pairing, calibration, opts: FitOptions, executor=None) -> tuple[dict, float, dict]:
     """Pass 3: EBCU threshold and τ* per map with ``calibration`` applied (``threshold_case`` per
     case, mapped by the executor; the pooled quantile and the τ* search once, here). Returns (τ*, t, info)."""
     from ..calibration.thresholds import calibrate_thresholds
-    from ..uncertainty.ebcu import ebcu
+    from ..uncertainty.ebcu import ebcu, effective_radius_mm
 
     n_cases = len(pairing.cases)
     job = FitJob(pairing.n_classes, opts, 0, False, pairing.n_members, calibration)
@@ -292,14 +303,37 @@ def fit_thresholds(pairing: Pairing, calibration, opts: FitOptions, executor=Non
                          "cannot fit thresholds; check the members")
     t_ebcu = float(np.quantile(pooled, EBCU_QUANTILE))
     for c_maps, _, _, spacing in crops:
-        c_maps["ebcu"] = ebcu(c_maps["entropy"], spacing, radius_mm=opts.ebcu_radius_mm, threshold=t_ebcu)
+        c_maps["ebcu"] = ebcu(c_maps["entropy"], spacing, radius_mm=effective_radius_mm(opts.ebcu_radius_mm, spacing),
+                              threshold=t_ebcu)
     thresholds = calibrate_thresholds([c[0] for c in crops], [c[1] for c in crops], [c[2] for c in crops],
                                       seed=opts.seed)
+    conformal = conformal_record(crops, [p[2] for p in parts], calibration.class_names, opts.conformal_alpha)
     info = {"ebcu_threshold_rule": f"{EBCU_QUANTILE:g} quantile of the calibrated predictive entropy in "
                                    f"the ROI, pooled over {pooled.size} voxels of {n_cases} cases",
             "n_roi_voxels": int(pooled.size),
-            "n_error_voxels": int(sum(int(c[1].sum()) for c in crops))}
+            "n_error_voxels": int(sum(int(c[1].sum()) for c in crops)),
+            "conformal": conformal}
     return thresholds, t_ebcu, info
+
+
+def conformal_record(crops, margin_curves, class_names, alpha) -> dict:
+    """Conformal risk control thresholds (METHODS.md §7) from the pass-3 crops (every map's
+    scores at each case's ROI error voxels) and the per-case margin curves."""
+    from ..calibration.conformal import build_record
+    from ..calibration.thresholds import uncertainty_score
+
+    flag_scores = {name: [uncertainty_score(name, c_maps[name])[errs & roi] for c_maps, errs, roi, _ in crops]
+                   for name in crops[0][0]}
+    names = list(class_names) if class_names else [f"class_{i}" for i in range(1, len(margin_curves[0]) + 1)]
+    if len(names) == len(margin_curves[0]) + 1:
+        names = names[1:]
+    curves = {names[i]: [case[i] for case in margin_curves] for i in range(len(names))}
+    rec = build_record(alpha, flag_scores, curves)
+    if len(crops) < rec["min_cases"]:
+        log.warning("conformal alpha %g needs at least %d calibration cases, got %d: flags cover the whole "
+                    "ROI, outer margins the whole image, inner margins are empty (the trivial guarantee)",
+                    alpha, rec["min_cases"], len(crops))
+    return rec
 
 
 def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, fingerprint: dict | None = None,
@@ -355,6 +389,7 @@ def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, fingerprin
     thresholds, t_ebcu, info = fit_thresholds(pairing, cal, opts, executor)
     cal.thresholds = thresholds
     cal.ebcu_threshold = t_ebcu
+    cal.conformal = info.pop("conformal")
     cal.extra.update(info)
     cal.extra["timings_s"] = {"collect_s": round(t1 - t0, 3), "fit_s": round(t2 - t1, 3),
                               "thresholds_s": round(time.perf_counter() - t2, 3)}

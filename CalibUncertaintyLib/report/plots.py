@@ -10,8 +10,12 @@
   one line per map, plus the oracle (METHODS.md §4).
 
 matplotlib is imported inside the functions and used through ``Figure`` + the Agg canvas,
-never ``pyplot``, so no global backend is touched (safe inside Slicer). Files are written
-atomically.
+never ``pyplot``, so no global backend is touched (safe inside Slicer), and every figure is drawn
+under ``report.style.fixed_style`` (matplotlib's defaults plus the project's sizes), so a library
+that changes the global style in the same process (``seaborn.set(font_scale=2.5)`` in nnU-Net's
+logger) cannot change them. Files are written atomically.
+- ``conformal_plot``: held-out mean miss rate (± standard error) of the conformal flags per map
+  and of the organ margins against α, with the line miss = α (METHODS.md §7).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 from pathlib import Path
 
 from ..io.atomic import atomic_path
+from .style import styled
 from .tables import ece_from_table
 
 
@@ -40,6 +45,7 @@ def _save(fig, path) -> Path:
     return path
 
 
+@styled
 def reliability_diagram(path: str | os.PathLike, tables: dict[str, list[dict]], title: str = "") -> Path:
     """Reliability diagram, one column per table (e.g. {"before calibration": rows, "after ...": rows}).
 
@@ -77,6 +83,7 @@ def reliability_diagram(path: str | os.PathLike, tables: dict[str, list[dict]], 
     return _save(fig, path)
 
 
+@styled
 def ueo_threshold_plot(path: str | os.PathLike, curves: dict[str, dict], title: str = "") -> Path:
     """UEO against τ, one panel per map.
 
@@ -107,6 +114,7 @@ def ueo_threshold_plot(path: str | os.PathLike, curves: dict[str, dict], title: 
     return _save(fig, path)
 
 
+@styled
 def budget_curve_plot(path: str | os.PathLike, curves: dict[str, dict], title: str = "") -> Path:
     """UEO against the flagged fraction of ROI voxels (in %), one line per map, oracle dashed.
 
@@ -132,4 +140,44 @@ def budget_curve_plot(path: str | os.PathLike, curves: dict[str, dict], title: s
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     if title:
         ax.set_title(title, fontsize=11)
+    return _save(fig, path)
+
+
+@styled
+def conformal_plot(path: str | os.PathLike, summary: dict, title: str = "") -> Path:
+    """Held-out mean miss rate against α: left the flags (one line per map), right the organ
+    margins (outer miss and inner 1 − precision, mean over classes); the guarantee is the
+    region under the diagonal. ``summary``: ``metrics.conformal_check.summarise``."""
+    fig = _figure(10.0, 4.2)
+    left, right = fig.subplots(1, 2)
+    top = max([0.35] + [r["alpha"] for rows in summary["flags"].values() for r in rows])
+    for ax in (left, right):
+        ax.plot([0, top], [0, top], color="0.4", ls="--", lw=1, label="miss = α")
+        ax.set_xlim(0, top)
+        ax.set_xlabel("α (target)")
+    for name, rows in summary["flags"].items():
+        rows = [r for r in rows if r["mean_miss"] is not None]
+        if rows:
+            left.errorbar([r["alpha"] for r in rows], [r["mean_miss"] for r in rows],
+                          yerr=[r["se"] or 0.0 for r in rows], marker="o", ms=3, lw=1.2, capsize=2, label=name)
+    left.set_ylabel("held-out mean fraction of errors not flagged")
+    left.set_title("error flags")
+    left.legend(loc="upper left", ncol=2)
+    margins = summary.get("margins") or {}
+    if margins:
+        import numpy as np
+
+        alphas = sorted({r["alpha"] for rows in margins.values() for r in rows})
+        for key, label in (("mean_outer_miss", "outer: organ voxels outside"),
+                           ("mean_inner_fdp", "inner: 1 − precision")):
+            vals = [np.mean([r[key] for rows in margins.values() for r in rows if r["alpha"] == a]) for a in alphas]
+            right.plot(alphas, vals, marker="o", ms=3, lw=1.2, label=label)
+        right.set_title(f"organ margins (mean over {len(margins)} classes)")
+        right.set_ylabel("held-out mean rate")
+        right.legend(loc="upper left")
+    else:
+        right.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.85, wspace=0.28)
     return _save(fig, path)

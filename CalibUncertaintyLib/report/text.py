@@ -142,7 +142,12 @@ def render_report(evaluation: dict) -> str:
                  f"({_f((v.get('risk_coverage') or {}).get('aurc_optimal'))})"] for name, v in q.items()]
         lines += _table(["aggregate", "Pearson r", "Spearman ρ", "AURC"], rows) + [""]
 
+    from ..metrics.conformal_check import report_lines as conformal_lines
+
+    lines += conformal_lines(ev.get("conformal"), (ev.get("options") or {}).get("regions_map", "dae"))
     lines += ["## Figures and tables", "",
+              *(["- `conformal_miss_vs_alpha.png`: held-out miss rate of the conformal flags and margins "
+                 "against α"] if ev.get("conformal") else []),
               "- `reliability_roi.png`, `reliability_whole_image.png`: reliability diagrams before and after calibration",
               "- `ueo_vs_threshold.png`: UEO against the threshold per map; `budget_curves.png`: UEO under a review budget",
               "- `metrics_per_case.csv`, `metrics_aggregate.csv`, `dice_per_case.csv`, "

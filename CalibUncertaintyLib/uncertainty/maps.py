@@ -32,7 +32,7 @@ from .. import memory
 from ..errors import GeometryMismatchError, InputError
 from . import measures
 from .distance_aware import DEFAULT_SIGMA_MM, distance_aware_entropy
-from .ebcu import DEFAULT_QUANTILE, DEFAULT_RADIUS_MM, default_threshold, ebcu
+from .ebcu import DEFAULT_QUANTILE, DEFAULT_RADIUS_MM, default_threshold, ebcu, effective_radius_mm
 from .streaming import EPS, EnsembleAccumulator, z_slabs
 
 log = logging.getLogger(__name__)
@@ -301,9 +301,11 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
             del mask
         if info is not None:
             info.update({"ebcu_threshold": threshold, "ebcu_threshold_source": source})
-        yield "ebcu", ebcu(h_all, spacing, radius_mm=ebcu_radius_mm, threshold=threshold)
+        yield "ebcu", ebcu(h_all, spacing, radius_mm=effective_radius_mm(ebcu_radius_mm, spacing),
+                           threshold=threshold)
     if info is not None:
         info.update({"n_members": n, "temperature": None if temperature is None else float(temperature),
                      "ebcu_threshold": threshold, "ebcu_threshold_source": source,
                      "ebcu_radius_mm": float(ebcu_radius_mm) if "ebcu" in wanted else None,
+                     "ebcu_radius_mm_used": effective_radius_mm(ebcu_radius_mm, spacing) if "ebcu" in wanted else None,
                      "dae_sigma_mm": float(dae_sigma_mm) if "dae" in wanted else None})

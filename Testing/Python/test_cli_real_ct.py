@@ -37,7 +37,7 @@ def run(openkbp_dir, tmp_path_factory):
     cal = root / "calibration.json"
     rc = {}
     rc["fit"] = main(["fit-temperature", "--members", *members, "--images", images, "--labels", labels,
-                      "--cases", *FIT, "--roi-radius-mm", "15", "-o", str(cal)])
+                      "--cases", *FIT, "--roi-radius-mm", "15", "--conformal-alpha", "0.3", "-o", str(cal)])
     rc["maps"] = main(["maps", "--members", *members, "--images", images, "--calibration", str(cal),
                        "--cases", *HELD_OUT, "-o", str(root / "maps")])
     rc["maps_raw"] = main(["maps", "--members", *members, "--images", images, "--cases", HELD_OUT[0],
@@ -94,7 +94,7 @@ def test_outputs_on_the_image_grid_and_contract(run):
         img = sitk.ReadImage(str(run["openkbp"] / "imagesTr" / f"{case}_0000.nii.gz"))
         d = run["root"] / "maps" / case
         files = sorted(d.glob("*.nii.gz"))
-        assert len(files) == 1 + 5 + len(MAP_NAMES)
+        assert len(files) == 1 + 5 + len(MAP_NAMES) + 5  # seg, 5 probabilities, maps, 5 organ margins
         for f in files:
             out = sitk.ReadImage(str(f))
             assert out.GetSize() == img.GetSize() and out.GetSpacing() == img.GetSpacing(), f.name
@@ -148,3 +148,36 @@ def test_help_explains_options_with_units(command, capsys):
                 "maps": ["--dae-sigma-mm", "--ebcu-radius-mm", "--min-region-mm3", "--regions-map", "--calibration"],
                 "evaluate": ["--labels", "--calibration", "--roi-radius-mm"]}[command]:
         assert opt in text
+
+
+def test_conformal_flags_and_margins(run):
+    """α = 0.3 needs ≥ 3 calibration cases (B/(n+1) ≤ α): the thresholds are not the trivial ones."""
+    cal = json.loads(run["cal"].read_text())
+    conf = cal["conformal"]
+    assert conf["alpha"] == 0.3 and conf["n_cases"] == 3 and "Conformal Risk Control" in conf["source"]
+    assert set(conf["flags"]) == set(MAP_NAMES)
+    dae = conf["flags"]["dae"]["0.3"]
+    assert not dae["trivial"] and dae["bound"] <= 0.3 and dae["bound"] == (3 * dae["mean_miss"] + 1) / 4
+    assert conf["flags"]["dae"]["0.1"]["trivial"]  # 3 cases cannot give 90 %
+    mand = conf["margins"]["Mandible"]["0.3"]
+    assert 0 <= mand["outer"] <= 0.5 <= mand["inner"] <= 1
+    case_dir = run["root"] / "maps" / HELD_OUT[0]
+    summary = json.loads((case_dir / "summary.json").read_text())
+    assert summary["conformal"]["flags"]["guarantee"] == "flags cover ≥ 70 % of errors in expectation"
+    assert summary["conformal"]["flags"]["tau_score"] == dae["tau"]
+    seg, _ = read_image(case_dir / "seg.nii.gz")
+    names = cal["class_names"]
+    for name, m in summary["margins"]["classes"].items():
+        levels, geo = read_image(case_dir / m["file"])
+        c = names.index(name)
+        assert set(np.unique(levels)) <= {0, 1, 2, 3}
+        assert np.array_equal(levels >= 2, seg == c)  # the prediction is the middle level
+        v = m["volumes_mm3"]
+        assert v["inner"] <= v["prediction"] <= v["outer"]
+    ev = json.loads((run["root"] / "eval" / "evaluation.json").read_text())
+    rows = {r["alpha"]: r for r in ev["conformal"]["flags"]["dae"]}
+    assert set(rows) == {0.05, 0.1, 0.2, 0.3} and rows[0.1]["mean_miss"] == 0.0  # trivial: whole ROI
+    assert 0 <= rows[0.3]["mean_miss"] <= 1
+    assert (run["root"] / "eval" / "conformal_miss_vs_alpha.png").stat().st_size > 0
+    report = (run["root"] / "eval" / "report.md").read_text()
+    assert "flags cover ≥ 70 % of errors in expectation" in report

@@ -54,23 +54,37 @@ def test_face_neighbours_are_half_a_voxel_on_both_sides(axis):
     np.testing.assert_allclose(along[1:5], [1.5 * h, 0.5 * h, 0.5 * h, 1.5 * h], rtol=1e-6)
 
 
-def test_surface_distance_matches_brute_force_multilabel():
-    rng = np.random.default_rng(0)
-    spacing = np.array([1.5, 0.7, 1.0])
-    lab = (ndimage.uniform_filter(rng.random((7, 8, 9)), 3) * 6).astype(np.uint8) % 3
-    assert len(np.unique(lab)) == 3
-    d = surface_distance_mm(lab, spacing)
+def _brute_box_distance(lab, spacing):
+    """min over every voxel of another label of the distance from the centre to its box."""
+    spacing = np.asarray(spacing, float)
     pts = np.indices(lab.shape).reshape(3, -1).T
     labf = lab.ravel()
-    for i in rng.choice(len(pts), 80, replace=False):
-        other = pts[labf != labf[i]]
-        v = np.abs(other - pts[i]) * spacing
-        centre = np.sqrt((v ** 2).sum(1))
-        box = np.sqrt((np.maximum(v - spacing / 2, 0) ** 2).sum(1))
-        nearest = np.isclose(centre, centre.min())
-        # d is the box distance to a nearest-centre voxel of another label
-        assert box[nearest].min() - 1e-5 <= d.flat[i] <= box[nearest].max() + 1e-5
-        assert d.flat[i] >= box.min() - 1e-5
+    out = np.empty(labf.size)
+    for i in range(labf.size):
+        v = np.abs(pts[labf != labf[i]] - pts[i]) * spacing
+        out[i] = np.sqrt((np.maximum(v - spacing / 2, 0) ** 2).sum(1)).min() if v.size else np.inf
+    return out.reshape(lab.shape)
+
+
+@pytest.mark.parametrize("spacing", [(1.5, 0.7, 1.0), (2.5, 0.8, 0.8), (0.6, 3.0, 1.1)])
+def test_surface_distance_equals_brute_force_box_distance(spacing):
+    rng = np.random.default_rng(0)
+    lab = (ndimage.uniform_filter(rng.random((7, 8, 9)), 3) * 6).astype(np.uint8) % 3
+    assert len(np.unique(lab)) == 3
+    np.testing.assert_allclose(surface_distance_mm(lab, spacing), _brute_box_distance(lab, spacing), rtol=1e-5)
+
+
+def test_surface_distance_is_not_the_nearest_centre_box():
+    """The issue's example: spacing 2.5 × 0.8 × 0.8 mm, a voxel with the other label across its
+    z-face is 1.25 mm from the surface, even when an in-plane voxel of the other label has a
+    nearer centre (its box is 1.6 mm away)."""
+    lab = np.zeros((3, 7, 7), np.uint8)
+    lab[0] = 1            # the slice below: across the z-face
+    lab[1, 3, 0] = 1      # centre 2.4 mm away in x (nearer than 2.5 mm), box 2.0 mm
+    d = surface_distance_mm(lab, (2.5, 0.8, 0.8))
+    assert d[1, 3, 3] == pytest.approx(1.25)
+    assert d[1, 3, 2] == pytest.approx(1.2)  # here the in-plane box is nearer (1.5 voxels × 0.8 mm)
+    np.testing.assert_allclose(d, _brute_box_distance(lab, (2.5, 0.8, 0.8)), rtol=1e-5)
 
 
 def test_surface_distance_cutoff_is_exact_below_it():
@@ -215,3 +229,19 @@ def test_default_threshold_and_errors():
     with pytest.raises(InputError, match="entropy shape"):
         distance_aware_entropy(u[:2], np.zeros(u.shape, np.uint8), (1, 1, 1))
     assert not ebcu(u, (1, 1, 1), threshold=5000).any()  # nothing above t: all zero
+
+
+def test_maps_use_a_ball_of_at_least_two_coarse_voxels():
+    """On a coarse grid (3.9 mm, like OpenKBP) the 4 mm ball would be 7 voxels, so the maps use
+    2 × 3.9 mm; on a fine grid the 4 mm radius stays (ebcu.effective_radius_mm)."""
+    from CalibUncertaintyLib.uncertainty.ebcu import effective_radius_mm
+
+    assert effective_radius_mm(4.0, (2.5, 3.9, 3.9)) == pytest.approx(7.8)
+    assert effective_radius_mm(4.0, (1.0, 0.8, 0.8)) == 4.0
+    assert len(ball_offsets(4.0, (2.5, 3.9, 3.9))) == 7
+    coarse = (2.5, 3.9, 3.9)
+    probs, _ = sphere_phantom(coarse, size_mm=60.0)
+    acc = EnsembleAccumulator(2, probs.shape[1:])
+    acc.add(probs)
+    maps = compute_maps(acc, Geometry(probs.shape[1:], coarse[::-1]), names=["entropy", "ebcu"], ebcu_threshold=0.3)
+    np.testing.assert_allclose(maps["ebcu"], ebcu(maps["entropy"], coarse, radius_mm=7.8, threshold=0.3), atol=1e-6)

@@ -1,0 +1,93 @@
+"""Organ margins end to end: process_case writes margins_<Class>.nii.gz from the calibration
+file's conformal record (pipeline/margins.py), and the MRML side shows them as nested segments
+(mrml/margins.py) on a real slicer-core scene."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from CalibUncertaintyLib.calibration import conformal
+from CalibUncertaintyLib.calibration.calibration_file import CalibrationFile
+from CalibUncertaintyLib.io.geometry import Geometry
+from CalibUncertaintyLib.io.images import read_image
+from CalibUncertaintyLib.pipeline.case import CaseOptions, process_case
+from CalibUncertaintyLib.pipeline.fit import case_margin_curves
+from CalibUncertaintyLib.synthetic.members import member_probabilities
+
+GEOM = Geometry((18, 22, 26), (1.25, 0.875, 2.5), (10.5, -20.25, 5.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1))
+NAMES = ["background", "Left Parotid", "Cord"]
+
+
+def _labels(shift=0):
+    z, y, x = np.indices(GEOM.shape_zyx)
+    lab = np.zeros(GEOM.shape_zyx, np.uint8)
+    lab[(z - 9) ** 2 * 4 + (y - 11 - shift) ** 2 * 0.8 + (x - 9) ** 2 * 1.44 < 60] = 1
+    lab[4:14, 6:12, 16 + shift:22 + shift] = 2
+    return lab
+
+
+@pytest.fixture(scope="module")
+def case_dir(tmp_path_factory):
+    """A calibration with conformal margins fitted on 4 synthetic cases (α = 0.25 needs ≥ 3), applied to a fifth."""
+    root = tmp_path_factory.mktemp("margins")
+    curves = []
+    for i in range(4):
+        lab = _labels(shift=i % 2)
+        members = list(member_probabilities(lab, GEOM, 3, 3, f"c{i}", seed=i))
+        pbar = np.mean(members, axis=0)
+        curves.append(case_margin_curves(pbar, lab, np.argmax(pbar, axis=0)))
+    rec = conformal.build_record(0.25, {}, {NAMES[c]: [cc[c - 1] for cc in curves] for c in (1, 2)})
+    cal = CalibrationFile(method="temperature", temperature=1.0, class_names=NAMES, fingerprint={"n_classes": 3},
+                          ebcu_threshold=0.3, conformal=rec).validate()
+    cal = CalibrationFile.from_dict(json.loads(json.dumps(cal.to_dict())))  # JSON round trip
+    lab = _labels()
+    members = list(member_probabilities(lab, GEOM, 3, 3, "new", seed=9))
+    process_case("new", members, GEOM, root, calibration=cal, class_names=NAMES,
+                 options=CaseOptions(map_names=("entropy",), regions_map="entropy"))
+    return root / "new", rec
+
+
+def test_margins_files_nest_for_every_organ(case_dir):
+    d, rec = case_dir
+    summary = json.loads((d / "summary.json").read_text())
+    block = summary["margins"]
+    assert set(block["classes"]) == {"Left Parotid", "Cord"} and block["alpha"] == 0.25
+    assert block["guarantee"]["outer"] == "outer contour holds ≥ 75 % of the organ's voxels in expectation"
+    seg, _ = read_image(d / "seg.nii.gz")
+    for name, m in block["classes"].items():
+        levels, geo = read_image(d / m["file"])
+        assert geo == GEOM and m["file"] in summary["files"]
+        c = NAMES.index(name)
+        assert np.array_equal(levels >= 2, seg == c)
+        inner, outer = levels == 3, levels >= 1
+        assert not (inner & ~outer).any() and inner.sum() < (seg == c).sum() <= outer.sum()
+        th = rec["margins"][name]["0.25"]
+        assert (m["outer_threshold"], m["inner_threshold"]) == (th["outer"], th["inner"])
+
+
+def test_margins_as_segments_in_a_scene(case_dir):
+    slicer = pytest.importorskip("slicer", reason="slicer-core (the MRML wheel) is not installed")
+    from CalibUncertaintyLib.mrml import nodes
+    from CalibUncertaintyLib.mrml.margins import guarantee_lines, segment_masks
+
+    d, _ = case_dir
+    scene = slicer.vtkMRMLScene()
+    case = nodes.load_case_outputs(scene, d)
+    assert case.margins is not None and case.margins in case.output_nodes()
+    ref = case.maps["entropy"]
+    masks = segment_masks(scene, case.margins, ref)
+    assert len(masks) == 6
+    summary = json.loads((d / "summary.json").read_text())
+    for name, m in summary["margins"]["classes"].items():
+        levels, _ = read_image(d / m["file"])
+        inner, pred, outer = masks[f"{name} inner"], masks[f"{name} prediction"], masks[f"{name} outer"]
+        assert np.array_equal(inner, levels == 3) and np.array_equal(pred, levels >= 2)
+        assert np.array_equal(outer, levels >= 1)
+        assert not (inner & ~pred).any() and not (pred & ~outer).any()
+    assert any("Organ margins" in line for line in guarantee_lines(case.summary))
+    n = scene.GetNumberOfNodes()
+    case.remove_from_scene(scene)
+    assert scene.GetNumberOfNodes() < n and case.margins.GetScene() is None
