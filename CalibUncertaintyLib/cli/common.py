@@ -413,3 +413,18 @@ def progress_bar(iterable, total: int | None = None, desc: str = ""):
 def say(message: str) -> None:
     """One line of result for the person at the terminal (stdout)."""
     print(message, flush=True)
+
+
+def finish_cohort_run(out_dir, summaries: list, run: dict, result) -> int:
+    """After ``maps``/``predict`` ran their cases: merge the records into the folder index, say
+    which earlier cases were replaced and how the run went; raise the run's error when a case
+    failed (the others are complete). Returns the exit code 0."""
+    from ..pipeline.folder_index import update_folder_index
+
+    replaced = update_folder_index(out_dir, summaries, run, cohort=result.record())
+    if replaced:
+        say(f"replaced the earlier outputs of {len(replaced)} case(s): {', '.join(replaced)}")
+    say(f"{len(summaries)} case(s) in {out_dir}: {result.describe()}")
+    if result.failed:
+        raise result.error()
+    return 0

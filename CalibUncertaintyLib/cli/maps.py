@@ -38,9 +38,8 @@ def run(args) -> int:
     from ..io.nnunet_outputs import member_name, pair_cases
     from ..pipeline.case import CaseOptions
     from ..pipeline.dataset import check_member_inputs, load_checked_calibration
-    from ..pipeline.folder_index import update_folder_index
     from ..pipeline.maps_job import complete_record, run_maps
-    from .common import executor_options
+    from .common import executor_options, finish_cohort_run
 
     executor = executor_options(args)
     pairing = pair_cases(args.members, args.images, None, args.cases)
@@ -66,13 +65,6 @@ def run(args) -> int:
             say(f"{cf.case}: {s['n_regions']} region(s) on {s['regions_map']}, {s['timings_s']['total_s']:.1f} s")
         elif cf.case in result.skipped:
             summaries.append(complete_record(args.output, cf.case))
-    replaced = update_folder_index(args.output, summaries,
-                                   {"n_members": pairing.n_members, "class_names": pairing.class_names,
-                                    "calibration": cal.source_path if cal else None, "notes": pairing.notes},
-                                   cohort=result.record())
-    if replaced:
-        say(f"replaced the earlier outputs of {len(replaced)} case(s): {', '.join(replaced)}")
-    say(f"{len(summaries)} case(s) in {args.output}: {result.describe()}")
-    if result.failed:
-        raise result.error()
-    return 0
+    return finish_cohort_run(args.output, summaries,
+                             {"n_members": pairing.n_members, "class_names": pairing.class_names,
+                              "calibration": cal.source_path if cal else None, "notes": pairing.notes}, result)

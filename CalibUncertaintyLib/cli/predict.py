@@ -115,10 +115,9 @@ def run(args) -> int:
     from ..nnunet.cascade import check_previous_stage
     from ..nnunet.model_folder import ModelFolder
     from ..pipeline.case import CaseOptions
-    from ..pipeline.folder_index import update_folder_index
     from ..pipeline.maps_job import complete_record
     from ..pipeline.predict_job import PredictOptions, make_predict_job, run_predict
-    from .common import executor_options, resolve_tta
+    from .common import executor_options, finish_cohort_run, resolve_tta
 
     executor = executor_options(args)
     model = ModelFolder.open(args.model)
@@ -152,15 +151,8 @@ def run(args) -> int:
                 f"on {s['device']}, total {t['case_total_s']:.1f} s")
         elif case_id in result.skipped:
             summaries.append(complete_record(args.output, case_id))
-    replaced = update_folder_index(args.output, summaries,
-                                   {"model_folder": str(model.path), "ensemble": args.ensemble, "members": names,
-                                    "class_names": model.output_names,
-                                    "device": devices[0] if len(set(devices)) == 1 else sorted(set(devices)) or None,
-                                    "tta": bool(args.tta), "calibration": cal.source_path if cal else None},
-                                   cohort=result.record())
-    if replaced:
-        say(f"replaced the earlier outputs of {len(replaced)} case(s): {', '.join(replaced)}")
-    say(f"{len(summaries)} case(s) in {args.output}: {result.describe()}")
-    if result.failed:
-        raise result.error()
-    return 0
+    return finish_cohort_run(args.output, summaries,
+                             {"model_folder": str(model.path), "ensemble": args.ensemble, "members": names,
+                              "class_names": model.output_names,
+                              "device": devices[0] if len(set(devices)) == 1 else sorted(set(devices)) or None,
+                              "tta": bool(args.tta), "calibration": cal.source_path if cal else None}, result)

@@ -17,16 +17,12 @@ import pytest
 from CalibUncertaintyLib.cli.main import main
 from CalibUncertaintyLib.io.images import read_header_geometry
 from CalibUncertaintyLib.synthetic.members import make_member_folders
+from cli_errors import error_line
 
 A, B = "OKBP_train_001", "OKBP_train_004"
 
 
-def _error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert lines and lines[-1].startswith("error: "), err
-    return lines[-1]
+_error = error_line  # one-line `error: ...`, no traceback
 
 
 @pytest.fixture(scope="module")

@@ -25,17 +25,13 @@ import pytest
 from CalibUncertaintyLib.cli.main import build_parser, main
 from CalibUncertaintyLib.errors import InputError
 from CalibUncertaintyLib.synthetic.members import make_member_folders
+from cli_errors import error_line
 
 NOBODY = 65534
 CASE = "OKBP_train_001"
 
 
-def _error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert lines and lines[-1].startswith("error: "), err
-    return lines[-1]
+_error = error_line  # one-line `error: ...`, no traceback
 
 
 @pytest.fixture(scope="module")
