@@ -2,7 +2,8 @@
 # GPU check (issue 9, item 5): `calib-uncertainty predict` and `nnUNetv2_predict --save_probabilities`
 # side by side on one real-size CT (an OpenKBP CT resampled to 512x512xSLICES, real anatomy) with a
 # 5-fold random-weight nnU-Net model, on CUDA; prints wall/CPU time, peak host RSS, peak GPU memory
-# (nvidia-smi, above idle) of both and the ratios (bench/predict_vs_nnunet.py --gpu-memory).
+# (nvidia-smi, above idle) of both and the ratios (bench/predict_vs_nnunet.py --gpu-memory); before that, on
+# CUDA, bench/gpu_equivalence.py compares the CUDA sliding window (and its out-of-memory fallback) with nnU-Net's.
 #
 #   bash bench/gpu_check.sh                 # on a machine with an NVIDIA GPU (CUDA build of torch)
 #   bash bench/gpu_check.sh --cpu           # dry run of the same steps on the CPU: small CT, 1 fold, no nvidia-smi
@@ -30,11 +31,14 @@ export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 "$py" - "$work/ct_0000.nii.gz" "$slices" <<'PY'
 import sys
 sys.path.insert(0, "bench")
-from many_classes import make_ct
+from _real_size_ct import make_ct
 from predict_vs_nnunet import default_ct
 size, spacing = make_ct(default_ct(), __import__("pathlib").Path(sys.argv[1]), int(sys.argv[2]))
 print(f"input CT: {default_ct().name} resampled to {size}, spacing {tuple(round(s, 3) for s in spacing)} mm")
 PY
+if [ "$device" = cuda ]; then  # CUDA sliding window vs nnU-Net's, incl. the device-memory fallback
+  "$py" "$here/bench/gpu_equivalence.py" --device cuda --ct "$work/ct_0000.nii.gz" || echo "gpu_equivalence: differences found (see above)"
+fi
 model_args=()
 [ -n "${MODEL:-}" ] && model_args=(--model "$MODEL")
 "$py" "$here/bench/predict_vs_nnunet.py" "${model_args[@]}" --tiny-folds "$folds" --ct "$work/ct_0000.nii.gz" \

@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+# where the console scripts are (CALIBU_BENCH_BIN: e.g. a `pip install --target DIR` install's DIR/bin)
+BIN = Path(os.environ.get("CALIBU_BENCH_BIN") or Path(sys.executable).parent)
 
 
 def default_ct() -> Path:
