@@ -10,7 +10,9 @@ A fingerprint is a JSON-able dict with these components (None where unknown):
   byte for byte, and the model folder and its prediction folders must agree.
 - ``checkpoints_sha256``: sha256 over the sorted lines "relpath:sha256" of every
   ``fold_*/checkpoint_*.pth`` in a model folder; ``checkpoints`` maps relpath -> file sha256
-  (files hashed in 1 MiB chunks). Unknown for prediction folders.
+  (files hashed in 1 MiB chunks). For a cascade stage (``3d_cascade_fullres``) the hash also covers
+  the low-resolution stage's folder (``previous_stage_sha256``): the stage's outputs depend on it.
+  Unknown for prediction folders.
 - ``member_names_sha256``: only for the weak fallback (``source = "member_names"``) when a
   prediction folder has neither plans.json nor dataset.json: sha256 of the class count and the
   sorted member folder names. It says "same folder names", not "same weights".
@@ -90,14 +92,35 @@ def fingerprint_model_folder(folder: str | os.PathLike) -> dict:
         raise ModelFolderError(f"{folder} has no fold_*/checkpoint_*.pth: train the model first or "
                                "point to the folder that holds the fold_* subfolders")
     per_file = {p.relative_to(folder).as_posix(): sha256_file(p) for p in ckpts}
-    return {
+    combined = _combine(per_file)
+    previous = _previous_stage_key(folder)
+    if previous is not None:  # a cascade stage: its outputs depend on the low-resolution model too
+        combined = _sha_lines([combined, f"previous_stage:{previous}"])
+    fp = {
         "source": "model_folder",
         "n_classes": n_classes,
         "plans_dataset_sha256": plans_sha,
-        "checkpoints_sha256": _combine(per_file),
+        "checkpoints_sha256": combined,
         "checkpoints": per_file,
         "member_names_sha256": None,
     }
+    if previous is not None:
+        fp["previous_stage_sha256"] = previous
+    return fp
+
+
+def _previous_stage_key(folder: Path) -> str | None:
+    """For a cascade stage, the fingerprint key of its low-resolution stage's folder (plans,
+    dataset.json, checkpoints; ``nnunet.cascade.previous_stage_key``); None for any other model."""
+    plans = _load_json(folder / "plans.json", ModelFolderError)
+    configs = plans.get("configurations") if isinstance(plans, dict) else None
+    if not isinstance(configs, dict) or not any(isinstance(c, dict) and c.get("previous_stage")
+                                                for c in configs.values()):
+        return None
+    from ..nnunet.cascade import previous_stage_key
+    from ..nnunet.model_folder import ModelFolder
+
+    return previous_stage_key(ModelFolder.open(folder))
 
 
 def fingerprint_prediction_folder(folders, n_classes: int | None = None) -> dict:

@@ -129,3 +129,21 @@ def test_member_cache_of_a_cascade_keys_on_its_low_res_stage(tmp_path, images):
                     configuration="3d_lowres")
     third = cached_member_dirs(cascade, "single", None, img_dir, tmp_path / "cache", device="cpu", tta=False)
     assert len(third.computed) == 1 and not third.reused
+
+
+def test_cascade_fingerprint_covers_its_low_res_stage(tmp_path):
+    """A calibration file fitted on a cascade must not be applied after its low-resolution stage
+    was retrained: the model fingerprint covers the low-res folder's checkpoints too."""
+    from CalibUncertaintyLib.calibration.fingerprint import compare_fingerprints, fingerprint_model_folder
+
+    cascade, low = build_cascade_folders(tmp_path / "m")
+    before = fingerprint_model_folder(cascade)
+    assert before["previous_stage_sha256"] and "previous_stage_sha256" not in fingerprint_model_folder(low)
+    plans = json.loads((low / "plans.json").read_text())
+    ds = json.loads((low / "dataset.json").read_text())
+    save_checkpoint(low / "fold_0" / "checkpoint_final.pth", network_weights(plans, ds, "3d_lowres", 78), plans, ds, 0,
+                    configuration="3d_lowres")
+    after = fingerprint_model_folder(cascade)
+    assert after["checkpoints"] == before["checkpoints"]  # the cascade's own files did not change
+    reason = compare_fingerprints(before, after)
+    assert reason is not None and "checkpoint" in reason
