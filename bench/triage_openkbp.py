@@ -11,7 +11,8 @@ checkpoint, tta when present), runs the library as a user would:
    high-U body fractions). Nothing below is chosen on a test case.
 2. ``pipeline.maps_job.run_maps`` on the **test cases and the OOD CT**: each case's
    ``summary.json`` ``case_aggregates`` (METHODS §6 aggregates of the regions map DAE, and the
-   atypicality aggregates with their p-values against the calibration cases).
+   atypicality aggregates with their p-values against the calibration cases: high-entropy / high-MI
+   body fractions, organ volume atypicality).
 3. The §6 aggregates with U = entropy and U = mutual information (ensembles) instead of DAE, from
    the written maps with the same definitions (``metrics.case_quality.case_aggregates``, τ = the
    calibration file's τ* of that map, regions ``regions.components.find_regions``).
@@ -56,7 +57,7 @@ log = logging.getLogger("bench.triage_openkbp")
 OOD_ID = "OOD_abdomen"
 CONFIGS = ("single", "deep", "checkpoint", "tta")
 SECTION6 = ("mean_u_roi", "sum_u_fg", "largest_region_mm3", "fraction_fg_flagged")
-ATYPICAL = ("high_entropy_body_fraction", "high_mi_body_fraction")
+ATYPICAL = ("high_entropy_body_fraction", "high_mi_body_fraction", "organ_volume_atypicality")
 
 
 def default_data() -> Path:
@@ -253,7 +254,9 @@ def render(run: dict) -> str:
          "cases only; nothing is tuned on the test cases. Candidates: the METHODS §6 aggregates of U = DAE (the "
          "library's regions map), U = entropy and U = mutual information (ensembles), and the atypicality "
          "aggregates `high_entropy_body_fraction` / `high_mi_body_fraction` (fraction of the body, CT ≥ −500 HU, "
-         "with U above the calibration cases' 0.99 quantile; `metrics/atypicality.py`).",
+         "with U above the calibration cases' 0.99 quantile) and `organ_volume_atypicality` (mean over organs of "
+         "|ln((V + 1 ml) / (calibration median + 1 ml))| of the predicted volumes); `metrics/atypicality.py`, "
+         "p-values against the calibration cases.",
          "- OOD rank: 1 = reviewed before every test case (ties count against it: rank 1 needs a strictly "
          "larger value). Risk = 1 − mean organ Dice; AURC over the test cases (lower is better), oracle in brackets. "
          "ρ = Spearman with Dice (a useful aggregate is negative).",

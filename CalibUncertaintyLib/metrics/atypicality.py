@@ -19,6 +19,13 @@ foreign input lies away from any predicted organ. These aggregates look at the w
   the calibration cases f is about 1 − q = 0.01 on average: a model on its own distribution is
   confident nearly everywhere but in a thin shell around the organs it segments. Doubt spread over
   the body (f ≫ 0.01) means the input is unlike what the model knows.
+- **Organ volume atypicality** (``organ_volume_atypicality``; no CT needed): the mean over the
+  foreground classes c of |ln((V_c + v0) / (m_c + v0))|, V_c the case's predicted volume of c in mm³,
+  m_c the median predicted volume of c over the calibration cases, v0 = 1000 mm³ (1 ml: differences
+  well below a millilitre count little, an organ that is missing or ten times too large counts
+  ln 10 ≈ 2.3). A patient of the kind the model knows has organs of typical size; a CT of another
+  body region gives missing or absurd organs. The calibration cases' own values are leave-one-out
+  (each against the median of the others), so they are distributed like a new case's.
 - Atypicality p-value of a case's aggregate s against the n calibration cases' values r_i (a
   conformal p-value): p = (1 + #{i : r_i ≥ s}) / (n + 1). Under exchangeability with the
   calibration cases P(p ≤ a) ≤ a; p = 1/(n + 1) means "beyond every calibration case". With n
@@ -40,6 +47,19 @@ REFERENCE_QUANTILE = 0.99
 SAMPLE_PER_CASE = 200_000
 #: aggregate name -> the uncertainty map it counts
 OOD_AGGREGATES = {"high_entropy_body_fraction": "entropy", "high_mi_body_fraction": "mutual_information"}
+VOLUME_AGGREGATE = "organ_volume_atypicality"
+VOLUME_V0_MM3 = 1000.0
+#: every atypicality aggregate (each with a p-value ``<name>_p``)
+ATYPICALITY_AGGREGATES = (*OOD_AGGREGATES, VOLUME_AGGREGATE)
+
+
+def volume_atypicality(volumes_mm3, medians_mm3, v0: float = VOLUME_V0_MM3) -> float:
+    """mean_c |ln((V_c + v0) / (m_c + v0))| over the foreground classes (module docstring)."""
+    v = np.asarray(volumes_mm3, dtype=np.float64)
+    m = np.asarray(medians_mm3, dtype=np.float64)
+    if v.shape != m.shape or v.ndim != 1 or v.size == 0:
+        raise InputError(f"need one predicted volume per foreground class: {v.shape} against {m.shape}")
+    return float(np.mean(np.abs(np.log((v + v0) / (m + v0)))))
 
 
 def body_mask(ct: np.ndarray, hu: float = BODY_HU) -> np.ndarray:
@@ -114,12 +134,15 @@ def p_value(score: float | None, reference_scores) -> float | None:
 
 
 def fit_reference(samples_per_case: list[dict], domain: str, n_members: int,
-                  q: float = REFERENCE_QUANTILE) -> dict:
+                  q: float = REFERENCE_QUANTILE, volumes_per_case: list | None = None) -> dict:
     """The calibration file's ``case_reference`` from the calibration cases' domain samples
     (``samples_per_case[i][map]`` = ``domain_sample`` of that map on case i).
 
+    ``volumes_per_case[i]``: case i's predicted volume (mm³) per foreground class.
+
     Returns ``{"q", "domain", "body_hu", "sample_per_case", "n_cases", "u_ref": {map: value},
-    "scores": {aggregate: [value per calibration case]}}``; the MI aggregate is left out for one member.
+    "volume_median_mm3": [per class], "v0_mm3", "scores": {aggregate: [value per calibration case]}}``;
+    the MI aggregate is left out for one member, the volume one without volumes.
     """
     if not samples_per_case:
         raise InputError("no calibration case for the atypicality reference")
@@ -132,15 +155,31 @@ def fit_reference(samples_per_case: list[dict], domain: str, n_members: int,
         u_ref = weighted_quantile(samples, q)
         rec["u_ref"][name] = u_ref
         rec["scores"][agg] = [float(np.mean(s > u_ref)) if s.size else None for s in samples]
+    if volumes_per_case:
+        vols = np.asarray(volumes_per_case, dtype=np.float64)
+        rec["volume_median_mm3"] = np.median(vols, axis=0).tolist()
+        rec["v0_mm3"] = VOLUME_V0_MM3
+        n = vols.shape[0]
+        rec["scores"][VOLUME_AGGREGATE] = [
+            volume_atypicality(vols[i], np.median(np.delete(vols, i, axis=0), axis=0)) if n > 1 else None
+            for i in range(n)]
     return rec
 
 
-def case_atypicality(maps: dict, domain_mask: np.ndarray | None, reference: dict | None) -> dict:
-    """The atypicality aggregates of one case: ``{aggregate: f, aggregate + "_p": p-value}`` for each
-    aggregate of ``reference`` whose map is in ``maps``; {} without a reference or a domain."""
-    if not reference or domain_mask is None:
+def case_atypicality(maps: dict, domain_mask: np.ndarray | None, reference: dict | None,
+                     volumes_mm3=None) -> dict:
+    """The atypicality aggregates of one case: ``{aggregate: value, aggregate + "_p": p-value}`` for each
+    aggregate of ``reference`` whose map is in ``maps`` (with a domain), and the organ volume one when
+    ``volumes_mm3`` (predicted volume per foreground class) is given; {} without a reference."""
+    if not reference:
         return {}
     out = {}
+    if volumes_mm3 is not None and VOLUME_AGGREGATE in reference.get("scores", {}):
+        v = volume_atypicality(volumes_mm3, reference["volume_median_mm3"], reference.get("v0_mm3", VOLUME_V0_MM3))
+        out[VOLUME_AGGREGATE] = v
+        out[f"{VOLUME_AGGREGATE}_p"] = p_value(v, reference["scores"][VOLUME_AGGREGATE])
+    if domain_mask is None:
+        return out
     for agg, name in OOD_AGGREGATES.items():
         if agg not in reference.get("scores", {}) or name not in maps:
             continue

@@ -22,10 +22,10 @@ from __future__ import annotations
 import math
 
 from ..errors import InputError
-from .atypicality import OOD_AGGREGATES
+from .atypicality import ATYPICALITY_AGGREGATES
 from .case_quality import AGGREGATES, correlations, risk_coverage
 
-PRIORITIES = (*AGGREGATES, *OOD_AGGREGATES)
+PRIORITIES = (*AGGREGATES, *ATYPICALITY_AGGREGATES)
 DEFAULT_PRIORITY = "mean_u_roi"
 RISK = "1 - mean Dice over the foreground classes"
 

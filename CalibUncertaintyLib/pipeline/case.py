@@ -266,6 +266,7 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
                            score=r_info["score"], threshold_score=r_info["tau_score"],
                            min_region_mm3=opts.min_region_mm3)
         timings["regions_s"] = time.perf_counter() - t
+        atyp.add_volumes(seg, k, geometry.voxel_volume_mm3)
         case_aggs = _case_aggregates(rmap, score, r_info["tau_score"], roi, seg, regions, geometry, atyp)
         del score
 
@@ -324,7 +325,7 @@ class _AtypicalityCounter:
         if self.ref:
             self.domain = read_case_domain(ct_path, shape_zyx, self.ref["domain"])
             if self.domain is None:
-                self.note = ("no CT given (--images): the atypicality aggregates, measured on the body, are "
+                self.note = ("no CT given (--images): the atypicality aggregates measured on the body are "
                              "left out")
 
     def add(self, name, values) -> None:
@@ -332,6 +333,12 @@ class _AtypicalityCounter:
 
         if self.domain is not None:
             self.values.update(case_atypicality({name: values}, self.domain, self.ref))
+
+    def add_volumes(self, seg, n_classes: int, voxel_mm3: float) -> None:
+        from ..metrics.atypicality import case_atypicality
+
+        vols = np.bincount(seg.ravel(), minlength=n_classes)[1:n_classes] * voxel_mm3
+        self.values.update(case_atypicality({}, None, self.ref, volumes_mm3=vols))
 
 
 def _case_aggregates(rmap, score, tau_score, roi, seg, regions, geometry, atyp) -> dict:

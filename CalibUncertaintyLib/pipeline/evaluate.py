@@ -165,7 +165,7 @@ def evaluate_case(cf, pairing: Pairing, calibration, opts: EvalOptions) -> tuple
     plot = {"reliability": reliability, "curves": {}}
     record["atypicality"] = {}
     if not roi.any():
-        record["atypicality"] = case_atypicality(cf, calibration, acc=acc, p_after=p_after, mode=mode)
+        record["atypicality"] = case_atypicality(cf, calibration, seg, k, acc=acc, p_after=p_after, mode=mode)
     if roi.any():
         map_info: dict = {}
         maps = case_maps(acc, p_after, cf.geometry, calibration, mode, names=list(MAP_NAMES),
@@ -173,7 +173,7 @@ def evaluate_case(cf, pairing: Pairing, calibration, opts: EvalOptions) -> tuple
                          info=map_info)
         acc_members = acc.n_members
         record["conformal"] = conformal_case_check(calibration, maps, seg, labels, roi, p_after, names)
-        record["atypicality"] = case_atypicality(cf, calibration, maps)
+        record["atypicality"] = case_atypicality(cf, calibration, seg, k, maps)
         del acc, p_after
         # Every error-detection number only looks at ROI voxels and (for the contour zone) their
         # 26-neighbours, so it is computed on the ROI bounding box grown by 2 voxels: exact, cheaper.
@@ -228,21 +228,23 @@ def evaluate_case(cf, pairing: Pairing, calibration, opts: EvalOptions) -> tuple
 
 def check_priority_available(priority: str, calibration) -> None:
     """Refuse, before any work, a review priority this calibration file cannot give."""
-    from ..metrics.atypicality import OOD_AGGREGATES
+    from ..metrics.atypicality import ATYPICALITY_AGGREGATES
     from ..metrics.triage import check_priority
 
     check_priority(priority)
-    if priority in OOD_AGGREGATES and priority not in ((calibration.case_reference or {}).get("scores") or {}):
+    if priority in ATYPICALITY_AGGREGATES and priority not in ((calibration.case_reference or {}).get("scores") or {}):
         why = ("has no atypicality reference (fitted before it existed): refit it with fit-temperature"
                if not calibration.case_reference else "was fitted on one member (no mutual information)")
         raise InputError(f"review priority {priority} needs the calibration cases' reference, but the calibration "
                          f"file {why}")
 
 
-def case_atypicality(cf, calibration, maps: dict | None = None, acc=None, p_after=None, mode=None) -> dict:
+def case_atypicality(cf, calibration, seg, n_classes: int, maps: dict | None = None, acc=None, p_after=None,
+                     mode=None) -> dict:
     """The case's atypicality aggregates (``metrics.atypicality``) against the calibration file's
-    ``case_reference`` ({} without one). ``maps`` holds the entropy and MI when already computed;
-    else they are computed from ``acc`` and ``p_after``."""
+    ``case_reference`` ({} without one). ``seg``: the segmentation (its predicted volume per class);
+    ``maps`` holds the entropy and MI when already computed, else they are computed from ``acc``
+    and ``p_after``."""
     from ..metrics.atypicality import OOD_AGGREGATES, case_atypicality as atyp, read_case_domain
 
     ref = calibration.case_reference
@@ -251,7 +253,8 @@ def case_atypicality(cf, calibration, maps: dict | None = None, acc=None, p_afte
     if maps is None or any(m not in maps for m in OOD_AGGREGATES.values()):
         maps = case_maps(acc, p_after, cf.geometry, calibration, mode, names=list(OOD_AGGREGATES.values()))
     dom = read_case_domain(cf.image_paths[0] if cf.image_paths else None, cf.geometry.shape_zyx, ref["domain"])
-    return atyp(maps, dom, ref)
+    vols = np.bincount(seg.ravel(), minlength=n_classes)[1:n_classes] * cf.geometry.voxel_volume_mm3
+    return atyp(maps, dom, ref, volumes_mm3=vols)
 
 
 NOT_APPLICABLE_ONE_MEMBER = "not applicable with one member (members cannot disagree)"

@@ -111,6 +111,26 @@ def test_atypicality_ranks_a_case_with_doubt_all_over_the_body_first():
         at.case_domain(ct_ood, (1, 2, 3))
 
 
+def test_organ_volume_atypicality_by_hand_and_leave_one_out_reference():
+    import math
+
+    # medians 2000 and 0 mm³; v0 = 1000 mm³
+    assert at.volume_atypicality([2000.0, 0.0], [2000.0, 0.0]) == 0.0
+    assert at.volume_atypicality([0.0, 9000.0], [2000.0, 0.0]) == pytest.approx(
+        (abs(math.log(1000 / 3000)) + abs(math.log(10000 / 1000))) / 2)
+    vols = [[1000.0, 10.0], [2000.0, 20.0], [4000.0, 40.0]]
+    ref = at.fit_reference([{"entropy": np.zeros(5, np.float32)}] * 3, "body", 1, volumes_per_case=vols)
+    assert ref["volume_median_mm3"] == [2000.0, 20.0]
+    # case 0 against the median of cases 1 and 2 (3000, 30)
+    assert ref["scores"]["organ_volume_atypicality"][0] == pytest.approx(
+        (abs(math.log(2000 / 4000)) + abs(math.log(1010 / 1030))) / 2)
+    a = at.case_atypicality({}, None, ref, volumes_mm3=[0.0, 0.0])  # no organ at all, no CT
+    assert set(a) == {"organ_volume_atypicality", "organ_volume_atypicality_p"}
+    assert a["organ_volume_atypicality_p"] == pytest.approx(1 / 4)  # beyond every calibration case
+    with pytest.raises(InputError, match="one predicted volume per foreground class"):
+        at.volume_atypicality([1.0], [1.0, 2.0])
+
+
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """A phantom CT dataset, synthetic 3-member ensembles, and an 'OOD' case whose members
@@ -167,7 +187,8 @@ def test_fit_writes_the_reference_and_evaluate_writes_the_triage(cohort, tmp_pat
     cal = _fit(c, tmp_path)
     ref = CalibrationFile.load(cal).case_reference
     assert ref["domain"] == "body" and ref["n_cases"] == len(c["cal"])
-    assert set(ref["scores"]) == {"high_entropy_body_fraction", "high_mi_body_fraction"}
+    assert set(ref["scores"]) == {"high_entropy_body_fraction", "high_mi_body_fraction", "organ_volume_atypicality"}
+    assert len(ref["volume_median_mm3"]) == 2  # node, vessel
     assert all(len(v) == len(c["cal"]) for v in ref["scores"].values())
     out = tmp_path / "ev"
     assert main(["evaluate", "--members", *c["members"], "--images", c["images"], "--labels", c["labels"],
@@ -228,7 +249,8 @@ def test_maps_write_each_cases_aggregates_and_the_folder_review_order(cohort, tm
     for a in aggs.values():
         assert a["map"] == "dae" and a["default_priority"] == "mean_u_roi"
         assert {"mean_u_roi", "sum_u_fg", "largest_region_mm3", "fraction_fg_flagged", "high_entropy_body_fraction",
-                "high_mi_body_fraction", "high_mi_body_fraction_p"} <= set(a)
+                "high_mi_body_fraction", "high_mi_body_fraction_p", "organ_volume_atypicality",
+                "organ_volume_atypicality_p"} <= set(a)
     assert max(aggs, key=lambda k: aggs[k]["high_mi_body_fraction"]) == c["ood"]
     index = json.loads((out / "summary.json").read_text())
     review = index["review"]
@@ -240,7 +262,8 @@ def test_maps_write_each_cases_aggregates_and_the_folder_review_order(cohort, tm
     assert main(["evaluate", "--members", *c["members"], "--images", c["images"], "--labels", c["labels"],
                  "--cases", c["ood"], "--calibration", str(cal), "-o", str(ev_out)]) == 0
     row = list(csv.DictReader((ev_out / "triage_cases.csv").open()))[0]
-    for key in ("mean_u_roi", "fraction_fg_flagged", "high_entropy_body_fraction", "high_mi_body_fraction"):
+    for key in ("mean_u_roi", "fraction_fg_flagged", "high_entropy_body_fraction", "high_mi_body_fraction",
+                "organ_volume_atypicality"):
         assert float(row[key]) == pytest.approx(aggs[c["ood"]][key], rel=1e-5, abs=1e-7)
     # without the CT the body is unknown: the atypicality aggregates are left out, and it says why
     out2 = tmp_path / "maps_no_ct"
@@ -248,4 +271,6 @@ def test_maps_write_each_cases_aggregates_and_the_folder_review_order(cohort, tm
                  "-o", str(out2)]) == 0
     a2 = json.loads((out2 / c["ood"] / "summary.json").read_text())["case_aggregates"]
     assert "high_entropy_body_fraction" not in a2 and "no CT" in a2["note"]
+    # the organ volume atypicality needs no CT
+    assert a2["organ_volume_atypicality"] == pytest.approx(aggs[c["ood"]]["organ_volume_atypicality"])
     assert a2["mean_u_roi"] == pytest.approx(aggs[c["ood"]]["mean_u_roi"])
