@@ -274,7 +274,7 @@ def render(run: dict) -> str:
         ref = r.get("reference") or {}
         if ref:
             s += ["Atypicality reference (calibration cases): u_ref = " + ", ".join(
-                f"{m} {v:.4f}" for m, v in ref["u_ref"].items()) + "; calibration cases' high-U body fractions: "
+                f"{m} {v:.4f}" for m, v in ref["u_ref"].items()) + "; the calibration cases' own values: "
                 + "; ".join(f"{a}: " + ", ".join(f"{x:.4f}" for x in v) for a, v in ref["scores"].items()), ""]
         s += ["| candidate | OOD value | max over test cases | OOD rank (of " + str(len(dice) + 1) + ") | OOD first "
               "| p-value OOD (min over test) | Spearman ρ | Pearson r | AURC (oracle) |",
