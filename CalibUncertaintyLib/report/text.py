@@ -164,8 +164,10 @@ def triage_lines(triage: dict | None) -> list[str]:
              "aggregate). Per aggregate: its correlation with the mean Dice across cases (a useful aggregate "
              "correlates negatively; at least 3 cases) and the risk–coverage AURC (risk = 1 − mean Dice; "
              "coverage = fraction of cases accepted without review, lowest priority first; lower is better; "
-             "the oracle's in brackets). `high_*_body_fraction` are the atypicality aggregates (fraction of the "
-             "body with uncertainty above the calibration cases' 0.99 quantile; out-of-distribution check).", ""]
+             "the oracle's in brackets). The atypicality aggregates (out-of-distribution check, against the "
+             "calibration cases): `high_*_body_fraction` = fraction of the body with uncertainty above the "
+             "calibration cases' 0.99 quantile; `organ_volume_atypicality` = mean |log ratio| of the predicted "
+             "organ volumes to the calibration cases' medians.", ""]
     rows = [[name + (" (priority)" if name == triage["priority"] else ""), v.get("pearson"), v.get("spearman"),
              f"{_f((v.get('risk_coverage') or {}).get('aurc'))} ({_f((v.get('risk_coverage') or {}).get('aurc_optimal'))})",
              v.get("n_undefined")] for name, v in triage["aggregates"].items()]
