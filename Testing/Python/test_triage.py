@@ -185,6 +185,7 @@ def test_fit_writes_the_reference_and_evaluate_writes_the_triage(cohort, tmp_pat
 
     c = cohort
     cal = _fit(c, tmp_path)
+    assert "atypicality reference (5 cases, body (CT >= -500 HU)): entropy above" in capsys.readouterr().out
     ref = CalibrationFile.load(cal).case_reference
     assert ref["domain"] == "body" and ref["n_cases"] == len(c["cal"])
     assert set(ref["scores"]) == {"high_entropy_body_fraction", "high_mi_body_fraction", "organ_volume_atypicality"}
