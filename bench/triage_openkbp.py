@@ -257,6 +257,8 @@ def render(run: dict) -> str:
          "with U above the calibration cases' 0.99 quantile) and `organ_volume_atypicality` (mean over organs of "
          "|ln((V + 1 ml) / (calibration median + 1 ml))| of the predicted volumes); `metrics/atypicality.py`, "
          "p-values against the calibration cases.",
+         "- Every candidate and its parameters (q = 0.99, body ≥ −500 HU, v0 = 1 ml, the library's default "
+         "regions map and τ*) were fixed before the first run on these members; none was chosen after seeing them.",
          "- OOD rank: 1 = reviewed before every test case (ties count against it: rank 1 needs a strictly "
          "larger value). Risk = 1 − mean organ Dice; AURC over the test cases (lower is better), oracle in brackets. "
          "ρ = Spearman with Dice (a useful aggregate is negative).",
