@@ -156,6 +156,13 @@ def candidate_table(values: dict, test_ids: list, dice: dict) -> dict:
     return out
 
 
+def _work_key(dirs, split, args) -> dict:
+    """What a configuration's calibration and evaluation depend on: member files (size, mtime), split, OOD."""
+    files = sorted(p for d in dirs for p in Path(d).glob("*.np[z]"))
+    return {"members": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+            "split": {k: split[k] for k in ("calibration", "test")}, "ood": str(args.ood), "script": 1}
+
+
 def run_config(cfg: str, dirs: list, args, ds: Path, split: dict) -> dict:
     from CalibUncertaintyLib.io.nnunet_outputs import pair_cases
     from CalibUncertaintyLib.pipeline.case import CaseOptions
@@ -171,9 +178,19 @@ def run_config(cfg: str, dirs: list, args, ds: Path, split: dict) -> dict:
                                                     for c in cal_ids + test_ids})
     t0 = time.time()
     pairing = pair_cases(dirs, images, labels, cal_ids, require_labels=True)
-    cal = fit_calibration(pairing, FitOptions())
     work.mkdir(parents=True, exist_ok=True)
-    cal.save(work / "calibration.json")
+    key = _work_key(dirs, split, args)
+    reused = (work / "key.json").is_file() and json.loads((work / "key.json").read_text()) == key \
+        and (work / "calibration.json").is_file()
+    if reused:  # the same members and split: the calibration of an earlier run of this script
+        from CalibUncertaintyLib.calibration.calibration_file import CalibrationFile
+
+        cal = CalibrationFile.load(work / "calibration.json")
+    else:
+        (work / "key.json").unlink(missing_ok=True)
+        cal = fit_calibration(pairing, FitOptions())
+        cal.save(work / "calibration.json")
+        write_json(work / "key.json", key)
     t_fit = time.time() - t0
     log.info("%s: calibration fitted in %.0f s (T = %.3f)", cfg, t_fit, cal.temperature)
     cases = test_ids + [OOD_ID]
@@ -206,12 +223,14 @@ def run_config(cfg: str, dirs: list, args, ds: Path, split: dict) -> dict:
     for a, p in pvals.items():
         table[a]["ood_p"] = p.get(OOD_ID)
         table[a]["test_p_min"] = min((v for c, v in p.items() if c != OOD_ID and v is not None), default=None)
-    out = {"members": [d.name for d in dirs], "temperature": cal.temperature, "reference": cal.case_reference,
+    out = {"members": [d.name for d in dirs], "reused_calibration": reused, "temperature": cal.temperature, "reference": cal.case_reference,
            "dice": dice, "values": values, "candidates": table, "seconds": {"fit": round(t_fit, 1),
                                                                              "maps": round(t_maps, 1)},
            "ood_predicted_mm3": summaries[OOD_ID].get("predicted_volume_mm3"),
            "ood_roi_voxels": summaries[OOD_ID]["roi"]["n_voxels"]}
-    if args.evaluate:
+    if args.evaluate and reused and (work / "evaluate.json").is_file():
+        out["evaluate"] = {**json.loads((work / "evaluate.json").read_text()), "reused": True}
+    elif args.evaluate:
         from CalibUncertaintyLib.pipeline.evaluate import EvalOptions, case_triage_aggregates, evaluate_cases
 
         t1 = time.time()
@@ -230,6 +249,7 @@ def run_config(cfg: str, dirs: list, args, ds: Path, split: dict) -> dict:
                            "max_rel_diff_vs_maps": max(diffs) if diffs else None,
                            "mean_dice": float(np.mean([r["mean_dice"] for r in ev["per_case"]])),
                            "seconds": round(time.time() - t1, 1)}
+        write_json(work / "evaluate.json", out["evaluate"])
         log.info("%s: evaluate in %.0f s", cfg, time.time() - t1)
     return out
 
@@ -272,7 +292,9 @@ def render(run: dict) -> str:
               f"T = {r['temperature']:.3f}; test mean Dice {np.mean(dice):.3f} (min {min(dice):.3f}, max "
               f"{max(dice):.3f}); OOD predicted volume (mm³): "
               + ", ".join(f"{k} {v:.0f}" for k, v in (r.get("ood_predicted_mm3") or {}).items())
-              + f"; OOD ROI voxels {r['ood_roi_voxels']}.", ""]
+              + f"; OOD ROI voxels {r['ood_roi_voxels']}."
+              + (" Calibration and evaluation reused from an earlier run of this command on the same member "
+                 "files (workdir)." if r.get("reused_calibration") else ""), ""]
         ref = r.get("reference") or {}
         if ref:
             s += ["Atypicality reference (calibration cases): u_ref = " + ", ".join(
