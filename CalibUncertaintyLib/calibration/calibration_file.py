@@ -5,7 +5,9 @@ or a per-class / local temperature table in the nested record ``local``, see bel
 the ensemble mode, the ROI rule and radius in mm, the fitting cases (count and ids), the number
 of voxels, NLL before/after, the error-detection thresholds τ* per map (METHODS.md §4), the EBCU
 threshold t (METHODS.md §1), the conformal risk control record (α and the flag and margin
-thresholds, METHODS.md §7; absent in older files, which still load), the class names and the model fingerprint (``fingerprint.py``).
+thresholds, METHODS.md §7; absent in older files, which still load), the atypicality reference of
+the calibration cases (``case_reference``, ``metrics.atypicality``; absent in older files), the class names
+and the model fingerprint (``fingerprint.py``).
 Applying it to a model with another fingerprint raises ``CalibrationMismatchError``.
 
 Per-class and local temperature (``calibration.local_temperature``): ``method`` is
@@ -85,6 +87,9 @@ class CalibrationFile:
     #: conformal risk control (``conformal.build_record``): {"alpha", "source", "n_cases", "alphas",
     #: "flags": {map: {alpha: {...}}}, "margins": {class: {alpha: {...}}}}; {} in older files
     conformal: dict = field(default_factory=dict)
+    #: the calibration cases' atypicality reference (``metrics.atypicality.fit_reference``): domain, q,
+    #: u_ref per map and each aggregate's per-case values; None in older files (no OOD aggregates then)
+    case_reference: dict | None = None
     source_path: str | None = field(default=None, compare=False, repr=False)
 
     # --- construction ------------------------------------------------------------------------
@@ -180,6 +185,12 @@ class CalibrationFile:
         if self.conformal is None:
             self.conformal = {}
         validate_record(self.conformal, where)
+        from ..metrics.atypicality import check_reference
+
+        try:
+            check_reference(self.case_reference)
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}; {REFIT_HINT}") from None
         return self
 
     def check_ensemble(self, kind: str | None = None, members=None, tta: bool | None = None) -> str | None:
@@ -297,8 +308,9 @@ class CalibrationFile:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("source_path")
-        if d.get("local") is None:  # files without it stay byte-compatible with older readers
-            d.pop("local", None)
+        for key in ("local", "case_reference"):  # files without them stay byte-compatible with older readers
+            if d.get(key) is None:
+                d.pop(key, None)
         return {"format": FORMAT_NAME, **d}
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -21,6 +21,7 @@ from .common import (ROI_RULES, add_executor_options, add_identity_option, add_m
 
 
 def register(subparsers) -> argparse.ArgumentParser:
+    from ..metrics.triage import DEFAULT_PRIORITY, PRIORITIES
     from ..uncertainty.maps import MAP_NAMES
 
     p = subparsers.add_parser(
@@ -49,6 +50,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="EBCU ball radius in millimetres (default 4 mm)")
     g.add_argument("--min-region-mm3", type=nonnegative_mm, default=10.0, metavar="MM3",
                    help="smallest error region counted, in cubic millimetres (default 10 mm³)")
+    g.add_argument("--priority", choices=PRIORITIES, default=DEFAULT_PRIORITY,
+                   help="case-level aggregate that orders the cases for review, highest first (default "
+                        f"{DEFAULT_PRIORITY}: mean of the regions map in the ROI); high_*_body_fraction need a "
+                        "calibration file with an atypicality reference (fit-temperature writes one)")
     add_identity_option(p, "member outputs")
     add_executor_options(p)
     add_output_option(p, "output folder for tables, figures and report.md")
@@ -89,7 +94,7 @@ def run(args) -> int:
     cal.check_ensemble(rec["kind"], rec["members"], rec["tta"])
     opts = EvalOptions(roi_radius_mm=args.roi_radius_mm, roi_rule=args.roi_rule, regions_map=args.regions_map,
                        dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm,
-                       min_region_mm3=args.min_region_mm3)
+                       min_region_mm3=args.min_region_mm3, priority=args.priority)
     inputs = {**members.record, "images": str(args.images), "labels": str(args.labels),
               "calibration": str(args.calibration)}
     ev = evaluate_cases(pairing, cal, opts, inputs=inputs, executor=executor)
@@ -100,6 +105,11 @@ def run(args) -> int:
         if row["region"] == "roi":
             say(f"ROI {row['calibration']:>6}: NLL {row['nll.mean']:.4f}  ECE {row['ece_top.mean']:.4f}  "
                 f"Brier {row['brier_multiclass.mean']:.4f}")
+    t = ev.get("triage") or {}
+    if t.get("ranking"):
+        rc = (t["aggregates"].get(t["priority"]) or {}).get("risk_coverage") or {}
+        say(f"review priority {t['priority']}: first {t['ranking'][0]['case']}; risk-coverage AURC "
+            f"{rc.get('aurc', float('nan')):.4f} (oracle {rc.get('aurc_optimal', float('nan')):.4f})")
     say(f"report written: {args.output / 'report.md'} ({len(ev['per_case'])} case(s); "
         f"{len(ev['cohort']['failed'])} failed)")
     if ev["cohort"]["failed"]:

@@ -98,6 +98,11 @@ def run(args) -> int:
         say(f"note: {note}")
     say(cal.describe())
     say(f"EBCU threshold {cal.ebcu_threshold:.4g} nats; τ* for {len(cal.thresholds)} maps")
+    ref = cal.case_reference
+    if ref:
+        say(f"atypicality reference ({ref['n_cases']} cases, {'body (CT >= -500 HU)' if ref['domain'] == 'body' else 'whole image (no --images)'}): "
+            + ", ".join(f"{m} above {v:.4g}" for m, v in ref["u_ref"].items())
+            + ("; organ volume medians" if "volume_median_mm3" in ref else ""))
     from ..calibration.conformal import describe_record
     for line in describe_record(cal.conformal):
         say(line)

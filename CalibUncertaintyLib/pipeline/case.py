@@ -115,13 +115,15 @@ def _replace_dir(partial: Path, final: Path) -> None:
 
 def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry, out_dir,
                  calibration=None, class_names: list[str] | None = None,
-                 options: CaseOptions | None = None) -> dict:
+                 options: CaseOptions | None = None, ct_path=None) -> dict:
     """Members of one case -> ``<out_dir>/<case_id>/`` (module docstring); returns the summary dict.
 
     ``members``: iterable of (K, z, y, x) probabilities on ``geometry``'s grid (consumed once,
     one at a time). ``calibration``: a ``CalibrationFile`` (its fingerprint must have been
     checked by the caller) or None for uncalibrated outputs. ``class_names``: K names,
-    background first (default ``background, class_1, ...``).
+    background first (default ``background, class_1, ...``). ``ct_path``: the case's CT (channel 0)
+    on the same grid, for the body domain of the atypicality aggregates (``case_aggregates`` in
+    summary.json; without it a body reference cannot be applied and they are left out).
     """
     from ..calibration.conformal import case_guarantees
     from ..calibration.roi import describe_roi, roi_mask
@@ -223,12 +225,14 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
         calibrated_thresholds = calibration.thresholds if calibration is not None else None
         rmap = opts.regions_map
         thresholds, map_stats, rmap_values = {}, {}, None
+        atyp = _AtypicalityCounter(calibration, ct_path, geometry.shape_zyx)
         for i, (name, values) in enumerate(iter_case_maps(
                 acc, probs, geometry, calibration, mode, names=list(names), dae_sigma_mm=opts.dae_sigma_mm,
                 ebcu_radius_mm=opts.ebcu_radius_mm, roi=roi, info=map_info, release_sums=True, seg=seg)):
             entry = threshold_entry(name, calibrated_thresholds)
             thresholds[name] = map_threshold_info(name, entry, threshold_for_case(entry, values, roi))
             map_stats[name] = _stats(values, roi)
+            atyp.add(name, values)
             tw = time.perf_counter()
             write_image(partial / f"map_{name}.nii.gz", values.astype(np.float32, copy=False), geometry)
             write_maps_s += time.perf_counter() - tw
@@ -249,18 +253,22 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
                   else "calibration file" if calibrated_here else "default (calibration.thresholds.DEFAULT_THRESHOLDS)")
         roi_doc = {"rule": "prediction", "radius_mm": radius, "n_voxels": int(roi.sum()),
                    "description": describe_roi("prediction", radius)}
+        score = uncertainty_score(rmap, rmap_values)
+        del rmap_values
         if r_info["tau_score"] is None:  # quantile threshold on an empty ROI: nothing to flag
             regions = []
         else:
-            regions = find_regions(uncertainty_score(rmap, rmap_values), r_info["tau_score"], roi, seg, geometry,
+            regions = find_regions(score, r_info["tau_score"], roi, seg, geometry,
                                    class_names=class_names, min_volume_mm3=opts.min_region_mm3)
-        del rmap_values
         regions_doc = regions_to_dict(regions, case=case_id, map_name=rmap, threshold=r_info["tau_abs"] or 0.0,
                                       threshold_source=source, roi=roi_doc, class_names=class_names)
         regions_doc.update(threshold=r_info["tau_abs"], threshold_kind=r_info["kind"], flag=r_info["flag"],
                            score=r_info["score"], threshold_score=r_info["tau_score"],
                            min_region_mm3=opts.min_region_mm3)
         timings["regions_s"] = time.perf_counter() - t
+        atyp.add_volumes(seg, k, geometry.voxel_volume_mm3)
+        case_aggs = _case_aggregates(rmap, score, r_info["tau_score"], roi, seg, regions, geometry, atyp)
+        del score
 
         t = time.perf_counter()
         emit_progress("write", 0.95, case=case_id)
@@ -282,6 +290,7 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
             "thresholds": thresholds,
             "regions_map": rmap,
             "n_regions": len(regions_doc["regions"]),
+            "case_aggregates": case_aggs,
             "maps": {n: map_stats[n] for n in names},
             "ebcu_threshold": map_info.get("ebcu_threshold"),
             "conformal": case_guarantees(calibration, rmap),
@@ -301,6 +310,52 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
     emit_progress("done", 1.0, case=case_id)
     log.info("case %s written to %s (%.1f s)", case_id, final, timings["total_s"])
     return summary
+
+
+class _AtypicalityCounter:
+    """The atypicality aggregates (``metrics.atypicality``) of one case, from each map as it streams by."""
+
+    def __init__(self, calibration, ct_path, shape_zyx):
+        from ..metrics.atypicality import read_case_domain
+
+        self.ref = getattr(calibration, "case_reference", None) if calibration is not None else None
+        self.domain = None
+        self.values: dict = {}
+        self.note = None
+        if self.ref:
+            self.domain = read_case_domain(ct_path, shape_zyx, self.ref["domain"])
+            if self.domain is None:
+                self.note = ("no CT given (--images): the atypicality aggregates measured on the body are "
+                             "left out")
+
+    def add(self, name, values) -> None:
+        from ..metrics.atypicality import case_atypicality
+
+        if self.domain is not None:
+            self.values.update(case_atypicality({name: values}, self.domain, self.ref))
+
+    def add_volumes(self, seg, n_classes: int, voxel_mm3: float) -> None:
+        from ..metrics.atypicality import case_atypicality
+
+        vols = np.bincount(seg.ravel(), minlength=n_classes)[1:n_classes] * voxel_mm3
+        self.values.update(case_atypicality({}, None, self.ref, volumes_mm3=vols))
+
+
+def _case_aggregates(rmap, score, tau_score, roi, seg, regions, geometry, atyp) -> dict:
+    """summary.json's ``case_aggregates``: the §6 aggregates of the regions map (the same definitions
+    as ``evaluate``; None where undefined) and the atypicality aggregates with their p-values."""
+    from ..metrics.case_quality import AGGREGATES, case_aggregates
+    from ..metrics.triage import DEFAULT_PRIORITY
+
+    out = {"map": rmap, **{a: None for a in AGGREGATES}}
+    if tau_score is not None and roi.any():
+        out.update(case_aggregates(score, roi, seg > 0, tau_score, [g.volume_mm3 for g in regions],
+                                   geometry.voxel_volume_mm3))
+    out.update(atyp.values)
+    if atyp.note:
+        out["note"] = atyp.note
+    out["default_priority"] = DEFAULT_PRIORITY
+    return out
 
 
 def _calibration_record(calibration) -> dict | None:

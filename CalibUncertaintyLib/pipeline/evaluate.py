@@ -29,6 +29,12 @@ Per case (METHODS.md §2–§6; definitions restated in the functions used):
 - Case quality (METHODS.md §6) from the regions map (default DAE): mean U in the ROI, Σ U over
   the foreground, largest region, fraction of foreground flagged; across cases their Pearson /
   Spearman correlation with the mean Dice and the risk–coverage AURC.
+- Case triage (``metrics.triage``): per case the aggregates above plus the atypicality aggregates
+  of the whole body (``metrics.atypicality``: fraction of the body with entropy / mutual information
+  above the calibration cases' 0.99 quantile, and its p-value against the calibration cases; only
+  with a calibration file that holds a ``case_reference``); the review priority is the aggregate
+  ``EvalOptions.priority`` (default ``mean_u_roi``); ranking, risk–coverage curve of every
+  aggregate (risk = 1 − mean Dice) and correlations with Dice.
 
 UEO-against-τ curves for the plots are computed on a uniform random subsample of at most
 ``curve_max_voxels`` ROI voxels per case (fixed seed), lowered for large cohorts so that all cases
@@ -75,6 +81,7 @@ class EvalOptions:
     min_region_mm3: float = 10.0
     curve_max_voxels: int = 200_000
     seed: int = 0
+    priority: str = "mean_u_roi"  # review priority: an aggregate of metrics.triage.PRIORITIES
 
 
 def _metrics_block(summary: dict | None, class_names: list[str]) -> dict | None:
@@ -156,6 +163,9 @@ def evaluate_case(cf, pairing: Pairing, calibration, opts: EvalOptions) -> tuple
         record["dice_before"] = {names[c]: d["dice"] for c, d in dice_per_class(seg_before, labels, k).items()}
 
     plot = {"reliability": reliability, "curves": {}}
+    record["atypicality"] = {}
+    if not roi.any():
+        record["atypicality"] = case_atypicality(cf, calibration, seg, k, acc=acc, p_after=p_after, mode=mode)
     if roi.any():
         map_info: dict = {}
         maps = case_maps(acc, p_after, cf.geometry, calibration, mode, names=list(MAP_NAMES),
@@ -163,6 +173,7 @@ def evaluate_case(cf, pairing: Pairing, calibration, opts: EvalOptions) -> tuple
                          info=map_info)
         acc_members = acc.n_members
         record["conformal"] = conformal_case_check(calibration, maps, seg, labels, roi, p_after, names)
+        record["atypicality"] = case_atypicality(cf, calibration, seg, k, maps)
         del acc, p_after
         # Every error-detection number only looks at ROI voxels and (for the contour zone) their
         # 26-neighbours, so it is computed on the ROI bounding box grown by 2 voxels: exact, cheaper.
@@ -213,6 +224,37 @@ def evaluate_case(cf, pairing: Pairing, calibration, opts: EvalOptions) -> tuple
         record["ebcu_threshold"] = map_info.get("ebcu_threshold")
     record["time_s"] = round(time.perf_counter() - t0, 3)
     return record, plot
+
+
+def check_priority_available(priority: str, calibration) -> None:
+    """Refuse, before any work, a review priority this calibration file cannot give."""
+    from ..metrics.atypicality import ATYPICALITY_AGGREGATES
+    from ..metrics.triage import check_priority
+
+    check_priority(priority)
+    if priority in ATYPICALITY_AGGREGATES and priority not in ((calibration.case_reference or {}).get("scores") or {}):
+        why = ("has no atypicality reference (fitted before it existed): refit it with fit-temperature"
+               if not calibration.case_reference else "was fitted on one member (no mutual information)")
+        raise InputError(f"review priority {priority} needs the calibration cases' reference, but the calibration "
+                         f"file {why}")
+
+
+def case_atypicality(cf, calibration, seg, n_classes: int, maps: dict | None = None, acc=None, p_after=None,
+                     mode=None) -> dict:
+    """The case's atypicality aggregates (``metrics.atypicality``) against the calibration file's
+    ``case_reference`` ({} without one). ``seg``: the segmentation (its predicted volume per class);
+    ``maps`` holds the entropy and MI when already computed, else they are computed from ``acc``
+    and ``p_after``."""
+    from ..metrics.atypicality import OOD_AGGREGATES, case_atypicality as atyp, read_case_domain
+
+    ref = calibration.case_reference
+    if not ref:
+        return {}
+    if maps is None or any(m not in maps for m in OOD_AGGREGATES.values()):
+        maps = case_maps(acc, p_after, cf.geometry, calibration, mode, names=list(OOD_AGGREGATES.values()))
+    dom = read_case_domain(cf.image_paths[0] if cf.image_paths else None, cf.geometry.shape_zyx, ref["domain"])
+    vols = np.bincount(seg.ravel(), minlength=n_classes)[1:n_classes] * cf.geometry.voxel_volume_mm3
+    return atyp(maps, dom, ref, volumes_mm3=vols)
 
 
 NOT_APPLICABLE_ONE_MEMBER = "not applicable with one member (members cannot disagree)"
@@ -295,6 +337,7 @@ def evaluate_cases(pairing: Pairing, calibration, opts: EvalOptions | None = Non
     from ..report.tables import ece_from_table, merge_reliability_tables
 
     opts = opts or EvalOptions()
+    check_priority_available(opts.priority, calibration)
     if any(cf.label_path is None for cf in pairing.cases):
         raise InputError("evaluation needs reference labels for every case (--labels)")
     n_all = max(len(pairing.cases), 1)
@@ -315,6 +358,10 @@ def evaluate_cases(pairing: Pairing, calibration, opts: EvalOptions | None = Non
                                                                  if (stage, region) in p["reliability"]])
                    for stage in STAGES for region in REGIONS}
     ueo_curves, budget_curves = _pooled_curves(plots)
+    from ..metrics.triage import triage_summary
+
+    triage = triage_summary([r["case"] for r in records], [case_triage_aggregates(r) for r in records],
+                            [r["mean_dice"] for r in records], opts.priority)
     with_quality = [r for r in records if r["quality"] is not None]
     quality = case_quality_summary([r["quality"] for r in with_quality], [r["mean_dice"] for r in with_quality]) \
         if with_quality else {}
@@ -349,7 +396,7 @@ def evaluate_cases(pairing: Pairing, calibration, opts: EvalOptions | None = Non
         },
         "options": asdict(opts), "held_out_overlap": overlap, "notes": notes,
         "per_case": records, "reliability": reliability, "ueo_curves": ueo_curves,
-        "budget_curves": budget_curves, "case_quality": quality,
+        "budget_curves": budget_curves, "case_quality": quality, "triage": triage,
         "cohort_ece": {key: ece_from_table(table) for key, table in reliability.items()},
         "conformal": conformal_summary(calibration, [r.get("conformal") for r in records]),
         "cohort": result.record(),
@@ -384,13 +431,38 @@ def dice_rows(evaluation: dict) -> list[dict]:
              "empty_reference": " ".join(rec["dice_empty_reference"])} for rec in evaluation["per_case"]]
 
 
-def quality_rows(evaluation: dict) -> list[dict]:
-    """One row per case in review order (``metrics.case_quality.review_order``), with its rank."""
-    from ..metrics.case_quality import review_order
+def case_triage_aggregates(rec: dict) -> dict:
+    """Every case-level aggregate of one evaluated case: §6 (regions map) and atypicality."""
+    from ..metrics.case_quality import AGGREGATES
 
-    recs = [rec for rec in review_order(evaluation["per_case"]) if rec["quality"] is not None]
+    q = rec.get("quality") or {}
+    return {**{a: q.get(a) for a in AGGREGATES}, **(rec.get("atypicality") or {})}
+
+
+def quality_rows(evaluation: dict) -> list[dict]:
+    """One row per case with §6 aggregates, in the triage's review order, with its rank."""
+    by_case = {rec["case"]: rec for rec in evaluation["per_case"]}
+    order = [r["case"] for r in evaluation["triage"]["ranking"]] if evaluation.get("triage") else list(by_case)
+    recs = [by_case[c] for c in order if by_case[c]["quality"] is not None]
     return [{"review_rank": i + 1, "case": rec["case"], "mean_dice": rec["mean_dice"], **rec["quality"]}
             for i, rec in enumerate(recs)]
+
+
+def triage_rows(evaluation: dict) -> list[dict]:
+    """triage_cases.csv: every case in review order (rank 1 first), its priority value, risk and aggregates."""
+    from ..metrics.triage import PRIORITIES
+
+    t = evaluation["triage"]
+    by_case = {rec["case"]: rec for rec in evaluation["per_case"]}
+    rows = []
+    for r in t["ranking"]:
+        aggs = case_triage_aggregates(by_case[r["case"]])
+        rows.append({"review_rank": r["rank"], "case": r["case"], "priority_aggregate": t["priority"],
+                     "priority": "undefined (review first)" if r["undefined"] else r["priority"],
+                     "mean_dice": r["mean_dice"], "risk": r["risk"],
+                     **{a: aggs.get(a) for a in PRIORITIES if a in aggs},
+                     **{k: v for k, v in aggs.items() if k.endswith("_p")}})
+    return rows
 
 
 def write_evaluation(out_dir, evaluation: dict) -> list[Path]:
@@ -398,7 +470,8 @@ def write_evaluation(out_dir, evaluation: dict) -> list[Path]:
 
     metrics_per_case.csv, metrics_aggregate.csv (mean/std/median/min/max over cases per
     calibration × region), dice_per_case.csv, error_detection_per_case.csv,
-    error_detection_aggregate.csv, case_quality.csv, evaluation.json, reliability_roi.png,
+    error_detection_aggregate.csv, case_quality.csv, triage_cases.csv (review order and priority),
+    risk_coverage.csv, triage.json, risk_coverage.png (the triage), evaluation.json, reliability_roi.png,
     reliability_whole_image.png, ueo_vs_threshold.png, budget_curves.png,
     conformal_miss_vs_alpha.png (when the calibration file holds conformal thresholds), report.md.
     """
@@ -420,6 +493,15 @@ def write_evaluation(out_dir, evaluation: dict) -> list[Path]:
              write_csv(out / "error_detection_per_case.csv", d_rows),
              write_csv(out / "error_detection_aggregate.csv", evaluation["aggregate"]["error_detection"]),
              write_csv(out / "case_quality.csv", quality_rows(evaluation))]
+    if evaluation.get("triage"):
+        from ..metrics.triage import curve_rows
+
+        files += [write_csv(out / "triage_cases.csv", triage_rows(evaluation)),
+                  write_csv(out / "risk_coverage.csv", curve_rows(evaluation["triage"])),
+                  write_json(out / "triage.json", evaluation["triage"]),
+                  plots.risk_coverage_plot(out / "risk_coverage.png", evaluation["triage"],
+                                           title=f"Case triage, {len(evaluation['triage']['ranking'])} cases "
+                                                 f"(risk = 1 − mean Dice)")]
     rel = evaluation["reliability"]
     for region in REGIONS:
         label = "ROI" if region == "roi" else "whole image"

@@ -257,7 +257,7 @@ def threshold_case(job: FitJob, item) -> tuple:
     from ..uncertainty.ebcu import effective_radius_mm
     from ..uncertainty.maps import MAP_NAMES, segmentation
 
-    _, cf = item
+    ci, cf = item
     opts, calibration = job.opts, job.calibration
     mode = calibration.ensemble_mode
     names = [n for n in MAP_NAMES if n != "ebcu"]
@@ -276,7 +276,19 @@ def threshold_case(job: FitJob, item) -> tuple:
     box = _bbox(roi, pad, roi.shape)
     errors = error_mask(seg, labels, roi)
     crop = ({n: maps[n][box].copy() for n in names}, errors[box].copy(), roi[box].copy(), cf.geometry.spacing_zyx)
-    return crop, maps["entropy"][roi], margins
+    return crop, maps["entropy"][roi], margins, reference_sample(cf, maps, opts.seed + ci, seg, job.n_classes)
+
+
+def reference_sample(cf, maps: dict, seed: int, seg, n_classes: int) -> tuple[str, dict, list]:
+    """The case's part of the atypicality reference (``metrics.atypicality``): its domain kind
+    (the body from its CT when there is one, else the whole image), a fixed-seed sample of the
+    entropy and mutual information in that domain, and its predicted volume (mm³) per foreground class."""
+    from ..metrics.atypicality import OOD_AGGREGATES, domain_sample, read_case_domain
+
+    kind = "body" if cf.image_paths else "whole_image"
+    dom = read_case_domain(cf.image_paths[0] if cf.image_paths else None, maps["entropy"].shape, kind)
+    vols = (np.bincount(seg.ravel(), minlength=n_classes)[1:] * cf.geometry.voxel_volume_mm3).tolist()
+    return kind, {m: domain_sample(maps[m], dom, seed=seed) for m in OOD_AGGREGATES.values() if m in maps}, vols
 
 
 def case_margin_curves(probs, labels, seg) -> list:
@@ -308,11 +320,17 @@ def fit_thresholds(pairing: Pairing, calibration, opts: FitOptions, executor=Non
     thresholds = calibrate_thresholds([c[0] for c in crops], [c[1] for c in crops], [c[2] for c in crops],
                                       seed=opts.seed)
     conformal = conformal_record(crops, [p[2] for p in parts], calibration.class_names, opts.conformal_alpha)
+    from ..metrics.atypicality import fit_reference
+
+    domains = {p[3][0] for p in parts}
+    reference = fit_reference([p[3][1] for p in parts], domains.pop(), pairing.n_members,
+                              volumes_per_case=[p[3][2] for p in parts]) \
+        if len(domains) == 1 else None  # some cases with a CT, some without: no common domain
     info = {"ebcu_threshold_rule": f"{EBCU_QUANTILE:g} quantile of the calibrated predictive entropy in "
                                    f"the ROI, pooled over {pooled.size} voxels of {n_cases} cases",
             "n_roi_voxels": int(pooled.size),
             "n_error_voxels": int(sum(int(c[1].sum()) for c in crops)),
-            "conformal": conformal}
+            "conformal": conformal, "case_reference": reference}
     return thresholds, t_ebcu, info
 
 
@@ -390,6 +408,7 @@ def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, fingerprin
     cal.thresholds = thresholds
     cal.ebcu_threshold = t_ebcu
     cal.conformal = info.pop("conformal")
+    cal.case_reference = info.pop("case_reference")
     cal.extra.update(info)
     cal.extra["timings_s"] = {"collect_s": round(t1 - t0, 3), "fit_s": round(t2 - t1, 3),
                               "thresholds_s": round(time.perf_counter() - t2, 3)}

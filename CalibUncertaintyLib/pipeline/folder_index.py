@@ -8,7 +8,8 @@ gone are dropped. It is called once, after the cases are done, by whichever exec
 
 Index layout::
 
-    {"cases": [{"case", "n_regions", "timings_s", ..., "run": {...}}, ...],   # sorted by case id
+    {"cases": [{"case", "n_regions", "timings_s", "case_aggregates", ..., "run": {...}}, ...],   # by case id
+     "review": {"priority", "order": [case ids, review first first], "priority_values", "without_aggregates"},
      "n_cases": N, "replaced": [case ids this update replaced], "updated_utc": "...",
      **run,                                                                     # the latest run's fields
      "executor", "done", "skipped", "failed", "retried"}                        # the latest run's outcome
@@ -59,11 +60,25 @@ def complete_cases(out_dir: str | os.PathLike) -> dict[str, dict]:
 
 
 def _record_from_case_summary(summary: dict) -> dict:
-    rec = {"case": summary["case"], "n_regions": summary.get("n_regions"), "timings_s": summary.get("timings_s")}
+    rec = {"case": summary["case"], "n_regions": summary.get("n_regions"), "timings_s": summary.get("timings_s"),
+           "case_aggregates": summary.get("case_aggregates")}
     rec["run"] = {"n_members": summary.get("n_members"), "class_names": summary.get("class_names"),
                   "calibration": (summary.get("calibration") or {}).get("source_path")
                   if isinstance(summary.get("calibration"), dict) else summary.get("calibration")}
     return rec
+
+
+def review_order(records: dict) -> dict:
+    """The folder's cases in review order by the default priority (``metrics.triage``): each case's
+    ``case_aggregates`` (from its summary.json); cases without them (older outputs, region models) last."""
+    from ..metrics.triage import DEFAULT_PRIORITY, rank_cases
+
+    have = [c for c in sorted(records) if isinstance(records[c].get("case_aggregates"), dict)]
+    ranking = rank_cases(have, [records[c]["case_aggregates"] for c in have], DEFAULT_PRIORITY)
+    return {"priority": DEFAULT_PRIORITY, "order": [r["case"] for r in ranking],
+            "priority_values": {r["case"]: r["priority"] for r in ranking},
+            "without_aggregates": [c for c in sorted(records) if c not in have],
+            "rule": "highest priority first; a case whose priority is undefined (nothing predicted) first"}
 
 
 def update_folder_index(out_dir: str | os.PathLike, new_case_records: list[dict],
@@ -99,6 +114,7 @@ def update_folder_index(out_dir: str | os.PathLike, new_case_records: list[dict]
                     len(dropped), ", ".join(dropped))
     merged.update(new)
     index = {"cases": [merged[c] for c in sorted(merged)], "n_cases": len(merged), "replaced": replaced,
+             "review": review_order(merged),
              "updated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **run}
     index.update(cohort or {})
     write_json(out_dir / INDEX_NAME, index)

@@ -60,9 +60,10 @@ def maps_case(job: MapsJob, cf) -> dict:
     if cf.image_paths:  # the wrong-patient check of review and Slicer compares against this record
         extra[IDENTITY_KEY] = input_identity(cf.image_paths[0], cf.case)
     s = process_case(cf.case, cf.load_members(job.n_classes), cf.geometry, job.out_dir, job.calibration,
-                     job.class_names, replace(job.options, extra_summary=extra))
+                     job.class_names, replace(job.options, extra_summary=extra),
+                     ct_path=cf.image_paths[0] if cf.image_paths else None)
     return {"case": cf.case, "n_regions": s["n_regions"], "regions_map": s["regions_map"],
-            "timings_s": s["timings_s"]}
+            "timings_s": s["timings_s"], "case_aggregates": s.get("case_aggregates")}
 
 
 def complete_record(out_dir, case: str) -> dict:
@@ -71,7 +72,7 @@ def complete_record(out_dir, case: str) -> dict:
 
     s = json.loads((Path(out_dir) / case / "summary.json").read_text())
     return {"case": case, "n_regions": s.get("n_regions"), "regions_map": s.get("regions_map"),
-            "timings_s": s.get("timings_s"), "skipped": True}
+            "timings_s": s.get("timings_s"), "case_aggregates": s.get("case_aggregates"), "skipped": True}
 
 
 def run_maps(pairing, calibration, options: CaseOptions, out_dir, executor: ExecutorOptions | None = None):

@@ -108,11 +108,12 @@ def predict_case(job: PredictJob, item) -> dict:
                                 replace(job.options, extra_summary=extra))
     else:
         s = process_case(case_id, _timed_members(predictor, case, record["timings_s"]), case.geometry,
-                         job.out_dir, job.calibration, model.class_names, replace(job.options, extra_summary=extra))
+                         job.out_dir, job.calibration, model.class_names, replace(job.options, extra_summary=extra),
+                         ct_path=files[0])
     total = time.perf_counter() - t0
     del case
     return {"case": case_id, "n_regions": s["n_regions"], "regions_map": s["regions_map"],
-            "timings_s": s["timings_s"], "device": predictor.device_name,
+            "timings_s": s["timings_s"], "case_aggregates": s.get("case_aggregates"), "device": predictor.device_name,
             "prediction_timings_s": {**record["timings_s"], "case_total_s": round(total, 4)}}
 
 

@@ -181,3 +181,31 @@ def conformal_plot(path: str | os.PathLike, summary: dict, title: str = "") -> P
         fig.suptitle(title)
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.85, wspace=0.28)
     return _save(fig, path)
+
+
+@styled
+def risk_coverage_plot(path: str | os.PathLike, triage: dict, title: str = "") -> Path:
+    """Risk–coverage curves of the case triage (``metrics.triage.triage_summary``): mean risk of the
+    cases accepted without review against the fraction accepted (lowest priority first), one line
+    per aggregate (the review priority drawn thick), the oracle (true risk) dashed."""
+    fig = _figure(9.0, 4.2)
+    ax = fig.subplots()
+    fig.subplots_adjust(left=0.08, right=0.62, bottom=0.12, top=0.9)
+    for name, v in triage.get("aggregates", {}).items():
+        rc = v.get("risk_coverage")
+        if not rc:
+            continue
+        main = name == triage.get("priority")
+        ax.plot([100 * c for c in rc["coverage"]], rc["risk"], marker="o", ms=3, lw=2.6 if main else 1.2,
+                label=f"{name}{' (priority)' if main else ''} AURC {rc['aurc']:.3f}")
+    oracle = triage.get("oracle")
+    if oracle:
+        ax.plot([100 * c for c in oracle["coverage"]], oracle["risk"], color="black", ls="--", lw=1,
+                label=f"oracle (true risk) AURC {oracle['aurc']:.3f}")
+    ax.set_xlabel("cases accepted without review, lowest priority first (%)")
+    ax.set_ylabel("mean risk of accepted cases (1 − Dice)")
+    ax.set_xlim(0, 100)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if title:
+        ax.set_title(title, fontsize=11)
+    return _save(fig, path)

@@ -93,17 +93,23 @@ def render_report(evaluation: dict) -> str:
 
     from ..metrics.case_quality import review_order
 
+    triage = ev.get("triage")
+    prio = triage["priority"] if triage else "mean_u_roi"
     lines += ["### Per case (ROI), in review order", "",
-              "Highest review priority first: cases with nothing predicted, then by the mean "
-              "uncertainty of the regions map in the ROI (case-level aggregate).", ""]
+              f"Highest review priority first, by the case-level aggregate `{prio}` (the review priority; "
+              "cases where it is undefined, e.g. nothing predicted, first).", ""]
+    by_case = {rec["case"]: rec for rec in ev["per_case"]}
+    ordered = [by_case[r["case"]] for r in triage["ranking"]] if triage else review_order(ev["per_case"])
+    prio_of = {r["case"]: r["priority"] for r in triage["ranking"]} if triage else {}
     rows = []
-    for rank, rec in enumerate(review_order(ev["per_case"]), 1):
+    for rank, rec in enumerate(ordered, 1):
         b, a = rec["metrics"]["before"]["roi"], rec["metrics"]["after"]["roi"]
         q = rec.get("quality") or {}
-        rows.append([rank, rec["case"], q.get("mean_u_roi"), rec["mean_dice"], b and b["nll"], a and a["nll"],
+        rows.append([rank, rec["case"], prio_of.get(rec["case"], q.get("mean_u_roi")), rec["mean_dice"],
+                     b and b["nll"], a and a["nll"],
                      b and b["ece_top"], a and a["ece_top"], b and b["brier_multiclass"],
                      a and a["brier_multiclass"], rec["roi"]["n_voxels"]])
-    lines += _table(["rank", "case", "mean U (ROI)", "mean Dice", "NLL before", "NLL after", "ECE before",
+    lines += _table(["rank", "case", f"priority ({prio})", "mean Dice", "NLL before", "NLL after", "ECE before",
                      "ECE after", "Brier before", "Brier after", "ROI voxels"], rows) + [""]
 
     lines += ["## Segmentation (Dice per class)", "",
@@ -131,16 +137,7 @@ def render_report(evaluation: dict) -> str:
     lines += _table(["map", "τ* (map units)", "UEO", "recall", "precision", "AUROC", "budget area",
                      "boundary recall", "non-boundary recall"], rows) + [""]
 
-    q = ev.get("case_quality") or {}
-    if q:
-        lines += ["## Which cases to review first (case-level quality)", "",
-                  "Aggregates of the regions map per case, their correlation with the mean Dice across "
-                  "cases (a useful aggregate correlates negatively) and the risk–coverage AURC "
-                  "(lower is better; the oracle's in brackets). Correlations need at least 3 cases.", ""]
-        rows = [[name, v.get("pearson"), v.get("spearman"),
-                 f"{_f((v.get('risk_coverage') or {}).get('aurc'))} "
-                 f"({_f((v.get('risk_coverage') or {}).get('aurc_optimal'))})"] for name, v in q.items()]
-        lines += _table(["aggregate", "Pearson r", "Spearman ρ", "AURC"], rows) + [""]
+    lines += triage_lines(triage)
 
     from ..metrics.conformal_check import report_lines as conformal_lines
 
@@ -148,9 +145,31 @@ def render_report(evaluation: dict) -> str:
     lines += ["## Figures and tables", "",
               *(["- `conformal_miss_vs_alpha.png`: held-out miss rate of the conformal flags and margins "
                  "against α"] if ev.get("conformal") else []),
+              *(["- `risk_coverage.png`, `risk_coverage.csv`, `triage.json`, `triage_cases.csv`: case triage "
+                 "(review order, priority, risk–coverage curves)"] if triage else []),
               "- `reliability_roi.png`, `reliability_whole_image.png`: reliability diagrams before and after calibration",
               "- `ueo_vs_threshold.png`: UEO against the threshold per map; `budget_curves.png`: UEO under a review budget",
               "- `metrics_per_case.csv`, `metrics_aggregate.csv`, `dice_per_case.csv`, "
               "`error_detection_per_case.csv`, `error_detection_aggregate.csv`, `case_quality.csv`, "
               "`evaluation.json` (everything above, per case)", ""]
     return "\n".join(lines)
+
+
+def triage_lines(triage: dict | None) -> list[str]:
+    """The report's case-triage section (``metrics.triage.triage_summary``)."""
+    if not triage or not triage.get("aggregates"):
+        return []
+    lines = ["## Which cases to review first (case triage)", "",
+             f"Review priority: `{triage['priority']}` (higher = review first; `--priority` chooses another "
+             "aggregate). Per aggregate: its correlation with the mean Dice across cases (a useful aggregate "
+             "correlates negatively; at least 3 cases) and the risk–coverage AURC (risk = 1 − mean Dice; "
+             "coverage = fraction of cases accepted without review, lowest priority first; lower is better; "
+             "the oracle's in brackets). The atypicality aggregates (out-of-distribution check, against the "
+             "calibration cases): `high_*_body_fraction` = fraction of the body with uncertainty above the "
+             "calibration cases' 0.99 quantile; `organ_volume_atypicality` = mean |log ratio| of the predicted "
+             "organ volumes to the calibration cases' medians.", ""]
+    rows = [[name + (" (priority)" if name == triage["priority"] else ""), v.get("pearson"), v.get("spearman"),
+             f"{_f((v.get('risk_coverage') or {}).get('aurc'))} ({_f((v.get('risk_coverage') or {}).get('aurc_optimal'))})",
+             v.get("n_undefined")] for name, v in triage["aggregates"].items()]
+    lines += _table(["aggregate", "Pearson r", "Spearman ρ", "AURC (oracle)", "cases undefined"], rows) + [""]
+    return lines

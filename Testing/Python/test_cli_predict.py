@@ -113,7 +113,10 @@ def test_calibration_file_of_this_model_is_used_and_another_models_refused(setup
 
     image = setup["images"] / "hn_a_0000.nii.gz"
     names = ["background", "Organ", "Tumour"]
-    mine = CalibrationFile(temperature=3.0, class_names=names, n_cases=1,
+    # with an atypicality reference (u_ref given here), predict measures the input CT's body
+    ref = {"domain": "body", "q": 0.99, "u_ref": {"entropy": 0.05},
+           "scores": {"high_entropy_body_fraction": [0.0, 1.0]}}
+    mine = CalibrationFile(temperature=3.0, class_names=names, n_cases=1, case_reference=ref,
                            fingerprint=fingerprint_model_folder(setup["model"])).save(tmp_path / "mine.json")
     theirs = CalibrationFile(temperature=3.0, class_names=names, n_cases=1,
                              fingerprint=fingerprint_model_folder(setup["other"])).save(tmp_path / "theirs.json")
@@ -128,6 +131,13 @@ def test_calibration_file_of_this_model_is_used_and_another_models_refused(setup
     assert _predict(setup, calibrated, "--ensemble", "single", "--calibration", str(mine), image=image) == 0
     summary = json.loads((calibrated / "hn_a" / "summary.json").read_text())
     assert summary["calibration"]["temperature"] == 3.0
+    body = read_image(image)[0] >= -500
+    entropy = read_image(calibrated / "hn_a" / "map_entropy.nii.gz")[0]
+    aggs = summary["case_aggregates"]
+    assert 0 < body.sum() < body.size
+    assert aggs["high_entropy_body_fraction"] == pytest.approx(float((entropy[body] > 0.05).mean()))
+    assert aggs["high_entropy_body_fraction_p"] == pytest.approx(2 / 3)  # only the calibration value 1.0 is >= it
+    assert aggs["map"] == "dae" and "mean_u_roi" in aggs
     p0 = read_image(plain / "hn_a" / "prob_Organ.nii.gz")[0]
     p1 = read_image(calibrated / "hn_a" / "prob_Organ.nii.gz")[0]
     assert np.abs(p0 - p1).max() > 0.05  # T = 3 softens the probabilities
