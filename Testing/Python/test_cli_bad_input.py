@@ -239,7 +239,8 @@ def test_other_calibration_modes_run_end_to_end(data, tmp_path, extra, key):
 def test_local_open_bin_needs_the_local_method(data, tmp_path, capsys):
     cal = tmp_path / "cal.json"
     assert main(["fit-temperature", "--members", *map(str, data["members"]), "--labels",
-                 str(data["raw"] / "labelsTr"), "--cases", *CASES, "-o", str(cal), "--local-open-bin", "fitted"]) == 2
+                 str(data["raw"] / "labelsTr"), "--cases", *CASES, "-o", str(cal), "--method", "temperature",
+                 "--local-open-bin", "fitted"]) == 2
     assert "--local-open-bin applies to --method local_temperature only" in _error(capsys)
     assert not cal.exists()
 
