@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 EBCU_QUANTILE = 0.95
 BEYOND_SEED = 1_000_003  # seed offset of the beyond-ROI sample (local_open_bin "fitted")
 OPEN_BIN_CHOICES = ("identity", "nearest", "fitted")
+#: the calibrator fit-temperature stores unless told otherwise (bench/results/openkbp_local.md)
+DEFAULT_METHOD = "local_temperature"
 CV_MAX_ROWS = 300_000  # rows used for the leave-one-case-out NLL of the local calibrators
 MEMBER_CACHE_BYTES = 1 << 30  # members of one case kept in memory in pass 1 up to this size, else re-read
 
@@ -64,7 +66,7 @@ MEMBER_CACHE_BYTES = 1 << 30  # members of one case kept in memory in pass 1 up 
 class FitOptions:
     """Options of ``fit_calibration`` (distances in mm)."""
 
-    method: str = "temperature"
+    method: str = "local_temperature"  # DEFAULT_METHOD
     ensemble_mode: str = "pool_then_calibrate"
     roi_radius_mm: float = 15.0
     roi_rule: str = "prediction"
@@ -75,10 +77,11 @@ class FitOptions:
     #: local temperature: distance-bin edges in mm (first 0, last bin open) and pooling strength
     local_edges_mm: tuple = (0.0, 2.0, 4.0, 6.0, 9.0, 12.0, 15.0)
     pool_voxels: float = 2000.0
-    #: local temperature, open last bin (beyond the ROI): "identity" (T = 1), "nearest" (the outer ROI
-    #: bin's T) or "fitted" (fitted on voxels sampled uniformly beyond the ROI, as many per case as
-    #: inside it; T = 1 where none fall in a cell). See calibration.local_temperature.
-    local_open_bin: str = "identity"
+    #: local temperature, open last bin (beyond the ROI): "fitted" (default: fitted on voxels sampled
+    #: uniformly beyond the ROI, as many per case as inside it; T = 1 where none fall in a cell),
+    #: "identity" (T = 1) or "nearest" (the outer ROI bin's T). See calibration.local_temperature;
+    #: chosen by leave-one-case-out NLL on whole calibration images (bench/results/openkbp_local.md).
+    local_open_bin: str = "fitted"
     conformal_alpha: float = 0.1  # α of the conformal flags and margins (METHODS.md §7)
 
 

@@ -194,23 +194,25 @@ def test_debug_shows_the_traceback(data, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, key", [(["--ensemble-mode", "per_member"], "per_member"),
                                         (["--method", "vector"], "vector"),
-                                        (["--method", "local_temperature"], "local_temperature"),
-                                        (["--method", "local_temperature", "--local-open-bin", "fitted"],
+                                        (["--method", "local_temperature", "--local-open-bin", "identity"],
                                          "local_temperature"),
+                                        ([], "local_temperature"),  # the default: open bin fitted beyond the ROI
                                         (["--method", "class_temperature"], "class_temperature")])
 def test_other_calibration_modes_run_end_to_end(data, tmp_path, extra, key):
-    """Not bad input: the non-default modes go through fit, maps and evaluate on the tiny data."""
+    """Not bad input: the calibration modes (the default one too) go through fit, maps and evaluate."""
     members, raw = list(map(str, data["members"])), data["raw"]
     cal = tmp_path / "cal.json"
     assert main(["fit-temperature", "--members", *members, "--labels", str(raw / "labelsTr"), "--cases", *CASES,
                  "-o", str(cal), *extra]) == 0
     doc = json.loads(cal.read_text())
     assert (doc["ensemble_mode"] == "per_member") if key == "per_member" else (doc["method"] == key)
+    if key == "per_member":  # the local default is pool-then-calibrate only: per_member falls back to one T
+        assert doc["method"] == "temperature"
     if key.endswith("_temperature"):  # the table, the global T and the cross-validated NLL are stored
         assert doc["local"]["kind"] == key and doc["temperature"] > 0
         assert set(doc["local"]["cv_nll"]) >= {"global", "class_temperature", "local_temperature"}
-    if key == "local_temperature":  # the open last bin (beyond the ROI): T = 1 by default, or fitted there
-        fitted = "fitted" in extra
+    if key == "local_temperature":  # the open last bin (beyond the ROI): fitted there by default, or T = 1
+        fitted = "identity" not in extra
         assert doc["local"]["open_bin"] == "identity"
         assert doc["local"]["open_bin_source"] == ("fitted on voxels beyond the ROI" if fitted else "rule identity")
         assert (doc["local"].get("n_beyond_voxels", 0) > 0) == fitted
