@@ -4,9 +4,14 @@ from __future__ import annotations
 
 CALS = ("uncalibrated", "global", "class", "local", "local_nearest", "local_beyond", "vector")
 LABEL = {"uncalibrated": "uncalibrated", "global": "global T", "class": "per-class T",
-         "local": "local T(x) (default: T = 1 beyond the ROI)", "local_nearest": "local T(x), open bin = outer ROI bin",
+         "local": "local T(x), T = 1 beyond the ROI", "local_nearest": "local T(x), open bin = outer ROI bin",
          "local_beyond": "local T(x), open bin fitted beyond the ROI", "vector": "vector scaling"}
-SHORT = {"local": "local T(x)", "local_nearest": "local T(x) nearest", "local_beyond": "local T(x) beyond"}
+SHORT = {"local": "local T(x) (T = 1 beyond the ROI)", "local_nearest": "local T(x) (open bin = outer ROI bin)",
+         "local_beyond": "local T(x) (open bin fitted beyond the ROI)"}
+
+
+def _label(k: str, default: str) -> str:
+    return LABEL[k] + (" **(default)**" if k == default else "")
 CONFIG = {"single": "single model (fold 0)", "deep": "deep ensemble", "checkpoint": "checkpoint ensemble",
           "tta": "TTA (fold 0, one member per mirroring)"}
 KEYS = ("roi_nll", "roi_ece", "image_nll", "image_ece")
@@ -89,13 +94,14 @@ def render(out: dict) -> str:
               f"Global T = {fit['global_T']:.3f}; per-class T = "
               + ", ".join(f"{t:.2f}" for t in fit["class_T"]) + f"; fitted on {fit['n_voxels']} voxels.",
               "Leave-one-case-out NLL on the calibration cases: "
-              + ", ".join(f"{LABEL[k]} {_f(v['nll'])}" for k, v in fit["cv_nll"].items()) + ".", "",
+              + ", ".join(f"{LABEL[k] if k != 'local' else 'local T(x)'} {_f(v['nll'])}"
+                          for k, v in fit["cv_nll"].items()) + " (ROI rows; the open bin holds none of them).", "",
               "| calibrator | ROI NLL | Δ vs uncal. | ROI ECE | ROI class ECE | ROI Brier | image NLL | image ECE "
               "| image class ECE | image Brier | mean Dice | changed voxels (cases unchanged) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for k in CALS:
             r = m[k]
-            s.append(f"| {LABEL[k]} | {_f(r['roi_nll'])} | {_pct(m['uncalibrated']['roi_nll'], r['roi_nll'])} | "
+            s.append(f"| {_label(k, default)} | {_f(r['roi_nll'])} | {_pct(m['uncalibrated']['roi_nll'], r['roi_nll'])} | "
                      f"{_f(r['roi_ece'])} | {_f(r['roi_ece_class'])} | {_f(r['roi_brier'])} | {_f(r['image_nll'])} | "
                      f"{_f(r['image_ece'])} | {_f(r['image_ece_class'])} | {_f(r['image_brier'])} | "
                      f"{_f(r['dice'], 3)} | {r['seg_changed_voxels']} ({r['cases_unchanged']}/{c['n_test']}) |")
@@ -107,9 +113,9 @@ def render(out: dict) -> str:
                   "| calibrator | ROI NLL | ROI ECE | image NLL | image ECE |", "|---|---|---|---|---|"]
             for k in ("uncalibrated", "global", "local", "local_nearest", "local_beyond"):
                 r = cvv[k]
-                s.append(f"| {LABEL[k]} | {_f(r['roi_nll'])} | {_f(r['roi_ece'])} | {_f(r['image_nll'])} | "
+                s.append(f"| {_label(k, default)} | {_f(r['roi_nll'])} | {_f(r['roi_ece'])} | {_f(r['image_nll'])} | "
                          f"{_f(r['image_ece'])} |")
-            s += ["", _beats_sentence(cvv, "local", "Leave-one-case-out"), ""]
+            s += ["", _beats_sentence(cvv, default, "Leave-one-case-out") if default in cvv else "", ""]
         loc = fit["local_T"]
         s += ["Local T(x) (rows: predicted class; columns: distance to the predicted contour, bins from "
               + ", ".join(f"{e:g}" for e in fit["edges_mm"]) + " mm, last open):", "",

@@ -125,7 +125,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-voxels-per-case", type=int, default=60_000)
-    p.add_argument("--default-calibrator", default="local", choices=("global", "class", "local", "vector"))
+    p.add_argument("--default-calibrator", default="local_beyond",
+                   choices=("global", "class", "local", "local_nearest", "local_beyond", "vector"),
+                   help="the calibrator the triage uses and the report compares with global T (default: local T(x) "
+                        "with the open bin fitted beyond the ROI, the library's default)")
     p.add_argument("--configurations", nargs="+", default=list(CONFIGURATIONS), choices=CONFIGURATIONS,
                    help="ensembles to evaluate (tta: fold 0 of the deep ensemble, one member per mirroring)")
     p.add_argument("--min-dice", type=float, default=0.1,
