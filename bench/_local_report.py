@@ -105,7 +105,11 @@ def render(out: dict) -> str:
                      f"{_f(r['roi_ece'])} | {_f(r['roi_ece_class'])} | {_f(r['roi_brier'])} | {_f(r['image_nll'])} | "
                      f"{_f(r['image_ece'])} | {_f(r['image_ece_class'])} | {_f(r['image_brier'])} | "
                      f"{_f(r['dice'], 3)} | {r['seg_changed_voxels']} ({r['cases_unchanged']}/{c['n_test']}) |")
-        s += ["", _beats_sentence(m, default, "Held-out test cases"), ""]
+        worse = [k for k in KEYS if m[default][k] is not None and m["uncalibrated"][k] is not None
+                 and m[default][k] > m["uncalibrated"][k]]
+        s += ["", _beats_sentence(m, default, "Held-out test cases")
+              + (f" Compared with the uncalibrated model, it is **worse** on {', '.join(worse)}." if worse else
+                 " It is also better than the uncalibrated model on all four."), ""]
         cvv = fit.get("cv_volumes") or {}
         if cvv:
             s += [f"Selection evidence (calibration cases only): leave-one-case-out over the {cvv['n_cases']} "
