@@ -18,9 +18,10 @@ A sibling of ``bench/openkbp.py`` (same data helpers, step records and member wr
 2. Calibrators, all fitted on the same stratified ROI voxels of the calibration cases (ROI = voxels
    within 15 mm of the uncalibrated predicted foreground), pool then calibrate:
    ``global`` (``TemperatureScaler``), ``class`` (``ClassTemperatureScaler``), ``local``
-   (``LocalTemperatureScaler``, the library default: T = 1 in the open distance bin beyond the ROI),
-   ``local_nearest`` (open bin = the outer ROI bin's T), ``local_beyond`` (open bin fitted on as many
-   voxels sampled uniformly beyond the ROI), ``vector`` (``VectorScaler``). Leave-one-case-out NLL of
+   (``LocalTemperatureScaler``: T = 1 in the open distance bin beyond the ROI), ``local_nearest``
+   (open bin = the outer ROI bin's T), ``local_beyond`` (open bin fitted on up to
+   ``--max-voxels-per-case`` voxels per case sampled uniformly beyond the ROI: the library's default,
+   ``fit-temperature --local-open-bin fitted``), ``vector`` (``VectorScaler``). Leave-one-case-out NLL of
    the temperature calibrators on the calibration rows, and the selection evidence for the open-bin
    rule: leave-one-case-out over the calibration cases measured on each left-out *whole volume*
    (ROI and image NLL and ECE); no test case enters any choice.

@@ -46,8 +46,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "segmentation and store the global T too")
     g.add_argument("--local-open-bin", choices=("identity", "nearest", "fitted"), default=None,
                    help="local_temperature only: the temperature of the open last distance bin (≥ 15 mm, beyond "
-                        "the ROI): 'fitted' (default: fitted on as many voxels sampled uniformly beyond the ROI "
-                        "as inside it; T = 1 in a cell none of them reaches), 'identity' (T = 1, the model's own "
+                        "the ROI): 'fitted' (default: fitted on voxels sampled uniformly beyond the ROI, per "
+                        "case as many as the ROI sample may hold; T = 1 in a cell none of them reaches), "
+                        "'identity' (T = 1, the model's own "
                         "probabilities) or 'nearest' (the outer ROI bin's T)")
     g.add_argument("--ensemble-mode", choices=ENSEMBLE_MODES, default="pool_then_calibrate",
                    help="'pool_then_calibrate': average the members, then softmax(log p̄ / T) (default); "

@@ -78,7 +78,7 @@ class FitOptions:
     local_edges_mm: tuple = (0.0, 2.0, 4.0, 6.0, 9.0, 12.0, 15.0)
     pool_voxels: float = 2000.0
     #: local temperature, open last bin (beyond the ROI): "fitted" (default: fitted on voxels sampled
-    #: uniformly beyond the ROI, as many per case as inside it; T = 1 where none fall in a cell),
+    #: uniformly beyond the ROI, per case up to the ROI sample's cap; T = 1 where none fall in a cell),
     #: "identity" (T = 1) or "nearest" (the outer ROI bin's T). See calibration.local_temperature;
     #: chosen by leave-one-case-out NLL on whole calibration images (bench/results/openkbp_local.md).
     local_open_bin: str = "fitted"
