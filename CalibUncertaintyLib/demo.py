@@ -302,7 +302,7 @@ def run_demo(workdir: str | os.PathLike = "demo_output", device: str = "auto",
         steps.run(f"fit_{ens}", {"members": msig, "cases": calib_cases}, [cal],
                   lambda dirs=dirs, cal=cal: _cli(["fit-temperature", "--members", *dirs, "--images", str(imagesTs),
                                                    "--labels", str(labelsTs), "--cases", *calib_cases,
-                                                   "-o", str(cal)]))
+                                                   "--method", "temperature", "-o", str(cal)]))
         csig = _sig([msig, _file_sha(cal)])
         maps_out = workdir / "maps" / ens
         steps.run(f"maps_{ens}", {"calibration": csig, "cases": test_cases}, [maps_out / "summary.json"],

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-CALS = ("uncalibrated", "global", "class", "local", "vector")
-LABEL = {"uncalibrated": "uncalibrated", "global": "global T", "class": "per-class T", "local": "local T(x)",
-         "vector": "vector scaling"}
-CONFIG = {"single": "single model (fold 0)", "deep": "deep ensemble", "checkpoint": "checkpoint ensemble"}
+CALS = ("uncalibrated", "global", "class", "local", "local_nearest", "local_beyond", "vector")
+LABEL = {"uncalibrated": "uncalibrated", "global": "global T", "class": "per-class T",
+         "local": "local T(x), T = 1 beyond the ROI", "local_nearest": "local T(x), open bin = outer ROI bin",
+         "local_beyond": "local T(x), open bin fitted beyond the ROI", "vector": "vector scaling"}
+SHORT = {"local": "local T(x) (T = 1 beyond the ROI)", "local_nearest": "local T(x) (open bin = outer ROI bin)",
+         "local_beyond": "local T(x) (open bin fitted beyond the ROI)"}
+
+
+def _label(k: str, default: str) -> str:
+    return LABEL[k] + (" **(default)**" if k == default else "")
+CONFIG = {"single": "single model (fold 0)", "deep": "deep ensemble", "checkpoint": "checkpoint ensemble",
+          "tta": "TTA (fold 0, one member per mirroring)"}
+KEYS = ("roi_nll", "roi_ece", "image_nll", "image_ece")
 
 
 def _f(v, d=4):
@@ -17,9 +26,18 @@ def _pct(a, b):
 
 
 def beats_global(m: dict, default: str) -> dict:
-    keys = ("roi_nll", "roi_ece", "image_nll", "image_ece")
     return {k: m[default][k] is not None and m["global"][k] is not None and m[default][k] < m["global"][k]
-            for k in keys}
+            for k in KEYS}
+
+
+def _beats_sentence(m: dict, default: str, where: str) -> str:
+    b = beats_global(m, default)
+    won = [k for k, v in b.items() if v]
+    lost = [k for k, v in b.items() if not v]
+    if not lost:
+        return f"{where}: {SHORT.get(default, LABEL[default])} beats global T on all four (ROI and image NLL and ECE)."
+    return (f"{where}: {SHORT.get(default, LABEL[default])} beats global T on {', '.join(won) or 'none'}; "
+            f"it does **not** beat global T on {', '.join(lost)}.")
 
 
 def render(out: dict) -> str:
@@ -32,10 +50,8 @@ def render(out: dict) -> str:
     s += [f"- Machine: {run['machine']['cpu_cores']} CPU cores shared with three other engineers' jobs "
           f"({run['machine']['platform']}), torch threads {run['machine']['torch_threads']}; load average at the "
           f"end {', '.join(f'{v:.1f}' for v in run['machine']['load_average_at_end'])}.",
-          f"- Time: {run['all_steps_s'] / 60 + sum(c['seconds'] for c in cfgs.values()) / 60:.1f} min for all steps "
-          f"when they ran (steps: {secs}; evaluation per configuration: "
-          + ", ".join(f"{k} {c['seconds'] / 60:.1f} min" for k, c in cfgs.items())
-          + f"); the invocation that wrote this report took {run['wall_s'] / 60:.1f} min"
+          f"- Time: {run['all_steps_s'] / 60:.1f} min for all steps when they ran (steps: {secs}); the "
+          f"invocation that wrote this report took {run['wall_s'] / 60:.1f} min"
           + (f", reusing {', '.join(run['steps_reused'])} from its work folder" if run.get("steps_reused") else "")
           + ".",
           f"- Data: {run['data']}; split seed {run['split']['seed']}: {len(run['split']['train'])} training, "
@@ -49,7 +65,12 @@ def render(out: dict) -> str:
           f"{tr['deep']['num_epochs']} × {tr['deep']['iterations_per_epoch']} iterations (poly LR); checkpoint "
           f"ensemble = fold 0, {tr['checkpoint']['num_epochs']} × {tr['checkpoint']['iterations_per_epoch']} "
           f"iterations in {tr['checkpoint']['cycles']} cosine cycles, one snapshot per cycle; single model = "
-          "fold 0 of the deep ensemble. Inference: sliding window, step 1, no mirroring.",
+          "fold 0 of the deep ensemble; TTA = fold 0, one member per mirroring of the two in-plane axes "
+          "(4 members). Inference: sliding window, step 1, no mirroring (except the TTA members' own).",
+          "- Did the models learn? Mean organ Dice of each configuration on the calibration cases (the bench "
+          "stops with an error below --min-dice): " + "; ".join(
+              f"{CONFIG.get(k, k)} {c['learned']['mean_dice']:.3f}" for k, c in cfgs.items() if c.get("learned"))
+          + ". Per-organ Dice on the test cases is listed under each configuration.",
           "- Calibrators (pool then calibrate), all fitted on the same stratified ROI voxels of the calibration "
           "cases; ROI = voxels within 15 mm of the *uncalibrated* predicted foreground. Test numbers: means over "
           "the test cases; **ROI** = the uncalibrated prediction's ROI (one shared set of voxels for every "
@@ -62,35 +83,58 @@ def render(out: dict) -> str:
                   f"**Not evaluated**: {c['skipped']}.", ""]
             continue
         fit, m = c["fit"], c["mean"]
+        names = run.get("class_names") or []
+        od = c.get("test_organ_dice") or {}
         s += [f"## {CONFIG.get(cfg, cfg)} ({len(c['members'])} member(s))", "",
+              "Organ Dice on the test cases (uncalibrated = every temperature calibrator): " + ", ".join(
+                  f"{names[int(k)] if int(k) < len(names) else k} {v:.3f}" for k, v in od.items())
+              + f"; mean {m['uncalibrated']['dice']:.3f}.",
               f"ROI numbers over the {m['uncalibrated']['n_cases_with_roi']} of {c['n_test']} test cases with a "
               "predicted organ (an empty prediction has no ROI); image numbers over all of them.",
               f"Global T = {fit['global_T']:.3f}; per-class T = "
               + ", ".join(f"{t:.2f}" for t in fit["class_T"]) + f"; fitted on {fit['n_voxels']} voxels.",
               "Leave-one-case-out NLL on the calibration cases: "
-              + ", ".join(f"{LABEL[k]} {_f(v['nll'])}" for k, v in fit["cv_nll"].items()) + ".", "",
+              + ", ".join(f"{LABEL[k] if k != 'local' else 'local T(x)'} {_f(v['nll'])}"
+                          for k, v in fit["cv_nll"].items()) + " (ROI rows; the open bin holds none of them).", "",
               "| calibrator | ROI NLL | Δ vs uncal. | ROI ECE | ROI class ECE | ROI Brier | image NLL | image ECE "
               "| image class ECE | image Brier | mean Dice | changed voxels (cases unchanged) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for k in CALS:
             r = m[k]
-            s.append(f"| {LABEL[k]} | {_f(r['roi_nll'])} | {_pct(m['uncalibrated']['roi_nll'], r['roi_nll'])} | "
+            s.append(f"| {_label(k, default)} | {_f(r['roi_nll'])} | {_pct(m['uncalibrated']['roi_nll'], r['roi_nll'])} | "
                      f"{_f(r['roi_ece'])} | {_f(r['roi_ece_class'])} | {_f(r['roi_brier'])} | {_f(r['image_nll'])} | "
                      f"{_f(r['image_ece'])} | {_f(r['image_ece_class'])} | {_f(r['image_brier'])} | "
                      f"{_f(r['dice'], 3)} | {r['seg_changed_voxels']} ({r['cases_unchanged']}/{c['n_test']}) |")
-        b = beats_global(m, default)
-        lost = [k for k, v in b.items() if not v]
-        s += ["", (f"{LABEL[default]} beats global T on " + ", ".join(k for k, v in b.items() if v)
-                   + (f"; it does **not** on {', '.join(lost)}." if lost else " — all four.")), ""]
+        worse = [k for k in KEYS if m[default][k] is not None and m["uncalibrated"][k] is not None
+                 and m[default][k] > m["uncalibrated"][k]]
+        s += ["", _beats_sentence(m, default, "Held-out test cases")
+              + (f" Compared with the uncalibrated model, it is **worse** on {', '.join(worse)}." if worse else
+                 " It is also better than the uncalibrated model on all four."), ""]
+        cvv = fit.get("cv_volumes") or {}
+        if cvv:
+            s += [f"Selection evidence (calibration cases only): leave-one-case-out over the {cvv['n_cases']} "
+                  "calibration cases, each left-out case measured on its whole volume (fit on the others' rows):", "",
+                  "| calibrator | ROI NLL | ROI ECE | image NLL | image ECE |", "|---|---|---|---|---|"]
+            for k in ("uncalibrated", "global", "local", "local_nearest", "local_beyond"):
+                r = cvv[k]
+                s.append(f"| {_label(k, default)} | {_f(r['roi_nll'])} | {_f(r['roi_ece'])} | {_f(r['image_nll'])} | "
+                         f"{_f(r['image_ece'])} |")
+            s += ["", _beats_sentence(cvv, default, "Leave-one-case-out") if default in cvv else "", ""]
         loc = fit["local_T"]
         s += ["Local T(x) (rows: predicted class; columns: distance to the predicted contour, bins from "
               + ", ".join(f"{e:g}" for e in fit["edges_mm"]) + " mm, last open):", "",
               "| class | " + " | ".join(f"≥{e:g}" for e in fit["edges_mm"]) + " |",
               "|---|" + "---|" * len(fit["edges_mm"])]
-        names = run.get("class_names") or [str(i) for i in range(len(loc))]
+        names = names or [str(i) for i in range(len(loc))]
         for i, row in enumerate(loc):
             s.append(f"| {names[i] if i < len(names) else i} | " + " | ".join(
                 f"{t:.2f} ({n})" for t, n in zip(row, fit["local_counts"][i])) + " |")
+        if fit.get("local_beyond_T"):
+            s += ["", f"Open bin (≥{fit['edges_mm'][-1]:g} mm) of the variant fitted on {fit['n_beyond_voxels']} "
+                  "more voxels sampled uniformly beyond the ROI: " + ", ".join(
+                      f"{names[i] if i < len(names) else i} {row[-1]:.2f} ({cnt[-1]})"
+                      for i, (row, cnt) in enumerate(zip(fit["local_beyond_T"], fit["local_beyond_counts"])))
+                  + " (T (voxels))."]
         s.append("")
     s += ["## Case triage and the out-of-distribution CT", ""]
     for cfg, c in cfgs.items():

@@ -293,7 +293,7 @@ def main(argv=None) -> int:
                   [cal], lambda dirs=dirs, cal=cal: cli(
                       ["fit-temperature", "--members", *dirs, "--images", str(images), "--labels", str(labels),
                        "--cases", *split["calibration"], "--roi-radius-mm", str(args.roi_radius_mm),
-                       "-o", str(cal)]))
+                       "--method", "temperature", "-o", str(cal)]))  # the thesis comparison: one global T
         ev = root / "evaluation" / ens
         steps.run(f"evaluate_{ens}", {"members": msig, "calibration": signature(cal.read_text()),
                                       "cases": split["test"]},

@@ -7,13 +7,24 @@ A sibling of ``bench/openkbp.py`` (same data helpers, step records and member wr
    slices at ``--spacing-mm`` in-plane, default 4 mm, close to OpenKBP's native 3.9 mm), trained with
    Adam and nnU-Net's own loss (Dice + cross-entropy with deep supervision: ``CalibuTinyTrainer`` and
    ``CalibuSnapshotTrainer`` subclass ``nnUNetTrainer`` and keep its ``_build_loss``), for as many
-   iterations as the CPU budget allows. Deep ensemble = ``--folds`` folds; checkpoint ensemble =
-   snapshots of fold 0; single model = fold 0 of the deep ensemble.
+   iterations as the CPU budget allows (default: Adam lr 3e-3, batch 4, 40 x 25 iterations per fold,
+   0.25-0.5 s per iteration on one shared core). Deep ensemble = ``--folds`` folds; checkpoint
+   ensemble = snapshots of fold 0; single model = fold 0 of the deep ensemble; ``tta`` = fold 0 with
+   one member per mirroring (``ModelFolder.members("tta")``, 4 for a 2d model). Every configuration
+   is checked to have learned: per-organ Dice of its pooled members on the calibration cases,
+   printed, and an error when the mean is below ``--min-dice``. Members are predicted for the
+   calibration and test cases and the OOD CT; ``<workdir>/READY.txt`` says where the models, member
+   folders, split and fitted calibrators are (for other scripts), rewritten after each configuration.
 2. Calibrators, all fitted on the same stratified ROI voxels of the calibration cases (ROI = voxels
    within 15 mm of the uncalibrated predicted foreground), pool then calibrate:
    ``global`` (``TemperatureScaler``), ``class`` (``ClassTemperatureScaler``), ``local``
-   (``LocalTemperatureScaler``), ``vector`` (``VectorScaler``). Leave-one-case-out NLL of the three
-   temperature calibrators on the calibration cases.
+   (``LocalTemperatureScaler``: T = 1 in the open distance bin beyond the ROI), ``local_nearest``
+   (open bin = the outer ROI bin's T), ``local_beyond`` (open bin fitted on up to
+   ``--max-voxels-per-case`` voxels per case sampled uniformly beyond the ROI: the library's default,
+   ``fit-temperature --local-open-bin fitted``), ``vector`` (``VectorScaler``). Leave-one-case-out NLL of
+   the temperature calibrators on the calibration rows, and the selection evidence for the open-bin
+   rule: leave-one-case-out over the calibration cases measured on each left-out *whole volume*
+   (ROI and image NLL and ECE); no test case enters any choice.
 3. Test cases, every calibrator: ROI NLL, top-label ECE, per-class (foreground) ECE averaged over the
    organs, multi-class Brier, mean Dice, voxels whose segmentation changed; inside the *shared* ROI
    (that of the uncalibrated prediction, the same voxels for every calibrator) and over the whole
@@ -25,8 +36,9 @@ A sibling of ``bench/openkbp.py`` (same data helpers, step records and member wr
 
 Report: ``bench/results/openkbp_local.md`` and ``.json``.
 
-    .venv/bin/python bench/openkbp_local.py [--workdir /tmp/calibu_openkbp_local] [--n-train 30 --n-cal 6
-        --n-test 10] [--folds 3] [--deep-epochs 20] [--snapshot-epochs 30] [--iterations 25]
+    nice -n 5 .venv/bin/python bench/openkbp_local.py [--workdir /tmp/calibu_openkbp_local] [--n-train 30
+        --n-cal 6 --n-test 10] [--folds 3] [--deep-epochs 40] [--snapshot-epochs 45] [--iterations 25]
+        [--configurations single deep checkpoint tta]
 """
 
 from __future__ import annotations
@@ -52,6 +64,42 @@ from openkbp import Steps, _display_path, default_data, signature  # noqa: E402
 
 log = logging.getLogger("bench.openkbp_local")
 DATASET_ID, DATASET_NAME = 502, "OpenKBPLocal"
+CONFIGURATIONS = ("single", "deep", "checkpoint", "tta")
+READY = "READY.txt"
+
+
+def write_ready(workdir: Path, root: Path, split: dict, members: dict, deep_dir: Path, snap_dir: Path,
+                cases: dict, learned: dict, labels: Path) -> None:
+    """``<workdir>/READY.txt``: where the trained models, member caches, split and calibrators are, for
+    other scripts (rewritten after each configuration's members exist)."""
+    lines = ["OpenKBP 2d nnU-Net models and member predictions of bench/openkbp_local.py (issue 11).", "",
+             f"split (calibration / test case ids, also training): {root / 'split.json'}",
+             "calibration cases: " + " ".join(split["calibration"]),
+             "test cases: " + " ".join(split["test"]),
+             "cases predicted by every configuration (ids -> CT): "
+             + "; ".join(f"{c} = {f[0]}" for c, f in sorted(cases.items())), "",
+             f"model folders (nnU-Net format): deep ensemble folds 0..: {deep_dir}",
+             f"                                checkpoint ensemble (fold 0, snapshots): {snap_dir}", "",
+             "member caches (one folder per member; <case>.npz holds 'probabilities' (K, z, y, x) on the CT's "
+             "grid, <case>.pkl nnU-Net's properties; plans.json/dataset.json copied; usable as --members DIR...):"]
+    for cfg in CONFIGURATIONS:
+        if cfg in members:
+            lines.append(f"  {cfg}: " + " ".join(str(d) for d in members[cfg]))
+            if cfg in learned:
+                lines.append(f"    mean organ Dice on the calibration cases {learned[cfg]['mean_dice']:.3f} "
+                             f"(per organ {learned[cfg]['per_class']})")
+        else:
+            lines.append(f"  {cfg}: not yet (being predicted)")
+    lines += ["", f"fitted calibrators of the bench (global T, per-class T, local T(x) records, vector scaling) per "
+                  f"configuration, once evaluated: {root / 'calibrators'}/<configuration>.json",
+              "  (the local records load with CalibUncertaintyLib.calibration.local_temperature."
+              "_TableTemperature.from_record)",
+              "a calibration file of the library for a configuration (fitted on the calibration cases only):",
+              f"  calib-uncertainty fit-temperature --members <that configuration's folders> --labels {labels} "
+              f"--cases {' '.join(split['calibration'])} --method local_temperature -o cal_<configuration>.json",
+              "  (--method temperature for the global T)", ""]
+    write_text(workdir / READY, "\n".join(lines) + "\n")
+    log.info("wrote %s", workdir / READY)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,16 +117,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--base-features", type=int, default=8)
     p.add_argument("--max-features", type=int, default=64)
     p.add_argument("--patch", type=int, nargs=2, default=[128, 128])
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--folds", type=int, default=3)
-    p.add_argument("--deep-epochs", type=int, default=20)
-    p.add_argument("--snapshot-epochs", type=int, default=30)
+    p.add_argument("--deep-epochs", type=int, default=40)
+    p.add_argument("--snapshot-epochs", type=int, default=45)
     p.add_argument("--cycles", type=int, default=3)
     p.add_argument("--iterations", type=int, default=25)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-voxels-per-case", type=int, default=60_000)
-    p.add_argument("--default-calibrator", default="local", choices=("global", "class", "local", "vector"))
+    p.add_argument("--default-calibrator", default="local_beyond",
+                   choices=("global", "class", "local", "local_nearest", "local_beyond", "vector"),
+                   help="the calibrator the triage uses and the report compares with global T (default: local T(x) "
+                        "with the open bin fitted beyond the ROI, the library's default)")
+    p.add_argument("--configurations", nargs="+", default=list(CONFIGURATIONS), choices=CONFIGURATIONS,
+                   help="ensembles to evaluate (tta: fold 0 of the deep ensemble, one member per mirroring)")
+    p.add_argument("--min-dice", type=float, default=0.1,
+                   help="fail when the mean organ Dice of a configuration on the calibration cases is below this "
+                        "(the models did not learn)")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     a = p.parse_args(argv)
     a.workdir = a.workdir.expanduser().resolve()
@@ -150,7 +206,7 @@ def main(argv=None) -> int:
                                                       num_threads=args.threads))))
     training = data.training_records(deep_dir, snap_dir)
 
-    from _openkbp_members import RECORD, predict_members
+    from _openkbp_members import predict_members
 
     images = source / "imagesTr"
     held_out = split["calibration"] + split["test"]
@@ -158,9 +214,19 @@ def main(argv=None) -> int:
     ood_id = "OOD_abdomen"
     if args.ood.is_file():
         cases[ood_id] = [args.ood]
-    members, inference = {}, {}
-    for ens, model_dir, folds in (("deep", deep_dir, None), ("checkpoint", snap_dir, [0])):
-        inputs = {"model": str(model_dir), "train": training[ens], "cases": sorted(cases)}
+    import _local_eval as ev
+
+    labels = source / "labelsTr"
+    class_names = [n for n, _ in sorted(json.loads((source / "dataset.json").read_text())["labels"].items(),
+                                        key=lambda kv: kv[1])]
+    members, inference, learned, results = {}, {}, {}, {}
+    sources = [("deep", deep_dir, None, "deep"), ("checkpoint", snap_dir, [0], "checkpoint")]
+    if "tta" in args.configurations:  # fold 0 of the deep ensemble, one member per mirroring
+        sources.append(("tta", deep_dir, [0], "deep"))
+    for ens, model_dir, folds, trained in sources:
+        inputs = {"model": str(model_dir), "train": training[trained], "cases": sorted(cases)}
+        if ens == "tta":
+            inputs["ensemble"] = "tta"
 
         def predict(ens=ens, model_dir=model_dir, folds=folds):
             dirs, timing = predict_members(model_dir, ens, cases, root / "members" / ens, 1.0, False, folds)
@@ -168,25 +234,59 @@ def main(argv=None) -> int:
 
         out = steps.run(f"members_{ens}", inputs, [root / "members" / ens], predict)
         members[ens], inference[ens] = out["dirs"], out["timing"]
-    members["single"] = members["deep"][:1]
+        if ens == "deep":
+            members["single"] = members["deep"][:1]
+        # did the models learn? per-organ Dice of the pooled members on the calibration cases
+        for cfg in (("single", "deep") if ens == "deep" else (ens,)):
+            learned[cfg] = ev.check_learned([Path(d) for d in members[cfg]], labels, split["calibration"],
+                                            class_names, args.min_dice, cfg)
+        write_ready(args.workdir, root, split, members, deep_dir, snap_dir, cases, learned, labels)
+        # evaluate what these members provide now (a partial report survives a later failure)
+        for cfg in [c for c in CONFIGURATIONS if c in args.configurations and c in members and c not in results]:
+            results[cfg] = evaluate_step(steps, root, cfg, members[cfg], labels, split,
+                                         ood_id if ood_id in cases else None, args)
+            results[cfg]["learned"] = learned[cfg]
+            write_outputs(args, results, steps, command, t_start, source, split, plan_kw, prepared, deep_cfg,
+                          snap_cfg, training, inference, class_names)
+    return 0
 
+
+def code_signature() -> str:
+    """Hash of the evaluation code, so a changed evaluation is not reused from the work folder."""
+    lib = REPO / "CalibUncertaintyLib" / "calibration"
+    return signature([(REPO / "bench" / f).read_text() for f in ("_local_eval.py",)]
+                     + [(lib / f).read_text() for f in ("local_temperature.py", "temperature.py", "vector_scaling.py")])
+
+
+def evaluate_step(steps, root: Path, ens: str, member_dirs, labels: Path, split: dict, ood_id, args) -> dict:
+    """Fit and evaluate every calibrator for one configuration (a resumable step)."""
     import _local_eval as ev
-    import _local_report as report
 
-    labels = source / "labelsTr"
-    class_names = [n for n, _ in sorted(json.loads((source / "dataset.json").read_text())["labels"].items(),
-                                        key=lambda kv: kv[1])]
-    results = {}
-    for ens in ("single", "deep", "checkpoint"):
-        dirs = [Path(d) for d in members[ens]]
+    dirs = [Path(d) for d in member_dirs]
+    inputs = {"members": [str(d) for d in dirs], "split": split, "ood": ood_id, "max_vox": args.max_voxels_per_case,
+              "default": args.default_calibrator, "seed": args.seed, "code": code_signature()}
+
+    def run():
         t0 = time.time()
-        results[ens] = ev.evaluate_configuration(dirs, labels, split["calibration"], split["test"],
-                                                 ood_id if ood_id in cases else None, args.max_voxels_per_case,
-                                                 args.default_calibrator, seed=args.seed)
-        results[ens]["members"] = [d.name for d in dirs]
-        results[ens].setdefault("n_test", len(split["test"]))
-        results[ens]["seconds"] = round(time.time() - t0, 1)
+        res = ev.evaluate_configuration(dirs, labels, split["calibration"], split["test"], ood_id,
+                                        args.max_voxels_per_case, args.default_calibrator, seed=args.seed)
+        res["members"] = [d.name for d in dirs]
+        if "fitted_records" in res:  # the bench's fitted calibrators, for other scripts
+            write_json(root / "calibrators" / f"{ens}.json", res.pop("fitted_records"))
+        res.setdefault("n_test", len(split["test"]))
+        res["seconds"] = round(time.time() - t0, 1)
+        write_json(root / "evaluation" / f"{ens}.json", res)
         log.info("%s: evaluated in %.0f s", ens, time.time() - t0)
+        return res
+
+    return steps.run(f"evaluate_{ens}", inputs, [root / "evaluation" / f"{ens}.json"], run)
+
+
+def write_outputs(args, results, steps, command, t_start, source, split, plan_kw, prepared, deep_cfg, snap_cfg,
+                  training, inference, class_names) -> None:
+    import _local_report as report
+    import _openkbp_data as data
+    from _openkbp_members import RECORD
 
     run_info = {
         "command": command, "wall_s": round(time.time() - t_start, 1),
@@ -206,7 +306,6 @@ def main(argv=None) -> int:
     write_json(args.results / "openkbp_local.json", out)
     write_text(args.results / "openkbp_local.md", report.render(out))
     log.info("wrote %s (%.0f s)", args.results / "openkbp_local.md", time.time() - t_start)
-    return 0
 
 
 if __name__ == "__main__":

@@ -38,9 +38,24 @@ bracket) inside the bounds β in [1/20, 1/0.05] (T in [0.05, 20], as the global 
 minimiser, or the bound when the optimum lies beyond it. A cell
 with n voxels is pulled towards its parent's temperature with weight m / (n + m): an empty cell
 with n >> m gets its own; m -> inf gives the global T everywhere. A cell without any voxel takes
-the T of the nearest distance bin of the same class that has voxels (so the far background, beyond
-the fitting ROI, keeps the temperature fitted at the ROI's outer edge, not the class average), and
-the class's T when the class has no voxel at all. Parents: local cell -> its predicted class ->
+the T of the nearest distance bin of the same class that has voxels, and the class's T when the
+class has no voxel at all, except the open last bin (d >= edges[-1]).
+
+The open last bin. With the default edges its lower edge (15 mm) is the radius of the fitting ROI,
+so it holds the voxels *beyond* the region the calibration voxels come from: the far background
+and the deep inside of large organs. Calibration voxels sampled from the ROI almost never fall in
+it. ``open_bin`` says what it gets then:
+
+- ``"identity"`` (default): T = 1, the model's own probabilities. No calibration evidence there,
+  so no change; in particular the confident far background is not flattened (or sharpened) by a
+  temperature fitted near the organs, the known weakness of one global temperature fitted on the
+  ROI, whose whole-image ECE gets worse than the uncalibrated model's;
+- ``"nearest"``: the T of the nearest populated bin (the ROI's outer edge), an extrapolation.
+
+When the caller passes calibration voxels from beyond the ROI too (rows with d >= edges[-1],
+e.g. a uniform sample of the image outside the ROI), the open bin is fitted on them like any
+other cell and ``open_bin`` does not matter. ``bench/openkbp_local.py`` compares the three by
+leave-one-case-out NLL and ECE over whole calibration images. Parents: local cell -> its predicted class ->
 the global temperature (the pool of all voxels, i.e. ordinary temperature scaling). The parent
 term is evaluated on at most ``parent_rows`` voxels of the parent pool (a fixed-seed subsample).
 
@@ -67,6 +82,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EDGES_MM = (0.0, 2.0, 4.0, 6.0, 9.0, 12.0, 15.0)
 DEFAULT_POOL_VOXELS = 2000.0
+OPEN_BIN_RULES = ("identity", "nearest")
+DEFAULT_OPEN_BIN = "identity"
 KINDS = ("class_temperature", "local_temperature")
 _CHUNK = 1 << 17
 
@@ -198,7 +215,8 @@ class _TableTemperature:
     kind = ""
 
     def __init__(self, edges_mm=DEFAULT_EDGES_MM, pool_voxels: float = DEFAULT_POOL_VOXELS,
-                 t_bounds=DEFAULT_T_BOUNDS, parent_rows: int = 5_000, seed: int = 0):
+                 t_bounds=DEFAULT_T_BOUNDS, parent_rows: int = 5_000, seed: int = 0,
+                 open_bin: str = DEFAULT_OPEN_BIN):
         e = [float(v) for v in edges_mm]
         if not e or e[0] != 0.0 or any(b <= a for a, b in zip(e, e[1:])):
             raise InputError(f"distance edges must start at 0 mm and increase, got {edges_mm}")
@@ -207,7 +225,10 @@ class _TableTemperature:
         lo, hi = (float(v) for v in t_bounds)
         if not 0 < lo < hi:
             raise InputError(f"temperature bounds must satisfy 0 < low < high, got {t_bounds}")
+        if open_bin not in OPEN_BIN_RULES:
+            raise InputError(f"open_bin must be one of {', '.join(OPEN_BIN_RULES)}, got {open_bin!r}")
         self.edges_mm = tuple(e)
+        self.open_bin = open_bin
         self.pool_voxels = float(pool_voxels)
         self.t_bounds = (lo, hi)
         self.parent_rows = int(parent_rows)
@@ -285,6 +306,8 @@ class _TableTemperature:
             filled = np.flatnonzero(counts[c] > 0)
             for b in np.flatnonzero(counts[c] == 0):  # no voxel: the nearest populated bin, else the class T
                 table[c, b] = table[c, filled[np.argmin(np.abs(filled - b))]] if filled.size else 1.0 / beta_c
+            if counts[c, -1] == 0 and self.open_bin == "identity":  # beyond the fitted ROI: no change
+                table[c, -1] = 1.0
         self.table_ = table
         self.counts_ = counts
         self.n_classes_ = int(k)
@@ -337,6 +360,7 @@ class _TableTemperature:
     def to_record(self) -> dict:
         self._fitted()
         return {"kind": self.kind, "edges_mm": list(self.edges_mm), "pool_voxels": self.pool_voxels,
+                "open_bin": self.open_bin,
                 "t_bounds": list(self.t_bounds), "global_temperature": float(self.global_temperature_),
                 "temperatures": self.table_.tolist(), "counts": self.counts_.tolist(),
                 "n_voxels": self.n_samples_, "nll_before": float(self.nll_before_),
@@ -353,7 +377,8 @@ class _TableTemperature:
         cls = ClassTemperatureScaler if rec["kind"] == "class_temperature" else LocalTemperatureScaler
         try:
             obj = cls(edges_mm=rec.get("edges_mm", DEFAULT_EDGES_MM), pool_voxels=rec.get("pool_voxels", 0.0),
-                      t_bounds=rec.get("t_bounds", DEFAULT_T_BOUNDS))
+                      t_bounds=rec.get("t_bounds", DEFAULT_T_BOUNDS),
+                      open_bin=rec.get("open_bin", "nearest"))  # records written before the rule: nearest
             table = np.asarray(rec["temperatures"], dtype=np.float64)
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"local calibration record is invalid: {exc}") from exc
@@ -400,9 +425,11 @@ def make_scaler(kind: str, **kwargs) -> _TableTemperature:
     raise InputError(f"unknown local calibrator {kind!r} (expected one of {', '.join(KINDS)})")
 
 
-def cross_validated_nll(kind: str, x, labels, pred, dist_mm, case_index, **kwargs) -> dict:
+def cross_validated_nll(kind: str, x, labels, pred, dist_mm, case_index, extra=None, **kwargs) -> dict:
     """Leave-one-case-out NLL on the calibration rows: for each case, fit ``kind`` (or ``"global"``
     for one temperature) on the other cases' rows and take the NLL of the left-out case's rows.
+    ``extra`` = (x, labels, pred, dist_mm, case_index) of rows used for fitting ``kind`` only, never
+    scored and never given to ``"global"`` (the voxels sampled beyond the ROI for the open bin).
     Returns {"nll": mean over all rows, "per_case": [...], "n_cases": n}. Needs >= 2 cases."""
     x = np.asarray(x)
     y = np.asarray(labels).reshape(-1)
@@ -421,7 +448,13 @@ def cross_validated_nll(kind: str, x, labels, pred, dist_mm, case_index, **kwarg
             m.table_[:] = m.global_temperature_
             v = m.nll(x[test], y[test], np.zeros(int(test.sum()), np.int64))
         else:
-            m = make_scaler(kind, **kwargs).fit(x[train], y[train], p[train], None if d is None else d[train])
+            fit_rows = [x[train], y[train], p[train], None if d is None else d[train]]
+            if extra is not None:
+                ex, ey, ep, ed, ec = (np.asarray(a) for a in extra)
+                keep = ec.reshape(-1) != c
+                fit_rows = [np.concatenate([a, b[keep]]) for a, b in zip(fit_rows, (ex, ey.reshape(-1),
+                                                                                    ep.reshape(-1), ed.reshape(-1)))]
+            m = make_scaler(kind, **kwargs).fit(*fit_rows)
             v = m.nll(x[test], y[test], p[test], None if d is None else d[test])
         per_case.append(float(v))
         total += v * int(test.sum())

@@ -37,11 +37,19 @@ def register(subparsers) -> argparse.ArgumentParser:
     add_roi_options(p)
     g = p.add_argument_group("fitting")
     g.add_argument("--method", choices=("temperature", "vector", "class_temperature", "local_temperature"),
-                   default="temperature",
-                   help="'temperature': one T for all classes (default); 'vector': per-class scale and "
-                        "bias on log-probabilities (may change the segmentation); 'class_temperature': one T "
-                        "per predicted class; 'local_temperature': T(x) by predicted class and distance in mm "
-                        "to the predicted contour (both keep the segmentation and store the global T too)")
+                   default=None,
+                   help="'local_temperature' (default with the pooled ensemble): T(x) by predicted class and "
+                        "distance in mm to the predicted contour (see --local-open-bin); 'temperature': one T for "
+                        "all classes (the thesis's calibrator; the default with --ensemble-mode per_member); "
+                        "'vector': per-class scale and bias on log-probabilities (may change the segmentation); "
+                        "'class_temperature': one T per predicted class. The per-class and local ones keep the "
+                        "segmentation and store the global T too")
+    g.add_argument("--local-open-bin", choices=("identity", "nearest", "fitted"), default=None,
+                   help="local_temperature only: the temperature of the open last distance bin (≥ 15 mm, beyond "
+                        "the ROI): 'fitted' (default: fitted on voxels sampled uniformly beyond the ROI, per "
+                        "case as many as the ROI sample may hold; T = 1 in a cell none of them reaches), "
+                        "'identity' (T = 1, the model's own "
+                        "probabilities) or 'nearest' (the outer ROI bin's T)")
     g.add_argument("--ensemble-mode", choices=ENSEMBLE_MODES, default="pool_then_calibrate",
                    help="'pool_then_calibrate': average the members, then softmax(log p̄ / T) (default); "
                         "'per_member': scale every member by T before averaging. Both are fitted and "
@@ -82,6 +90,14 @@ def run(args) -> int:
     from ..pipeline.fit import FitOptions, fit_calibration
     from .common import ensemble_record, executor_options, member_inputs
 
+    from ..pipeline.fit import DEFAULT_METHOD
+
+    if args.method is None:  # the local calibrator is pool-then-calibrate only
+        args.method = DEFAULT_METHOD if args.ensemble_mode == "pool_then_calibrate" else "temperature"
+    if args.local_open_bin and args.method != "local_temperature":
+        from ..errors import InputError
+
+        raise InputError(f"--local-open-bin applies to --method local_temperature only (got --method {args.method})")
     executor = executor_options(args)
     inputs = member_inputs(args)
     pairing = pair_cases(inputs.member_dirs, args.images, args.labels, inputs.cases, require_labels=True)
@@ -89,7 +105,8 @@ def run(args) -> int:
     opts = FitOptions(method=args.method, ensemble_mode=args.ensemble_mode, roi_radius_mm=args.roi_radius_mm,
                       roi_rule=args.roi_rule, max_voxels=args.max_voxels, seed=args.seed,
                       dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm,
-                      conformal_alpha=args.conformal_alpha)
+                      conformal_alpha=args.conformal_alpha,
+                      **({"local_open_bin": args.local_open_bin} if args.local_open_bin else {}))
     cal = fit_calibration(pairing, opts, fingerprint=inputs.fingerprint, executor=executor)
     cal.extra["inputs"] = inputs.record
     cal.ensemble = ensemble_record(args, pairing)

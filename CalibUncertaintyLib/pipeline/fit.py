@@ -54,6 +54,10 @@ from .ensemble import accumulate, calibrated_probs, case_maps
 log = logging.getLogger(__name__)
 
 EBCU_QUANTILE = 0.95
+BEYOND_SEED = 1_000_003  # seed offset of the beyond-ROI sample (local_open_bin "fitted")
+OPEN_BIN_CHOICES = ("identity", "nearest", "fitted")
+#: the calibrator fit-temperature stores unless told otherwise (bench/results/openkbp_local.md)
+DEFAULT_METHOD = "local_temperature"
 CV_MAX_ROWS = 300_000  # rows used for the leave-one-case-out NLL of the local calibrators
 MEMBER_CACHE_BYTES = 1 << 30  # members of one case kept in memory in pass 1 up to this size, else re-read
 
@@ -62,7 +66,7 @@ MEMBER_CACHE_BYTES = 1 << 30  # members of one case kept in memory in pass 1 up 
 class FitOptions:
     """Options of ``fit_calibration`` (distances in mm)."""
 
-    method: str = "temperature"
+    method: str = "local_temperature"  # DEFAULT_METHOD
     ensemble_mode: str = "pool_then_calibrate"
     roi_radius_mm: float = 15.0
     roi_rule: str = "prediction"
@@ -73,6 +77,11 @@ class FitOptions:
     #: local temperature: distance-bin edges in mm (first 0, last bin open) and pooling strength
     local_edges_mm: tuple = (0.0, 2.0, 4.0, 6.0, 9.0, 12.0, 15.0)
     pool_voxels: float = 2000.0
+    #: local temperature, open last bin (beyond the ROI): "fitted" (default: fitted on voxels sampled
+    #: uniformly beyond the ROI, per case up to the ROI sample's cap; T = 1 where none fall in a cell),
+    #: "identity" (T = 1) or "nearest" (the outer ROI bin's T). See calibration.local_temperature;
+    #: chosen by leave-one-case-out NLL on whole calibration images (bench/results/openkbp_local.md).
+    local_open_bin: str = "fitted"
     conformal_alpha: float = 0.1  # α of the conformal flags and margins (METHODS.md §7)
 
 
@@ -149,7 +158,7 @@ def sample_case(job: FitJob, item) -> tuple:
         log.warning("case %s: empty ROI (no predicted%s foreground), no calibration voxels",
                     cf.case, "" if opts.roi_rule == "prediction" else " or reference")
         xm = np.zeros((job.n_members, 0, k), np.float32) if job.want_members else None
-        feats = (np.zeros(0, np.int64), np.zeros(0, np.float32)) if job.want_local else None
+        feats = (np.zeros(0, np.int64), np.zeros(0, np.float32), None) if job.want_local else None
         return np.zeros((0, k), np.float32), xm, np.zeros(0, np.int64), feats
     x, y = collect_calibration_samples([(pbar, labels, roi)], kind="probs", ensemble_mode="pool_then_calibrate",
                                        max_voxels_per_case=job.per_case, seed=opts.seed + ci)
@@ -160,8 +169,16 @@ def sample_case(job: FitJob, item) -> tuple:
     if job.want_local:
         from ..calibration.local_temperature import contour_distance_mm
 
-        feats = (seg.reshape(-1)[vox].astype(np.int64),
-                 contour_distance_mm(seg, cf.geometry.spacing_zyx).reshape(-1)[vox])
+        dist = contour_distance_mm(seg, cf.geometry.spacing_zyx).reshape(-1)
+        feats = (seg.reshape(-1)[vox].astype(np.int64), dist[vox], None)
+        if opts.local_open_bin == "fitted":  # a uniform sample of the voxels beyond the ROI
+            out = np.flatnonzero(~roi.ravel())
+            if out.size > job.per_case:
+                out = np.sort(np.random.default_rng(opts.seed + ci + BEYOND_SEED).choice(out, job.per_case,
+                                                                                           replace=False))
+            xb = safe_log(pbar.reshape(k, -1)[:, out].T).astype(np.float32)
+            feats = (*feats[:2], (xb, labels.reshape(-1)[out].astype(np.int64),
+                                  seg.reshape(-1)[out].astype(np.int64), dist[out]))
     if job.want_members:
         source = kept if len(kept) == len(cf.member_dirs) else cf.load_members(job.n_classes)
         xm = np.stack([safe_log(p.reshape(p.shape[0], -1)[:, vox].T).astype(np.float32) for p in source])
@@ -197,7 +214,11 @@ def collect_samples(pairing: Pairing, opts: FitOptions, want_members: bool, exec
     if not want_local:
         return x, xm, y
     local = {"pred": np.concatenate([p[3][0] for p in parts]), "dist_mm": np.concatenate([p[3][1] for p in parts]),
-             "case": np.concatenate([np.full(p[2].size, i) for i, p in enumerate(parts)])}
+             "case": np.concatenate([np.full(p[2].size, i) for i, p in enumerate(parts)]), "beyond": None}
+    beyond = [(i, p[3][2]) for i, p in enumerate(parts) if p[3][2] is not None]
+    if beyond:  # rows beyond the ROI (local_open_bin "fitted"): x, labels, pred, dist_mm, case
+        local["beyond"] = tuple(np.concatenate([b[j] for _, b in beyond]) for j in range(4)) + (
+            np.concatenate([np.full(b[1].size, i) for i, b in beyond]),)
     return x, xm, y, local
 
 
@@ -230,18 +251,33 @@ def fit_local(x, y, local: dict, opts: FitOptions) -> dict:
     kw = dict(pool_voxels=opts.pool_voxels, seed=opts.seed)
     if opts.method == "local_temperature":
         kw["edges_mm"] = tuple(opts.local_edges_mm)
-    scaler = make_scaler(opts.method, **kw).fit(x, y, local["pred"], local["dist_mm"])
+        kw["open_bin"] = "nearest" if opts.local_open_bin == "nearest" else "identity"
+    beyond = local.get("beyond") if opts.method == "local_temperature" else None
+    fit_rows = (x, y, local["pred"], local["dist_mm"])
+    if beyond is not None:
+        fit_rows = tuple(np.concatenate([a, b]) for a, b in zip(fit_rows, beyond[:4]))
+    scaler = make_scaler(opts.method, **kw).fit(*fit_rows)
     rec = scaler.to_record()
+    rec["open_bin_source"] = ("fitted on voxels beyond the ROI" if beyond is not None else
+                              None if opts.method != "local_temperature" else f"rule {kw['open_bin']}")
+    if beyond is not None:
+        rec["n_beyond_voxels"] = int(beyond[1].size)
     if np.unique(local["case"]).size >= 2:
         rows = np.arange(y.size)
         if rows.size > CV_MAX_ROWS:
             rows = np.sort(np.random.default_rng(opts.seed).choice(rows, CV_MAX_ROWS, replace=False))
         args = (x[rows], y[rows], local["pred"][rows], local["dist_mm"][rows], local["case"][rows])
+        if beyond is not None and beyond[1].size > CV_MAX_ROWS:
+            keep = np.sort(np.random.default_rng(opts.seed + 1).choice(beyond[1].size, CV_MAX_ROWS, replace=False))
+            beyond = tuple(a[keep] for a in beyond)
         rec["cv_nll"] = {"rows": int(rows.size), "unit": "leave one calibration case out"}
         class_kw = dict(pool_voxels=opts.pool_voxels, seed=opts.seed)
-        for name, kkw in (("global", {}), ("class_temperature", class_kw),
-                          ("local_temperature", dict(class_kw, edges_mm=tuple(opts.local_edges_mm)))):
-            rec["cv_nll"][name] = cross_validated_nll("global" if name == "global" else name, *args, **kkw)["nll"]
+        local_kw = dict(class_kw, edges_mm=tuple(opts.local_edges_mm),
+                        open_bin="nearest" if opts.local_open_bin == "nearest" else "identity")
+        for name, kkw in (("global", {}), ("class_temperature", class_kw), ("local_temperature", local_kw)):
+            extra = beyond if name == "local_temperature" else None
+            rec["cv_nll"][name] = cross_validated_nll("global" if name == "global" else name, *args, extra=extra,
+                                                      **kkw)["nll"]
     else:
         rec["cv_nll"] = None
         log.warning("one calibration case: no cross-validated NLL for %s", opts.method)
@@ -378,6 +414,8 @@ def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, fingerprin
     n_foreground = label_foreground_voxels(pairing)
     want_members = opts.method == "temperature"
     want_local = opts.method in ("class_temperature", "local_temperature")
+    if opts.local_open_bin not in OPEN_BIN_CHOICES:
+        raise InputError(f"local_open_bin must be one of {', '.join(OPEN_BIN_CHOICES)}, got {opts.local_open_bin!r}")
     if want_local and opts.ensemble_mode != "pool_then_calibrate":
         raise InputError(f"{opts.method} is fitted on the pooled ensemble only; use --ensemble-mode "
                          "pool_then_calibrate or --method temperature")

@@ -194,19 +194,32 @@ def test_debug_shows_the_traceback(data, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, key", [(["--ensemble-mode", "per_member"], "per_member"),
                                         (["--method", "vector"], "vector"),
-                                        (["--method", "local_temperature"], "local_temperature"),
+                                        (["--method", "local_temperature", "--local-open-bin", "identity"],
+                                         "local_temperature"),
+                                        ([], "local_temperature"),  # the default: open bin fitted beyond the ROI
                                         (["--method", "class_temperature"], "class_temperature")])
 def test_other_calibration_modes_run_end_to_end(data, tmp_path, extra, key):
-    """Not bad input: the non-default modes go through fit, maps and evaluate on the tiny data."""
+    """Not bad input: the calibration modes (the default one too) go through fit, maps and evaluate."""
     members, raw = list(map(str, data["members"])), data["raw"]
     cal = tmp_path / "cal.json"
     assert main(["fit-temperature", "--members", *members, "--labels", str(raw / "labelsTr"), "--cases", *CASES,
                  "-o", str(cal), *extra]) == 0
     doc = json.loads(cal.read_text())
     assert (doc["ensemble_mode"] == "per_member") if key == "per_member" else (doc["method"] == key)
+    if key == "per_member":  # the local default is pool-then-calibrate only: per_member falls back to one T
+        assert doc["method"] == "temperature"
     if key.endswith("_temperature"):  # the table, the global T and the cross-validated NLL are stored
         assert doc["local"]["kind"] == key and doc["temperature"] > 0
         assert set(doc["local"]["cv_nll"]) >= {"global", "class_temperature", "local_temperature"}
+    if key == "local_temperature":  # the open last bin (beyond the ROI): fitted there by default, or T = 1
+        fitted = "identity" not in extra
+        assert doc["local"]["open_bin"] == "identity"
+        assert doc["local"]["open_bin_source"] == ("fitted on voxels beyond the ROI" if fitted else "rule identity")
+        assert (doc["local"].get("n_beyond_voxels", 0) > 0) == fitted
+        beyond_counts = [row[-1] for row in doc["local"]["counts"]]
+        assert (sum(beyond_counts) > 0) == fitted
+        if not fitted:
+            assert all(t == 1.0 for t, n in zip((r[-1] for r in doc["local"]["temperatures"]), beyond_counts))
     assert _maps(members, data, tmp_path / "out", "--cases", "c1", "--calibration", str(cal)) == 0
     summary = json.loads((tmp_path / "out" / "c1" / "summary.json").read_text())
     assert summary["calibration"]["method"] == doc["method"] and summary["ensemble_mode"] == doc["ensemble_mode"]
@@ -223,6 +236,15 @@ def test_other_calibration_modes_run_end_to_end(data, tmp_path, extra, key):
     if key.endswith("_temperature"):
         assert rec["segmentation_unchanged"]
         assert rec["roi"]["n_voxels"] == rec["roi"]["n_voxels_before"]
+
+
+def test_local_open_bin_needs_the_local_method(data, tmp_path, capsys):
+    cal = tmp_path / "cal.json"
+    assert main(["fit-temperature", "--members", *map(str, data["members"]), "--labels",
+                 str(data["raw"] / "labelsTr"), "--cases", *CASES, "-o", str(cal), "--method", "temperature",
+                 "--local-open-bin", "fitted"]) == 2
+    assert "--local-open-bin applies to --method local_temperature only" in _error(capsys)
+    assert not cal.exists()
 
 
 def test_command_modules_not_written_yet_are_skipped_but_broken_ones_are_not(tmp_path, monkeypatch):

@@ -37,7 +37,8 @@ def run(openkbp_dir, tmp_path_factory):
     cal = root / "calibration.json"
     rc = {}
     rc["fit"] = main(["fit-temperature", "--members", *members, "--images", images, "--labels", labels,
-                      "--cases", *FIT, "--roi-radius-mm", "15", "--conformal-alpha", "0.3", "-o", str(cal)])
+                      "--cases", *FIT, "--roi-radius-mm", "15", "--conformal-alpha", "0.3", "--method", "temperature",
+                      "-o", str(cal)])
     rc["maps"] = main(["maps", "--members", *members, "--images", images, "--calibration", str(cal),
                        "--cases", *HELD_OUT, "-o", str(root / "maps")])
     rc["maps_raw"] = main(["maps", "--members", *members, "--images", images, "--cases", HELD_OUT[0],

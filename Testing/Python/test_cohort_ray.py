@@ -137,7 +137,8 @@ def test_fit_and_evaluate_on_ray_equal_local(cohort, ray_local, monkeypatch):
     for name, extra in (("local", []), ("ray", RAY)):
         cals[name] = root / f"cal_{name}.json"
         assert main(["fit-temperature", "--members", *c["members"], "--images", c["images"], "--labels", c["labels"],
-                     "--cases", *FIT, "--max-voxels", "20000", "-o", str(cals[name]), *extra]) == 0
+                     "--cases", *FIT, "--max-voxels", "20000", "--method", "temperature", "-o", str(cals[name]),
+                     *extra]) == 0
     a, b = (json.loads(p.read_text()) for p in cals.values())
     assert a["temperature"] == b["temperature"] and a["temperature"] != 1.0
     assert a["nll_before"] == b["nll_before"] and a["nll_after"] == b["nll_after"]

@@ -99,18 +99,52 @@ def test_class_temperature_recovers_per_class():
 def test_pooling_pulls_empty_and_small_cells_to_parent():
     x, y, pred, dist = _rows(8_000, seed=4)
     keep = ~((pred == 1) & (dist >= 15))  # empty cell (class 1, last bin)
-    m = LocalTemperatureScaler(edges_mm=EDGES, pool_voxels=1e9, parent_rows=10**6)
+    m = LocalTemperatureScaler(edges_mm=EDGES, pool_voxels=1e9, parent_rows=10**6, open_bin="nearest")
     m.fit(x[keep], y[keep], pred[keep], dist[keep])
     # infinite pooling (parent term on all rows): every cell equals the global temperature
     assert np.allclose(m.table_, m.global_temperature_, rtol=1e-3)
-    # an empty cell takes the nearest populated distance bin of its class
-    m0 = LocalTemperatureScaler(edges_mm=EDGES).fit(x[keep], y[keep], pred[keep], dist[keep])
+    # an empty cell takes the nearest populated distance bin of its class ("nearest" rule)
+    m0 = LocalTemperatureScaler(edges_mm=EDGES, open_bin="nearest").fit(x[keep], y[keep], pred[keep], dist[keep])
     assert m0.counts_[1, -1] == 0 and m0.counts_[1, -2] > 0 and m0.table_[1, -1] == m0.table_[1, -2]
     # a class without voxels takes its class temperature, which pooling pulls to the global one
     none1 = pred[keep] != 1
     m1 = LocalTemperatureScaler(edges_mm=EDGES).fit(x[keep][none1], y[keep][none1], pred[keep][none1],
                                                     dist[keep][none1])
-    assert np.all(m1.counts_[1] == 0) and np.allclose(m1.table_[1], m1.global_temperature_, rtol=1e-6)
+    assert np.all(m1.counts_[1] == 0) and np.allclose(m1.table_[1, :-1], m1.global_temperature_, rtol=1e-6)
+    assert m1.table_[1, -1] == 1.0  # ... except the open bin beyond the fitted ROI (default rule)
+
+
+def test_open_bin_beyond_the_roi():
+    """Default rule: an open last bin without calibration voxels (beyond the fitting ROI) gets T = 1,
+    so the far background keeps the model's own probabilities; with voxels there it is fitted."""
+    x, y, pred, dist = _rows(20_000, seed=8)
+    roi = dist < EDGES[-1]  # rows as sampled from a 15 mm ROI: none in the open bin
+    m = LocalTemperatureScaler(edges_mm=EDGES).fit(x[roi], y[roi], pred[roi], dist[roi])
+    assert m.open_bin == "identity" and np.all(m.counts_[:, -1] == 0)
+    assert np.all(m.table_[:, -1] == 1.0) and np.all(np.abs(m.table_[:, -2] - 1.0) > 0.1)
+    near = LocalTemperatureScaler(edges_mm=EDGES, open_bin="nearest").fit(x[roi], y[roi], pred[roi], dist[roi])
+    assert np.array_equal(near.table_[:, -1], near.table_[:, -2])
+    assert np.array_equal(near.table_[:, :-1], m.table_[:, :-1])  # the rule only touches the open bin
+    # a volume: organ cube in a large background; far voxels unchanged, near ones calibrated
+    seg = np.zeros((6, 40, 40), np.int64)
+    seg[2:4, 18:22, 18:22] = 1
+    probs = np.full((3, *seg.shape), 0.01, np.float32)
+    probs[0][seg == 0] = 0.98
+    probs[1][seg == 1] = 0.98
+    out = m.transform_volume(probs, (3.0, 1.0, 1.0))
+    far = contour_distance_mm(seg, (3.0, 1.0, 1.0)) >= EDGES[-1]
+    assert far.any() and np.allclose(out[:, far], probs[:, far], rtol=1e-5, atol=1e-7)
+    assert not np.allclose(out[:, ~far], probs[:, ~far], atol=1e-3)
+    assert np.array_equal(np.argmax(out, axis=0), seg)
+    # rows beyond the ROI are fitted like any other cell: the generating T of the open bin (0.6)
+    full = LocalTemperatureScaler(edges_mm=EDGES, pool_voxels=200).fit(x, y, pred, dist)
+    assert np.all(full.counts_[:, -1] > 0) and full.table_[0, -1] == pytest.approx(0.6, rel=0.2)
+    # the rule travels with the record; a record written before it means "nearest"
+    assert _TableTemperature.from_record(m.to_record()).open_bin == "identity"
+    old = {k: v for k, v in m.to_record().items() if k != "open_bin"}
+    assert _TableTemperature.from_record(old).open_bin == "nearest"
+    with pytest.raises(InputError, match="open_bin"):
+        LocalTemperatureScaler(open_bin="zero")
 
 
 def test_record_round_trip_and_bad_records():
