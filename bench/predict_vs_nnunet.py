@@ -14,7 +14,7 @@ Without ``--model`` it builds a tiny random-weight nnU-Net model folder (Testing
 and predicts a real OpenKBP CT (``--ct``; default: the first OpenKBP training CT in
 ``$CALIBU_SHARED`` or ``../shared``), linked into a temporary input folder (never copied).
 
-    python bench/predict_vs_nnunet.py [--model DIR] [--ct FILE] [--folds 0 1 2] [--no-tta] [--device cpu] [--trace] [--tiny-folds N]
+    python bench/predict_vs_nnunet.py [--model DIR] [--ct FILE] [--folds 0 1 2] [--no-tta] [--device cpu] [--trace] [--tiny-folds N] [--gpu-memory]
 """
 
 from __future__ import annotations
@@ -55,6 +55,35 @@ def run_measured(cmd: list[str], env: dict, log_path: Path) -> dict:
             "rc": proc.returncode}
 
 
+class GpuMemorySampler:
+    """Peak of the device's used memory (MiB, ``nvidia-smi``, every 100 ms) while a command runs,
+    minus what was used before it started. For a machine with one GPU and nothing else on it."""
+
+    def __init__(self):
+        self.proc = None
+
+    @staticmethod
+    def used_mib() -> float:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, check=True).stdout
+        return max(float(v) for v in out.split())
+
+    def __enter__(self):
+        self.before = self.used_mib()
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                      "-lms", "100"], stdout=self.log, stderr=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait()
+        self.log.seek(0)
+        values = [float(v) for v in self.log.read().split() if v.replace(".", "", 1).isdigit()]
+        self.peak_mib = max(values, default=self.before) - self.before
+        return False
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="nnU-Net trained model folder (default: build a tiny one)")
@@ -64,9 +93,13 @@ def main(argv=None) -> int:
                     help="without --model: number of folds of the tiny random-weight model (default 3)")
     ap.add_argument("--checkpoint", default="checkpoint_final.pth")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
+    ap.add_argument("--tiny-classes", type=int, default=3, metavar="K",
+                    help="without --model: classes of the tiny random-weight model (default 3)")
     ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
+    ap.add_argument("--gpu-memory", action="store_true",
+                    help="also sample the GPU's used memory with nvidia-smi during each run (bench/gpu_check.sh)")
     ap.add_argument("--trace", action="store_true",
                     help="afterwards run predict once more with a per-stage memory trace (bench/_memory_trace.py; "
                          "Linux) and print it")
@@ -79,7 +112,8 @@ def main(argv=None) -> int:
             sys.path.insert(0, str(REPO / "Testing" / "Python"))
             from tiny_nnunet import build_tiny_model_folder
 
-            model = build_tiny_model_folder(work / "model", folds=tuple(range(args.tiny_folds)))
+            model = build_tiny_model_folder(work / "model", folds=tuple(range(args.tiny_folds)),
+                                            n_classes=min(args.tiny_classes, 6))
         else:
             model = args.model.resolve()
         plans = json.loads((model / "plans.json").read_text())
@@ -111,7 +145,12 @@ def main(argv=None) -> int:
 
         rows = {}
         for name, cmd in (("nnUNetv2_predict", theirs), ("calib-uncertainty predict", ours)):
-            r = run_measured(cmd, env, work / f"{name.split()[0]}.log")
+            if args.gpu_memory:
+                with GpuMemorySampler() as gpu:
+                    r = run_measured(cmd, env, work / f"{name.split()[0]}.log")
+                r["peak_gpu_mib"] = gpu.peak_mib
+            else:
+                r = run_measured(cmd, env, work / f"{name.split()[0]}.log")
             if r["rc"] != 0:
                 print((work / f"{name.split()[0]}.log").read_text()[-3000:], file=sys.stderr)
                 sys.exit(f"{name} failed with exit code {r['rc']}")
@@ -138,6 +177,11 @@ def main(argv=None) -> int:
         ratios = {"wall": a["wall_s"] / b["wall_s"], "cpu": a["cpu_s"] / b["cpu_s"],
                   "peak_rss": a["peak_rss_mib"] / b["peak_rss_mib"]}
         print(f"{'ratio predict / nnU-Net':28s} {ratios['wall']:8.2f} {ratios['cpu']:8.2f} {ratios['peak_rss']:13.2f}")
+        if args.gpu_memory:
+            for name, r in rows.items():
+                print(f"{name:28s} peak GPU memory used {r['peak_gpu_mib']:8.0f} MiB (nvidia-smi, above idle)")
+            ratios["peak_gpu"] = a["peak_gpu_mib"] / max(b["peak_gpu_mib"], 1.0)
+            print(f"{'ratio predict / nnU-Net':28s} peak GPU memory {ratios['peak_gpu']:.2f}")
         print("(wall time depends on the load of the machine; CPU seconds much less so)")
         if timings:
             print("predict's own timings (summary.json): "

@@ -8,12 +8,24 @@ log max(p, EPS) with EPS = 1e-12 (the project's constant; defined here too to av
 cycle with ``uncertainty.streaming``).
 
 Fitting minimises the mean negative log-likelihood NLL(T) = mean_i [logsumexp(x_i / T) − x_i,y_i / T]
-(computed with logsumexp, in float64, in row chunks) over ROI voxels of held-out calibration
-cases. NLL is convex in β = 1/T, hence unimodal in s = log T (a monotone reparametrisation);
-the fit is a bounded 1-D search on log T: a coarse grid over the bounds (default T in
-[0.05, 20]) and then ``scipy.optimize.minimize_scalar(method="bounded")`` between the grid
-neighbours of the best grid point. Never an unconstrained LBFGS on T. If the optimum sits on a
-bound a warning is logged (``at_bound_`` says which bound).
+over ROI voxels of held-out calibration cases, within bounds on T (default [0.05, 20]). Never an
+unconstrained LBFGS on T. If the optimum sits on a bound a warning is logged (``at_bound_`` says
+which bound).
+
+- Pool then calibrate: NLL is convex in β = 1/T. With d_i = x_i − max_c x_i,c (≤ 0, computed
+  once) and g_i = max_c x_i,c − x_i,y_i, NLL(β) = mean_i [β g_i + log Σ_c exp(β d_i,c)], whose
+  first and second derivatives are mean_i [g_i + E_β d_i] and mean_i Var_β d_i (mean and
+  variance of d_i under softmax(β x_i)). The fit is a safeguarded Newton iteration on β inside
+  the bounds (bisection whenever a step leaves the bracket of the sign change of the
+  derivative), about 5 passes over the data in float32 with float64 means (``_PooledNewton``),
+  to |Δβ| ≤ 1e-6 β. Before, the fit was the grid + bounded search below on this NLL in float64
+  (22 passes; 13.7 s for 5 million voxels with K = 6 on one core): both give the same T to
+  within that search's own tolerance (|Δ log T| ≤ 2e-4, Testing/Python/test_temperature.py), and
+  NLL(T) agrees to 1e-6.
+- Per member: the NLL of the pooled scaled members need not be convex in β; the fit is a bounded
+  1-D search on log T: a coarse grid over the bounds and then
+  ``scipy.optimize.minimize_scalar(method="bounded")`` between the grid neighbours of the best
+  grid point.
 
 T > 1 flattens (fixes an over-confident model), T < 1 sharpens (fixes an under-confident one).
 
@@ -151,6 +163,95 @@ def _nll_members(xm: np.ndarray, y: np.ndarray, T: float) -> float:
     return total / n
 
 
+class _PooledNewton:
+    """NLL(β) of pool-then-calibrate and its first two derivatives in β = 1/T (module doc).
+
+    Holds d = x − rowmax as float32 (N, K) and mean_i g_i; each ``eval(beta)`` is one pass over d
+    in row chunks (cache-sized temporaries), float32 arithmetic with float64 sums."""
+
+    CHUNK = 1 << 14
+
+    def __init__(self, x: np.ndarray, y: np.ndarray):
+        n, k = x.shape
+        self.n = n
+        self.chunks = []  # d transposed per row chunk: (K, rows) float32, sums over K run elementwise
+        g_sum = 0.0
+        for a in range(0, n, self.CHUNK):
+            xs = np.asarray(x[a:a + self.CHUNK], dtype=np.float32).T
+            d = xs - xs.max(axis=0)
+            g_sum -= float(d[y[a:a + self.CHUNK], np.arange(d.shape[1])].sum(dtype=np.float64))
+            self.chunks.append(np.ascontiguousarray(d))
+        self.g_mean = g_sum / n
+        self.n_evals = 0
+
+    def eval(self, beta: float):
+        """(NLL, dNLL/dβ, d²NLL/dβ²) at β."""
+        b = np.float32(beta)
+        log_s = mu = var = 0.0
+        self.n_evals += 1
+        for d in self.chunks:
+            e = d * b
+            np.exp(e, out=e)
+            s = e.sum(axis=0)
+            e *= d
+            m1 = e.sum(axis=0)
+            e *= d
+            m2 = e.sum(axis=0)
+            m1 /= s
+            m2 /= s
+            log_s += float(np.log(s).sum(dtype=np.float64))
+            mu += float(m1.sum(dtype=np.float64))
+            m1 *= m1
+            m2 -= m1
+            var += float(m2.sum(dtype=np.float64))
+        n = self.n
+        return beta * self.g_mean + log_s / n, self.g_mean + mu / n, max(var / n, 0.0)
+
+
+def _fit_pooled_newton(x: np.ndarray, y: np.ndarray, log_t_bounds, rtol: float = 1e-6, max_iter: int = 60):
+    """Minimise the pooled NLL over T in exp(log_t_bounds): (log T, NLL(T), NLL(1)).
+
+    Safeguarded Newton on β (module doc): the bracket [a, b] of β always holds the minimiser; a
+    Newton step that leaves it, or does not shrink it fast enough, is replaced by its geometric
+    midpoint. Stops when the step is below ``rtol`` β, or at a bound whose derivative points out."""
+    f = _PooledNewton(x, y)
+    lo_t, hi_t = (math.exp(v) for v in log_t_bounds)
+    beta_min, beta_max = 1.0 / hi_t, 1.0 / lo_t
+    a, b = beta_min, beta_max  # the minimiser lies in [a, b]
+    beta = min(max(1.0, a), b)
+    nll_one, best, tried = None, None, set()
+    for _ in range(max_iter):
+        val, g, h = f.eval(beta)
+        if beta == 1.0:
+            nll_one = val
+        if best is None or val < best[1]:
+            best = (beta, val)
+        if g > 0:
+            b = beta
+        else:
+            a = beta
+        if g == 0 or b - a <= rtol * beta:
+            break  # converged, or at a bound whose derivative points out of the range
+        step = beta - g / h if h > 0 else math.nan
+        if not (a < step < b):
+            bound = beta_max if not step < b else beta_min if not step > a else None
+            if bound is not None and bound in (a, b) and bound not in tried:
+                step = bound  # try the bound itself once (optimum at or beyond it)
+                tried.add(bound)
+            else:
+                step = math.sqrt(a * b)
+        if abs(step - beta) <= rtol * beta:
+            val2 = f.eval(step)[0]
+            if val2 < best[1]:
+                best = (step, val2)
+            break
+        beta = step
+    if nll_one is None:
+        nll_one = f.eval(1.0)[0]
+    log.debug("pooled temperature fit: %d passes over the data", f.n_evals)
+    return -math.log(best[0]), best[1], nll_one
+
+
 # --- the scaler ------------------------------------------------------------------------------
 
 class TemperatureScaler:
@@ -181,27 +282,20 @@ class TemperatureScaler:
 
     # sklearn-like API
     def fit(self, x, labels) -> "TemperatureScaler":
+        lo, hi = self.log_t_bounds
         if self.ensemble_mode == "per_member":
             data, y = _check_members(x, labels)
-            nll = lambda T: _nll_members(data, y, T)  # noqa: E731
             self.n_members_ = data.shape[0]
+            s, best, nll_one = self._grid_search(lambda T: _nll_members(data, y, T))
         else:
             data, y = _check_pooled(x, labels)
-            nll = lambda T: _nll_pooled(data, y, T)  # noqa: E731
             self.n_members_ = None
-
-        lo, hi = self.log_t_bounds
-        f = lambda s: nll(math.exp(s))  # noqa: E731
-        grid = np.linspace(lo, hi, self.n_grid)
-        values = np.array([f(s) for s in grid])
-        i = int(np.argmin(values))
-        a, b = grid[max(i - 1, 0)], grid[min(i + 1, self.n_grid - 1)]
-        res = minimize_scalar(f, bounds=(a, b), method="bounded", options={"xatol": self.xatol})
-        s, best = (float(res.x), float(res.fun)) if res.fun <= values[i] else (float(grid[i]), float(values[i]))
+            s, best, nll_one = _fit_pooled_newton(data, y, self.log_t_bounds)
+            s = min(max(s, lo), hi)
 
         self.log_temperature_ = s
         self.temperature_ = math.exp(s)
-        self.nll_before_ = nll(1.0)
+        self.nll_before_ = nll_one
         self.nll_after_ = best
         self.n_samples_ = int(y.size)
         self.n_classes_ = int(data.shape[-1])
@@ -215,6 +309,18 @@ class TemperatureScaler:
         log.info("temperature scaling (%s): T = %.4f, NLL %.5f -> %.5f on %d voxels",
                  self.ensemble_mode, self.temperature_, self.nll_before_, self.nll_after_, self.n_samples_)
         return self
+
+    def _grid_search(self, nll):
+        """Bounded search on log T (module doc): (log T, NLL(T), NLL(1))."""
+        lo, hi = self.log_t_bounds
+        f = lambda s: nll(math.exp(s))  # noqa: E731
+        grid = np.linspace(lo, hi, self.n_grid)
+        values = np.array([f(s) for s in grid])
+        i = int(np.argmin(values))
+        a, b = grid[max(i - 1, 0)], grid[min(i + 1, self.n_grid - 1)]
+        res = minimize_scalar(f, bounds=(a, b), method="bounded", options={"xatol": self.xatol})
+        s, best = (float(res.x), float(res.fun)) if res.fun <= values[i] else (float(grid[i]), float(values[i]))
+        return s, best, nll(1.0)
 
     def transform(self, x) -> np.ndarray:
         T = self._fitted_t()

@@ -21,7 +21,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from .common import add_apply_calibration_options, add_executor_options, add_map_options, add_output_option, say
+from .common import probability_classes, add_apply_calibration_options, add_executor_options, add_map_options, add_output_option, say
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,8 @@ def run(args) -> int:
                            step_size=args.step_size)
     opts = CaseOptions(ensemble_mode=args.ensemble_mode, regions_map=args.regions_map,
                        dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm,
-                       min_region_mm3=args.min_region_mm3)
+                       min_region_mm3=args.min_region_mm3,
+                       probability_classes=probability_classes(args.probabilities))
     job = make_predict_job(model, members, popts, cal, opts, args.output, identities)
     say(f"{len(cases)} case(s), {len(members)} member(s) ({args.ensemble}: {', '.join(names)}), "
         f"TTA {'on' if args.tta else 'off'}, executor {executor.kind}")

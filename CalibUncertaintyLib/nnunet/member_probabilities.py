@@ -10,7 +10,9 @@ box with background probability 1 outside it, axes transposed back to the image'
 a time (nnU-Net's resampling treats channels independently, so the values are equal, but only
 one channel is ever converted to float64), and the softmax, crop re-insertion and transposition
 run for one z slab of the output at a time, when a slab is asked for. The accumulator
-(``uncertainty.streaming.EnsembleAccumulator.add``) reads members slab by slab, so a member's
+(``uncertainty.streaming.EnsembleAccumulator.add``) reads members slab by slab (once: a member
+whose logits are finite is a softmax by construction and ``valid_probabilities`` lets the
+accumulator skip its validation pass), so a member's
 full float32 probability volume never exists in ``predict``: only its logits (float16, half that
 size, and already there). ``to_array()`` gives the whole volume for callers that keep members.
 
@@ -71,6 +73,10 @@ class MemberProbabilities:
         elif not isinstance(logits, torch.Tensor):
             logits = torch.from_numpy(np.asarray(logits))
         self._logits = logits
+        # softmax of finite logits is a valid probability vector by construction, so the
+        # accumulator may skip its validation pass (``EnsembleAccumulator.add``); non-finite
+        # logits (a diverged network) are left to that validation and its error message
+        self.valid_probabilities = bool(torch.isfinite(logits).all())
         self.n_classes = int(logits.shape[0])
         self.shape = (self.n_classes,) + tuple(int(s) for s in shape_zyx)
         self._forward = [int(i) for i in plans_manager.transpose_forward]

@@ -77,6 +77,7 @@ class _ScaledSlabs:
     def __init__(self, source, calibration):
         self.source, self.calibration = source, calibration
         self.shape, self.dtype = source.shape, np.dtype(np.float32)
+        self.valid_probabilities = getattr(source, "valid_probabilities", False)
 
     def slab(self, sl: slice) -> np.ndarray:
         return np.asarray(self.calibration.transform_probs(self.source.slab(sl)), dtype=np.float32)
@@ -107,6 +108,49 @@ def calibrated_probs(acc, calibration, ensemble_mode: str) -> np.ndarray:
     if calibration.method == "temperature":
         return calibrated_mean_probs(acc, float(calibration.temperature))
     return np.asarray(calibration.transform_probs(acc.mean_probs()), dtype=np.float32)
+
+
+class CalibratedSlabs:
+    """The calibrated ensemble probability of ``calibrated_probs``, computed one z slab at a time
+    (``slab(sl) -> (K, dz, y, x)`` float32) from the accumulator's sums: the whole (K, z, y, x)
+    volume is never held. Temperature and vector scaling act on each voxel alone, so the slabs
+    are the volume's values."""
+
+    ndim = 4
+
+    def __init__(self, acc, calibration, ensemble_mode: str):
+        from ..uncertainty.maps import _check_temperature
+
+        acc.require_members("calibrated probabilities")
+        self.acc, self.calibration = acc, calibration
+        self.shape = (acc.n_classes,) + tuple(acc.shape_zyx)
+        self.dtype = np.dtype(np.float32)
+        self._kind = ("mean" if calibration is None or ensemble_mode == "per_member"
+                      else "temperature" if calibration.method == "temperature" else "transform")
+        self._t = _check_temperature(calibration.temperature) if self._kind == "temperature" else None
+
+    def slab(self, sl: slice) -> np.ndarray:
+        from ..uncertainty.maps import _temperature_slab
+
+        pbar = self.acc.sum_probs[:, sl] * np.float32(1.0 / self.acc.n_members)
+        if self._kind == "mean" or (self._kind == "temperature" and self._t is None):
+            return pbar
+        if self._kind == "temperature":
+            return _temperature_slab(pbar, self._t)
+        return np.asarray(self.calibration.transform_probs(pbar), dtype=np.float32)
+
+    def to_array(self) -> np.ndarray:
+        from .. import memory
+
+        out = memory.empty(self.shape, np.float32)
+        for sl in self.acc.slabs():
+            out[:, sl] = self.slab(sl)
+        return out
+
+
+def calibrated_slabs(acc, calibration, ensemble_mode: str) -> CalibratedSlabs:
+    """``calibrated_probs`` as a ``CalibratedSlabs`` (computed per z slab on demand)."""
+    return CalibratedSlabs(acc, calibration, ensemble_mode)
 
 
 def maps_need_probs(calibration, ensemble_mode: str) -> bool:

@@ -171,3 +171,54 @@ def test_collect_calibration_samples_rejects_bad_cases():
         collect_calibration_samples([(p, lab, np.zeros_like(roi))])
     with pytest.raises(InputError, match="classes, earlier cases had"):
         collect_calibration_samples([(p, lab, roi), (p[:2] / p[:2].sum(0), np.minimum(lab, 1), roi)])
+
+
+# --- the pooled fit is a safeguarded Newton iteration on β = 1/T (calibration/temperature.py) ---
+
+def _pooled_case(n, k, scale, seed, shift=3.0):
+    from CalibUncertaintyLib.calibration.temperature import log_softmax
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    z = rng.standard_normal((n, k)) * 2.0
+    z[np.arange(n), y] += shift
+    return log_softmax(z * scale, axis=1).astype(np.float32), y
+
+
+@pytest.mark.parametrize("scale,k,seed", [(2.0, 6, 0), (0.4, 6, 1), (1.0, 2, 2), (3.5, 14, 3), (60.0, 3, 4),
+                                          (0.01, 4, 5)])
+def test_newton_fit_matches_the_bounded_search(scale, k, seed):
+    """Same T as the former grid + bounded search on the float64 NLL (to that search's own
+    tolerance), same NLL, including optima on a bound (scale 60: T at the upper bound 20 is not
+    enough; scale 0.01: the lower bound)."""
+    import math
+
+    from CalibUncertaintyLib.calibration.temperature import TemperatureScaler, _nll_pooled
+
+    x, y = _pooled_case(20_000, k, scale, seed)
+    new = TemperatureScaler().fit(x, y)
+    ref = TemperatureScaler()
+    s_ref, nll_ref, nll_one = ref._grid_search(lambda T: _nll_pooled(x, y, T))
+    assert abs(new.log_temperature_ - s_ref) <= 2e-4, (new.temperature_, math.exp(s_ref))
+    assert abs(new.nll_after_ - nll_ref) <= 1e-6 * max(1.0, abs(nll_ref))
+    assert new.nll_after_ <= nll_ref + 1e-6
+    assert abs(new.nll_before_ - nll_one) <= 1e-6 * max(1.0, abs(nll_one))
+    assert abs(new.nll_after_ - _nll_pooled(x, y, new.temperature_)) <= 1e-6
+
+
+def test_newton_fit_few_passes_and_bounds(caplog):
+    """A handful of passes over the data (the former search took 22); a bound is reported."""
+    from CalibUncertaintyLib.calibration import temperature as tm
+
+    x, y = _pooled_case(50_000, 6, 2.0, 7)
+    f = tm._PooledNewton(x, y)
+    orig = tm._PooledNewton
+    try:
+        tm._PooledNewton = lambda *a: f
+        s = tm.TemperatureScaler().fit(x, y)
+    finally:
+        tm._PooledNewton = orig
+    assert 1.5 < s.temperature_ < 4 and s.at_bound_ is None
+    assert f.n_evals <= 10, f.n_evals
+    hi = tm.TemperatureScaler(log_t_bounds=(np.log(0.5), np.log(1.2))).fit(x, y)
+    assert hi.at_bound_ == "upper" and abs(hi.temperature_ - 1.2) < 1e-5
