@@ -89,7 +89,8 @@ class MemberProbabilities:
         # softmax of finite logits is a valid probability vector by construction, so the
         # accumulator may skip its validation pass (``EnsembleAccumulator.add``); non-finite
         # logits (a diverged network) are left to that validation and its error message
-        self.valid_probabilities = bool(torch.isfinite(logits).all())
+        # (checked one channel at a time: on float16 CPU tensors the check makes a float32 copy)
+        self.valid_probabilities = all(bool(torch.isfinite(logits[c]).all()) for c in range(logits.shape[0]))
         self.n_classes = int(logits.shape[0])
         self.shape = (self.n_classes,) + tuple(int(s) for s in shape_zyx)
         self._forward = [int(i) for i in plans_manager.transpose_forward]

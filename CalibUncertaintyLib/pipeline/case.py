@@ -260,9 +260,10 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
                      "and ROI statistics are undefined")
     timings["calibrate_s"] = time.perf_counter() - t - write_s
 
+    pending = []  # files compressed in a writer thread while the next map is computed
     try:
         t = time.perf_counter()
-        write_image(partial / "seg.nii.gz", seg, geometry)
+        pending.append(_pool().submit(write_image, partial / "seg.nii.gz", seg, geometry))
         if not maps_need_probs(calibration, mode):
             probs = None
         write_early_s = time.perf_counter() - t + write_s
@@ -283,14 +284,19 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
             entry = threshold_entry(name, calibrated_thresholds)
             thresholds[name] = map_threshold_info(name, entry, threshold_for_case(entry, values, roi))
             map_stats[name] = _stats(values, roi)
-            tw = time.perf_counter()  # written before the next map is computed: one map held at a time
-            write_image(partial / f"map_{name}.nii.gz", values.astype(np.float32, copy=False), geometry)
+            tw = time.perf_counter()  # the previous map's file is done: at most one map waits for its writer
+            _wait(pending)
+            pending.append(_pool().submit(write_image, partial / f"map_{name}.nii.gz",
+                                          values.astype(np.float32, copy=False), geometry))
             write_maps_s += time.perf_counter() - tw
             if name == rmap:
                 rmap_values = values
             del values
             emit_progress("maps", 0.7 + 0.15 * (i + 1) / n_maps, case=case_id, n_maps=n_maps, message=name)
         probs = None
+        tw = time.perf_counter()
+        _wait(pending)
+        write_maps_s += time.perf_counter() - tw
         files += [f"map_{name}.nii.gz" for name in names]
         thresholds = {name: thresholds[name] for name in names}
         timings["maps_s"] = time.perf_counter() - t - write_maps_s
@@ -351,11 +357,19 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
         write_json(partial / "summary.json", summary)
         _replace_dir(partial, final)
     except BaseException:
+        for f in pending:  # no writer may still be writing into the folder removed below
+            f.exception()
         shutil.rmtree(partial, ignore_errors=True)
         raise
     emit_progress("done", 1.0, case=case_id)
     log.info("case %s written to %s (%.1f s)", case_id, final, timings["total_s"])
     return summary
+
+
+def _wait(pending: list) -> None:
+    """Wait for every submitted write (re-raising its error) and empty the list."""
+    while pending:
+        pending.pop(0).result()
 
 
 _POOL = None

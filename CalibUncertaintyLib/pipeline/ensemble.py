@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from .. import memory
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def accumulate(members: Iterable[np.ndarray], calibration=None, ensemble_mode: s
                      else calibration.transform_probs(probs))
         acc.add(probs, name=name)
         del probs
+        memory.release_heap()  # the member's slab temporaries, before the next member is made
         if on_member is not None:
             on_member(i, name)
     if acc is None:
