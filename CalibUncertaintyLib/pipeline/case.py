@@ -210,7 +210,7 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
     probs = calibrated_slabs(acc, calibration, mode, geometry.spacing_zyx, seg)
     if partial.exists():  # left by a run that was killed
         shutil.rmtree(partial)
-    writers, margins_w = {}, None
+    writers, margins_w, jobs = {}, None, []
     try:
         partial.mkdir(parents=True)
         if seg is None:
@@ -229,25 +229,29 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
         margins_w = MarginsWriter(partial, calibration, class_names, geometry, stems)
         write_s = 0.0
         if writers or margins_w.classes or not invariant:
+            # slab i is compressed in the writer threads while slab i + 1 is computed (each file
+            # still gets its slabs in order: a slab's writes are submitted after the last ones ended)
             for sl in acc.slabs():
                 p = probs.slab(sl)
                 if not invariant:
                     seg[sl] = np.argmax(p, axis=0)
                 tw = time.perf_counter()
-                jobs = [_pool().submit(writers[c].write, p[c]) for c in writers]
+                _wait(jobs)
+                jobs += [_pool().submit(writers[c].write, p[c]) for c in writers]
                 if margins_w.classes:
                     jobs.append(_pool().submit(margins_w.write, p, seg[sl]))
-                for j in jobs:
-                    j.result()
                 write_s += time.perf_counter() - tw
                 del p
         tw = time.perf_counter()
+        _wait(jobs)
         for c in list(writers):
             writers.pop(c).close()
         margins = margins_w.close()
         files += [m["file"] for m in (margins or {"classes": {}})["classes"].values()]
         write_s += time.perf_counter() - tw
     except BaseException:
+        for j in jobs:  # no writer thread may still be writing a file aborted below
+            j.exception()
         for w in writers.values():
             w.abort()
         if margins_w is not None:
@@ -367,9 +371,13 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
 
 
 def _wait(pending: list) -> None:
-    """Wait for every submitted write (re-raising its error) and empty the list."""
+    """Wait for every submitted write and empty the list; the first error is raised once all ended."""
+    error = None
     while pending:
-        pending.pop(0).result()
+        e = pending.pop(0).exception()
+        error = error or e
+    if error is not None:
+        raise error
 
 
 _POOL = None
