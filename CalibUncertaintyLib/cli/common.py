@@ -332,6 +332,25 @@ def add_map_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--min-region-mm3", type=nonnegative_mm, default=10.0, metavar="MM3",
                    help="drop error regions smaller than this volume in cubic millimetres "
                         "(default 10 mm³)")
+    g.add_argument("--probabilities", nargs="+", default=["all"], metavar="CLASS",
+                   help="which foreground classes get a calibrated probability file "
+                        "prob_<Class>.nii.gz: 'all' (default), 'none', or class names / label "
+                        "numbers (e.g. --probabilities Liver 3); the segmentation and the maps do "
+                        "not depend on it (a 25-class model writes 24 probability volumes by default)")
+
+
+def probability_classes(values) -> tuple[str, ...] | None:
+    """``--probabilities`` -> ``CaseOptions.probability_classes``: None for all, () for none."""
+    from ..errors import InputError
+
+    values = list(values or ["all"])
+    if values == ["all"]:
+        return None
+    if values == ["none"]:
+        return ()
+    if "all" in values or "none" in values:
+        raise InputError("--probabilities: give 'all', 'none' or class names, not a mix")
+    return tuple(values)
 
 
 def add_executor_options(parser: argparse.ArgumentParser) -> None:

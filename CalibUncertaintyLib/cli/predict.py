@@ -22,7 +22,7 @@ import logging
 from pathlib import Path
 
 from .common import (ENSEMBLE_HELP, PASSES_HELP, add_apply_calibration_options, add_executor_options, add_map_options,
-                     add_output_option, positive_int, say)
+                     add_output_option, positive_int, probability_classes, say)
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,8 @@ def run(args) -> int:
                            step_size=args.step_size, passes=args.passes)
     opts = CaseOptions(ensemble_mode=args.ensemble_mode, regions_map=args.regions_map,
                        dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm,
-                       min_region_mm3=args.min_region_mm3)
+                       min_region_mm3=args.min_region_mm3,
+                       probability_classes=probability_classes(args.probabilities))
     job = make_predict_job(model, members, popts, cal, opts, args.output)
     say(f"{len(cases)} case(s), {len(members)} member(s) ({args.ensemble}: {', '.join(names)}), "
         f"TTA {'on' if args.tta else 'off'}, executor {executor.kind}")

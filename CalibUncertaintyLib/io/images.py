@@ -249,10 +249,24 @@ def to_sitk(array: np.ndarray, geometry: Geometry):
 
 
 def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, compress: bool = True) -> Path:
-    """Write atomically (temporary name, then rename). float64 is stored as float32, bool as uint8."""
+    """Write atomically (temporary name, then rename). float64 is stored as float32, bool as uint8.
+
+    ``.nii.gz`` files of float32 / (u)int8-32 voxels go through ``io.nifti_stream`` (the header
+    ITK writes, then fast deflate in slabs: ISA-L when installed); other formats through SimpleITK."""
     import SimpleITK as sitk
 
-    img = to_sitk(array, geometry)
+    from . import nifti_stream
+
+    arr = np.asarray(array)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    elif arr.dtype == np.float64:
+        arr = arr.astype(np.float32)
+    if compress and nifti_stream.supported(path, arr.dtype):
+        if tuple(arr.shape) != geometry.shape_zyx:
+            raise InputError(f"array shape {arr.shape} does not match geometry shape {geometry.shape_zyx}")
+        return nifti_stream.write_volume(path, arr, geometry)
+    img = to_sitk(arr, geometry)
     with atomic_path(path) as tmp:
         sitk.WriteImage(img, str(tmp), useCompression=compress)
     return Path(path)

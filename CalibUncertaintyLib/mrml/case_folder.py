@@ -162,7 +162,8 @@ def read_case_folder(case_dir, probabilities: bool = True) -> CaseData:
     class's volume is, to be read when it is shown (:func:`read_probability`).
 
     Raises InputError listing every missing file (the required ones, a ``prob_<Class>`` per class
-    named in class_names, at least one ``map_*``), and GeometryMismatchError when an image is not
+    named in class_names — or, when summary.json has ``probability_classes`` (the classes
+    ``--probabilities`` wrote), per class listed there — at least one ``map_*``), and GeometryMismatchError when an image is not
     on the segmentation's voxel grid.
     """
     case_dir = Path(case_dir)
@@ -175,10 +176,13 @@ def read_case_folder(case_dir, probabilities: bool = True) -> CaseData:
 
     prob_files = {p.name[len("prob_"):-len(".nii.gz")]: p for p in sorted(case_dir.glob("prob_*.nii.gz"))}
     map_files = {p.name[len("map_"):-len(".nii.gz")]: p for p in sorted(case_dir.glob("map_*.nii.gz"))}
+    written = summary.get("probability_classes")  # pipeline/case.py: the classes given a prob file
     if class_names is not None:
         expected = prob_file_stems(class_names)
+        if isinstance(written, list):
+            expected = {lab: stem for lab, stem in expected.items() if class_names[lab] in written}
         missing += [f"prob_{stem}.nii.gz" for stem in expected.values() if stem not in prob_files]
-    elif not prob_files:
+    elif not prob_files and not isinstance(written, list):
         missing.append("prob_<Class>.nii.gz (one per foreground class)")
     if not map_files:
         missing.append("map_<name>.nii.gz (at least one uncertainty map)")

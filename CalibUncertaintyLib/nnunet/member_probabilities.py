@@ -6,11 +6,16 @@ nnU-Net's export (``convert_predicted_logits_to_segmentation_with_correct_shape`
 ``resampling_fn_probabilities``, the label manager's softmax, the result put back into the crop
 box with background probability 1 outside it, axes transposed back to the image's order.
 
-``MemberProbabilities`` does the same with less memory: the resampling runs one class channel at
-a time (nnU-Net's resampling treats channels independently, so the values are equal, but only
-one channel is ever converted to float64), and the softmax, crop re-insertion and transposition
-run for one z slab of the output at a time, when a slab is asked for. The accumulator
-(``uncertainty.streaming.EnsembleAccumulator.add``) reads members slab by slab, so a member's
+``MemberProbabilities`` does the same with less memory: the logits stay on the network grid and
+are resampled one output z slab at a time when the slab is read (``slab_resampling``: nnU-Net's
+interpolation reproduced per slab, bit for bit in the separate-z case, to float64 rounding in
+the trilinear one), and the softmax, crop re-insertion and transposition run on that slab. Where
+``slab_resampling`` cannot reproduce the configuration's resampling (cubic without separate z, a
+custom function), every class channel is resampled as a whole by nnU-Net's function, one channel
+at a time (channels are independent, so the values are equal; only one channel is ever float64). The accumulator
+(``uncertainty.streaming.EnsembleAccumulator.add``) reads members slab by slab (once: a member
+whose logits are finite is a softmax by construction and ``valid_probabilities`` lets the
+accumulator skip its validation pass), so a member's
 full float32 probability volume never exists in ``predict``: only its logits (float16, half that
 size, and already there). ``to_array()`` gives the whole volume for callers that keep members.
 
@@ -61,7 +66,16 @@ class MemberProbabilities:
         spacing_t = [properties["spacing"][i] for i in plans_manager.transpose_forward]
         cm = configuration_manager
         current = cm.spacing if len(cm.spacing) == len(shape_crop) else [spacing_t[0], *cm.spacing]
+        self._resampler = None
         if tuple(logits.shape[1:]) != shape_crop:
+            from .slab_resampling import SlabResampler
+
+            self._resampler = SlabResampler.create(cm.resampling_fn_probabilities, tuple(logits.shape[1:]),
+                                                   shape_crop, current, spacing_t,
+                                                   axis=int(plans_manager.transpose_backward[0]))
+        if self._resampler is not None:  # resampled one slab at a time, when the slab is read
+            logits = logits.cpu() if isinstance(logits, torch.Tensor) else torch.from_numpy(np.asarray(logits))
+        elif tuple(logits.shape[1:]) != shape_crop:
             src = logits.numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
             del logits
             resampled = memory.empty((src.shape[0],) + shape_crop, src.dtype)
@@ -72,6 +86,11 @@ class MemberProbabilities:
         elif not isinstance(logits, torch.Tensor):
             logits = torch.from_numpy(np.asarray(logits))
         self._logits = logits
+        # softmax of finite logits is a valid probability vector by construction, so the
+        # accumulator may skip its validation pass (``EnsembleAccumulator.add``); non-finite
+        # logits (a diverged network) are left to that validation and its error message
+        # (checked one channel at a time: on float16 CPU tensors the check makes a float32 copy)
+        self.valid_probabilities = all(bool(torch.isfinite(logits[c]).all()) for c in range(logits.shape[0]))
         self.n_classes = int(logits.shape[0])
         self.shape = (self.n_classes,) + tuple(int(s) for s in shape_zyx)
         self._forward = [int(i) for i in plans_manager.transpose_forward]
@@ -101,8 +120,14 @@ class MemberProbabilities:
                 source[ax + 1] = slice(lo - a, hi - a)
             else:
                 index[ax + 1] = slice(a, b)
+        if self._resampler is not None:
+            src = source[axis + 1]
+            block = self._torch.from_numpy(self._resampler.block(self._logits.numpy(), src.start, src.stop))
+            source[axis + 1] = slice(None)
+        else:
+            block = self._logits
         with self._torch.inference_mode():
-            probs = self._nonlin(self._logits[tuple(source)].float())
+            probs = self._nonlin(block[tuple(source)].float())
             view[tuple(index)] = probs.numpy()
         return out
 

@@ -37,10 +37,12 @@ import numpy as np
 from ..errors import InputError
 from ..io.atomic import write_json
 from ..io.geometry import Geometry
+from .. import memory
 from ..io.images import write_image
+from ..io.nifti_stream import NiftiStreamWriter
 from ..progress import emit_progress
-from .margins import write_margins
-from .ensemble import accumulate, calibrated_probs, iter_case_maps, maps_need_probs, resolve_mode
+from .margins import MarginsWriter
+from .ensemble import accumulate, calibrated_slabs, iter_case_maps, maps_need_probs, mean_argmax, resolve_mode
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,9 @@ class CaseOptions:
     ``ensemble_mode`` None = the calibration file's mode (else pool_then_calibrate).
     ``roi_radius_mm`` None = the calibration file's radius (else 15 mm).
     ``map_names`` None = every map of MAP_NAMES.
+    ``probability_classes`` which foreground classes get a ``prob_<Class>.nii.gz`` (class names
+    or label numbers as strings): None = all (the default), () = none; the segmentation and the
+    maps do not depend on it.
     """
 
     ensemble_mode: str | None = None
@@ -61,6 +66,7 @@ class CaseOptions:
     min_region_mm3: float = 10.0
     roi_radius_mm: float | None = None
     map_names: tuple[str, ...] | None = None
+    probability_classes: tuple[str, ...] | None = None  # None: every foreground class; (): none
     n_members: int | None = None  # for progress fractions when ``members`` has no len()
     member_names: list[str] | None = None
     extra_summary: dict = field(default_factory=dict)
@@ -72,11 +78,22 @@ def safe_name(name: str) -> str:
     return out or "class"
 
 
+def _quantile_inplace(vals: np.ndarray, q: float) -> float:
+    """``np.quantile(vals, q)`` (linear interpolation) by partitioning ``vals`` in place: no
+    sorted float64 copy of a volume-sized array."""
+    pos = q * (vals.size - 1)
+    lo = int(np.floor(pos))
+    hi = min(lo + 1, vals.size - 1)
+    vals.partition([lo, hi] if hi != lo else lo)
+    a, b = float(vals[lo]), float(vals[hi])
+    return a + (b - a) * (pos - lo)
+
+
 def _stats(a: np.ndarray, roi: np.ndarray) -> dict:
-    vals = a[roi] if roi.any() else np.zeros(0, a.dtype)
-    return {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean()),
-            "mean_roi": float(vals.mean()) if vals.size else None,
-            "p95_roi": float(np.quantile(vals, 0.95)) if vals.size else None}
+    vals = a[roi] if roi.any() else np.zeros(0, a.dtype)  # a copy of the ROI voxels
+    mean_roi = float(vals.mean(dtype=np.float64)) if vals.size else None
+    return {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean(dtype=np.float64)),
+            "mean_roi": mean_roi, "p95_roi": _quantile_inplace(vals, 0.95) if vals.size else None}
 
 
 def map_threshold_info(name: str, entry: dict, tau_score: float) -> dict:
@@ -129,7 +146,7 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
     from ..calibration.roi import describe_roi, roi_mask
     from ..calibration.thresholds import threshold_entry, threshold_for_case, uncertainty_score
     from ..regions.components import find_regions, regions_to_dict
-    from ..uncertainty.maps import MAP_NAMES, segmentation
+    from ..uncertainty.maps import MAP_NAMES
 
     opts = options or CaseOptions()
     if not case_id or case_id in (".", "..") or "/" in case_id or "\\" in case_id or case_id.startswith("."):
@@ -180,26 +197,27 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
                      "foreground variance carry no ensemble information")
     timings["accumulate_s"] = time.perf_counter() - t0
 
+    prob_labels = _probability_labels(opts.probability_classes, class_names, case_id)
     t = time.perf_counter()
     emit_progress("calibrate", 0.62, case=case_id)
-    probs = calibrated_probs(acc, calibration, mode, geometry.spacing_zyx)
-    seg = segmentation(probs)
-    roi = roi_mask(seg, geometry.spacing_zyx, radius, rule="prediction", allow_empty=True)
-    if not roi.any():
-        notes.append("the prediction has no foreground: the ROI is empty, so no region is flagged "
-                     "and ROI statistics are undefined")
-    timings["calibrate_s"] = time.perf_counter() - t
-
-    # The segmentation and the calibrated probabilities are written first, so that the
-    # probability volume is freed before the maps are computed (lower peak memory); the folder
-    # is still only renamed into place once complete.
+    # The calibrated probability is never held as a (K, z, y, x) volume. Every calibration but
+    # vector scaling keeps the argmax, so the segmentation is argmax p̄ (one slab pass over the
+    # sums) and the per-class / local temperature reads its T(x) from it; then one pass over z
+    # slabs computes each calibrated slab and streams the requested class channels into their
+    # prob_<Class>.nii.gz files and the organ margins into margins_<Class>.nii.gz
+    # (io.nifti_stream), compressed in parallel threads. Vector scaling takes the segmentation
+    # from the calibrated slabs in that same pass.
+    invariant = calibration is None or mode == "per_member" or calibration.method != "vector"
+    seg = mean_argmax(acc) if invariant else None
+    probs = calibrated_slabs(acc, calibration, mode, geometry.spacing_zyx, seg)
     if partial.exists():  # left by a run that was killed
         shutil.rmtree(partial)
+    writers, margins_w, jobs = {}, None, []
     try:
         partial.mkdir(parents=True)
-        t = time.perf_counter()
+        if seg is None:
+            seg = memory.empty(geometry.shape_zyx, np.uint8 if k <= 256 else np.uint16)
         files = ["seg.nii.gz"]
-        write_image(partial / "seg.nii.gz", seg.astype(np.uint8, copy=False), geometry)
         used, stems = set(), {}
         for c in range(1, k):
             fname = f"prob_{safe_name(class_names[c])}.nii.gz"
@@ -207,13 +225,54 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
                 fname = f"prob_{safe_name(class_names[c])}_{c}.nii.gz"
             used.add(fname)
             stems[c] = fname[len("prob_"):]
-            write_image(partial / fname, probs[c].astype(np.float32, copy=False), geometry)
-            files.append(fname)
-        margins = write_margins(partial, probs, seg, calibration, class_names, geometry, stems)
+            if c in prob_labels:
+                writers[c] = NiftiStreamWriter(partial / fname, geometry, np.float32)
+                files.append(fname)
+        margins_w = MarginsWriter(partial, calibration, class_names, geometry, stems)
+        write_s = 0.0
+        if writers or margins_w.classes or not invariant:
+            # slab i is compressed in the writer threads while slab i + 1 is computed (each file
+            # still gets its slabs in order: a slab's writes are submitted after the last ones ended)
+            for sl in acc.slabs():
+                p = probs.slab(sl)
+                if not invariant:
+                    seg[sl] = np.argmax(p, axis=0)
+                tw = time.perf_counter()
+                _wait(jobs)
+                jobs += [_pool().submit(writers[c].write, p[c]) for c in writers]
+                if margins_w.classes:
+                    jobs.append(_pool().submit(margins_w.write, p, seg[sl]))
+                write_s += time.perf_counter() - tw
+                del p
+        tw = time.perf_counter()
+        _wait(jobs)
+        for c in list(writers):
+            writers.pop(c).close()
+        margins = margins_w.close()
         files += [m["file"] for m in (margins or {"classes": {}})["classes"].values()]
+        write_s += time.perf_counter() - tw
+    except BaseException:
+        for j in jobs:  # no writer thread may still be writing a file aborted below
+            j.exception()
+        for w in writers.values():
+            w.abort()
+        if margins_w is not None:
+            margins_w.abort()
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    roi = roi_mask(seg, geometry.spacing_zyx, radius, rule="prediction", allow_empty=True)
+    if not roi.any():
+        notes.append("the prediction has no foreground: the ROI is empty, so no region is flagged "
+                     "and ROI statistics are undefined")
+    timings["calibrate_s"] = time.perf_counter() - t - write_s
+
+    pending = []  # files compressed in a writer thread while the next map is computed
+    try:
+        t = time.perf_counter()
+        pending.append(_pool().submit(write_image, partial / "seg.nii.gz", seg, geometry))
         if not maps_need_probs(calibration, mode):
             probs = None
-        write_early_s = time.perf_counter() - t
+        write_early_s = time.perf_counter() - t + write_s
 
         # Each map is written (and its threshold and statistics taken) as soon as it is computed,
         # then dropped; only the regions map is kept, for the connected components below.
@@ -233,14 +292,19 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
             thresholds[name] = map_threshold_info(name, entry, threshold_for_case(entry, values, roi))
             map_stats[name] = _stats(values, roi)
             atyp.add(name, values)
-            tw = time.perf_counter()
-            write_image(partial / f"map_{name}.nii.gz", values.astype(np.float32, copy=False), geometry)
+            tw = time.perf_counter()  # the previous map's file is done: at most one map waits for its writer
+            _wait(pending)
+            pending.append(_pool().submit(write_image, partial / f"map_{name}.nii.gz",
+                                          values.astype(np.float32, copy=False), geometry))
             write_maps_s += time.perf_counter() - tw
             if name == rmap:
                 rmap_values = values
             del values
             emit_progress("maps", 0.7 + 0.15 * (i + 1) / n_maps, case=case_id, n_maps=n_maps, message=name)
         probs = None
+        tw = time.perf_counter()
+        _wait(pending)
+        write_maps_s += time.perf_counter() - tw
         files += [f"map_{name}.nii.gz" for name in names]
         thresholds = {name: thresholds[name] for name in names}
         timings["maps_s"] = time.perf_counter() - t - write_maps_s
@@ -299,12 +363,15 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
             "options": {kk: v for kk, v in asdict(opts).items() if kk not in ("member_names", "extra_summary")},
             "timings_s": {kk: round(v, 4) for kk, v in timings.items()},
             "files": files,
+            "probability_classes": [class_names[c] for c in sorted(prob_labels)],
             "notes": notes,
             **opts.extra_summary,
         }
         write_json(partial / "summary.json", summary)
         _replace_dir(partial, final)
     except BaseException:
+        for f in pending:  # no writer may still be writing into the folder removed below
+            f.exception()
         shutil.rmtree(partial, ignore_errors=True)
         raise
     emit_progress("done", 1.0, case=case_id)
@@ -355,6 +422,46 @@ def _case_aggregates(rmap, score, tau_score, roi, seg, regions, geometry, atyp) 
     if atyp.note:
         out["note"] = atyp.note
     out["default_priority"] = DEFAULT_PRIORITY
+    return out
+
+
+def _wait(pending: list) -> None:
+    """Wait for every submitted write and empty the list; the first error is raised once all ended."""
+    error = None
+    while pending:
+        e = pending.pop(0).exception()
+        error = error or e
+    if error is not None:
+        raise error
+
+
+_POOL = None
+
+
+def _pool():
+    """Threads that compress output files (zlib / ISA-L release the GIL): one per CPU, at most 4."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
+                                   thread_name_prefix="calibu-write")
+    return _POOL
+
+
+def _probability_labels(wanted, class_names: list[str], case_id: str) -> set[int]:
+    """Labels (1..K-1) whose probability file is written: all for None, else those named."""
+    k = len(class_names)
+    if wanted is None:
+        return set(range(1, k))
+    out = set()
+    for w in wanted:
+        w = str(w)
+        hits = [c for c in range(1, k) if w in (class_names[c], safe_name(class_names[c]), str(c))]
+        if not hits:
+            raise InputError(f"case {case_id}: no foreground class {w!r} to write probabilities for; "
+                             f"classes: {', '.join(class_names[1:])}")
+        out.update(hits)
     return out
 
 

@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from .. import memory
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def accumulate(members: Iterable[np.ndarray], calibration=None, ensemble_mode: s
                      else calibration.transform_probs(probs))
         acc.add(probs, name=name)
         del probs
+        memory.release_heap()  # the member's slab temporaries, before the next member is made
         if on_member is not None:
             on_member(i, name)
     if acc is None:
@@ -77,6 +79,7 @@ class _ScaledSlabs:
     def __init__(self, source, calibration):
         self.source, self.calibration = source, calibration
         self.shape, self.dtype = source.shape, np.dtype(np.float32)
+        self.valid_probabilities = getattr(source, "valid_probabilities", False)
 
     def slab(self, sl: slice) -> np.ndarray:
         return np.asarray(self.calibration.transform_probs(self.source.slab(sl)), dtype=np.float32)
@@ -110,6 +113,90 @@ def calibrated_probs(acc, calibration, ensemble_mode: str, spacing_zyx=None) -> 
     if getattr(calibration, "needs_spacing", False):
         return np.asarray(calibration.transform_probs(acc.mean_probs(), spacing_zyx=spacing_zyx), dtype=np.float32)
     return np.asarray(calibration.transform_probs(acc.mean_probs()), dtype=np.float32)
+
+
+class CalibratedSlabs:
+    """The calibrated ensemble probability of ``calibrated_probs``, computed one z slab at a time
+    (``slab(sl) -> (K, dz, y, x)`` float32) from the accumulator's sums: the whole (K, z, y, x)
+    volume is never held. Temperature and vector scaling act on each voxel alone, so the slabs
+    are the volume's values. Per-class / local temperature: T(x) depends on the predicted class
+    and the distance to the predicted contour, both functions of the segmentation argmax p̄
+    (unchanged by any T(x) > 0), so ``seg`` (argmax of the uncalibrated mean, ``mean_argmax``)
+    is taken first and T(x) is held as one float32 volume; each slab is then
+    softmax(log p̄ / T(x)) exactly as ``calibrated_probs`` computes it on the whole volume."""
+
+    ndim = 4
+
+    def __init__(self, acc, calibration, ensemble_mode: str, spacing_zyx=None, seg=None):
+        from ..calibration.calibration_file import LOCAL_METHODS
+        from ..uncertainty.maps import _check_temperature
+
+        acc.require_members("calibrated probabilities")
+        self.acc, self.calibration = acc, calibration
+        self.shape = (acc.n_classes,) + tuple(acc.shape_zyx)
+        self.dtype = np.dtype(np.float32)
+        self._kind = ("mean" if calibration is None or ensemble_mode == "per_member"
+                      else "temperature" if calibration.method == "temperature"
+                      else "tmap" if calibration.method in LOCAL_METHODS else "transform")
+        self._t = _check_temperature(calibration.temperature) if self._kind == "temperature" else None
+        self._tmap = None
+        if self._kind == "tmap":
+            if calibration.class_names and len(calibration.class_names) != acc.n_classes:
+                raise InputError(f"probabilities have {acc.n_classes} classes but the calibration file was "
+                                 f"fitted on {len(calibration.class_names)} classes")
+            if calibration.needs_spacing and spacing_zyx is None:
+                raise InputError("local temperature needs the image spacing (distances to the contour are in mm)")
+            if seg is None:
+                seg = mean_argmax(acc)
+            self._tmap = calibration.local_scaler().volume_temperature(
+                seg, spacing_zyx if spacing_zyx is not None else (1.0, 1.0, 1.0))
+
+    @property
+    def argmax_invariant(self) -> bool:
+        """True when argmax of every slab is argmax p̄ (all but vector scaling)."""
+        return self._kind != "transform"
+
+    def slab(self, sl: slice) -> np.ndarray:
+        from ..uncertainty.maps import _temperature_slab
+
+        if self._kind == "temperature":
+            pbar = self.acc.sum_probs[:, sl] * np.float32(1.0 / self.acc.n_members)
+            return pbar if self._t is None else _temperature_slab(pbar, self._t)
+        pbar = self.acc.sum_probs[:, sl] / np.float32(self.acc.n_members)  # as acc.mean_probs()
+        if self._kind == "mean":
+            return pbar
+        if self._kind == "tmap":
+            from ..calibration.local_temperature import apply_temperature_map
+
+            return np.asarray(apply_temperature_map(pbar, self._tmap[sl], axis=0), dtype=np.float32)
+        return np.asarray(self.calibration.transform_probs(pbar), dtype=np.float32)
+
+    def to_array(self) -> np.ndarray:
+        from .. import memory
+
+        out = memory.empty(self.shape, np.float32)
+        for sl in self.acc.slabs():
+            out[:, sl] = self.slab(sl)
+        return out
+
+
+def mean_argmax(acc) -> np.ndarray:
+    """argmax_c p̄_c (z, y, x), uint8 (uint16 for K > 256), one z slab at a time: the segmentation
+    of every calibration that keeps the argmax (temperature, per-class, local)."""
+    from .. import memory
+
+    acc.require_members("the segmentation")
+    seg = memory.empty(acc.shape_zyx, np.uint8 if acc.n_classes <= 256 else np.uint16)
+    n = np.float32(acc.n_members)
+    for sl in acc.slabs():
+        seg[sl] = np.argmax(acc.sum_probs[:, sl] / n, axis=0)
+    return seg
+
+
+def calibrated_slabs(acc, calibration, ensemble_mode: str, spacing_zyx=None, seg=None) -> CalibratedSlabs:
+    """``calibrated_probs`` as a ``CalibratedSlabs`` (computed per z slab on demand); ``seg``:
+    argmax p̄ when the caller has it (used by the per-class / local temperature)."""
+    return CalibratedSlabs(acc, calibration, ensemble_mode, spacing_zyx, seg)
 
 
 def maps_need_probs(calibration, ensemble_mode: str) -> bool:

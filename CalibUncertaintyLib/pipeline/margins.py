@@ -10,6 +10,10 @@ For every foreground class k whose thresholds the calibration file's ``conformal
 
 so ``levels == 3`` is the inner, ``>= 2`` the prediction, ``>= 1`` the outer contour. p is the
 calibrated probability and λ's come from ``calibration.conformal.margin_thresholds``.
+
+The levels of a voxel depend on that voxel alone, so ``MarginsWriter`` builds the files one z
+slab of the calibrated probability at a time (``pipeline.case`` streams them beside the
+probability files); ``write_margins`` does the same from a whole (K, z, y, x) volume.
 """
 
 from __future__ import annotations
@@ -18,36 +22,86 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io.images import write_image
+from ..io.nifti_stream import NiftiStreamWriter
 
 MARGIN_PREFIX = "margins_"
 LEVELS = {"inner": 3, "prediction": 2, "outer": 1}
+
+
+class MarginsWriter:
+    """Margins files streamed slab by slab: ``write(sl, probs_slab, seg_slab)`` for consecutive z
+    slabs of the calibrated probability (K, dz, y, x) and its labels, then ``close()`` -> the
+    summary block (as ``write_margins``); ``abort()`` discards the files. ``classes`` is empty
+    (and ``close()`` returns None) when the calibration file has no conformal margins."""
+
+    def __init__(self, folder: Path, calibration, class_names, geometry, file_names: dict):
+        from ..calibration.conformal import at_alpha
+
+        self.folder, self.class_names, self.geometry = Path(folder), list(class_names), geometry
+        self.rec = getattr(calibration, "conformal", None) if calibration is not None else None
+        self.classes: dict[int, dict] = {}
+        self._writers: dict[int, NiftiStreamWriter] = {}
+        self._counts: dict[int, np.ndarray] = {}
+        if not self.rec or not self.rec.get("margins"):
+            self.rec = None
+            return
+        for c in range(1, len(self.class_names)):
+            th = at_alpha(self.rec, "margins", self.class_names[c])
+            if th is None:
+                continue
+            fname = MARGIN_PREFIX + file_names[c]
+            self.classes[c] = {"file": fname, "th": th}
+            self._writers[c] = NiftiStreamWriter(self.folder / fname, geometry, np.uint8)
+            self._counts[c] = np.zeros(4, np.int64)
+
+    def write(self, probs_slab, seg_slab) -> None:
+        from ..calibration.conformal import margin_levels
+
+        for c, w in self._writers.items():
+            th = self.classes[c]["th"]
+            lv = margin_levels(probs_slab[c], seg_slab == c, th["outer"], th["inner"])
+            self._counts[c] += np.bincount(lv.reshape(-1), minlength=4)[:4]
+            w.write(lv)
+
+    def close(self) -> dict | None:
+        from ..calibration.conformal import guarantee_text
+
+        if self.rec is None:
+            return None
+        for c in list(self._writers):
+            self._writers.pop(c).close()
+        a = self.rec["alpha"]
+        voxel = self.geometry.voxel_volume_mm3
+        out = {"alpha": a, "levels": dict(LEVELS),
+               "guarantee": {"outer": guarantee_text(a, "outer"), "inner": guarantee_text(a, "inner")},
+               "classes": {}}
+        for c, info in self.classes.items():
+            th, counts = info["th"], self._counts[c]
+            out["classes"][self.class_names[c]] = {
+                "file": info["file"], "class_index": c, "outer_threshold": th["outer"],
+                "inner_threshold": th["inner"], "trivial": th["trivial"],
+                "volumes_mm3": {k: float(counts[v:].sum() * voxel) for k, v in LEVELS.items()}}
+        return out
+
+    def abort(self) -> None:
+        for w in self._writers.values():
+            w.abort()
+        self._writers.clear()
 
 
 def write_margins(folder: Path, probs, seg, calibration, class_names, geometry, file_names: dict) -> dict | None:
     """Write one margins file per class with stored thresholds; return summary.json's
     ``margins`` block ({"alpha", "guarantee", "classes": {name: {file, outer, inner, volumes_mm3}}})
     or None when the calibration file has no conformal margins."""
-    from ..calibration.conformal import at_alpha, guarantee_text, margin_levels
+    from ..uncertainty.streaming import z_slabs
 
-    rec = getattr(calibration, "conformal", None) if calibration is not None else None
-    if not rec or not rec.get("margins") or probs is None:
+    if probs is None:
         return None
-    a = rec["alpha"]
-    voxel = geometry.voxel_volume_mm3
-    out = {"alpha": a, "levels": dict(LEVELS),
-           "guarantee": {"outer": guarantee_text(a, "outer"), "inner": guarantee_text(a, "inner")},
-           "classes": {}}
-    for c in range(1, probs.shape[0]):
-        name = class_names[c]
-        th = at_alpha(rec, "margins", name)
-        if th is None:
-            continue
-        lv = margin_levels(probs[c], seg == c, th["outer"], th["inner"])
-        fname = MARGIN_PREFIX + file_names[c]
-        write_image(Path(folder) / fname, lv, geometry)
-        out["classes"][name] = {
-            "file": fname, "class_index": c, "outer_threshold": th["outer"], "inner_threshold": th["inner"],
-            "trivial": th["trivial"],
-            "volumes_mm3": {k: float(np.count_nonzero(lv >= v) * voxel) for k, v in LEVELS.items()}}
-    return out
+    w = MarginsWriter(folder, calibration, class_names, geometry, file_names)
+    try:
+        for sl in z_slabs(np.shape(seg)):
+            w.write(np.asarray(probs[:, sl]), np.asarray(seg[sl]))
+        return w.close()
+    except BaseException:
+        w.abort()
+        raise

@@ -169,7 +169,8 @@ def iter_maps(acc: EnsembleAccumulator, geometry, temperature: float | None = No
     ``acc``: an ``EnsembleAccumulator`` with >= 1 member; ``geometry``: the image's
     ``io.geometry.Geometry`` (its shape must match; its spacing gives every mm distance).
     ``temperature``: T of pool-then-calibrate (None = uncalibrated). ``probs``: a calibrated
-    ensemble probability (K, z, y, x) to describe instead of softmax(log p̄ / T) (vector
+    ensemble probability (K, z, y, x), an array or an object with ``shape`` and
+    ``slab(z_slice)`` (read per z slab), to describe instead of softmax(log p̄ / T) (vector
     scaling): confidence, entropy, entropy_norm, DAE and EBCU are then maps of ``probs``, the
     member maps still of the accumulated members. ``seg``: the labels argmax of that probability
     when the caller has them (else computed). ``dae_sigma_mm``: σ of DAE; ``ebcu_radius_mm``: r of
@@ -193,8 +194,9 @@ def iter_maps(acc: EnsembleAccumulator, geometry, temperature: float | None = No
     shape = acc.shape_zyx
     k = acc.n_classes
     if probs is not None:
-        probs = np.asarray(probs)
-        if probs.shape != (k,) + shape:
+        if not hasattr(probs, "slab"):  # else computed per z slab (pipeline.ensemble.CalibratedSlabs)
+            probs = np.asarray(probs)
+        if tuple(probs.shape) != (k,) + shape:
             raise InputError(f"calibrated probabilities have shape {probs.shape}, expected {(k,) + shape}")
     if seg is not None:
         seg = np.asarray(seg)
@@ -218,7 +220,7 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
 
     def pcal_slab(sl):
         if probs is not None:
-            return np.asarray(probs[:, sl], dtype=np.float32)
+            return np.asarray(probs.slab(sl) if hasattr(probs, "slab") else probs[:, sl], dtype=np.float32)
         pbar = pbar_slab(sl)
         return pbar if t_cal is None else _temperature_slab(pbar, t_cal)
 
@@ -268,6 +270,8 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
                 out[sl] = {"expected_entropy": ee, "mutual_information": mi, "epkl": ep}[name]
         yield name, out
         del out
+    if release_sums:
+        acc.release_log_gap()  # K volumes no later map reads
 
     # 3. maps of the members' foreground votes and variance
     for name, fn in (("fg_variance", measures.fg_variance_slab), ("vote_disagreement", measures.vote_disagreement_slab)):

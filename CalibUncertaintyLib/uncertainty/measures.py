@@ -84,9 +84,10 @@ def disagreement_slab(acc: EnsembleAccumulator, sl: slice, pbar: np.ndarray, pe:
     if not want_epkl:
         return ee, mi, None
     gap = np.zeros_like(ee)
+    log_gap = acc.log_gap  # L_c = Σ_m log p_m,c − M log p̄_c: Σ_c p̄_c (log p̄_c − mean_m log p_m,c) = Σ_c p̄_c (−L_c / M)
     for c in range(acc.n_classes):
-        t = np.log(np.maximum(pbar[c], _EPS32))
-        t -= acc.sum_log_probs[c, sl] * inv
+        t = log_gap[c, sl].astype(np.float32)
+        t *= -inv
         t *= pbar[c]
         gap += t
     np.maximum(gap, 0, out=gap)

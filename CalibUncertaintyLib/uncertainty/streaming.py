@@ -8,7 +8,13 @@ so memory is O(K) volumes whatever M is (METHODS.md: "never hold M full probabil
 at once"):
 
 - Σ_m p_m,c                      (K volumes, float32)  -> p̄
-- Σ_m log max(p_m,c, EPS)        (K volumes, float32)  -> EPKL
+- L_c = Σ_m log max(p_m,c, EPS) − M log max(p̄_c, EPS)  (K volumes, float16) -> EPKL, whose
+  part beyond MI is Σ_c p̄_c (−L_c / M). L_c is M times the Jensen gap of class c (≤ 0 up to the
+  clamps), small where the members agree, so float16's relative precision (2^-11) applies to
+  the gap itself rather than to Σ log p (which reaches −27.6 M): the EPKL − MI term keeps a
+  relative error below about (M + 1) 2^-11 (Testing/Python/test_uncertainty_streaming.py), and
+  the sums take 6K + 10 bytes per voxel instead of 8K + 10 (L is 0 after the first member, whose
+  update is skipped)
 - Σ_m H(p_m), H(p) = −Σ_c p_c log max(p_c, EPS)  (1 volume, float32) -> expected entropy
 - Σ_m (p_fg,m − mean)² with p_fg = 1 − p_0, kept by Welford's update (1 volume, float32); the
   running mean of p_fg is 1 − Σ p_0 / n, so the "sum of p_fg and p_fg²" of the contract is
@@ -16,8 +22,8 @@ at once"):
 - number of members whose argmax is a foreground class (1 volume, uint16) -> vote disagreement.
   Ties go to the lowest class index (numpy argmax), so a tie with background is a background vote.
 
-float32 is enough for all sums (relative error about M·6e-8 for M members; the measures that
-subtract sums clamp tiny negatives); the variance uses Welford's update rather than
+float32 is enough for the other sums (relative error about M·6e-8 for M members; the measures
+that subtract sums clamp tiny negatives); the variance uses Welford's update rather than
 Σp² − (Σp)²/M, which is where float32 would lose accuracy. Every member is processed in slabs
 along z (``slab_voxels`` voxels at a time), so temporaries stay a few MB even for
 512×512×300 volumes, and a member is validated completely before anything is accumulated:
@@ -94,7 +100,7 @@ class EnsembleAccumulator:
         self.slab_voxels = int(slab_voxels)
         self._n = 0
         self._sum_p = memory.zeros((k,) + shape, dtype=np.float32)
-        self._sum_logp = memory.zeros((k,) + shape, dtype=np.float32)
+        self._log_gap = memory.zeros((k,) + shape, dtype=np.float16)
         self._sum_h = memory.zeros(shape, dtype=np.float32)
         self._fg_m2 = memory.zeros(shape, dtype=np.float32)
         self._fg_votes = memory.zeros(shape, dtype=np.uint16)
@@ -114,10 +120,31 @@ class EnsembleAccumulator:
         return _readonly(self._sum_p)
 
     @property
+    def log_gap(self) -> np.ndarray:
+        """L = Σ_m log max(p_m, EPS) − M log max(p̄, EPS), (K, z, y, x) float16 (read-only view;
+        module doc)."""
+        self._require_sums("log_gap")
+        if self._log_gap is None:
+            raise InputError("log_gap: released after the maps that read it (release_log_gap())")
+        return _readonly(self._log_gap)
+
+    @property
     def sum_log_probs(self) -> np.ndarray:
-        """Σ_m log max(p_m, EPS), (K, z, y, x) float32 (read-only view)."""
-        self._require_sums("sum_log_probs")
-        return _readonly(self._sum_logp)
+        """Σ_m log max(p_m, EPS), (K, z, y, x) float32, rebuilt from ``log_gap`` and p̄ (a new
+        array; within float16 rounding of L, see the module doc)."""
+        gap = self.log_gap
+        out = memory.empty(gap.shape, np.float32)
+        n = np.float32(self._n)
+        for sl in self.slabs():
+            lp = np.log(np.maximum(self._sum_p[:, sl] / n, np.float32(EPS)))
+            lp *= n
+            lp += gap[:, sl]
+            out[:, sl] = lp
+        return out
+
+    def release_log_gap(self) -> None:
+        """Free ``log_gap`` (K float16 volumes) once EPKL is computed; the other sums stay."""
+        self._log_gap = None
 
     @property
     def sum_entropy(self) -> np.ndarray:
@@ -140,7 +167,7 @@ class EnsembleAccumulator:
     @property
     def nbytes(self) -> int:
         """Bytes held by the running sums (independent of the number of members)."""
-        return sum(a.nbytes for a in (self._sum_p, self._sum_logp, self._sum_h, self._fg_m2, self._fg_votes)
+        return sum(a.nbytes for a in (self._sum_p, self._log_gap, self._sum_h, self._fg_m2, self._fg_votes)
                    if a is not None)
 
     def slabs(self):
@@ -151,7 +178,7 @@ class EnsembleAccumulator:
         """Free the running sums (for callers that have read everything they need, e.g.
         ``compute_maps(..., release_sums=True)``); ``n_members``, ``n_classes`` and
         ``shape_zyx`` stay valid, any later read or ``add`` raises InputError."""
-        self._sum_p = self._sum_logp = self._sum_h = self._fg_m2 = self._fg_votes = None
+        self._sum_p = self._log_gap = self._sum_h = self._fg_m2 = self._fg_votes = None
         self._released = True
 
     @property
@@ -193,7 +220,9 @@ class EnsembleAccumulator:
     def add(self, probs, name: str | None = None) -> None:
         """Add one member's probabilities, (K, z, y, x), summing to one over K: an array, or an
         object with ``shape``, ``dtype`` and ``slab(z_slice) -> (K, dz, y, x)`` that computes
-        them on demand (``nnunet.member_probabilities.MemberProbabilities``; it is read twice).
+        them on demand (``nnunet.member_probabilities.MemberProbabilities``; it is read twice,
+        once to validate, unless it has ``valid_probabilities = True``: a softmax of finite
+        logits, valid by construction, is read once).
 
         Raises ``InputError`` (and accumulates nothing) for a wrong shape, a non-finite value,
         a negative probability or a voxel whose class sum is off by more than SUM_TOLERANCE;
@@ -222,18 +251,25 @@ class EnsembleAccumulator:
         if self._n >= np.iinfo(np.uint16).max:
             raise InputError(f"{member}: at most {np.iinfo(np.uint16).max} members are supported")
 
-        for sl in self.slabs():  # pass 1: validate everything before touching the sums
-            self._validate_slab(np.asarray(read(sl), dtype=np.float32), sl, member)
+        if not getattr(probs, "valid_probabilities", False):
+            for sl in self.slabs():  # pass 1: validate everything before touching the sums
+                self._validate_slab(np.asarray(read(sl), dtype=np.float32), sl, member)
 
         n_old = self._n
         inv_old = np.float32(1.0 / n_old) if n_old else None
         inv_new = np.float32(1.0 / (n_old + 1))
+        if self._log_gap is None:
+            raise InputError("add(): log_gap was released; the accumulator is complete")
+        eps = np.float32(EPS)
+        n_new = np.float32(n_old + 1)
         for sl in self.slabs():  # pass 2: accumulate
             p = np.asarray(read(sl), dtype=np.float32)
             h = np.zeros(p.shape[1:], dtype=np.float32)
             for c in range(self.n_classes):
-                logp = np.log(np.maximum(p[c], np.float32(EPS)))
-                self._sum_logp[c, sl] += logp
+                logp = np.log(np.maximum(p[c], eps))
+                s_old = self._sum_p[c, sl]
+                if n_old:  # L_c += log p − (n+1) log p̄_new + n log p̄_old (module doc); 0 for the first member
+                    self._add_log_gap(c, sl, logp, s_old, p[c], n_old, inv_old, inv_new, n_new)
                 logp *= p[c]
                 h -= logp
             self._sum_h[sl] += h
@@ -249,6 +285,18 @@ class EnsembleAccumulator:
             fg_best = p[1:].max(axis=0)
             self._fg_votes[sl] += fg_best > p[0]
         self._n = n_old + 1
+
+    def _add_log_gap(self, c, sl, logp, s_old, p_c, n_old, inv_old, inv_new, n_new) -> None:
+        eps = np.float32(EPS)
+        gap = self._log_gap[c, sl].astype(np.float32)
+        gap += logp
+        new = np.log(np.maximum((s_old + p_c) * inv_new, eps))
+        new *= n_new
+        gap -= new
+        old = np.log(np.maximum(s_old * inv_old, eps))
+        old *= np.float32(n_old)
+        gap += old
+        self._log_gap[c, sl] = gap
 
     def _validate_slab(self, p: np.ndarray, sl: slice, member: str) -> None:
         finite = np.isfinite(p)

@@ -91,3 +91,50 @@ def test_margins_as_segments_in_a_scene(case_dir):
     n = scene.GetNumberOfNodes()
     case.remove_from_scene(scene)
     assert scene.GetNumberOfNodes() < n and case.margins.GetScene() is None
+
+
+@pytest.mark.parametrize("kind", ["local_temperature", "class_temperature"])
+def test_streamed_local_temperature_and_margins_equal_the_whole_volume(tmp_path, monkeypatch, kind):
+    """process_case never holds the calibrated (K, z, y, x) volume: the segmentation is argmax p̄,
+    T(x) comes from it, and the probability and margins files are written slab by slab (here
+    3 z slices per slab). They equal what the whole-volume path gives: the calibration file's
+    transform of p̄ and margin_levels on it."""
+    from CalibUncertaintyLib.calibration.local_temperature import make_scaler
+    from CalibUncertaintyLib.uncertainty.streaming import EnsembleAccumulator
+
+    monkeypatch.setattr(EnsembleAccumulator.__init__, "__defaults__", (3 * 22 * 26,))
+    lab = _labels()
+    members = [m.astype(np.float32) for m in member_probabilities(lab, GEOM, 3, 3, "loc", seed=4)]
+    pbar = np.mean(members, axis=0)
+    x = np.log(np.maximum(pbar, 1e-7)).reshape(3, -1).T
+    from CalibUncertaintyLib.calibration.local_temperature import contour_distance_mm
+
+    seg0 = np.argmax(pbar, axis=0)
+    dist = contour_distance_mm(seg0, GEOM.spacing_zyx).reshape(-1)
+    rng = np.random.default_rng(1)
+    y = np.where(rng.random(lab.size) < 0.85, lab.reshape(-1), rng.integers(0, 3, lab.size))
+    scaler = make_scaler(kind, edges_mm=(0.0, 2.0, 4.0)).fit(x, y, seg0.reshape(-1), dist)
+    curves = [case_margin_curves(pbar, lab, seg0) for _ in range(3)]
+    rec = conformal.build_record(0.25, {}, {NAMES[c]: [cc[c - 1] for cc in curves] for c in (1, 2)})
+    cal = CalibrationFile(method=kind, temperature=1.3, class_names=NAMES, fingerprint={"n_classes": 3},
+                          ebcu_threshold=0.3, conformal=rec, local=scaler.to_record()).validate()
+    cal = CalibrationFile.from_dict(json.loads(json.dumps(cal.to_dict())))
+    summary = process_case("loc", members, GEOM, tmp_path, calibration=cal, class_names=NAMES,
+                           options=CaseOptions(map_names=("confidence", "entropy"), regions_map="entropy"))
+    d = tmp_path / "loc"
+    acc_mean = np.sum(members, axis=0, dtype=np.float32) / np.float32(3)
+    expected = cal.transform_probs(acc_mean, spacing_zyx=GEOM.spacing_zyx)
+    seg, _ = read_image(d / "seg.nii.gz")
+    assert np.array_equal(seg, np.argmax(expected, axis=0))
+    for c, stem in ((1, "Left_Parotid"), (2, "Cord")):
+        got, geo = read_image(d / f"prob_{stem}.nii.gz")
+        assert geo == GEOM
+        np.testing.assert_allclose(got, expected[c], rtol=0, atol=2e-7)
+        th = conformal.at_alpha(rec, "margins", NAMES[c])
+        levels, _ = read_image(d / f"margins_{stem}.nii.gz")
+        assert np.array_equal(levels, conformal.margin_levels(expected[c], seg == c, th["outer"], th["inner"]))
+        vol = summary["margins"]["classes"][NAMES[c]]["volumes_mm3"]
+        assert vol["outer"] == pytest.approx(np.count_nonzero(levels >= 1) * GEOM.voxel_volume_mm3)
+    conf, _ = read_image(d / "map_confidence.nii.gz")
+    np.testing.assert_allclose(conf, expected.max(axis=0), rtol=0, atol=2e-7)
+    assert not np.allclose(expected, acc_mean, atol=1e-3)  # the local T did change the probabilities

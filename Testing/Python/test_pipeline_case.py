@@ -223,3 +223,35 @@ def test_bad_member_computed_slab_by_slab_is_refused_before_anything_is_added(me
         acc.add(SlabSource(bad), name="lazy")
     assert acc.n_members == 1
     np.testing.assert_array_equal(acc.sum_probs, before)
+
+
+def test_probability_files_only_for_the_classes_asked_for(tmp_path, members):
+    """--probabilities: a subset (by name or label) or none; seg and maps unchanged; the Slicer
+    reader (mrml/case_folder.py) then expects only the files summary.json lists."""
+    from CalibUncertaintyLib.mrml.case_folder import read_case_folder
+
+    full = process_case("c1", members, GEOM, tmp_path / "all", _cal(), NAMES)
+    some = process_case("c1", members, GEOM, tmp_path / "some", _cal(), NAMES,
+                        CaseOptions(probability_classes=("Cord",)))
+    none = process_case("c1", members, GEOM, tmp_path / "none", _cal(), NAMES,
+                        CaseOptions(probability_classes=()))
+    assert full["probability_classes"] == ["Left Parotid", "Cord"]
+    assert some["probability_classes"] == ["Cord"] and none["probability_classes"] == []
+    assert not (tmp_path / "some" / "c1" / "prob_Left_Parotid.nii.gz").exists()
+    assert not list((tmp_path / "none" / "c1").glob("prob_*"))
+    for name in ["seg.nii.gz", "prob_Cord.nii.gz"] + [f"map_{n}.nii.gz" for n in MAP_NAMES]:
+        a = read_image(tmp_path / "all" / "c1" / name)[0]
+        assert np.array_equal(a, read_image(tmp_path / "some" / "c1" / name)[0]), name
+    by_label = process_case("c1", members, GEOM, tmp_path / "lab", _cal(), NAMES,
+                            CaseOptions(probability_classes=("2",)))
+    assert by_label["probability_classes"] == ["Cord"]
+    data = read_case_folder(tmp_path / "some" / "c1", probabilities=False)
+    assert list(data.probability_files) == ["Cord"]
+    assert read_case_folder(tmp_path / "none" / "c1").probability_files == {}
+    (tmp_path / "some" / "c1" / "prob_Cord.nii.gz").unlink()  # a listed file missing is still an error
+    with pytest.raises(InputError, match="prob_Cord.nii.gz"):
+        read_case_folder(tmp_path / "some" / "c1")
+    with pytest.raises(InputError, match="no foreground class 'Liver'"):
+        process_case("c1", members, GEOM, tmp_path / "bad", _cal(), NAMES,
+                     CaseOptions(probability_classes=("Liver",)))
+    assert not (tmp_path / "bad" / "c1").exists()

@@ -48,6 +48,14 @@ def naive_measures(members):
             "epkl": kl / m**2, "fg_variance": p_fg.var(axis=0), "vote_disagreement": 1 - np.abs(2 * q - 1)}
 
 
+def assert_epkl_within_bound(got, want, m):
+    """EPKL − MI within a relative (M + 1)·2^-11 of itself (float16 storage of L_c), plus 2e-5."""
+    excess = want["epkl"] - want["mutual_information"]
+    err = np.abs(got.astype(np.float64) - want["epkl"])
+    bound = (m + 1) * 2.0**-11 * excess + 2e-5
+    assert np.all(err <= bound), float(np.max(err - bound))
+
+
 def accumulate(members, slab_voxels=None):
     k = members[0].shape[0]
     kw = {} if slab_voxels is None else {"slab_voxels": slab_voxels}
@@ -70,6 +78,9 @@ def test_streaming_maps_equal_naive(k, m):
     assert set(got) == set(VOXEL_MEASURES)
     for name in VOXEL_MEASURES:
         assert got[name].dtype == np.float32 and got[name].shape == SHAPE
+        if name == "epkl":  # float16 Jensen gaps: the documented bound (uncertainty/streaming.py)
+            assert_epkl_within_bound(got[name], want, m)
+            continue
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=2e-5, err_msg=name)
     # the whole-volume measure functions agree with compute_maps
     np.testing.assert_allclose(measures.expected_entropy(acc), got["expected_entropy"], atol=1e-6)
@@ -110,8 +121,8 @@ def test_memory_does_not_grow_with_members():
     for p in members:
         acc.add(p)
     assert acc.nbytes == before
-    # K sums of p, K sums of log p, entropy, variance (float32) and votes (uint16)
-    assert before == np.prod(SHAPE) * ((2 * 3 + 2) * 4 + 2)
+    # K sums of p (float32), K Jensen gaps L (float16), entropy, variance (float32), votes (uint16)
+    assert before == np.prod(SHAPE) * ((3 + 2) * 4 + 3 * 2 + 2)
 
 
 def test_other_float_dtypes_give_the_same_sums():
@@ -167,3 +178,72 @@ def test_bad_members_get_specific_errors():
         EnsembleAccumulator(1, SHAPE)
     with pytest.raises(InputError, match="shape_zyx"):
         EnsembleAccumulator(2, (4, 4))
+
+
+@pytest.mark.parametrize("m", [2, 5, 10])
+def test_epkl_float16_gap_bound_on_strong_disagreement(m):
+    """Members that disagree strongly (Dirichlet α = 0.1: most classes near 0 in each member,
+    log p down to the EPS clamp): EPKL still within the documented bound; where the members
+    agree exactly the EPKL excess is exactly 0."""
+    members = dirichlet_members(5, m, alpha=0.1, seed=100 + m)
+    acc = accumulate(members)
+    got = compute_maps(acc, Geometry(SHAPE, (1.0, 1.0, 1.0)), names=["epkl", "mutual_information"])
+    want = naive_measures(members)
+    assert_epkl_within_bound(got["epkl"], want, m)
+    same = accumulate([members[0]] * m)
+    agree = compute_maps(same, Geometry(SHAPE, (1.0, 1.0, 1.0)), names=["epkl", "mutual_information"])
+    assert np.all(np.abs(agree["epkl"]) <= 1e-6) and np.all(np.abs(agree["mutual_information"]) <= 1e-5)
+    assert acc.log_gap.dtype == np.float16 and acc.nbytes < 7 * 5 * np.prod(SHAPE) + 14 * np.prod(SHAPE)
+
+
+def test_slab_members_valid_by_construction_are_read_once():
+    """A member computed per slab is read twice (validate, then add) unless it says its values
+    are a softmax of finite logits (``valid_probabilities``, MemberProbabilities); the sums are
+    the same either way."""
+    members = dirichlet_members(3, 2, seed=4)
+
+    class Slabs:
+        ndim, dtype = 4, np.dtype(np.float32)
+
+        def __init__(self, a, valid):
+            self.a, self.shape, self.reads = a, a.shape, 0
+            if valid:
+                self.valid_probabilities = True
+
+        def slab(self, sl):
+            self.reads += 1
+            return self.a[:, sl]
+
+    accs = []
+    for valid in (False, True):
+        acc = EnsembleAccumulator(3, SHAPE)
+        wrapped = [Slabs(p, valid) for p in members]
+        for w in wrapped:
+            acc.add(w)
+        n_slabs = len(list(acc.slabs()))
+        assert [w.reads for w in wrapped] == [n_slabs * (1 if valid else 2)] * 2
+        accs.append(acc)
+    np.testing.assert_array_equal(accs[0].sum_probs, accs[1].sum_probs)
+    np.testing.assert_array_equal(accs[0].log_gap, accs[1].log_gap)
+
+
+def test_member_probabilities_of_nonfinite_logits_are_validated():
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from CalibUncertaintyLib.nnunet.member_probabilities import MemberProbabilities
+
+    props = {"shape_after_cropping_and_before_resampling": (2, 3, 4), "shape_before_cropping": (2, 3, 4),
+             "bbox_used_for_cropping": [[0, 2], [0, 3], [0, 4]], "spacing": (1.0, 1.0, 1.0)}
+    pm = SimpleNamespace(transpose_forward=[0, 1, 2], transpose_backward=[0, 1, 2])
+    lm = SimpleNamespace(inference_nonlin=lambda x: torch.softmax(x, 0), has_regions=False)
+    cm = SimpleNamespace(spacing=[1.0, 1.0, 1.0])
+    good = MemberProbabilities(torch.zeros((3, 2, 3, 4), dtype=torch.float16), pm, cm, lm, props, (2, 3, 4))
+    bad_logits = torch.zeros((3, 2, 3, 4), dtype=torch.float16)
+    bad_logits[1, 0, 0, 0] = float("nan")
+    bad = MemberProbabilities(bad_logits, pm, cm, lm, props, (2, 3, 4))
+    assert good.valid_probabilities and not bad.valid_probabilities
+    acc = EnsembleAccumulator(3, (2, 3, 4))
+    with pytest.raises(InputError, match="non-finite"):
+        acc.add(bad)
+    assert acc.n_members == 0
