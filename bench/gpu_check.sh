@@ -8,6 +8,7 @@
 #   bash bench/gpu_check.sh                 # on a machine with an NVIDIA GPU (CUDA build of torch)
 #   bash bench/gpu_check.sh --cpu           # dry run of the same steps on the CPU: small CT, 1 fold, no nvidia-smi
 #   SLICES=300 MODEL=/path/to/model bash bench/gpu_check.sh   # a real model folder instead of the random one
+#   FOLDS=2 EQUIVALENCE=0 bash bench/gpu_check.sh              # 2 folds, without the sliding-window comparison
 #
 # Writes nothing into the repository; the results go to stdout (and $OUT/gpu_check.json when OUT is set).
 set -euo pipefail
@@ -36,7 +37,7 @@ from predict_vs_nnunet import default_ct
 size, spacing = make_ct(default_ct(), __import__("pathlib").Path(sys.argv[1]), int(sys.argv[2]))
 print(f"input CT: {default_ct().name} resampled to {size}, spacing {tuple(round(s, 3) for s in spacing)} mm")
 PY
-if [ "$device" = cuda ]; then  # CUDA sliding window vs nnU-Net's, incl. the device-memory fallback
+if [ "$device" = cuda ] && [ "${EQUIVALENCE:-1}" != 0 ]; then  # CUDA sliding window vs nnU-Net's, incl. the device-memory fallback
   "$py" "$here/bench/gpu_equivalence.py" --device cuda --ct "$work/ct_0000.nii.gz" || echo "gpu_equivalence: differences found (see above)"
 fi
 model_args=()
