@@ -43,25 +43,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "Testing" / "Python"))
 
+from _real_size_ct import make_ct  # noqa: E402
 from predict_vs_nnunet import default_ct, run_measured  # noqa: E402
 
 PATCH_ZYX = (32, 128, 128)
 FEATURES = (4, 8)
-
-
-def make_ct(src: Path, dst: Path, slices: int) -> tuple:
-    """``src`` resampled (linear) to 512×512×``slices`` over the same physical extent."""
-    import SimpleITK as sitk
-
-    img = sitk.ReadImage(str(src))
-    size = img.GetSize()
-    new_size = (512, 512, int(slices))
-    spacing = tuple(img.GetSpacing()[i] * size[i] / new_size[i] for i in range(3))
-    out = sitk.Resample(img, new_size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), spacing,
-                        img.GetDirection(), -1000.0, sitk.sitkInt16)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(out, str(dst), useCompression=True)
-    return new_size, spacing
 
 
 def build_model(root: Path, k: int, spacing_xyz, folds) -> Path:
