@@ -107,32 +107,35 @@ def cascade_input(predictor, files, previous_seg: np.ndarray):
     return torch.from_numpy(data).to(dtype=torch.float32, memory_format=torch.contiguous_format), props
 
 
-def check_previous_stage(model: ModelFolder) -> None:
-    """Refuse (ModelFolderError) a cascade stage whose low-resolution folder is missing, from
-    plans.json and the folder names alone (before any network is loaded)."""
+def previous_stage_name(model: ModelFolder) -> str | None:
+    """The ``previous_stage`` of ``model``'s configuration in plans.json (following
+    ``inherits_from``), e.g. ``3d_lowres`` for a cascade stage; None for any other model."""
     configs = model.plans.get("configurations", {})
     name, seen = model.configuration, set()
     while name in configs and name not in seen:
         seen.add(name)
         prev = configs[name].get("previous_stage")
         if prev:
-            previous_stage_folder(model, prev)
-            return
+            return prev
         name = configs[name].get("inherits_from")
+    return None
+
+
+def check_previous_stage(model: ModelFolder) -> None:
+    """Refuse (ModelFolderError) a cascade stage whose low-resolution folder is missing, from
+    plans.json and the folder names alone (before any network is loaded)."""
+    prev = previous_stage_name(model)
+    if prev:
+        previous_stage_folder(model, prev)
 
 
 def previous_stage_key(model: ModelFolder) -> str | None:
     """For a cascade stage, a sha256 of its low-resolution folder's plans, dataset.json and
     checkpoints (its outputs depend on them, so the member cache keys on it); None otherwise."""
-    configs = model.plans.get("configurations", {})
-    name, seen = model.configuration, set()
-    while name in configs and name not in seen:
-        seen.add(name)
-        prev = configs[name].get("previous_stage")
-        if prev:
-            from ..calibration.fingerprint import fingerprint_model_folder
+    prev = previous_stage_name(model)
+    if not prev:
+        return None
+    from ..calibration.fingerprint import fingerprint_model_folder
 
-            fp = fingerprint_model_folder(previous_stage_folder(model, prev))
-            return f"{fp['plans_dataset_sha256']}:{fp['checkpoints_sha256']}"
-        name = configs[name].get("inherits_from")
-    return None
+    fp = fingerprint_model_folder(previous_stage_folder(model, prev))
+    return f"{fp['plans_dataset_sha256']}:{fp['checkpoints_sha256']}"
