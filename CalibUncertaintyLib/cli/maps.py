@@ -36,7 +36,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from ..io.images import read_image
     from ..io.nnunet_outputs import member_name, pair_cases
-    from ..pipeline.case import CaseOptions
+    from ..pipeline.case import CaseOptions, probability_labels
     from ..pipeline.dataset import check_member_inputs, load_checked_calibration
     from ..pipeline.maps_job import complete_record, run_maps
     from .common import executor_options, finish_cohort_run
@@ -57,6 +57,7 @@ def run(args) -> int:
                        dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm,
                        min_region_mm3=args.min_region_mm3, n_members=len(names), member_names=names,
                        probability_classes=probability_classes(args.probabilities))
+    probability_labels(opts.probability_classes, pairing.class_names)  # an unknown class: refused up front
     result = run_maps(pairing, cal, opts, args.output, executor)
     summaries = []
     for cf in pairing.cases:

@@ -114,7 +114,7 @@ def run(args) -> int:
     from ..nnunet.inference import collect_cases
     from ..nnunet.cascade import check_previous_stage
     from ..nnunet.model_folder import ModelFolder
-    from ..pipeline.case import CaseOptions
+    from ..pipeline.case import CaseOptions, probability_labels
     from ..pipeline.maps_job import complete_record
     from ..pipeline.predict_job import PredictOptions, make_predict_job, run_predict
     from .common import executor_options, finish_cohort_run, resolve_tta
@@ -137,6 +137,8 @@ def run(args) -> int:
                        dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm,
                        min_region_mm3=args.min_region_mm3,
                        probability_classes=probability_classes(args.probabilities))
+    if not model.is_region_based:  # an unknown --probabilities class: refused before any inference
+        probability_labels(opts.probability_classes, model.class_names)
     job = make_predict_job(model, members, popts, cal, opts, args.output)
     say(f"{len(cases)} case(s), {len(members)} member(s) ({args.ensemble}: {', '.join(names)}), "
         f"TTA {'on' if args.tta else 'off'}, executor {executor.kind}")

@@ -197,7 +197,7 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
                      "foreground variance carry no ensemble information")
     timings["accumulate_s"] = time.perf_counter() - t0
 
-    prob_labels = _probability_labels(opts.probability_classes, class_names, case_id)
+    prob_labels = probability_labels(opts.probability_classes, class_names, case_id)
     t = time.perf_counter()
     emit_progress("calibrate", 0.62, case=case_id)
     # The calibrated probability is never held as a (K, z, y, x) volume. Every calibration but
@@ -449,8 +449,10 @@ def _pool():
     return _POOL
 
 
-def _probability_labels(wanted, class_names: list[str], case_id: str) -> set[int]:
-    """Labels (1..K-1) whose probability file is written: all for None, else those named."""
+def probability_labels(wanted, class_names: list[str], case_id: str | None = None) -> set[int]:
+    """Labels (1..K-1) whose probability file is written: all for None, else those named
+    (``CaseOptions.probability_classes``); InputError naming the classes for an unknown one. The
+    CLI calls it once before any work, ``process_case`` again per case."""
     k = len(class_names)
     if wanted is None:
         return set(range(1, k))
@@ -459,7 +461,8 @@ def _probability_labels(wanted, class_names: list[str], case_id: str) -> set[int
         w = str(w)
         hits = [c for c in range(1, k) if w in (class_names[c], safe_name(class_names[c]), str(c))]
         if not hits:
-            raise InputError(f"case {case_id}: no foreground class {w!r} to write probabilities for; "
+            where = f"case {case_id}: " if case_id else "--probabilities: "
+            raise InputError(f"{where}no foreground class {w!r} to write probabilities for; "
                              f"classes: {', '.join(class_names[1:])}")
         out.update(hits)
     return out

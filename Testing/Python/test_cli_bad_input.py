@@ -165,6 +165,12 @@ def test_missing_files(data, tmp_path, capsys):
     assert e.value.code == 2 and "expected a distance in mm > 0" in capsys.readouterr().err
 
 
+def test_unknown_probability_class_is_refused_before_any_case(data, tmp_path, capsys):
+    assert _maps(data["members"], data, tmp_path / "out", "--probabilities", "Liver") == 2
+    assert "error: --probabilities: no foreground class 'Liver' to write probabilities for" in _error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
 def test_failing_rerun_keeps_existing_outputs(data, tmp_path, capsys):
     members = _copy_members(data, tmp_path)
     out = tmp_path / "out"

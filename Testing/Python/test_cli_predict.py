@@ -148,11 +148,14 @@ def test_calibration_file_of_this_model_is_used_and_another_models_refused(setup
 @pytest.mark.parametrize("extra, message", [
     (["--folds", "0", "5"], "fold 5 has no checkpoint_final.pth"),
     (["--ensemble", "single", "--checkpoint", "checkpoint_best.pth"], "no fold of"),
+    (["--probabilities", "Liver"], "--probabilities: no foreground class 'Liver' to write probabilities for; "
+                                   "classes: Organ, Tumour"),
 ])
 def test_bad_model_requests_fail_with_a_clear_message(setup, tmp_path, capsys, extra, message):
     assert _predict(setup, tmp_path / "o", *extra) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # refused before any inference or output
 
 
 def test_not_a_model_folder_and_wrong_channel_count(setup, tmp_path, capsys):
