@@ -183,6 +183,34 @@ class Steps:
         return result
 
 
+def train_ensembles(steps, args, prepared, res: Path, split: dict):
+    """Train the deep ensemble (folds 0..args.folds-1) and the checkpoint ensemble (fold 0, cyclical
+    LR) as resumable steps; returns (deep config, snapshot config, deep model folder, snapshot model
+    folder). Shared by this bench and ``openkbp_local.py``."""
+    from CalibUncertaintyLib.nnunet.training import FOLD_RECORD, TrainingConfig, model_folder_path, train_folds
+
+    deep_cfg = TrainingConfig(trainer="CalibuTinyTrainer", num_epochs=args.deep_epochs,
+                              iterations_per_epoch=args.iterations, initial_lr=args.lr, val_iterations=1, seed=0)
+    snap_cfg = TrainingConfig(trainer="CalibuSnapshotTrainer", num_epochs=args.snapshot_epochs,
+                              iterations_per_epoch=args.iterations, cycles=args.cycles, initial_lr=args.lr,
+                              val_iterations=1, seed=100)
+
+    def done(cfg, folds):
+        d = model_folder_path(res, prepared.dataset_name, cfg.trainer, prepared.plans_name, prepared.configuration)
+        return [d / f"fold_{f}" / FOLD_RECORD for f in folds]
+
+    plan_sig = signature(prepared.plans_file.read_text())
+    deep_dir = Path(steps.run("train_deep", {"split": split, "plan": plan_sig, "config": deep_cfg.record(),
+                                             "folds": args.folds}, done(deep_cfg, range(args.folds)),
+                              lambda: str(train_folds(prepared, res, list(range(args.folds)), deep_cfg, device="cpu",
+                                                      num_threads=args.threads))))
+    snap_dir = Path(steps.run("train_checkpoint", {"split": split, "plan": plan_sig, "config": snap_cfg.record()},
+                              done(snap_cfg, [0]),
+                              lambda: str(train_folds(prepared, res, [0], snap_cfg, device="cpu",
+                                                      num_threads=args.threads))))
+    return deep_cfg, snap_cfg, deep_dir, snap_dir
+
+
 def signature(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -239,27 +267,7 @@ def main(argv=None) -> int:
     prepared = prepare_bench_plan(train_folder, pre, args.spacing_mm, **plan_kw)  # reuses what is there
 
     # 3: training
-    from CalibUncertaintyLib.nnunet.training import FOLD_RECORD, TrainingConfig, model_folder_path, train_folds
-
-    deep_cfg = TrainingConfig(trainer="CalibuTinyTrainer", num_epochs=args.deep_epochs,
-                              iterations_per_epoch=args.iterations, initial_lr=args.lr, val_iterations=1, seed=0)
-    snap_cfg = TrainingConfig(trainer="CalibuSnapshotTrainer", num_epochs=args.snapshot_epochs,
-                              iterations_per_epoch=args.iterations, cycles=args.cycles, initial_lr=args.lr,
-                              val_iterations=1, seed=100)
-
-    def done(cfg, folds):
-        d = model_folder_path(res, prepared.dataset_name, cfg.trainer, prepared.plans_name, prepared.configuration)
-        return [d / f"fold_{f}" / FOLD_RECORD for f in folds]
-
-    plan_sig = signature(prepared.plans_file.read_text())
-    deep_dir = Path(steps.run("train_deep", {"split": split, "plan": plan_sig, "config": deep_cfg.record(),
-                                             "folds": args.folds}, done(deep_cfg, range(args.folds)),
-                              lambda: str(train_folds(prepared, res, list(range(args.folds)), deep_cfg, device="cpu",
-                                                      num_threads=args.threads))))
-    snap_dir = Path(steps.run("train_checkpoint", {"split": split, "plan": plan_sig, "config": snap_cfg.record()},
-                              done(snap_cfg, [0]),
-                              lambda: str(train_folds(prepared, res, [0], snap_cfg, device="cpu",
-                                                      num_threads=args.threads))))
+    deep_cfg, snap_cfg, deep_dir, snap_dir = train_ensembles(steps, args, prepared, res, split)
     training = data.training_records(deep_dir, snap_dir)
 
     # 4: member predictions for the calibration and test cases

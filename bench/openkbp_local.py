@@ -60,7 +60,7 @@ for p in (REPO, REPO / "bench"):
 
 from CalibUncertaintyLib.errors import CalibUncertaintyError  # noqa: E402
 from CalibUncertaintyLib.io.atomic import write_json, write_text  # noqa: E402
-from openkbp import Steps, _display_path, default_data, signature  # noqa: E402
+from openkbp import Steps, _display_path, default_data, signature, train_ensembles  # noqa: E402
 
 log = logging.getLogger("bench.openkbp_local")
 DATASET_ID, DATASET_NAME = 502, "OpenKBPLocal"
@@ -183,27 +183,7 @@ def main(argv=None) -> int:
                                              **plan_kw).plans_file))
     prepared = prepare_bench_plan(train_folder, pre, args.spacing_mm, configuration="2d", **plan_kw)
 
-    from CalibUncertaintyLib.nnunet.training import FOLD_RECORD, TrainingConfig, model_folder_path, train_folds
-
-    deep_cfg = TrainingConfig(trainer="CalibuTinyTrainer", num_epochs=args.deep_epochs,
-                              iterations_per_epoch=args.iterations, initial_lr=args.lr, val_iterations=1, seed=0)
-    snap_cfg = TrainingConfig(trainer="CalibuSnapshotTrainer", num_epochs=args.snapshot_epochs,
-                              iterations_per_epoch=args.iterations, cycles=args.cycles, initial_lr=args.lr,
-                              val_iterations=1, seed=100)
-
-    def done(cfg, folds):
-        d = model_folder_path(res, prepared.dataset_name, cfg.trainer, prepared.plans_name, prepared.configuration)
-        return [d / f"fold_{f}" / FOLD_RECORD for f in folds]
-
-    plan_sig = signature(prepared.plans_file.read_text())
-    deep_dir = Path(steps.run("train_deep", {"split": split, "plan": plan_sig, "config": deep_cfg.record(),
-                                             "folds": args.folds}, done(deep_cfg, range(args.folds)),
-                              lambda: str(train_folds(prepared, res, list(range(args.folds)), deep_cfg, device="cpu",
-                                                      num_threads=args.threads))))
-    snap_dir = Path(steps.run("train_checkpoint", {"split": split, "plan": plan_sig, "config": snap_cfg.record()},
-                              done(snap_cfg, [0]),
-                              lambda: str(train_folds(prepared, res, [0], snap_cfg, device="cpu",
-                                                      num_threads=args.threads))))
+    deep_cfg, snap_cfg, deep_dir, snap_dir = train_ensembles(steps, args, prepared, res, split)
     training = data.training_records(deep_dir, snap_dir)
 
     from _openkbp_members import predict_members

@@ -41,7 +41,6 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .. import memory
 from ..errors import InputError, ModelFolderError
 from ..io.geometry import Geometry
 from ..progress import emit_progress
