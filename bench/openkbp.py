@@ -215,6 +215,42 @@ def signature(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def prepare_run(args, dataset_id: int, dataset_name: str, configuration: str | None = None):
+    """The split, its working folder (named by the split's signature), the training dataset (links)
+    and the small bench plan, each step skipped when its outputs are there. Returns (source, split,
+    root, steps, preprocessed root, results root, prepared plan, the plan's keywords)."""
+    import _openkbp_data as data
+    from _openkbp_plan import bench_plans_name, prepare_bench_plan
+
+    source = data.find_dataset(args.data)
+    split = data.make_split(data.case_ids(source), args.n_train, args.n_cal, args.n_test, args.seed)
+    root = args.workdir / f"split_{signature([split, str(source)])}"
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(root / "split.json", split)
+    steps = Steps(root)
+    raw, pre, res = root / "nnUNet_raw", root / "nnUNet_preprocessed", root / "nnUNet_results"
+    train_folder = data.link_training_dataset(source, raw, dataset_id, dataset_name, split["train"])
+    plan_kw = dict(n_stages=args.n_stages, base_features=args.base_features, max_features=args.max_features,
+                   patch_size=list(args.patch), batch_size=args.batch_size)
+    cfg_kw, key = {}, {"split": split, "plan": plan_kw, "spacing_mm": args.spacing_mm}
+    if configuration is not None:
+        cfg_kw, key["cfg"] = {"configuration": configuration}, configuration
+    plans_file = pre / train_folder.name / f"{bench_plans_name(args.spacing_mm)}.json"
+    steps.run("plan", key, [plans_file],
+              lambda: str(prepare_bench_plan(train_folder, pre, args.spacing_mm, **cfg_kw, **plan_kw).plans_file))
+    prepared = prepare_bench_plan(train_folder, pre, args.spacing_mm, **cfg_kw, **plan_kw)  # reuses what is there
+    return source, split, root, steps, pre, res, prepared, plan_kw
+
+
+def run_cli(main) -> None:
+    """``__main__`` of the OpenKBP benches: a project error is one line on stderr and exit code 2."""
+    try:
+        sys.exit(main())
+    except CalibUncertaintyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def cli(argv: list[str]) -> None:
     """Run ``calib-uncertainty <argv>`` in this process; a non-zero exit code is an error."""
     from CalibUncertaintyLib.cli.main import main
@@ -247,24 +283,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)  # inference; training sets it per fold as well
     command = " ".join(shlex.quote(x) for x in [".venv/bin/python", "bench/openkbp.py", *(sys.argv[1:]
                                                                                         if argv is None else argv)])
-    source = data.find_dataset(args.data)
-    split = data.make_split(data.case_ids(source), args.n_train, args.n_cal, args.n_test, args.seed)
-    root = args.workdir / f"split_{signature([split, str(source)])}"
-    root.mkdir(parents=True, exist_ok=True)
-    write_json(root / "split.json", split)
-    steps = Steps(root)
-    raw, pre, res = root / "nnUNet_raw", root / "nnUNet_preprocessed", root / "nnUNet_results"
-
     # 1-2: training dataset (links) and the small plan
-    train_folder = data.link_training_dataset(source, raw, DATASET_ID, DATASET_NAME, split["train"])
-    from _openkbp_plan import bench_plans_name, prepare_bench_plan
-
-    plan_kw = dict(n_stages=args.n_stages, base_features=args.base_features, max_features=args.max_features,
-                   patch_size=list(args.patch), batch_size=args.batch_size)
-    plans_file = pre / train_folder.name / f"{bench_plans_name(args.spacing_mm)}.json"
-    steps.run("plan", {"split": split, "plan": plan_kw, "spacing_mm": args.spacing_mm}, [plans_file],
-              lambda: str(prepare_bench_plan(train_folder, pre, args.spacing_mm, **plan_kw).plans_file))
-    prepared = prepare_bench_plan(train_folder, pre, args.spacing_mm, **plan_kw)  # reuses what is there
+    source, split, root, steps, pre, res, prepared, plan_kw = prepare_run(args, DATASET_ID, DATASET_NAME)
 
     # 3: training
     deep_cfg, snap_cfg, deep_dir, snap_dir = train_ensembles(steps, args, prepared, res, split)
@@ -342,8 +362,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except CalibUncertaintyError as e:  # bad input or a failed step: the message says what and where
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)  # bad input or a failed step: one line saying what and where

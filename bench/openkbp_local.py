@@ -58,9 +58,8 @@ for p in (REPO, REPO / "bench"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from CalibUncertaintyLib.errors import CalibUncertaintyError  # noqa: E402
 from CalibUncertaintyLib.io.atomic import write_json, write_text  # noqa: E402
-from openkbp import Steps, _display_path, default_data, signature, train_ensembles  # noqa: E402
+from openkbp import _display_path, default_data, prepare_run, run_cli, signature, train_ensembles  # noqa: E402
 
 log = logging.getLogger("bench.openkbp_local")
 DATASET_ID, DATASET_NAME = 502, "OpenKBPLocal"
@@ -164,24 +163,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     command = " ".join(shlex.quote(x) for x in [".venv/bin/python", "bench/openkbp_local.py",
                                                 *(sys.argv[1:] if argv is None else argv)])
-    source = data.find_dataset(args.data)
-    split = data.make_split(data.case_ids(source), args.n_train, args.n_cal, args.n_test, args.seed)
-    root = args.workdir / f"split_{signature([split, str(source)])}"
-    root.mkdir(parents=True, exist_ok=True)
-    write_json(root / "split.json", split)
-    steps = Steps(root)
-    raw, pre, res = root / "nnUNet_raw", root / "nnUNet_preprocessed", root / "nnUNet_results"
-
-    train_folder = data.link_training_dataset(source, raw, DATASET_ID, DATASET_NAME, split["train"])
-    from _openkbp_plan import bench_plans_name, prepare_bench_plan
-
-    plan_kw = dict(n_stages=args.n_stages, base_features=args.base_features, max_features=args.max_features,
-                   patch_size=list(args.patch), batch_size=args.batch_size)
-    plans_file = pre / train_folder.name / f"{bench_plans_name(args.spacing_mm)}.json"
-    steps.run("plan", {"split": split, "plan": plan_kw, "spacing_mm": args.spacing_mm, "cfg": "2d"}, [plans_file],
-              lambda: str(prepare_bench_plan(train_folder, pre, args.spacing_mm, configuration="2d",
-                                             **plan_kw).plans_file))
-    prepared = prepare_bench_plan(train_folder, pre, args.spacing_mm, configuration="2d", **plan_kw)
+    source, split, root, steps, pre, res, prepared, plan_kw = prepare_run(args, DATASET_ID, DATASET_NAME, "2d")
 
     deep_cfg, snap_cfg, deep_dir, snap_dir = train_ensembles(steps, args, prepared, res, split)
     training = data.training_records(deep_dir, snap_dir)
@@ -289,8 +271,4 @@ def write_outputs(args, results, steps, command, t_start, source, split, plan_kw
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except CalibUncertaintyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -52,6 +52,7 @@ import numpy as np  # noqa: E402
 
 from CalibUncertaintyLib.errors import CalibUncertaintyError, InputError  # noqa: E402
 from CalibUncertaintyLib.io.atomic import write_json, write_text  # noqa: E402
+from openkbp import run_cli  # noqa: E402
 
 log = logging.getLogger("bench.triage_openkbp")
 OOD_ID = "OOD_abdomen"
@@ -357,8 +358,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except CalibUncertaintyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -134,13 +134,8 @@ def budget_curve_plot(path: str | os.PathLike, curves: dict[str, dict], title: s
     if oracle is not None:
         ax.plot([100 * f for f in oracle["fractions"]], oracle["oracle_ueo"], color="black", ls="--", lw=1,
                 label="oracle (errors first)")
-    ax.set_xlabel("ROI voxels flagged, most uncertain first (%)")
-    ax.set_ylabel("mean UEO")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    if title:
-        ax.set_title(title, fontsize=11)
-    return _save(fig, path)
+    return _finish_with_side_legend(fig, ax, path, "ROI voxels flagged, most uncertain first (%)", "mean UEO", title)
 
 
 @styled
@@ -202,9 +197,15 @@ def risk_coverage_plot(path: str | os.PathLike, triage: dict, title: str = "") -
     if oracle:
         ax.plot([100 * c for c in oracle["coverage"]], oracle["risk"], color="black", ls="--", lw=1,
                 label=f"oracle (true risk) AURC {oracle['aurc']:.3f}")
-    ax.set_xlabel("cases accepted without review, lowest priority first (%)")
-    ax.set_ylabel("mean risk of accepted cases (1 − Dice)")
     ax.set_xlim(0, 100)
+    return _finish_with_side_legend(fig, ax, path, "cases accepted without review, lowest priority first (%)",
+                                    "mean risk of accepted cases (1 − Dice)", title)
+
+
+def _finish_with_side_legend(fig, ax, path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Axis labels, the legend right of the axes (room left by ``subplots_adjust``), title, save."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     if title:
         ax.set_title(title, fontsize=11)
