@@ -89,8 +89,10 @@ def _quantile_inplace(vals: np.ndarray, q: float) -> float:
     return a + (b - a) * (pos - lo)
 
 
-def _stats(a: np.ndarray, roi: np.ndarray) -> dict:
-    vals = a[roi] if roi.any() else np.zeros(0, a.dtype)  # a copy of the ROI voxels
+def _stats(a: np.ndarray, roi: np.ndarray, roi_values: np.ndarray | None = None) -> dict:
+    """min / max / mean of map ``a`` and the mean and 0.95 quantile inside ``roi``; ``roi_values``:
+    ``a[roi]`` when the caller has it (it is partitioned in place)."""
+    vals = roi_values if roi_values is not None else (a[roi] if roi.any() else np.zeros(0, a.dtype))
     mean_roi = float(vals.mean(dtype=np.float64)) if vals.size else None
     return {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean(dtype=np.float64)),
             "mean_roi": mean_roi, "p95_roi": _quantile_inplace(vals, 0.95) if vals.size else None}
@@ -285,12 +287,16 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
         rmap = opts.regions_map
         thresholds, map_stats, rmap_values = {}, {}, None
         atyp = _AtypicalityCounter(calibration, ct_path, geometry.shape_zyx)
+        roi_any = bool(roi.any())
+
         for i, (name, values) in enumerate(iter_case_maps(
                 acc, probs, geometry, calibration, mode, names=list(names), dae_sigma_mm=opts.dae_sigma_mm,
                 ebcu_radius_mm=opts.ebcu_radius_mm, roi=roi, info=map_info, release_sums=True, seg=seg)):
             entry = threshold_entry(name, calibrated_thresholds)
-            thresholds[name] = map_threshold_info(name, entry, threshold_for_case(entry, values, roi))
-            map_stats[name] = _stats(values, roi)
+            vals = values[roi] if roi_any else np.zeros(0, values.dtype)  # one copy of the ROI voxels, for both
+            thresholds[name] = map_threshold_info(name, entry, threshold_for_case(entry, values, roi, roi_values=vals))
+            map_stats[name] = _stats(values, roi, vals)
+            del vals
             atyp.add(name, values)
             tw = time.perf_counter()  # the previous map's file is done: at most one map waits for its writer
             _wait(pending)

@@ -184,12 +184,13 @@ def mean_argmax(acc) -> np.ndarray:
     """argmax_c p̄_c (z, y, x), uint8 (uint16 for K > 256), one z slab at a time: the segmentation
     of every calibration that keeps the argmax (temperature, per-class, local)."""
     from .. import memory
+    from ..uncertainty.measures import argmax_classes
 
     acc.require_members("the segmentation")
     seg = memory.empty(acc.shape_zyx, np.uint8 if acc.n_classes <= 256 else np.uint16)
     n = np.float32(acc.n_members)
-    for sl in acc.slabs():
-        seg[sl] = np.argmax(acc.sum_probs[:, sl] / n, axis=0)
+    for sl in acc.slabs():  # of p̄ itself: rounding Σ/M can tie two classes that Σ orders
+        argmax_classes(acc.sum_probs[:, sl] / n, out=seg[sl])
     return seg
 
 

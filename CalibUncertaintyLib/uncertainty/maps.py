@@ -238,9 +238,9 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
             if confidence is not None:
                 confidence[sl] = pcal.max(axis=0)
             if need_h:
-                h_all[sl] = measures.entropy(pcal)
+                measures.entropy(pcal, out=h_all[sl])
             if need_seg:
-                seg[sl] = np.argmax(pcal, axis=0)
+                measures.argmax_classes(pcal, out=seg[sl])
             del pcal
     if confidence is not None:
         yield "confidence", confidence
@@ -264,10 +264,13 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
             out.fill(0.0)
         else:
             for sl in acc.slabs():
-                pbar = pbar_slab(sl)
+                if name == "expected_entropy":  # Σ_m H(p_m) / M alone: no p̄, no H(p̄)
+                    out[sl] = measures.expected_entropy_slab(acc, sl)
+                    continue
+                pbar = pbar_slab(sl) if (name == "epkl" or not raw_h) else None
                 pe_raw = h_all[sl] if raw_h else measures.entropy(pbar)
                 ee, mi, ep = measures.disagreement_slab(acc, sl, pbar, pe_raw, want_epkl=name == "epkl")
-                out[sl] = {"expected_entropy": ee, "mutual_information": mi, "epkl": ep}[name]
+                out[sl] = {"mutual_information": mi, "epkl": ep}[name]
         yield name, out
         del out
     if release_sums:

@@ -266,7 +266,8 @@ class EnsembleAccumulator:
             p = np.asarray(read(sl), dtype=np.float32)
             h = np.zeros(p.shape[1:], dtype=np.float32)
             for c in range(self.n_classes):
-                logp = np.log(np.maximum(p[c], eps))
+                logp = np.maximum(p[c], eps)
+                np.log(logp, out=logp)
                 s_old = self._sum_p[c, sl]
                 if n_old:  # L_c += log p − (n+1) log p̄_new + n log p̄_old (module doc); 0 for the first member
                     self._add_log_gap(c, sl, logp, s_old, p[c], n_old, inv_old, inv_new, n_new)
@@ -287,14 +288,28 @@ class EnsembleAccumulator:
         self._n = n_old + 1
 
     def _add_log_gap(self, c, sl, logp, s_old, p_c, n_old, inv_old, inv_new, n_new) -> None:
+        # the same float32 operations in the same order as
+        #   gap = L_c + log p − n_new log max(p̄_new, EPS) + n_old log max(p̄_old, EPS)
+        # written into two slab buffers; after the first member L_c is 0 and n_old = 1, and
+        # 0 + x, x · 1 are exact, so the second member skips reading L and those products
         eps = np.float32(EPS)
-        gap = self._log_gap[c, sl].astype(np.float32)
-        gap += logp
-        new = np.log(np.maximum((s_old + p_c) * inv_new, eps))
+        new = np.add(s_old, p_c)
+        new *= inv_new
+        np.maximum(new, eps, out=new)
+        np.log(new, out=new)
         new *= n_new
-        gap -= new
-        old = np.log(np.maximum(s_old * inv_old, eps))
-        old *= np.float32(n_old)
+        if n_old == 1:
+            gap = np.subtract(logp, new, out=new)
+            old = np.maximum(s_old, eps)
+        else:
+            gap = self._log_gap[c, sl].astype(np.float32)
+            gap += logp
+            gap -= new
+            old = np.multiply(s_old, inv_old, out=new)
+            np.maximum(old, eps, out=old)
+        np.log(old, out=old)
+        if n_old != 1:
+            old *= np.float32(n_old)
         gap += old
         self._log_gap[c, sl] = gap
 
