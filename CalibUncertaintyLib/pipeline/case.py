@@ -288,10 +288,20 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
         thresholds, map_stats, rmap_values = {}, {}, None
         atyp = _AtypicalityCounter(calibration, ct_path, geometry.shape_zyx)
         roi_any = bool(roi.any())
+        # A written map's volume is handed to the next map but one (``spare_volume``): the same
+        # number of volumes is alive as when each map is freed and the next one allocated, minus
+        # the page faults of a fresh mapping. Never the entropy (DAE and EBCU read it later) nor
+        # the regions map (kept for the regions).
+        spare: list = []
+        written = None  # (name, volume) whose file a writer thread is compressing
+
+        def spare_volume():
+            return spare.pop() if spare else None
 
         for i, (name, values) in enumerate(iter_case_maps(
                 acc, probs, geometry, calibration, mode, names=list(names), dae_sigma_mm=opts.dae_sigma_mm,
-                ebcu_radius_mm=opts.ebcu_radius_mm, roi=roi, info=map_info, release_sums=True, seg=seg)):
+                ebcu_radius_mm=opts.ebcu_radius_mm, roi=roi, info=map_info, release_sums=True, seg=seg,
+                spare_volume=spare_volume)):
             entry = threshold_entry(name, calibrated_thresholds)
             vals = values[roi] if roi_any else np.zeros(0, values.dtype)  # one copy of the ROI voxels, for both
             thresholds[name] = map_threshold_info(name, entry, threshold_for_case(entry, values, roi, roi_values=vals))
@@ -300,14 +310,20 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
             atyp.add(name, values)
             tw = time.perf_counter()  # the previous map's file is done: at most one map waits for its writer
             _wait(pending)
+            if written is not None and written[0] not in ("entropy", rmap):
+                spare[:] = [written[1]]
+            written = None
             pending.append(_pool().submit(write_image, partial / f"map_{name}.nii.gz",
                                           values.astype(np.float32, copy=False), geometry))
             write_maps_s += time.perf_counter() - tw
             if name == rmap:
                 rmap_values = values
+            written = (name, values)
             del values
             emit_progress("maps", 0.7 + 0.15 * (i + 1) / n_maps, case=case_id, n_maps=n_maps, message=name)
         probs = None
+        spare.clear()
+        written = None
         tw = time.perf_counter()
         _wait(pending)
         write_maps_s += time.perf_counter() - tw

@@ -129,3 +129,33 @@ def test_regions_on_the_flagged_box_equal_whole_image_components(where):
     ranks = [r.rank for r in regions]
     assert ranks == list(range(1, len(regions) + 1))
     assert all(a.score >= b.score for a, b in zip(regions, regions[1:]))
+
+
+def test_maps_computed_into_spare_volumes_equal_fresh_ones():
+    """iter_maps writes each map but the entropy into the volume ``spare_volume`` hands it (a map
+    already written, full of old values): every voxel is overwritten, so the maps are those of
+    fresh volumes, and the entropy, which DAE and EBCU read afterwards, is never handed out."""
+    from CalibUncertaintyLib.uncertainty.maps import MAP_NAMES, iter_maps
+
+    k, shape = 3, (6, 20, 18)
+    acc = EnsembleAccumulator(k, shape)
+    for p in _members(k, 3, shape, seed=11):
+        acc.add(p)
+    geo = Geometry(shape_zyx=shape, spacing=(0.9, 0.8, 2.5))
+    fresh = {n: v.copy() for n, v in iter_maps(acc, geo, temperature=1.3)}
+    handed = []
+
+    def spare():
+        buf = np.full(shape, np.float32(7.5))  # stale values everywhere
+        handed.append(buf)
+        return buf
+
+    got = {}
+    for n, v in iter_maps(acc, geo, temperature=1.3, spare_volume=spare):
+        got[n] = v.copy()
+        if n != "entropy":
+            assert any(v is b for b in handed), n
+    assert list(got) == list(MAP_NAMES)
+    for n in MAP_NAMES:
+        np.testing.assert_array_equal(got[n], fresh[n], err_msg=n)
+    assert len(handed) == len(MAP_NAMES) - 1
