@@ -251,9 +251,12 @@ class EnsembleAccumulator:
         if self._n >= np.iinfo(np.uint16).max:
             raise InputError(f"{member}: at most {np.iinfo(np.uint16).max} members are supported")
 
+        # a member computed on demand is read one slab ahead in a worker thread (``_read_ahead``)
+        ahead = hasattr(probs, "slab")
         if not getattr(probs, "valid_probabilities", False):
-            for sl in self.slabs():  # pass 1: validate everything before touching the sums
-                self._validate_slab(np.asarray(read(sl), dtype=np.float32), sl, member)
+            for sl, p in _read_ahead(read, self.slabs(), ahead):  # pass 1: validate before touching the sums
+                self._validate_slab(np.asarray(p, dtype=np.float32), sl, member)
+            p = None
 
         n_old = self._n
         inv_old = np.float32(1.0 / n_old) if n_old else None
@@ -262,8 +265,8 @@ class EnsembleAccumulator:
             raise InputError("add(): log_gap was released; the accumulator is complete")
         eps = np.float32(EPS)
         n_new = np.float32(n_old + 1)
-        for sl in self.slabs():  # pass 2: accumulate
-            p = np.asarray(read(sl), dtype=np.float32)
+        for sl, p in _read_ahead(read, self.slabs(), ahead):  # pass 2: accumulate
+            p = np.asarray(p, dtype=np.float32)
             h = np.zeros(p.shape[1:], dtype=np.float32)
             for c in range(self.n_classes):
                 logp = np.maximum(p[c], eps)
@@ -337,6 +340,37 @@ class EnsembleAccumulator:
                              f"{total:.6g} (off by {abs(total - 1.0):.3g}, tolerance {SUM_TOLERANCE:g}; "
                              f"{n_bad} voxel(s) of z slices {sl.start}..{sl.stop - 1} are off); "
                              "pass softmax probabilities with classes on the first axis")
+
+
+_READER = None
+
+
+def _read_ahead(read, slabs, ahead: bool):
+    """Yield ``(sl, read(sl))`` for each slab. With ``ahead``, slab i + 1 is computed in a worker
+    thread while the caller works on slab i (a member computed on demand: resampling and softmax
+    release the GIL), so a second core overlaps the member's computation with the accumulation.
+    The slabs are read one after another, in order, in that one thread; at most two slabs exist
+    at a time (the one in use and the next); the values are those of reading them in turn."""
+    if not ahead:
+        for sl in slabs:
+            yield sl, read(sl)
+        return
+    global _READER
+    if _READER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _READER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibu-slab")
+    slabs = list(slabs)
+    nxt = _READER.submit(read, slabs[0]) if slabs else None
+    try:
+        for i, sl in enumerate(slabs):
+            value = nxt.result()
+            nxt = _READER.submit(read, slabs[i + 1]) if i + 1 < len(slabs) else None
+            yield sl, value
+            del value
+    finally:
+        if nxt is not None:  # the caller stopped early (an error): let the pending read end first
+            nxt.cancel() or nxt.exception()
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:

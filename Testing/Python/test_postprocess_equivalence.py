@@ -159,3 +159,55 @@ def test_maps_computed_into_spare_volumes_equal_fresh_ones():
     for n in MAP_NAMES:
         np.testing.assert_array_equal(got[n], fresh[n], err_msg=n)
     assert len(handed) == len(MAP_NAMES) - 1
+
+
+class _OnDemand:
+    """A member computed per z slab on demand (as nnunet.member_probabilities gives them)."""
+
+    ndim, dtype = 4, np.dtype(np.float32)
+
+    def __init__(self, array, valid=True, fail_at=None):
+        self.array, self.shape, self.valid_probabilities = array, array.shape, valid
+        self.reads, self.fail_at = [], fail_at
+
+    def slab(self, sl):
+        import threading
+
+        self.reads.append((sl.start, threading.current_thread().name))
+        if self.fail_at is not None and sl.start == self.fail_at:
+            raise RuntimeError("slab failed")
+        return self.array[:, sl].copy()
+
+
+@pytest.mark.parametrize("valid", [True, False])
+def test_members_read_ahead_in_a_worker_give_the_same_sums(valid):
+    """An on-demand member's next slab is computed in a worker thread while the current one is
+    accumulated: the slabs are read in order, once per pass, and the sums equal those of the
+    same member given as an array."""
+    k, shape = 3, (7, 5, 6)
+    members = _members(k, 3, shape, seed=5)
+    plain = EnsembleAccumulator(k, shape, slab_voxels=30)
+    ahead = EnsembleAccumulator(k, shape, slab_voxels=30)
+    for p in members:
+        plain.add(p)
+        m = _OnDemand(p, valid)
+        ahead.add(m)
+        starts = [s for s, _ in m.reads]
+        assert starts == list(range(7)) * (1 if valid else 2)
+        assert all(name.startswith("calibu-slab") for _, name in m.reads)
+    for a, b in ((plain.sum_probs, ahead.sum_probs), (plain.log_gap, ahead.log_gap),
+                 (plain.sum_entropy, ahead.sum_entropy), (plain.fg_sq_dev, ahead.fg_sq_dev),
+                 (plain.fg_votes, ahead.fg_votes)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_failing_slab_read_ahead_propagates_and_validation_leaves_the_sums():
+    k, shape = 2, (6, 4, 5)
+    p = _members(k, 1, shape)[0]
+    acc = EnsembleAccumulator(k, shape, slab_voxels=20)
+    acc.add(p)
+    before = acc.sum_probs.copy()
+    with pytest.raises(RuntimeError, match="slab failed"):
+        acc.add(_OnDemand(p, valid=False, fail_at=3))  # fails in the validation pass
+    np.testing.assert_array_equal(acc.sum_probs, before)
+    assert acc.n_members == 1
