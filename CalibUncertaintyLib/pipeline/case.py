@@ -92,10 +92,26 @@ def _quantile_inplace(vals: np.ndarray, q: float) -> float:
 def _stats(a: np.ndarray, roi: np.ndarray, roi_values: np.ndarray | None = None) -> dict:
     """min / max / mean of map ``a`` and the mean and 0.95 quantile inside ``roi``; ``roi_values``:
     ``a[roi]`` when the caller has it (it is partitioned in place)."""
+    return {**_whole_stats(a), **_roi_stats(a, roi, roi_values)}
+
+
+def _whole_stats(a: np.ndarray) -> dict:
+    """min / max / mean of the whole map: reads it, allocates nothing of its size."""
+    return {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean(dtype=np.float64))}
+
+
+def _roi_stats(a: np.ndarray, roi: np.ndarray, roi_values: np.ndarray | None = None) -> dict:
     vals = roi_values if roi_values is not None else (a[roi] if roi.any() else np.zeros(0, a.dtype))
     mean_roi = float(vals.mean(dtype=np.float64)) if vals.size else None
-    return {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean(dtype=np.float64)),
-            "mean_roi": mean_roi, "p95_roi": _quantile_inplace(vals, 0.95) if vals.size else None}
+    return {"mean_roi": mean_roi, "p95_roi": _quantile_inplace(vals, 0.95) if vals.size else None}
+
+
+def _whole_stats_and_write(path, values: np.ndarray, geometry) -> dict:
+    """A map's whole-image statistics, then its file (one writer-thread job: the map is held until
+    its file is written anyway, so reading it there costs no memory and overlaps the next map)."""
+    stats = _whole_stats(values)
+    write_image(path, values.astype(np.float32, copy=False), geometry)
+    return stats
 
 
 def map_threshold_info(name: str, entry: dict, tau_score: float) -> dict:
@@ -285,7 +301,7 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
         map_info: dict = {}
         calibrated_thresholds = calibration.thresholds if calibration is not None else None
         rmap = opts.regions_map
-        thresholds, map_stats, rmap_values = {}, {}, None
+        thresholds, roi_stats, whole_stats, rmap_values = {}, {}, {}, None
         atyp = _AtypicalityCounter(calibration, ct_path, geometry.shape_zyx)
         roi_any = bool(roi.any())
         # A written map's volume is handed to the next map but one (``spare_volume``): the same
@@ -305,7 +321,7 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
             entry = threshold_entry(name, calibrated_thresholds)
             vals = values[roi] if roi_any else np.zeros(0, values.dtype)  # one copy of the ROI voxels, for both
             thresholds[name] = map_threshold_info(name, entry, threshold_for_case(entry, values, roi, roi_values=vals))
-            map_stats[name] = _stats(values, roi, vals)
+            roi_stats[name] = _roi_stats(values, roi, vals)
             del vals
             atyp.add(name, values)
             tw = time.perf_counter()  # the previous map's file is done: at most one map waits for its writer
@@ -313,8 +329,9 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
             if written is not None and written[0] not in ("entropy", rmap):
                 spare[:] = [written[1]]
             written = None
-            pending.append(_pool().submit(write_image, partial / f"map_{name}.nii.gz",
-                                          values.astype(np.float32, copy=False), geometry))
+            whole_stats[name] = _pool().submit(_whole_stats_and_write, partial / f"map_{name}.nii.gz", values,
+                                               geometry)
+            pending.append(whole_stats[name])
             write_maps_s += time.perf_counter() - tw
             if name == rmap:
                 rmap_values = values
@@ -327,6 +344,7 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
         tw = time.perf_counter()
         _wait(pending)
         write_maps_s += time.perf_counter() - tw
+        map_stats = {name: {**whole_stats[name].result(), **roi_stats[name]} for name in roi_stats}
         files += [f"map_{name}.nii.gz" for name in names]
         thresholds = {name: thresholds[name] for name in names}
         timings["maps_s"] = time.perf_counter() - t - write_maps_s
