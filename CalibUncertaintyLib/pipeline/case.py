@@ -370,7 +370,8 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
                            score=r_info["score"], threshold_score=r_info["tau_score"],
                            min_region_mm3=opts.min_region_mm3)
         timings["regions_s"] = time.perf_counter() - t
-        atyp.add_volumes(seg, k, geometry.voxel_volume_mm3)
+        label_counts = _label_counts(seg, k)
+        atyp.add_volumes(label_counts, geometry.voxel_volume_mm3)
         case_aggs = _case_aggregates(rmap, score, r_info["tau_score"], roi, seg, regions, geometry, atyp)
         del score
 
@@ -390,7 +391,7 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
             "ensemble_mode": mode,
             "calibration": _calibration_record(calibration),
             "roi": regions_doc["roi"],
-            "predicted_volume_mm3": {class_names[c]: float(np.count_nonzero(seg == c) * voxel_mm3) for c in range(1, k)},
+            "predicted_volume_mm3": {class_names[c]: float(label_counts[c] * voxel_mm3) for c in range(1, k)},
             "thresholds": thresholds,
             "regions_map": rmap,
             "n_regions": len(regions_doc["regions"]),
@@ -441,11 +442,25 @@ class _AtypicalityCounter:
         if self.domain is not None:
             self.values.update(case_atypicality({name: values}, self.domain, self.ref))
 
-    def add_volumes(self, seg, n_classes: int, voxel_mm3: float) -> None:
+    def add_volumes(self, label_counts, voxel_mm3: float) -> None:
+        """``label_counts``: voxels per label 0..K-1 (``_label_counts``)."""
         from ..metrics.atypicality import case_atypicality
 
-        vols = np.bincount(seg.ravel(), minlength=n_classes)[1:n_classes] * voxel_mm3
+        if not self.ref:
+            return
+        vols = np.asarray(label_counts[1:]) * voxel_mm3
         self.values.update(case_atypicality({}, None, self.ref, volumes_mm3=vols))
+
+
+def _label_counts(seg, n_classes: int) -> np.ndarray:
+    """Voxels of each label 0..K-1 (int64), one z slab at a time: ``np.bincount`` of a whole uint8
+    volume would first make an int64 copy of it (8 bytes per voxel)."""
+    from ..uncertainty.streaming import z_slabs
+
+    counts = np.zeros(n_classes, np.int64)
+    for sl in z_slabs(seg.shape):
+        counts += np.bincount(seg[sl].ravel(), minlength=n_classes)[:n_classes]
+    return counts
 
 
 def _case_aggregates(rmap, score, tau_score, roi, seg, regions, geometry, atyp) -> dict:

@@ -343,14 +343,16 @@ class EnsembleAccumulator:
 
 
 _READER = None
+READ_AHEAD = 2
+"""Slabs of a member computed on demand that are read ahead in worker threads (``_read_ahead``)."""
 
 
 def _read_ahead(read, slabs, ahead: bool):
-    """Yield ``(sl, read(sl))`` for each slab. With ``ahead``, slab i + 1 is computed in a worker
-    thread while the caller works on slab i (a member computed on demand: resampling and softmax
-    release the GIL), so a second core overlaps the member's computation with the accumulation.
-    The slabs are read one after another, in order, in that one thread; at most two slabs exist
-    at a time (the one in use and the next); the values are those of reading them in turn."""
+    """Yield ``(sl, read(sl))`` for each slab, in order. With ``ahead``, the next ``READ_AHEAD``
+    slabs are computed in worker threads while the caller works on the current one (a member
+    computed on demand: its resampling and softmax release the GIL), so other cores overlap the
+    member's computation with the accumulation. At most ``READ_AHEAD`` + 1 slabs exist at a time;
+    each slab's values are those of reading it alone (``read`` must only read shared state)."""
     if not ahead:
         for sl in slabs:
             yield sl, read(sl)
@@ -359,18 +361,19 @@ def _read_ahead(read, slabs, ahead: bool):
     if _READER is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        _READER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibu-slab")
+        _READER = ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="calibu-slab")
     slabs = list(slabs)
-    nxt = _READER.submit(read, slabs[0]) if slabs else None
+    queue = [_READER.submit(read, sl) for sl in slabs[:READ_AHEAD]]
     try:
         for i, sl in enumerate(slabs):
-            value = nxt.result()
-            nxt = _READER.submit(read, slabs[i + 1]) if i + 1 < len(slabs) else None
+            value = queue.pop(0).result()
+            if i + READ_AHEAD < len(slabs):
+                queue.append(_READER.submit(read, slabs[i + READ_AHEAD]))
             yield sl, value
             del value
     finally:
-        if nxt is not None:  # the caller stopped early (an error): let the pending read end first
-            nxt.cancel() or nxt.exception()
+        for f in queue:  # the caller stopped early (an error): let pending reads end first
+            f.cancel() or f.exception()
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:

@@ -192,8 +192,10 @@ def test_members_read_ahead_in_a_worker_give_the_same_sums(valid):
         plain.add(p)
         m = _OnDemand(p, valid)
         ahead.add(m)
-        starts = [s for s, _ in m.reads]
-        assert starts == list(range(7)) * (1 if valid else 2)
+        starts = [s for s, _ in m.reads]  # worker threads may start neighbouring slabs in either order
+        assert sorted(starts) == sorted(list(range(7)) * (1 if valid else 2))
+        if not valid:  # every slab validated before any is accumulated
+            assert sorted(starts[:7]) == list(range(7))
         assert all(name.startswith("calibu-slab") for _, name in m.reads)
     for a, b in ((plain.sum_probs, ahead.sum_probs), (plain.log_gap, ahead.log_gap),
                  (plain.sum_entropy, ahead.sum_entropy), (plain.fg_sq_dev, ahead.fg_sq_dev),
