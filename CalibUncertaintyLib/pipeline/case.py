@@ -278,6 +278,9 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
             margins_w.abort()
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    # the writer threads' and slab temporaries' freed heap goes back to the system before the
+    # maps, whose pass is the case's peak while the sums are still held
+    memory.release_heap()
     roi = roi_mask(seg, geometry.spacing_zyx, radius, rule="prediction", allow_empty=True)
     if not roi.any():
         notes.append("the prediction has no foreground: the ROI is empty, so no region is flagged "

@@ -61,6 +61,10 @@ MAP_DESCRIPTIONS = {
             "blobs of doubt over thin contour shells.",
 }
 
+YIELD_ORDER = ("fg_variance", "vote_disagreement", "confidence", "entropy", "entropy_norm", "expected_entropy",
+               "mutual_information", "epkl", "dae", "ebcu")
+"""The order in which ``iter_maps`` yields the maps (``compute_maps`` returns ``MAP_NAMES`` order)."""
+
 _MEMBER_MAPS = {"expected_entropy", "mutual_information", "epkl"}
 
 
@@ -162,7 +166,8 @@ def iter_maps(acc: EnsembleAccumulator, geometry, temperature: float | None = No
               ebcu_threshold: float | None = None, roi=None, info: dict | None = None,
               release_sums: bool = False, probs=None, seg=None, spare_volume=None):
     """Yield ``(name, map)`` for the requested maps (default: all of ``MAP_NAMES``), in
-    ``MAP_NAMES`` order, float32 (z, y, x), each computed when it is asked for: a caller that
+    ``YIELD_ORDER`` (the foreground variance and votes first, so that ``release_sums`` frees their
+    sums before the other maps are computed), float32 (z, y, x), each computed when it is asked for: a caller that
     writes each map and drops it holds one map at a time, besides the entropy volume (kept for
     DAE and EBCU) and the labels.
 
@@ -237,6 +242,21 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
         pbar = pbar_slab(sl)
         return pbar if t_cal is None else _temperature_slab(pbar, t_cal)
 
+    # 0. maps of the members' foreground variance and votes first: with ``release_sums`` their
+    #    two sums (1.5 volumes) are freed before the entropy volume and the other maps exist
+    for name, fn, part in (("fg_variance", measures.fg_variance_slab, "fg_sq_dev"),
+                           ("vote_disagreement", measures.vote_disagreement_slab, "fg_votes")):
+        if name in wanted:
+            out = new_map()
+            for sl in acc.slabs():
+                out[sl] = fn(acc, sl)
+            if release_sums:
+                acc.release_part(part)
+            yield name, out
+            del out
+        elif release_sums:
+            acc.release_part(part)
+
     # 1. maps of the calibrated probability: one slab pass for the entropy (kept for DAE and
     #    EBCU), the labels and the confidence; the normalised entropy is a rescaled entropy.
     need_h = bool({"entropy", "entropy_norm", "dae", "ebcu"} & set(wanted))
@@ -255,6 +275,9 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
             if need_seg:
                 measures.argmax_classes(pcal, out=seg[sl])
             del pcal
+    member_wanted = [n for n in ("expected_entropy", "mutual_information", "epkl") if n in wanted]
+    if release_sums and not member_wanted:
+        acc.release()
     if confidence is not None:
         yield "confidence", confidence
         del confidence
@@ -284,19 +307,10 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
                 pe_raw = h_all[sl] if raw_h else measures.entropy(pbar)
                 ee, mi, ep = measures.disagreement_slab(acc, sl, pbar, pe_raw, want_epkl=name == "epkl")
                 out[sl] = {"mutual_information": mi, "epkl": ep}[name]
+        if release_sums and name == member_wanted[-1]:
+            acc.release()  # no later map reads the sums: freed before this map is handed over
         yield name, out
         del out
-    if release_sums:
-        acc.release_log_gap()  # K volumes no later map reads
-
-    # 3. maps of the members' foreground votes and variance
-    for name, fn in (("fg_variance", measures.fg_variance_slab), ("vote_disagreement", measures.vote_disagreement_slab)):
-        if name in wanted:
-            out = new_map()
-            for sl in acc.slabs():
-                out[sl] = fn(acc, sl)
-            yield name, out
-            del out
 
     if release_sums:
         acc.release()

@@ -146,23 +146,37 @@ class EnsembleAccumulator:
         """Free ``log_gap`` (K float16 volumes) once EPKL is computed; the other sums stay."""
         self._log_gap = None
 
+    _PARTS = {"log_gap": "_log_gap", "sum_entropy": "_sum_h", "fg_sq_dev": "_fg_m2", "fg_votes": "_fg_votes"}
+
+    def release_part(self, name: str) -> None:
+        """Free one of the sums ``log_gap``, ``sum_entropy``, ``fg_sq_dev``, ``fg_votes`` once every
+        map that reads it is computed (``maps.iter_maps(..., release_sums=True)``); reading it
+        afterwards raises InputError, ``add`` too."""
+        if name not in self._PARTS:
+            raise InputError(f"unknown sum {name!r}; one of {', '.join(self._PARTS)}")
+        setattr(self, self._PARTS[name], None)
+
+    def _part(self, attr: str, what: str) -> np.ndarray:
+        self._require_sums(what)
+        a = getattr(self, attr)
+        if a is None:
+            raise InputError(f"{what}: released after the maps that read it (release_part())")
+        return _readonly(a)
+
     @property
     def sum_entropy(self) -> np.ndarray:
         """Σ_m H(p_m), (z, y, x) float32 (read-only view)."""
-        self._require_sums("sum_entropy")
-        return _readonly(self._sum_h)
+        return self._part("_sum_h", "sum_entropy")
 
     @property
     def fg_sq_dev(self) -> np.ndarray:
         """Σ_m (p_fg,m − mean_m p_fg,m)², (z, y, x) float32, Welford form (read-only view)."""
-        self._require_sums("fg_sq_dev")
-        return _readonly(self._fg_m2)
+        return self._part("_fg_m2", "fg_sq_dev")
 
     @property
     def fg_votes(self) -> np.ndarray:
         """Number of members whose argmax is a foreground class, (z, y, x) uint16 (read-only)."""
-        self._require_sums("fg_votes")
-        return _readonly(self._fg_votes)
+        return self._part("_fg_votes", "fg_votes")
 
     @property
     def nbytes(self) -> int:
@@ -261,8 +275,8 @@ class EnsembleAccumulator:
         n_old = self._n
         inv_old = np.float32(1.0 / n_old) if n_old else None
         inv_new = np.float32(1.0 / (n_old + 1))
-        if self._log_gap is None:
-            raise InputError("add(): log_gap was released; the accumulator is complete")
+        if any(a is None for a in (self._log_gap, self._sum_h, self._fg_m2, self._fg_votes)):
+            raise InputError("add(): part of the sums was released; the accumulator is complete")
         eps = np.float32(EPS)
         n_new = np.float32(n_old + 1)
         for sl, p in _read_ahead(read, self.slabs(), ahead):  # pass 2: accumulate

@@ -155,7 +155,7 @@ def test_maps_computed_into_spare_volumes_equal_fresh_ones():
         got[n] = v.copy()
         if n != "entropy":
             assert any(v is b for b in handed), n
-    assert list(got) == list(MAP_NAMES)
+    assert sorted(got) == sorted(MAP_NAMES)
     for n in MAP_NAMES:
         np.testing.assert_array_equal(got[n], fresh[n], err_msg=n)
     assert len(handed) == len(MAP_NAMES) - 1
@@ -213,3 +213,32 @@ def test_a_failing_slab_read_ahead_propagates_and_validation_leaves_the_sums():
         acc.add(_OnDemand(p, valid=False, fail_at=3))  # fails in the validation pass
     np.testing.assert_array_equal(acc.sum_probs, before)
     assert acc.n_members == 1
+
+
+def test_release_sums_frees_each_sum_after_its_last_map():
+    """With release_sums the foreground variance and votes come first and their sums are freed
+    before the entropy volume exists; every sum is freed before DAE / EBCU; the maps equal those
+    computed with every sum kept."""
+    from CalibUncertaintyLib.errors import InputError
+    from CalibUncertaintyLib.uncertainty.maps import YIELD_ORDER, compute_maps, iter_maps
+
+    k, shape = 3, (5, 12, 10)
+    members = _members(k, 3, shape, seed=2)
+    kept, freed = EnsembleAccumulator(k, shape), EnsembleAccumulator(k, shape)
+    for p in members:
+        kept.add(p)
+        freed.add(p)
+    geo = Geometry(shape_zyx=shape, spacing=(0.9, 0.8, 2.5))
+    expected = compute_maps(kept, geo)
+    order = []
+    for name, v in iter_maps(freed, geo, release_sums=True):
+        order.append(name)
+        np.testing.assert_array_equal(v, expected[name], err_msg=name)
+        if name == "fg_variance":
+            with pytest.raises(InputError, match="released"):
+                freed.fg_sq_dev
+        if name == "epkl":
+            assert freed.released
+    assert tuple(order) == YIELD_ORDER
+    with pytest.raises(InputError):
+        freed.release_part("sum_p")
