@@ -61,8 +61,8 @@ MAP_DESCRIPTIONS = {
             "blobs of doubt over thin contour shells.",
 }
 
-YIELD_ORDER = ("fg_variance", "vote_disagreement", "confidence", "entropy", "entropy_norm", "expected_entropy",
-               "mutual_information", "epkl", "dae", "ebcu")
+YIELD_ORDER = ("fg_variance", "vote_disagreement", "expected_entropy", "mutual_information", "epkl",
+               "confidence", "entropy", "entropy_norm", "dae", "ebcu")
 """The order in which ``iter_maps`` yields the maps (``compute_maps`` returns ``MAP_NAMES`` order)."""
 
 _MEMBER_MAPS = {"expected_entropy", "mutual_information", "epkl"}
@@ -166,8 +166,8 @@ def iter_maps(acc: EnsembleAccumulator, geometry, temperature: float | None = No
               ebcu_threshold: float | None = None, roi=None, info: dict | None = None,
               release_sums: bool = False, probs=None, seg=None, spare_volume=None):
     """Yield ``(name, map)`` for the requested maps (default: all of ``MAP_NAMES``), in
-    ``YIELD_ORDER`` (the foreground variance and votes first, so that ``release_sums`` frees their
-    sums before the other maps are computed), float32 (z, y, x), each computed when it is asked for: a caller that
+    ``YIELD_ORDER`` (the maps of the members first, so that ``release_sums`` frees the sums only
+    they read before the entropy volume and the confidence exist), float32 (z, y, x), each computed when it is asked for: a caller that
     writes each map and drops it holds one map at a time, besides the entropy volume (kept for
     DAE and EBCU) and the labels.
 
@@ -257,7 +257,36 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
         elif release_sums:
             acc.release_part(part)
 
-    # 1. maps of the calibrated probability: one slab pass for the entropy (kept for DAE and
+    member_wanted = [n for n in ("expected_entropy", "mutual_information", "epkl") if n in wanted]
+    # 1. maps of the members' disagreement, each in its own slab pass (one map held at a time),
+    #    before the entropy volume exists: with ``release_sums`` the sums only they read
+    #    (Σ H(p_m), the log gaps) are freed before it and the confidence are allocated. H(p̄) for
+    #    MI and EPKL is computed per slab (the same function on the same p̄ as the entropy map).
+    for name in ("expected_entropy", "mutual_information", "epkl"):
+        if name not in wanted:
+            continue
+        out = new_map()
+        if single and name != "expected_entropy":
+            out.fill(0.0)
+        else:
+            for sl in acc.slabs():
+                if name == "expected_entropy":  # Σ_m H(p_m) / M alone: no p̄, no H(p̄)
+                    out[sl] = measures.expected_entropy_slab(acc, sl)
+                    continue
+                pbar = pbar_slab(sl)
+                ee, mi, ep = measures.disagreement_slab(acc, sl, pbar, measures.entropy(pbar),
+                                                        want_epkl=name == "epkl")
+                out[sl] = {"mutual_information": mi, "epkl": ep}[name]
+        if release_sums and name == member_wanted[-1]:
+            acc.release_part("log_gap")  # no later map reads these two:
+            acc.release_part("sum_entropy")  # freed before this map is handed over
+        yield name, out
+        del out
+    if release_sums:
+        acc.release_part("log_gap")
+        acc.release_part("sum_entropy")
+
+    # 2. maps of the calibrated probability: one slab pass for the entropy (kept for DAE and
     #    EBCU), the labels and the confidence; the normalised entropy is a rescaled entropy.
     need_h = bool({"entropy", "entropy_norm", "dae", "ebcu"} & set(wanted))
     need_seg = seg is None and ("dae" in wanted or ("ebcu" in wanted and ebcu_threshold is None))
@@ -275,9 +304,8 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
             if need_seg:
                 measures.argmax_classes(pcal, out=seg[sl])
             del pcal
-    member_wanted = [n for n in ("expected_entropy", "mutual_information", "epkl") if n in wanted]
-    if release_sums and not member_wanted:
-        acc.release()
+    if release_sums:
+        acc.release()  # no later map reads the sums (the maps of the members came first)
     if confidence is not None:
         yield "confidence", confidence
         del confidence
@@ -290,31 +318,7 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
         yield "entropy_norm", out
         del out
 
-    # 2. maps of the members' disagreement, each in its own slab pass (one map held at a time)
-    raw_h = need_h and t_cal is None and probs is None  # h_all is then H(p̄) itself
-    for name in ("expected_entropy", "mutual_information", "epkl"):
-        if name not in wanted:
-            continue
-        out = new_map()
-        if single and name != "expected_entropy":
-            out.fill(0.0)
-        else:
-            for sl in acc.slabs():
-                if name == "expected_entropy":  # Σ_m H(p_m) / M alone: no p̄, no H(p̄)
-                    out[sl] = measures.expected_entropy_slab(acc, sl)
-                    continue
-                pbar = pbar_slab(sl) if (name == "epkl" or not raw_h) else None
-                pe_raw = h_all[sl] if raw_h else measures.entropy(pbar)
-                ee, mi, ep = measures.disagreement_slab(acc, sl, pbar, pe_raw, want_epkl=name == "epkl")
-                out[sl] = {"mutual_information": mi, "epkl": ep}[name]
-        if release_sums and name == member_wanted[-1]:
-            acc.release()  # no later map reads the sums: freed before this map is handed over
-        yield name, out
-        del out
-
-    if release_sums:
-        acc.release()
-    # 4. the spatial maps of the calibrated entropy
+    # 3. the spatial maps of the calibrated entropy
     spacing = geometry.spacing_zyx
     if "dae" in wanted:
         yield "dae", distance_aware_entropy(h_all, seg, spacing, sigma_mm=dae_sigma_mm, out=new_map())

@@ -216,9 +216,10 @@ def test_a_failing_slab_read_ahead_propagates_and_validation_leaves_the_sums():
 
 
 def test_release_sums_frees_each_sum_after_its_last_map():
-    """With release_sums the foreground variance and votes come first and their sums are freed
-    before the entropy volume exists; every sum is freed before DAE / EBCU; the maps equal those
-    computed with every sum kept."""
+    """With release_sums the maps of the members come first (foreground variance and votes, then
+    EE, MI, EPKL) and each sum is freed after the last map that reads it, so only p̄'s sums are
+    left when the entropy volume is allocated, none after the confidence pass; the maps equal
+    those computed with every sum kept."""
     from CalibUncertaintyLib.errors import InputError
     from CalibUncertaintyLib.uncertainty.maps import YIELD_ORDER, compute_maps, iter_maps
 
@@ -237,7 +238,13 @@ def test_release_sums_frees_each_sum_after_its_last_map():
         if name == "fg_variance":
             with pytest.raises(InputError, match="released"):
                 freed.fg_sq_dev
-        if name == "epkl":
+        if name == "epkl":  # the members' maps are done: their own sums are gone, p̄'s stays
+            with pytest.raises(InputError, match="released"):
+                freed.log_gap
+            with pytest.raises(InputError, match="released"):
+                freed.sum_entropy
+            assert not freed.released
+        if name == "confidence":  # every sum freed before the entropy maps, DAE and EBCU
             assert freed.released
     assert tuple(order) == YIELD_ORDER
     with pytest.raises(InputError):
