@@ -17,7 +17,7 @@ to the temporary working folder (never into the repository). Printed per K:
    re-insertion, ``.npz`` + segmentation writing) against everything ``predict`` does after the
    last member's logits (``MemberProbabilities``, accumulation into sums that already hold an
    earlier member, calibrated probabilities, every map, regions, writing): seconds of that step
-   and the process's peak RSS.
+   the process's peak RSS and the CPU seconds of that step (all threads).
 
     python bench/many_classes.py [--k 6 14 25] [--slices 64] [--folds 0 1] [--skip-full] [--work DIR]
 
@@ -96,7 +96,7 @@ def post_process(kind: str, model: Path, ct: Path, out: Path) -> dict:
     import CalibUncertaintyLib.pipeline.case  # noqa: F401     as they are in a predict run)
     import CalibUncertaintyLib.regions.components  # noqa: F401
     import nnunetv2.inference.export_prediction  # noqa: F401
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if kind == "nnunet":
         from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
@@ -110,13 +110,14 @@ def post_process(kind: str, model: Path, ct: Path, out: Path) -> dict:
         first[0] += 0.5  # an earlier member, slightly different, added before the clock starts
 
         def members():
-            nonlocal t0
+            nonlocal t0, c0
             yield pred.member_probabilities(first, case)
-            t0 = time.perf_counter()  # the last member's logits are here: post-processing starts
+            # the last member's logits are here: post-processing starts
+            t0, c0 = time.perf_counter(), time.process_time()
             yield pred.member_probabilities(logits, case)
 
         process_case("case", members(), case.geometry, out, None, names, CaseOptions(n_members=2))
-    return {"post_s": time.perf_counter() - t0}
+    return {"post_s": time.perf_counter() - t0, "post_cpu_s": time.process_time() - c0}
 
 
 def main(argv=None) -> int:
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
               f"{os.cpu_count()} cores; output codec {codec_name()}")
         header = (f"{'K':>3s} {'nnU-Net s':>10s} {'predict s':>10s} {'nnU-Net MiB':>12s} {'predict MiB':>12s} "
                   f"{'mem ratio':>9s} | {'export s':>9s} {'ours s':>7s} {'ratio':>6s} {'export MiB':>11s} "
-                  f"{'ours MiB':>9s}")
+                  f"{'ours MiB':>9s} | {'export cpu s':>12s} {'ours cpu s':>10s} {'cpu ratio':>9s}")
         rows = []
         for k in args.k:
             model = build_model(work / "models", k, spacing, args.folds)
@@ -201,13 +202,15 @@ def main(argv=None) -> int:
             if len(rows) == 1:
                 print(header)
             print(f"{k:3d} {full or ' ' * 56} | {pn['post_s']:9.1f} {po['post_s']:7.1f} "
-                  f"{po['post_s'] / pn['post_s']:6.2f} {pn['peak_rss_mib']:11.0f} {po['peak_rss_mib']:9.0f}",
+                  f"{po['post_s'] / pn['post_s']:6.2f} {pn['peak_rss_mib']:11.0f} {po['peak_rss_mib']:9.0f} | "
+                  f"{pn['post_cpu_s']:12.1f} {po['post_cpu_s']:10.1f} {po['post_cpu_s'] / pn['post_cpu_s']:9.2f}",
                   flush=True)
         print("whole runs: wall seconds and peak RSS (MiB) of nnUNetv2_predict --save_probabilities and "
               "calib-uncertainty predict; mem ratio = predict / nnU-Net")
         print("post-processing of one member's logits, each in a fresh process: nnU-Net's export "
               "(resample + softmax + .npz + seg) vs predict's (probabilities, maps, regions, writing); "
-              "ratio = ours / export; MiB = that process's peak RSS")
+              "ratio = ours / export; MiB = that process's peak RSS; cpu s = CPU seconds of that step, all "
+              "threads (what one core would need)")
         (work / "results.json").write_text(json.dumps(rows, indent=1))
     finally:
         if args.work is None:

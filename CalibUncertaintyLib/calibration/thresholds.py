@@ -121,12 +121,14 @@ def _roi_values(score: np.ndarray, roi) -> np.ndarray:
     return score[roi]
 
 
-def threshold_for_case(entry: dict, u, roi=None) -> float:
+def threshold_for_case(entry: dict, u, roi=None, roi_values=None) -> float:
     """τ for one case, on the *score* scale of ``entry`` (``u`` is the raw map, ``roi`` its ROI).
 
     Absolute entries return their τ. Quantile entries return the q-quantile of the score inside
     the ROI (the whole image when ``roi`` is None), or +inf when the ROI is empty (nothing to
     flag). Flag with ``flag_mask``, or compare ``uncertainty_score(name, u) > τ``.
+    ``roi_values``: ``u[roi]`` when the caller already has it (read, not changed); the score is
+    then taken on those voxels only, the same numbers without a whole-volume ``1 − u``.
     """
     kind = entry.get("kind")
     if kind == "absolute":
@@ -138,8 +140,12 @@ def threshold_for_case(entry: dict, u, roi=None) -> float:
     q = entry.get("q")
     if q is None or not 0.0 <= float(q) <= 1.0:
         raise InputError(f"quantile threshold entry needs q in [0, 1], got {q!r}")
-    score = np.asarray(u) if entry.get("score", "map") == "map" else 1.0 - np.asarray(u)
-    vals = _roi_values(score, roi)
+    if roi_values is not None:
+        vals = np.asarray(roi_values)
+        vals = vals if entry.get("score", "map") == "map" else 1.0 - vals
+    else:
+        score = np.asarray(u) if entry.get("score", "map") == "map" else 1.0 - np.asarray(u)
+        vals = _roi_values(score, roi)
     if vals.size == 0:
         return math.inf
     return float(np.quantile(vals, float(q)))

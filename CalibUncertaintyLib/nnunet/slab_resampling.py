@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 
 import numpy as np
 
@@ -69,6 +70,7 @@ class SlabResampler:
         self.src_shape, self.dst_shape = tuple(int(s) for s in src_shape), tuple(int(s) for s in dst_shape)
         self.axis, self.order, self.separate, self.order_z = int(axis), int(order), bool(separate), int(order_z)
         self._ranges = None
+        self._ranges_lock = threading.Lock()  # blocks may be computed in several threads (read-ahead)
         n_in, n_out = self.src_shape[self.axis], self.dst_shape[self.axis]
         self.plane_shape = tuple(s for i, s in enumerate(self.dst_shape) if i != self.axis)
         i = np.arange(n_out, dtype=np.float64)
@@ -157,7 +159,9 @@ class SlabResampler:
         out = np.empty((k, *out_shape), dtype=src.dtype)
         view = np.moveaxis(out, self.axis + 1, 1)  # (K, n, *plane)
         if not self.separate and self._ranges is None:  # resize clips to each channel's range
-            self._ranges = [(float(np.min(src[c])), float(np.max(src[c]))) for c in range(k)]
+            with self._ranges_lock:
+                if self._ranges is None:
+                    self._ranges = [(float(np.min(src[c])), float(np.max(src[c]))) for c in range(k)]
         for c in range(k):
             cache: dict[int, np.ndarray] = {}
             if self.separate:

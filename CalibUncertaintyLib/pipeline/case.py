@@ -89,11 +89,29 @@ def _quantile_inplace(vals: np.ndarray, q: float) -> float:
     return a + (b - a) * (pos - lo)
 
 
-def _stats(a: np.ndarray, roi: np.ndarray) -> dict:
-    vals = a[roi] if roi.any() else np.zeros(0, a.dtype)  # a copy of the ROI voxels
+def _stats(a: np.ndarray, roi: np.ndarray, roi_values: np.ndarray | None = None) -> dict:
+    """min / max / mean of map ``a`` and the mean and 0.95 quantile inside ``roi``; ``roi_values``:
+    ``a[roi]`` when the caller has it (it is partitioned in place)."""
+    return {**_whole_stats(a), **_roi_stats(a, roi, roi_values)}
+
+
+def _whole_stats(a: np.ndarray) -> dict:
+    """min / max / mean of the whole map: reads it, allocates nothing of its size."""
+    return {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean(dtype=np.float64))}
+
+
+def _roi_stats(a: np.ndarray, roi: np.ndarray, roi_values: np.ndarray | None = None) -> dict:
+    vals = roi_values if roi_values is not None else (a[roi] if roi.any() else np.zeros(0, a.dtype))
     mean_roi = float(vals.mean(dtype=np.float64)) if vals.size else None
-    return {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean(dtype=np.float64)),
-            "mean_roi": mean_roi, "p95_roi": _quantile_inplace(vals, 0.95) if vals.size else None}
+    return {"mean_roi": mean_roi, "p95_roi": _quantile_inplace(vals, 0.95) if vals.size else None}
+
+
+def _whole_stats_and_write(path, values: np.ndarray, geometry) -> dict:
+    """A map's whole-image statistics, then its file (one writer-thread job: the map is held until
+    its file is written anyway, so reading it there costs no memory and overlaps the next map)."""
+    stats = _whole_stats(values)
+    write_image(path, values.astype(np.float32, copy=False), geometry)
+    return stats
 
 
 def map_threshold_info(name: str, entry: dict, tau_score: float) -> dict:
@@ -260,6 +278,9 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
             margins_w.abort()
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    # the writer threads' and slab temporaries' freed heap goes back to the system before the
+    # maps, whose pass is the case's peak while the sums are still held
+    memory.release_heap()
     roi = roi_mask(seg, geometry.spacing_zyx, radius, rule="prediction", allow_empty=True)
     if not roi.any():
         notes.append("the prediction has no foreground: the ROI is empty, so no region is flagged "
@@ -283,28 +304,50 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
         map_info: dict = {}
         calibrated_thresholds = calibration.thresholds if calibration is not None else None
         rmap = opts.regions_map
-        thresholds, map_stats, rmap_values = {}, {}, None
+        thresholds, roi_stats, whole_stats, rmap_values = {}, {}, {}, None
         atyp = _AtypicalityCounter(calibration, ct_path, geometry.shape_zyx)
+        roi_any = bool(roi.any())
+        # A written map's volume is handed to the next map but one (``spare_volume``): the same
+        # number of volumes is alive as when each map is freed and the next one allocated, minus
+        # the page faults of a fresh mapping. Never the entropy (DAE and EBCU read it later) nor
+        # the regions map (kept for the regions).
+        spare: list = []
+        written = None  # (name, volume) whose file a writer thread is compressing
+
+        def spare_volume():
+            return spare.pop() if spare else None
+
         for i, (name, values) in enumerate(iter_case_maps(
                 acc, probs, geometry, calibration, mode, names=list(names), dae_sigma_mm=opts.dae_sigma_mm,
-                ebcu_radius_mm=opts.ebcu_radius_mm, roi=roi, info=map_info, release_sums=True, seg=seg)):
+                ebcu_radius_mm=opts.ebcu_radius_mm, roi=roi, info=map_info, release_sums=True, seg=seg,
+                spare_volume=spare_volume)):
             entry = threshold_entry(name, calibrated_thresholds)
-            thresholds[name] = map_threshold_info(name, entry, threshold_for_case(entry, values, roi))
-            map_stats[name] = _stats(values, roi)
+            vals = values[roi] if roi_any else np.zeros(0, values.dtype)  # one copy of the ROI voxels, for both
+            thresholds[name] = map_threshold_info(name, entry, threshold_for_case(entry, values, roi, roi_values=vals))
+            roi_stats[name] = _roi_stats(values, roi, vals)
+            del vals
             atyp.add(name, values)
             tw = time.perf_counter()  # the previous map's file is done: at most one map waits for its writer
             _wait(pending)
-            pending.append(_pool().submit(write_image, partial / f"map_{name}.nii.gz",
-                                          values.astype(np.float32, copy=False), geometry))
+            if written is not None and written[0] not in ("entropy", rmap):
+                spare[:] = [written[1]]
+            written = None
+            whole_stats[name] = _pool().submit(_whole_stats_and_write, partial / f"map_{name}.nii.gz", values,
+                                               geometry)
+            pending.append(whole_stats[name])
             write_maps_s += time.perf_counter() - tw
             if name == rmap:
                 rmap_values = values
+            written = (name, values)
             del values
             emit_progress("maps", 0.7 + 0.15 * (i + 1) / n_maps, case=case_id, n_maps=n_maps, message=name)
         probs = None
+        spare.clear()
+        written = None
         tw = time.perf_counter()
         _wait(pending)
         write_maps_s += time.perf_counter() - tw
+        map_stats = {name: {**whole_stats[name].result(), **roi_stats[name]} for name in roi_stats}
         files += [f"map_{name}.nii.gz" for name in names]
         thresholds = {name: thresholds[name] for name in names}
         timings["maps_s"] = time.perf_counter() - t - write_maps_s
@@ -330,7 +373,8 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
                            score=r_info["score"], threshold_score=r_info["tau_score"],
                            min_region_mm3=opts.min_region_mm3)
         timings["regions_s"] = time.perf_counter() - t
-        atyp.add_volumes(seg, k, geometry.voxel_volume_mm3)
+        label_counts = _label_counts(seg, k)
+        atyp.add_volumes(label_counts, geometry.voxel_volume_mm3)
         case_aggs = _case_aggregates(rmap, score, r_info["tau_score"], roi, seg, regions, geometry, atyp)
         del score
 
@@ -350,7 +394,7 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
             "ensemble_mode": mode,
             "calibration": _calibration_record(calibration),
             "roi": regions_doc["roi"],
-            "predicted_volume_mm3": {class_names[c]: float(np.count_nonzero(seg == c) * voxel_mm3) for c in range(1, k)},
+            "predicted_volume_mm3": {class_names[c]: float(label_counts[c] * voxel_mm3) for c in range(1, k)},
             "thresholds": thresholds,
             "regions_map": rmap,
             "n_regions": len(regions_doc["regions"]),
@@ -401,11 +445,25 @@ class _AtypicalityCounter:
         if self.domain is not None:
             self.values.update(case_atypicality({name: values}, self.domain, self.ref))
 
-    def add_volumes(self, seg, n_classes: int, voxel_mm3: float) -> None:
+    def add_volumes(self, label_counts, voxel_mm3: float) -> None:
+        """``label_counts``: voxels per label 0..K-1 (``_label_counts``)."""
         from ..metrics.atypicality import case_atypicality
 
-        vols = np.bincount(seg.ravel(), minlength=n_classes)[1:n_classes] * voxel_mm3
+        if not self.ref:
+            return
+        vols = np.asarray(label_counts[1:]) * voxel_mm3
         self.values.update(case_atypicality({}, None, self.ref, volumes_mm3=vols))
+
+
+def _label_counts(seg, n_classes: int) -> np.ndarray:
+    """Voxels of each label 0..K-1 (int64), one z slab at a time: ``np.bincount`` of a whole uint8
+    volume would first make an int64 copy of it (8 bytes per voxel)."""
+    from ..uncertainty.streaming import z_slabs
+
+    counts = np.zeros(n_classes, np.int64)
+    for sl in z_slabs(seg.shape):
+        counts += np.bincount(seg[sl].ravel(), minlength=n_classes)[:n_classes]
+    return counts
 
 
 def _case_aggregates(rmap, score, tau_score, roi, seg, regions, geometry, atyp) -> dict:

@@ -184,12 +184,13 @@ def mean_argmax(acc) -> np.ndarray:
     """argmax_c p̄_c (z, y, x), uint8 (uint16 for K > 256), one z slab at a time: the segmentation
     of every calibration that keeps the argmax (temperature, per-class, local)."""
     from .. import memory
+    from ..uncertainty.measures import argmax_classes
 
     acc.require_members("the segmentation")
     seg = memory.empty(acc.shape_zyx, np.uint8 if acc.n_classes <= 256 else np.uint16)
     n = np.float32(acc.n_members)
-    for sl in acc.slabs():
-        seg[sl] = np.argmax(acc.sum_probs[:, sl] / n, axis=0)
+    for sl in acc.slabs():  # of p̄ itself: rounding Σ/M can tie two classes that Σ orders
+        argmax_classes(acc.sum_probs[:, sl] / n, out=seg[sl])
     return seg
 
 
@@ -219,7 +220,7 @@ def case_maps(acc, probs: np.ndarray, geometry, calibration, ensemble_mode: str,
 
 def iter_case_maps(acc, probs: np.ndarray, geometry, calibration, ensemble_mode: str, names=None,
                    dae_sigma_mm: float = 2.0, ebcu_radius_mm: float = 4.0, roi=None,
-                   info: dict | None = None, release_sums: bool = False, seg=None):
+                   info: dict | None = None, release_sums: bool = False, seg=None, spare_volume=None):
     """Yield ``(name, map)`` one at a time with the calibration applied (``uncertainty.maps.iter_maps``).
 
     ``probs`` is the calibrated ensemble probability (``calibrated_probs``; only read when
@@ -229,7 +230,7 @@ def iter_case_maps(acc, probs: np.ndarray, geometry, calibration, ensemble_mode:
     p̄ is not a temperature of p̄) the maps of the calibrated probability — confidence, entropy,
     entropy_norm, DAE, EBCU — are maps of ``probs``, so every mode yields maps of the
     probability that is written out. ``release_sums``: free the accumulator's sums once read
-    (``acc`` is unusable for maps afterwards).
+    (``acc`` is unusable for maps afterwards). ``spare_volume``: see ``iter_maps``.
     """
     from ..uncertainty.maps import iter_maps
 
@@ -237,4 +238,5 @@ def iter_case_maps(acc, probs: np.ndarray, geometry, calibration, ensemble_mode:
     return iter_maps(acc, geometry, temperature=maps_temperature(calibration, ensemble_mode), names=names,
                      dae_sigma_mm=dae_sigma_mm, ebcu_radius_mm=ebcu_radius_mm, ebcu_threshold=ebcu_t,
                      roi=roi, info=info, release_sums=release_sums,
-                     probs=probs if maps_need_probs(calibration, ensemble_mode) else None, seg=seg)
+                     probs=probs if maps_need_probs(calibration, ensemble_mode) else None, seg=seg,
+                     spare_volume=spare_volume)

@@ -116,6 +116,14 @@ def find_regions(u, threshold, roi, labels, geometry, class_names=None,
     mask = u > tau
     if roi is not None:
         mask &= roi
+    # Everything below runs on the flagged voxels' bounding box padded by one voxel (the
+    # dilation of ``_touching_class`` reaches one voxel out): the components, their numbering
+    # (raster order, which a box keeps) and every per-region sum are those of the whole image.
+    box0 = _padded_bbox(mask, 1)
+    if box0 is None:
+        return []
+    offset = np.array([s.start for s in box0])
+    mask, u, lab = mask[box0], u[box0], lab[box0]
     comp, n_comp = ndimage.label(mask, structure=_STRUCTURE_26)
     del mask
     if n_comp == 0:
@@ -124,13 +132,14 @@ def find_regions(u, threshold, roi, labels, geometry, class_names=None,
     flat = comp.ravel()
     idx = np.flatnonzero(flat)
     ids = flat[idx]
-    vals = u.ravel()[idx].astype(np.float64)
+    vals = np.ascontiguousarray(u).ravel()[idx].astype(np.float64)
     counts = np.bincount(ids, minlength=n_comp + 1)
     sums = np.bincount(ids, weights=vals, minlength=n_comp + 1)
     maxs = np.full(n_comp + 1, -np.inf)
     np.maximum.at(maxs, ids, vals)
     coords = np.unravel_index(idx, comp.shape)
-    cents = [np.bincount(ids, weights=c, minlength=n_comp + 1) for c in coords]
+    # whole-image indices: sums of integers in float64 are exact, so equal to the uncropped sums
+    cents = [np.bincount(ids, weights=c + o, minlength=n_comp + 1) for c, o in zip(coords, offset)]
     del idx, vals, coords
 
     vox_mm3 = geometry.voxel_volume_mm3
@@ -155,10 +164,23 @@ def find_regions(u, threshold, roi, labels, geometry, class_names=None,
             mean_u=float(means[i]), max_u=float(maxs[i]), class_index=cls,
             class_name=class_name_of(cls, class_names),
             centroid_ras=tuple(float(v) for v in ras), centroid_zyx=(cz, cy, cx),
-            bbox_zyx_min=tuple(int(s.start) for s in box),
-            bbox_zyx_max=tuple(int(s.stop) - 1 for s in box),
+            bbox_zyx_min=tuple(int(s.start + o) for s, o in zip(box, offset)),
+            bbox_zyx_max=tuple(int(s.stop + o) - 1 for s, o in zip(box, offset)),
             score=float(scores[i])))
     return regions
+
+
+def _padded_bbox(mask: np.ndarray, pad: int):
+    """Slices of ``mask``'s True voxels' bounding box padded by ``pad`` voxels (clipped to the
+    array), or None when no voxel is True."""
+    zs = np.flatnonzero(mask.any(axis=(1, 2)))
+    if zs.size == 0:
+        return None
+    sub = mask[zs[0]:zs[-1] + 1]
+    ys = np.flatnonzero(sub.any(axis=(0, 2)))
+    xs = np.flatnonzero(sub[:, ys[0]:ys[-1] + 1].any(axis=(0, 1)))
+    return tuple(slice(max(int(a[0]) - pad, 0), min(int(a[-1]) + 1 + pad, n))
+                 for a, n in zip((zs, ys, xs), mask.shape))
 
 
 def _touching_class(comp, lab, i, box) -> int:

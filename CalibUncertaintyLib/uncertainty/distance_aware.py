@@ -122,19 +122,23 @@ def _box_distance_into(out, region_mask, box, spacing, max_mm, slab_voxels):
 
 
 def surface_distance_mm(labels, spacing_zyx, max_distance_mm: float | None = None,
-                        slab_voxels: int = DEFAULT_SLAB_VOXELS) -> np.ndarray:
+                        slab_voxels: int = DEFAULT_SLAB_VOXELS, out: np.ndarray | None = None) -> np.ndarray:
     """d(x) in mm from each voxel to the surface of its predicted label region (see module doc).
 
     ``labels``: integer (z, y, x) prediction. ``spacing_zyx``: mm, array order.
     ``max_distance_mm``: distances are exact up to this value; beyond it they may be +inf
     (None: exact everywhere). +inf everywhere when there is only one label (no surface).
-    Returns float32 (z, y, x).
+    Returns float32 (z, y, x): ``out`` (a float32 volume of the labels' shape, overwritten) when given.
     """
     lab = _check_labels(labels)
     sp = check_spacing(spacing_zyx)
     if max_distance_mm is not None and not (max_distance_mm >= 0):
         raise InputError(f"max_distance_mm must be >= 0 mm or None, got {max_distance_mm!r}")
-    out = memory.full(lab.shape, np.inf, np.float32)
+    if out is None:
+        out = memory.full(lab.shape, np.inf, np.float32)
+    else:
+        _check_out(out, lab.shape)
+        out.fill(np.inf)
     if lab.size == 0:
         return out
     counts = np.bincount(lab.ravel())
@@ -162,6 +166,12 @@ def surface_distance_mm(labels, spacing_zyx, max_distance_mm: float | None = Non
     return out
 
 
+def _check_out(out, shape) -> None:
+    if not (isinstance(out, np.ndarray) and out.shape == tuple(shape) and out.dtype == np.float32
+            and out.flags.c_contiguous and out.flags.writeable):
+        raise InputError(f"out must be a writable C-contiguous float32 array of shape {tuple(shape)}")
+
+
 def distance_weight(d_mm, sigma_mm: float = DEFAULT_SIGMA_MM) -> np.ndarray:
     """w(d) = 1 − exp(−d² / (2σ²)), float32; +inf maps to 1."""
     sigma = _check_sigma(sigma_mm)
@@ -181,9 +191,10 @@ def _check_sigma(sigma_mm) -> float:
 
 
 def distance_aware_entropy(entropy, labels, spacing_zyx, sigma_mm: float = DEFAULT_SIGMA_MM,
-                           slab_voxels: int = DEFAULT_SLAB_VOXELS) -> np.ndarray:
+                           slab_voxels: int = DEFAULT_SLAB_VOXELS, out: np.ndarray | None = None) -> np.ndarray:
     """DAE = w(d) · H, float32 (z, y, x). ``entropy``: H(p̄) (the calibrated PE);
-    ``labels``: the predicted labels (argmax of the same p̄); ``spacing_zyx`` in mm."""
+    ``labels``: the predicted labels (argmax of the same p̄); ``spacing_zyx`` in mm; ``out``: a
+    float32 volume to write DAE into (overwritten; not the entropy itself), else a new one."""
     sigma = _check_sigma(sigma_mm)
     h = np.asarray(entropy)
     lab = _check_labels(labels)
@@ -192,7 +203,10 @@ def distance_aware_entropy(entropy, labels, spacing_zyx, sigma_mm: float = DEFAU
     if lab.size and np.bincount(lab.ravel()).astype(bool).sum() < 2:
         log.info("the prediction has a single label (no predicted surface): DAE uses d = +inf, "
                  "w = 1, so DAE equals the entropy")
-    d = surface_distance_mm(lab, spacing_zyx, max_distance_mm=CUTOFF_SIGMAS * sigma, slab_voxels=slab_voxels)
+    if out is not None and np.shares_memory(out, h):
+        raise InputError("out must not be the entropy volume DAE reads")
+    d = surface_distance_mm(lab, spacing_zyx, max_distance_mm=CUTOFF_SIGMAS * sigma, slab_voxels=slab_voxels,
+                            out=out)
     for sl in z_slabs(lab.shape, slab_voxels):
         w = distance_weight(d[sl], sigma)
         w *= h[sl]

@@ -98,11 +98,12 @@ def default_threshold(u, roi=None, quantile: float = DEFAULT_QUANTILE) -> float:
 
 
 def ebcu(u, spacing_zyx, radius_mm: float = DEFAULT_RADIUS_MM, threshold: float = 0.0,
-         method: str = "auto") -> np.ndarray:
+         method: str = "auto", out: np.ndarray | None = None) -> np.ndarray:
     """EBCU of map ``u`` (z, y, x): mean over the ``radius_mm`` ball of (u − threshold)₊.
 
     ``spacing_zyx`` in mm (array order). ``method``: "auto" (cheaper of the two), "sparse"
-    or "rows" (see module doc; identical results). Returns float32 (z, y, x).
+    or "rows" (see module doc; identical results). Returns float32 (z, y, x): ``out`` (a
+    float32 volume of ``u``'s shape that is not ``u``, overwritten) when given.
     """
     u = np.asarray(u)
     if u.ndim != 3:
@@ -116,7 +117,13 @@ def ebcu(u, spacing_zyx, radius_mm: float = DEFAULT_RADIUS_MM, threshold: float 
     ext = np.abs(offsets).max(axis=0)
     if not np.isfinite(u).all():
         raise InputError("the uncertainty map has non-finite values (NaN or inf); EBCU needs a finite map")
-    out = memory.zeros(u.shape, np.float32)
+    if out is None:
+        out = memory.zeros(u.shape, np.float32)
+    else:
+        if not (isinstance(out, np.ndarray) and out.shape == u.shape and out.dtype == np.float32
+                and out.flags.writeable) or np.shares_memory(out, u):
+            raise InputError(f"out must be a writable float32 array of shape {u.shape}, not the map itself")
+        out.fill(0.0)
 
     # excess and its padded bounding box
     nz_z = np.flatnonzero((u > t).any(axis=(1, 2)))

@@ -61,6 +61,10 @@ MAP_DESCRIPTIONS = {
             "blobs of doubt over thin contour shells.",
 }
 
+YIELD_ORDER = ("fg_variance", "vote_disagreement", "expected_entropy", "mutual_information", "epkl",
+               "confidence", "entropy", "entropy_norm", "dae", "ebcu")
+"""The order in which ``iter_maps`` yields the maps (``compute_maps`` returns ``MAP_NAMES`` order)."""
+
 _MEMBER_MAPS = {"expected_entropy", "mutual_information", "epkl"}
 
 
@@ -160,9 +164,10 @@ def compute_maps(acc: EnsembleAccumulator, geometry, temperature: float | None =
 def iter_maps(acc: EnsembleAccumulator, geometry, temperature: float | None = None, names=None,
               dae_sigma_mm: float = DEFAULT_SIGMA_MM, ebcu_radius_mm: float = DEFAULT_RADIUS_MM,
               ebcu_threshold: float | None = None, roi=None, info: dict | None = None,
-              release_sums: bool = False, probs=None, seg=None):
+              release_sums: bool = False, probs=None, seg=None, spare_volume=None):
     """Yield ``(name, map)`` for the requested maps (default: all of ``MAP_NAMES``), in
-    ``MAP_NAMES`` order, float32 (z, y, x), each computed when it is asked for: a caller that
+    ``YIELD_ORDER`` (the maps of the members first, so that ``release_sums`` frees the sums only
+    they read before the entropy volume and the confidence exist), float32 (z, y, x), each computed when it is asked for: a caller that
     writes each map and drops it holds one map at a time, besides the entropy volume (kept for
     DAE and EBCU) and the labels.
 
@@ -179,6 +184,10 @@ def iter_maps(acc: EnsembleAccumulator, geometry, temperature: float | None = No
     (``ebcu_threshold``, ``ebcu_threshold_source``), ``temperature`` and ``n_members``.
     ``release_sums``: free the accumulator's sums (``acc.release()``) as soon as the last map that
     reads them is done, before DAE and EBCU (the caller must not need them afterwards).
+    ``spare_volume``: optional callable returning a float32 (z, y, x) volume that nobody reads any
+    more (e.g. a map already written), or None; each yielded map but the entropy is computed into
+    it instead of a fresh volume (a fresh mapping costs page faults on its first write: about
+    45 ms per 64 MiB), overwriting every voxel.
     Arguments are checked before the first map is computed.
     """
     if not isinstance(acc, EnsembleAccumulator):
@@ -203,12 +212,21 @@ def iter_maps(acc: EnsembleAccumulator, geometry, temperature: float | None = No
         if seg.shape != shape:
             raise InputError(f"labels have shape {seg.shape}, expected {shape}")
     return _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_radius_mm, ebcu_threshold,
-                      roi, info, release_sums, probs, seg)
+                      roi, info, release_sums, probs, seg, spare_volume)
 
 
 def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_radius_mm, ebcu_threshold,
-               roi, info, release_sums, probs, seg):
+               roi, info, release_sums, probs, seg, spare_volume=None):
     shape = acc.shape_zyx
+
+    def new_map():
+        """A float32 volume for the next map: a spare one when the caller has it (every voxel is
+        written), else a fresh one."""
+        buf = spare_volume() if spare_volume is not None else None
+        if buf is not None and buf.shape == tuple(shape) and buf.dtype == np.float32 and buf.flags.c_contiguous:
+            return buf
+        return memory.empty(shape, np.float32)
+
     n = acc.n_members
     k = acc.n_classes
     inv = np.float32(1.0 / n)
@@ -224,11 +242,55 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
         pbar = pbar_slab(sl)
         return pbar if t_cal is None else _temperature_slab(pbar, t_cal)
 
-    # 1. maps of the calibrated probability: one slab pass for the entropy (kept for DAE and
+    # 0. maps of the members' foreground variance and votes first: with ``release_sums`` their
+    #    two sums (1.5 volumes) are freed before the entropy volume and the other maps exist
+    for name, fn, part in (("fg_variance", measures.fg_variance_slab, "fg_sq_dev"),
+                           ("vote_disagreement", measures.vote_disagreement_slab, "fg_votes")):
+        if name in wanted:
+            out = new_map()
+            for sl in acc.slabs():
+                out[sl] = fn(acc, sl)
+            if release_sums:
+                acc.release_part(part)
+            yield name, out
+            del out
+        elif release_sums:
+            acc.release_part(part)
+
+    member_wanted = [n for n in ("expected_entropy", "mutual_information", "epkl") if n in wanted]
+    # 1. maps of the members' disagreement, each in its own slab pass (one map held at a time),
+    #    before the entropy volume exists: with ``release_sums`` the sums only they read
+    #    (Σ H(p_m), the log gaps) are freed before it and the confidence are allocated. H(p̄) for
+    #    MI and EPKL is computed per slab (the same function on the same p̄ as the entropy map).
+    for name in ("expected_entropy", "mutual_information", "epkl"):
+        if name not in wanted:
+            continue
+        out = new_map()
+        if single and name != "expected_entropy":
+            out.fill(0.0)
+        else:
+            for sl in acc.slabs():
+                if name == "expected_entropy":  # Σ_m H(p_m) / M alone: no p̄, no H(p̄)
+                    out[sl] = measures.expected_entropy_slab(acc, sl)
+                    continue
+                pbar = pbar_slab(sl)
+                ee, mi, ep = measures.disagreement_slab(acc, sl, pbar, measures.entropy(pbar),
+                                                        want_epkl=name == "epkl")
+                out[sl] = {"mutual_information": mi, "epkl": ep}[name]
+        if release_sums and name == member_wanted[-1]:
+            acc.release_part("log_gap")  # no later map reads these two:
+            acc.release_part("sum_entropy")  # freed before this map is handed over
+        yield name, out
+        del out
+    if release_sums:
+        acc.release_part("log_gap")
+        acc.release_part("sum_entropy")
+
+    # 2. maps of the calibrated probability: one slab pass for the entropy (kept for DAE and
     #    EBCU), the labels and the confidence; the normalised entropy is a rescaled entropy.
     need_h = bool({"entropy", "entropy_norm", "dae", "ebcu"} & set(wanted))
     need_seg = seg is None and ("dae" in wanted or ("ebcu" in wanted and ebcu_threshold is None))
-    confidence = memory.empty(shape, np.float32) if "confidence" in wanted else None
+    confidence = new_map() if "confidence" in wanted else None
     h_all = memory.empty(shape, np.float32) if need_h else None
     if need_seg:
         seg = memory.empty(shape, np.uint8 if k <= 256 else np.uint16)
@@ -238,56 +300,28 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
             if confidence is not None:
                 confidence[sl] = pcal.max(axis=0)
             if need_h:
-                h_all[sl] = measures.entropy(pcal)
+                measures.entropy(pcal, out=h_all[sl])
             if need_seg:
-                seg[sl] = np.argmax(pcal, axis=0)
+                measures.argmax_classes(pcal, out=seg[sl])
             del pcal
+    if release_sums:
+        acc.release()  # no later map reads the sums (the maps of the members came first)
     if confidence is not None:
         yield "confidence", confidence
         del confidence
     if "entropy" in wanted:
         yield "entropy", h_all
     if "entropy_norm" in wanted:
-        out = memory.empty(shape, np.float32)
+        out = new_map()
         for sl in acc.slabs():
             np.divide(h_all[sl], log_k, out=out[sl])
         yield "entropy_norm", out
         del out
 
-    # 2. maps of the members' disagreement, each in its own slab pass (one map held at a time)
-    raw_h = need_h and t_cal is None and probs is None  # h_all is then H(p̄) itself
-    for name in ("expected_entropy", "mutual_information", "epkl"):
-        if name not in wanted:
-            continue
-        out = memory.empty(shape, np.float32)
-        if single and name != "expected_entropy":
-            out.fill(0.0)
-        else:
-            for sl in acc.slabs():
-                pbar = pbar_slab(sl)
-                pe_raw = h_all[sl] if raw_h else measures.entropy(pbar)
-                ee, mi, ep = measures.disagreement_slab(acc, sl, pbar, pe_raw, want_epkl=name == "epkl")
-                out[sl] = {"expected_entropy": ee, "mutual_information": mi, "epkl": ep}[name]
-        yield name, out
-        del out
-    if release_sums:
-        acc.release_log_gap()  # K volumes no later map reads
-
-    # 3. maps of the members' foreground votes and variance
-    for name, fn in (("fg_variance", measures.fg_variance_slab), ("vote_disagreement", measures.vote_disagreement_slab)):
-        if name in wanted:
-            out = memory.empty(shape, np.float32)
-            for sl in acc.slabs():
-                out[sl] = fn(acc, sl)
-            yield name, out
-            del out
-
-    if release_sums:
-        acc.release()
-    # 4. the spatial maps of the calibrated entropy
+    # 3. the spatial maps of the calibrated entropy
     spacing = geometry.spacing_zyx
     if "dae" in wanted:
-        yield "dae", distance_aware_entropy(h_all, seg, spacing, sigma_mm=dae_sigma_mm)
+        yield "dae", distance_aware_entropy(h_all, seg, spacing, sigma_mm=dae_sigma_mm, out=new_map())
     threshold, source = None, None
     if "ebcu" in wanted:
         if ebcu_threshold is not None:
@@ -306,7 +340,7 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
         if info is not None:
             info.update({"ebcu_threshold": threshold, "ebcu_threshold_source": source})
         yield "ebcu", ebcu(h_all, spacing, radius_mm=effective_radius_mm(ebcu_radius_mm, spacing),
-                           threshold=threshold)
+                           threshold=threshold, out=new_map())
     if info is not None:
         info.update({"n_members": n, "temperature": None if temperature is None else float(temperature),
                      "ebcu_threshold": threshold, "ebcu_threshold_source": source,

@@ -56,6 +56,24 @@ def entropy(probs, out: np.ndarray | None = None) -> np.ndarray:
     return h
 
 
+def argmax_classes(probs, out: np.ndarray | None = None) -> np.ndarray:
+    """argmax over the first axis (ties: lowest class, as ``np.argmax``) of finite probabilities,
+    into ``out`` (default uint8, uint16 for K > 256). The same labels as ``np.argmax(p, axis=0)``
+    (tests), by one comparison per class on contiguous planes: numpy's argmax along the first
+    axis walks the K values of each voxel with a stride, several times slower for small K."""
+    p = _as_probs(probs)
+    if out is None:
+        out = np.empty(p.shape[1:], np.uint8 if p.shape[0] <= 256 else np.uint16)
+    best = np.array(p[0], copy=True)
+    out.fill(0)
+    better = np.empty(best.shape, dtype=bool)
+    for c in range(1, p.shape[0]):
+        np.greater(p[c], best, out=better)  # strictly greater: a tie keeps the lower class
+        np.copyto(out, c, where=better, casting="unsafe")
+        np.maximum(best, p[c], out=best)
+    return out
+
+
 def confidence(probs) -> np.ndarray:
     """max_c p_c over the first axis, float32."""
     return np.asarray(_as_probs(probs).max(axis=0), dtype=np.float32)
@@ -77,12 +95,12 @@ def disagreement_slab(acc: EnsembleAccumulator, sl: slice, pbar: np.ndarray, pe:
     ``pbar`` is the slab of the uncalibrated mean p̄ (K, dz, y, x) and ``pe`` its entropy H(p̄).
     Returns (ee, mi, epkl_or_None), float32 arrays of the slab's shape.
     """
-    inv = np.float32(1.0 / acc.n_members)
-    ee = acc.sum_entropy[sl] * inv
+    ee = expected_entropy_slab(acc, sl)
     mi = pe - ee
     np.maximum(mi, 0, out=mi)
     if not want_epkl:
         return ee, mi, None
+    inv = np.float32(1.0 / acc.n_members)
     gap = np.zeros_like(ee)
     log_gap = acc.log_gap  # L_c = Σ_m log p_m,c − M log p̄_c: Σ_c p̄_c (log p̄_c − mean_m log p_m,c) = Σ_c p̄_c (−L_c / M)
     for c in range(acc.n_classes):
@@ -93,6 +111,11 @@ def disagreement_slab(acc: EnsembleAccumulator, sl: slice, pbar: np.ndarray, pe:
     np.maximum(gap, 0, out=gap)
     gap += mi
     return ee, mi, gap
+
+
+def expected_entropy_slab(acc: EnsembleAccumulator, sl: slice) -> np.ndarray:
+    """EE = Σ_m H(p_m) / M on slab ``sl`` (float32)."""
+    return acc.sum_entropy[sl] * np.float32(1.0 / acc.n_members)
 
 
 def fg_variance_slab(acc: EnsembleAccumulator, sl: slice) -> np.ndarray:

@@ -146,23 +146,37 @@ class EnsembleAccumulator:
         """Free ``log_gap`` (K float16 volumes) once EPKL is computed; the other sums stay."""
         self._log_gap = None
 
+    _PARTS = {"log_gap": "_log_gap", "sum_entropy": "_sum_h", "fg_sq_dev": "_fg_m2", "fg_votes": "_fg_votes"}
+
+    def release_part(self, name: str) -> None:
+        """Free one of the sums ``log_gap``, ``sum_entropy``, ``fg_sq_dev``, ``fg_votes`` once every
+        map that reads it is computed (``maps.iter_maps(..., release_sums=True)``); reading it
+        afterwards raises InputError, ``add`` too."""
+        if name not in self._PARTS:
+            raise InputError(f"unknown sum {name!r}; one of {', '.join(self._PARTS)}")
+        setattr(self, self._PARTS[name], None)
+
+    def _part(self, attr: str, what: str) -> np.ndarray:
+        self._require_sums(what)
+        a = getattr(self, attr)
+        if a is None:
+            raise InputError(f"{what}: released after the maps that read it (release_part())")
+        return _readonly(a)
+
     @property
     def sum_entropy(self) -> np.ndarray:
         """Σ_m H(p_m), (z, y, x) float32 (read-only view)."""
-        self._require_sums("sum_entropy")
-        return _readonly(self._sum_h)
+        return self._part("_sum_h", "sum_entropy")
 
     @property
     def fg_sq_dev(self) -> np.ndarray:
         """Σ_m (p_fg,m − mean_m p_fg,m)², (z, y, x) float32, Welford form (read-only view)."""
-        self._require_sums("fg_sq_dev")
-        return _readonly(self._fg_m2)
+        return self._part("_fg_m2", "fg_sq_dev")
 
     @property
     def fg_votes(self) -> np.ndarray:
         """Number of members whose argmax is a foreground class, (z, y, x) uint16 (read-only)."""
-        self._require_sums("fg_votes")
-        return _readonly(self._fg_votes)
+        return self._part("_fg_votes", "fg_votes")
 
     @property
     def nbytes(self) -> int:
@@ -251,22 +265,26 @@ class EnsembleAccumulator:
         if self._n >= np.iinfo(np.uint16).max:
             raise InputError(f"{member}: at most {np.iinfo(np.uint16).max} members are supported")
 
+        # a member computed on demand is read one slab ahead in a worker thread (``_read_ahead``)
+        ahead = hasattr(probs, "slab")
         if not getattr(probs, "valid_probabilities", False):
-            for sl in self.slabs():  # pass 1: validate everything before touching the sums
-                self._validate_slab(np.asarray(read(sl), dtype=np.float32), sl, member)
+            for sl, p in _read_ahead(read, self.slabs(), ahead):  # pass 1: validate before touching the sums
+                self._validate_slab(np.asarray(p, dtype=np.float32), sl, member)
+            p = None
 
         n_old = self._n
         inv_old = np.float32(1.0 / n_old) if n_old else None
         inv_new = np.float32(1.0 / (n_old + 1))
-        if self._log_gap is None:
-            raise InputError("add(): log_gap was released; the accumulator is complete")
+        if any(a is None for a in (self._log_gap, self._sum_h, self._fg_m2, self._fg_votes)):
+            raise InputError("add(): part of the sums was released; the accumulator is complete")
         eps = np.float32(EPS)
         n_new = np.float32(n_old + 1)
-        for sl in self.slabs():  # pass 2: accumulate
-            p = np.asarray(read(sl), dtype=np.float32)
+        for sl, p in _read_ahead(read, self.slabs(), ahead):  # pass 2: accumulate
+            p = np.asarray(p, dtype=np.float32)
             h = np.zeros(p.shape[1:], dtype=np.float32)
             for c in range(self.n_classes):
-                logp = np.log(np.maximum(p[c], eps))
+                logp = np.maximum(p[c], eps)
+                np.log(logp, out=logp)
                 s_old = self._sum_p[c, sl]
                 if n_old:  # L_c += log p − (n+1) log p̄_new + n log p̄_old (module doc); 0 for the first member
                     self._add_log_gap(c, sl, logp, s_old, p[c], n_old, inv_old, inv_new, n_new)
@@ -287,14 +305,28 @@ class EnsembleAccumulator:
         self._n = n_old + 1
 
     def _add_log_gap(self, c, sl, logp, s_old, p_c, n_old, inv_old, inv_new, n_new) -> None:
+        # the same float32 operations in the same order as
+        #   gap = L_c + log p − n_new log max(p̄_new, EPS) + n_old log max(p̄_old, EPS)
+        # written into two slab buffers; after the first member L_c is 0 and n_old = 1, and
+        # 0 + x, x · 1 are exact, so the second member skips reading L and those products
         eps = np.float32(EPS)
-        gap = self._log_gap[c, sl].astype(np.float32)
-        gap += logp
-        new = np.log(np.maximum((s_old + p_c) * inv_new, eps))
+        new = np.add(s_old, p_c)
+        new *= inv_new
+        np.maximum(new, eps, out=new)
+        np.log(new, out=new)
         new *= n_new
-        gap -= new
-        old = np.log(np.maximum(s_old * inv_old, eps))
-        old *= np.float32(n_old)
+        if n_old == 1:
+            gap = np.subtract(logp, new, out=new)
+            old = np.maximum(s_old, eps)
+        else:
+            gap = self._log_gap[c, sl].astype(np.float32)
+            gap += logp
+            gap -= new
+            old = np.multiply(s_old, inv_old, out=new)
+            np.maximum(old, eps, out=old)
+        np.log(old, out=old)
+        if n_old != 1:
+            old *= np.float32(n_old)
         gap += old
         self._log_gap[c, sl] = gap
 
@@ -322,6 +354,40 @@ class EnsembleAccumulator:
                              f"{total:.6g} (off by {abs(total - 1.0):.3g}, tolerance {SUM_TOLERANCE:g}; "
                              f"{n_bad} voxel(s) of z slices {sl.start}..{sl.stop - 1} are off); "
                              "pass softmax probabilities with classes on the first axis")
+
+
+_READER = None
+READ_AHEAD = 2
+"""Slabs of a member computed on demand that are read ahead in worker threads (``_read_ahead``)."""
+
+
+def _read_ahead(read, slabs, ahead: bool):
+    """Yield ``(sl, read(sl))`` for each slab, in order. With ``ahead``, the next ``READ_AHEAD``
+    slabs are computed in worker threads while the caller works on the current one (a member
+    computed on demand: its resampling and softmax release the GIL), so other cores overlap the
+    member's computation with the accumulation. At most ``READ_AHEAD`` + 1 slabs exist at a time;
+    each slab's values are those of reading it alone (``read`` must only read shared state)."""
+    if not ahead:
+        for sl in slabs:
+            yield sl, read(sl)
+        return
+    global _READER
+    if _READER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _READER = ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="calibu-slab")
+    slabs = list(slabs)
+    queue = [_READER.submit(read, sl) for sl in slabs[:READ_AHEAD]]
+    try:
+        for i, sl in enumerate(slabs):
+            value = queue.pop(0).result()
+            if i + READ_AHEAD < len(slabs):
+                queue.append(_READER.submit(read, slabs[i + READ_AHEAD]))
+            yield sl, value
+            del value
+    finally:
+        for f in queue:  # the caller stopped early (an error): let pending reads end first
+            f.cancel() or f.exception()
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
