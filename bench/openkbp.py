@@ -242,6 +242,20 @@ def prepare_run(args, dataset_id: int, dataset_name: str, configuration: str | N
     return source, split, root, steps, pre, res, prepared, plan_kw
 
 
+def setup_logging(*names: str) -> None:
+    """INFO logging; the commands run in-process reconfigure the root logger, so the benchmark's
+    own loggers (``names``) get their own handler and stay visible."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S"))
+    for name in names:
+        lg = logging.getLogger(name)
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+
+
 def run_cli(main) -> None:
     """``__main__`` of the OpenKBP benches: a project error is one line on stderr and exit code 2."""
     try:
@@ -269,14 +283,7 @@ def main(argv=None) -> int:
     import _openkbp_report as report
 
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
-    # the commands run in-process reconfigure the root logger; the benchmark's own lines stay visible
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
+    setup_logging("bench.openkbp")
     t_start = time.time()
     import torch
 

@@ -59,7 +59,7 @@ for p in (REPO, REPO / "bench"):
         sys.path.insert(0, str(p))
 
 from CalibUncertaintyLib.io.atomic import write_json, write_text  # noqa: E402
-from openkbp import _display_path, default_data, prepare_run, run_cli, signature, train_ensembles  # noqa: E402
+from openkbp import _display_path, default_data, prepare_run, run_cli, setup_logging, signature, train_ensembles  # noqa: E402
 
 log = logging.getLogger("bench.openkbp_local")
 DATASET_ID, DATASET_NAME = 502, "OpenKBPLocal"
@@ -148,15 +148,7 @@ def main(argv=None) -> int:
     import _openkbp_data as data
 
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S"))
-    for name in ("bench.openkbp_local", "bench.openkbp"):
-        lg = logging.getLogger(name)
-        lg.addHandler(handler)
-        lg.setLevel(logging.INFO)
-        lg.propagate = False
+    setup_logging("bench.openkbp_local", "bench.openkbp")
     t_start = time.time()
     import torch
 
