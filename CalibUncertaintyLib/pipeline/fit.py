@@ -227,7 +227,6 @@ def fit_scaler(x, xm, y, opts: FitOptions):
     from ..calibration.temperature import TemperatureScaler
     from ..calibration.vector_scaling import VectorScaler
 
-    other = None
     if opts.method in ("class_temperature", "local_temperature") and opts.ensemble_mode != "pool_then_calibrate":
         raise InputError(f"{opts.method} is fitted on the pooled ensemble only; use --ensemble-mode "
                          "pool_then_calibrate or --method temperature")
