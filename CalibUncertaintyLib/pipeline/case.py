@@ -331,7 +331,6 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
             _wait(pending)
             if written is not None and written[0] not in ("entropy", rmap):
                 spare[:] = [written[1]]
-            written = None
             whole_stats[name] = _pool().submit(_whole_stats_and_write, partial / f"map_{name}.nii.gz", values,
                                                geometry)
             pending.append(whole_stats[name])
