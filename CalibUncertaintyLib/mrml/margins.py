@@ -77,7 +77,7 @@ def add_margins_node(scene, case_dir, summary: dict, geometry, name: str):
                 if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, node):
                     raise InputError(f"could not turn the {part} margin of {organ} into a segment")
             else:
-                segmentation.AddEmptySegment("", f"{organ} {part}")
+                _add_empty_segment(segmentation, f"{organ} {part}")
             seg_id = segmentation.GetNthSegmentID(n_before)
             segment = segmentation.GetSegment(seg_id)
             segment.SetName(f"{organ} {part}")
@@ -86,6 +86,24 @@ def add_margins_node(scene, case_dir, summary: dict, geometry, name: str):
             if part != "prediction" and display is not None:
                 display.SetSegmentOpacity2DFill(seg_id, 0.0)
     return node
+
+
+def _add_empty_segment(segmentation, name: str) -> None:
+    """Add a segment with an empty binary labelmap. ``vtkSegmentation.AddEmptySegment`` needs the
+    segmentation converter rules, which only the application's Segmentations module registers: in
+    a bare scene (slicer-core, PythonSlicer) it adds nothing and returns no segment. An empty
+    margin is common (an organ the case lacks, an inner contour at a trivial α)."""
+    import slicer
+    import vtk
+
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(0, -1, 0, -1, 0, -1)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    segment = slicer.vtkSegment()
+    segment.SetName(name)
+    segment.AddRepresentation(slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName(), image)
+    if not segmentation.AddSegment(segment):
+        raise InputError(f"could not add the empty segment {name!r} to the margins segmentation")
 
 
 def segment_masks(scene, node, reference_volume) -> dict:

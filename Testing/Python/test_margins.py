@@ -93,6 +93,34 @@ def test_margins_as_segments_in_a_scene(case_dir):
     assert scene.GetNumberOfNodes() < n and case.margins.GetScene() is None
 
 
+def test_empty_margins_load_as_empty_segments(case_dir, tmp_path):
+    """An organ absent from a case, or an inner contour that a trivial α leaves empty, is an empty
+    margin: it loads as an empty segment (AddEmptySegment adds nothing in a scene without the
+    converter rules, which crashed `review` on the quick demo's outputs)."""
+    import shutil
+
+    slicer = pytest.importorskip("slicer", reason="slicer-core (the MRML wheel) is not installed")
+    from CalibUncertaintyLib.io.images import write_image
+    from CalibUncertaintyLib.mrml import nodes
+    from CalibUncertaintyLib.mrml.margins import segment_masks
+
+    src, _ = case_dir
+    d = tmp_path / "new"
+    shutil.copytree(src, d)
+    summary = json.loads((d / "summary.json").read_text())
+    files = {name: d / m["file"] for name, m in summary["margins"]["classes"].items()}
+    levels, geo = read_image(files["Cord"])
+    write_image(files["Cord"], np.zeros_like(levels), geo)  # the whole organ absent
+    levels, geo = read_image(files["Left Parotid"])
+    write_image(files["Left Parotid"], np.minimum(levels, 2), geo)  # no inner contour
+    scene = slicer.vtkMRMLScene()
+    case = nodes.load_case_outputs(scene, d, allow_identity_mismatch=True)
+    masks = segment_masks(scene, case.margins, case.maps["entropy"])
+    assert sorted(masks) == sorted(f"{o} {p}" for o in ("Cord", "Left Parotid") for p in ("inner", "prediction", "outer"))
+    assert not any(masks[f"Cord {p}"].any() for p in ("inner", "prediction", "outer"))
+    assert not masks["Left Parotid inner"].any() and masks["Left Parotid prediction"].any()
+
+
 @pytest.mark.parametrize("kind", ["local_temperature", "class_temperature"])
 def test_streamed_local_temperature_and_margins_equal_the_whole_volume(tmp_path, monkeypatch, kind):
     """process_case never holds the calibrated (K, z, y, x) volume: the segmentation is argmax p̄,
