@@ -41,6 +41,7 @@ def main(argv=None) -> int:
 
     import numpy as np
     import slicer
+    import vtk  # noqa: F401  (loaded before any module runs in Slicer; its first import is not loading)
 
     from _big_case import build_big_case
     from CalibUncertaintyLib.mrml.case_loader import CaseLoader

@@ -42,7 +42,7 @@ STEP_SECONDS = 0.15
 #: bytes decoded per unit of reading
 READ_BYTES = 4 << 20
 #: voxels per unit of a statistic or a hash
-SLAB_VOXELS = 1 << 21
+SLAB_VOXELS = 1 << 20
 PROB_DISPLAY_THRESHOLD = 0.1
 
 
@@ -154,6 +154,12 @@ class CaseLoader:
         from .nodes import _check_input_geometry, _input_from_summary
 
         self.progress = (0.0, "reading the case folder")
+        # modules imported on first use get a unit each (a few tenths of a second cold; vtk is
+        # already loaded in Slicer)
+        import vtk  # noqa: F401
+        yield
+        from scipy import ndimage  # noqa: F401
+        yield
         files = scan_case_folder(self.case_dir)
         seg_geo = read_header_geometry(files.seg_path, verify=False)
         if self.input_volume_node is not None:

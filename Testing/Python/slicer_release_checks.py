@@ -1,6 +1,6 @@
 """The module file under one Slicer release's own scripted-module code (run in a process of its own).
 
-    python slicer_release_checks.py RELEASE_DIR WORKDIR SAMPLE_DIR [--predict]
+    python slicer_release_checks.py RELEASE_DIR WORKDIR SAMPLE_DIR [--predict] [--self-test]
 
 ``slicer_release_harness.install`` sets the process up for ``RELEASE_DIR``
 (``../shared/slicer-python/<release>``); the checks below then drive ``CalibUncertainty.py`` the way
@@ -12,7 +12,7 @@ stand-ins of the two release assets), the parameter node is validated by the rea
 sample model (``--predict``; needs torch and nnU-Net in this Python; otherwise the sample case
 folder ``SAMPLE_DIR/case`` is loaded instead) and its outputs are loaded step by step, the scene is
 saved as .mrb and read into a fresh scene where ``restoreReview`` brings the review back, and the
-module's self-test runs. One JSON line (``CHECKS {...}``) reports every check; exit code 0 when all
+module's self-test runs (``--self-test``; otherwise only its test class is exercised). One JSON line (``CHECKS {...}``) reports every check; exit code 0 when all
 passed.
 """
 
@@ -270,6 +270,16 @@ def check_self_test(slicer, module):
     return {"s_test": round(time.perf_counter() - t, 1), "view_nodes_added": len(added), "views": sorted(set(added))}
 
 
+@check("test_class")
+def check_test_class(slicer, module):
+    """Without the whole self-test: the test class on this release's ScriptedLoadableModuleTest."""
+    test = module.CalibUncertaintyTest()
+    test.messageDelay = 0
+    test.delayDisplay("CalibUncertainty test class")
+    assert callable(slicer.selfTests["CalibUncertainty"]) and hasattr(test, "test_self_test")
+    return {}
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     release, workdir, sample_dir = Path(argv[0]), Path(argv[1]), Path(argv[2])
@@ -292,7 +302,10 @@ def main(argv=None) -> int:
 
             case = _load_stepwise(slicer, CaseLoader(slicer.mrmlScene, sample_dir / "case", None))
         check_restore(slicer, module, case, workdir)
-        check_self_test(slicer, module)
+        if "--self-test" in argv:
+            check_self_test(slicer, module)
+        else:
+            check_test_class(slicer, module)
     except BaseException:
         status = 1
     print("CHECKS " + json.dumps({"release": release.name, "results": RESULTS}, default=str), flush=True)

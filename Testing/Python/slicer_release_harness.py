@@ -297,6 +297,12 @@ def install(release_dir, workdir):
 
     import slicer
 
+    # The wheel's package copies every public name of every module it imports onto `slicer`, and
+    # the release's parameterNodeWrapper package has a public `util` (its submodule): put the
+    # wheel's slicer.util (Slicer's real util.py) back, as `slicer.util` is in the application.
+    slicer.util = sys.modules["slicer.util"]
+    if not Path(slicer.util.__file__).parent.samefile(Path(slicer.__file__).parent):
+        raise RuntimeError(f"slicer.util is {slicer.util.__file__}, not the wheel's")
     missing = [n for n in SLICER_WIDGET_NAMES if not hasattr(slicer, n)]
     if missing:
         raise RuntimeError(f"the slicer widget doubles were not added: {missing}")

@@ -118,7 +118,11 @@ def test_model_zip_is_the_same_bytes_for_the_same_model(tmp_path):
 def test_split_downloaded(tmp_path):
     slicer = pytest.importorskip("slicer", reason="slicer-core gives a real volume node")
     node = slicer.vtkMRMLScalarVolumeNode()
+    (tmp_path / MODEL_ZIP).write_bytes(b"zip")
     ct, z = split_downloaded([node, str(tmp_path / MODEL_ZIP)])
     assert ct is node and z == tmp_path / MODEL_ZIP
     with pytest.raises(InputError, match="expected the CT node"):
         split_downloaded([str(tmp_path / MODEL_ZIP)])
+    (tmp_path / MODEL_ZIP).unlink()        # SampleData deletes a download that fails its checksum
+    with pytest.raises(InputError, match="SHA-256"):
+        split_downloaded([node, str(tmp_path / MODEL_ZIP)])
