@@ -222,9 +222,9 @@ def split_downloaded(results) -> tuple:
     ct = next((r for r in results if hasattr(r, "IsA") and r.IsA("vtkMRMLScalarVolumeNode")), None)
     zips = [Path(r) for r in results if isinstance(r, (str, os.PathLike)) and str(r).endswith(".zip")]
     if ct is None or len(zips) != 1 or not zips[0].is_file():
-        raise InputError(f"SampleData could not download and verify the sample (it gave {results!r}; expected the "
-                         f"CT node and {MODEL_ZIP}): a download that does not match its SHA-256 checksum is deleted. "
-                         "Check the network connection and SampleData's log, then try again")
+        raise InputError("SampleData could not download and verify the sample: a file that does not match its "
+                         "SHA-256 checksum is deleted, not loaded. Check the network connection and SampleData's "
+                         f"log, then try again (SampleData gave {results!r}; expected the CT node and {MODEL_ZIP})")
     return ct, zips[0]
 
 

@@ -43,7 +43,7 @@ setup_one() {
   fi
   rm -rf "$venv"
   "$py" -m venv "$venv" || return 1
-  "$venv/bin/python" -m pip install -q --no-index --find-links "$house" "slicer-core==$v" -r "$req" \
+  "$venv/bin/python" -m pip install -q --no-compile --no-index --find-links "$house" "slicer-core==$v" -r "$req" \
     2>&1 | grep -v '^WARNING: Location'
   "$venv/bin/python" -c "import importlib.metadata as m, slicer; assert m.version('slicer-core') == '$v'" || return 1
   echo "$want" > "$venv/.calibu-installed"
@@ -63,7 +63,7 @@ log "venvs ready"
 files=$(grep -l '^pytestmark = pytest.mark.slicer' Testing/Python/test_*.py)
 pids=()
 for v in $versions; do
-  PYTHONPATH="$root" "$venvs/$v/bin/python" -m pytest -q -ra -m slicer -p no:cacheprovider $files \
+  PYTHONPATH="$root" "$venvs/$v/bin/python" -m pytest -q -ra -m slicer -p no:cacheprovider --durations=10 $files \
     > "$venvs/test-$v.log" 2>&1 &
   pids+=($!)
 done

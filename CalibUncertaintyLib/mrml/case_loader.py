@@ -47,16 +47,18 @@ PROB_DISPLAY_THRESHOLD = 0.1
 
 
 class CaseLoader:
-    """See the module docstring. Arguments as ``nodes.load_case_outputs``."""
+    """See the module docstring. Arguments as ``nodes.load_case_outputs``; ``input_file``: without
+    ``input_volume_node``, the CT file to load with the case (else the one summary.json names)."""
 
     def __init__(self, scene, case_dir, input_volume_node=None, name_prefix: str | None = None,
                  probabilities: str = "on_demand", allow_identity_mismatch: bool = False,
-                 step_seconds: float = STEP_SECONDS):
+                 step_seconds: float = STEP_SECONDS, input_file=None):
         if probabilities not in ("on_demand", "all"):
             raise InputError(f"probabilities must be 'on_demand' or 'all', got {probabilities!r}")
         self.scene = scene
         self.case_dir = Path(case_dir)
         self.input_volume_node = input_volume_node
+        self.input_file = Path(input_file) if input_file is not None else None  # the CT file, when no node
         self.name_prefix = name_prefix
         self.probabilities = probabilities
         self.allow_identity_mismatch = allow_identity_mismatch
@@ -167,7 +169,9 @@ class CaseLoader:
         yield
         n_vox = int(np.prod(seg_geo.shape_zyx))
         margin_list = _margin_files(files)
-        input_path = _input_from_summary_files(files) if self.input_volume_node is None else None
+        input_path = None
+        if self.input_volume_node is None:
+            input_path = self.input_file if self.input_file is not None else _input_from_summary_files(files)
         prob_paths = sorted(files.prob_files.values())
         # the weights: bytes to decode, voxels to scan, nodes to add (a rough common unit)
         self._weight_total = float(n_vox * (1 + 4 * len(files.map_files) * 3 + len(margin_list) * 2

@@ -13,7 +13,7 @@ load the results into the scene; and the check that enables Apply.
 - :meth:`loader` (after success) gives a ``case_loader.CaseLoader`` of the case folder on the
   CT's grid, which the widget steps from a timer; :meth:`load` runs it to the end. If the user
   deleted the CT node while the run was going, the exported copy is loaded as the CT instead of
-  failing (the outputs are on its grid);
+  failing (the outputs are on its grid; the case then owns it);
 - :meth:`cancel` stops the run (``wait=False``: returns at once, :meth:`poll` finishes it);
 - :meth:`cleanup` deletes the exported copy.
 
@@ -109,8 +109,8 @@ class ScenePrediction:
 
     def loader(self, **kwargs):
         """A ``case_loader.CaseLoader`` of the finished run's case folder (not started). The CT
-        node if it is still in the scene, else the exported copy of it, which summary.json names
-        as the input (the case then owns it: ``owns_input``)."""
+        node if it is still in the scene, else the exported copy of it (the case then owns it:
+        ``owns_input``)."""
         from .case_loader import CaseLoader
 
         if self.run is None or self.run.state is not RunState.SUCCEEDED:
@@ -121,15 +121,11 @@ class ScenePrediction:
         if self.exported_ct is None or not self.exported_ct.is_file():
             raise InputError("the input CT was deleted during the run and its exported copy is gone; "
                              f"load {case_dir} with its CT")
-        return CaseLoader(self.scene, case_dir, None, **kwargs)
+        return CaseLoader(self.scene, case_dir, None, input_file=self.exported_ct, **kwargs)
 
     def load(self, **kwargs):
         """Load the finished run's case folder into the scene in one call -> CaseNodes."""
-        case = self.loader(**kwargs).run()
-        if self.input_deleted and not case.owns_input:
-            case.remove_from_scene(self.scene)
-            raise InputError("the input CT was deleted during the run and summary.json names no input image")
-        return case
+        return self.loader(**kwargs).run()
 
     def cleanup(self) -> None:
         if self.export_dir is not None:

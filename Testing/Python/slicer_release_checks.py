@@ -152,7 +152,7 @@ def check_sample_data(slicer, module, sample_dir: Path):
     try:
         module.CalibUncertaintyLogic.loadSampleData()
     except Exception as exc:                                      # a clear error, nothing loaded
-        refused = f"{type(exc).__name__}: {exc}"[:200]
+        refused = f"{type(exc).__name__}: {exc}"[:400]
     else:
         raise AssertionError("a sample whose checksum does not match was used")
     finally:

@@ -85,12 +85,12 @@ def test_a_second_apply_never_changes_what_the_first_case_shows(scene_and_ct, tm
     second = _run(scene, ct, case_dir, out, 1.0, tmp_path)
     case2 = second.load()
     second.cleanup()
-    assert case1.case_dir != case2.case_dir and case1.case_dir.is_dir() and case2.case_dir.is_dir()
-    assert (case1.case_dir.name, case2.case_dir.name) == ("sample", "sample_2")
     shown = slicer.util.arrayFromVolume(case1.layer_node(scene, "prob_Organ"))
     theirs = read_image(case2.probability_files["Organ"])[0]
-    assert np.array_equal(shown, own)               # the first run's own values ...
+    assert np.array_equal(shown, own), f"max |dp| = {np.abs(shown - own).max():.3f}"  # the first run's own values ...
     assert not np.array_equal(shown, theirs)        # ... not the second run's
+    assert case1.case_dir != case2.case_dir and case1.case_dir.is_dir() and case2.case_dir.is_dir()
+    assert (case1.case_dir.name, case2.case_dir.name) == ("sample", "sample_2")
     assert unique_case_name(out, "sample") == "sample_3" and unique_case_name(out, "other") == "other"
 
 
@@ -246,6 +246,7 @@ def test_the_module_wires_the_slider_and_apply_as_tested_here():
 # ------------------------------------------------------------------------------- item 7: device, torch
 def test_the_run_reports_its_device(monkeypatch, capsys):
     """The run (its own process) reports the device it chose as a progress event the module shows."""
+    pytest.importorskip("torch", reason="the device is chosen by torch (not in the slicer-core wheel venvs)")
     from CalibUncertaintyLib.device import resolve_device
     from CalibUncertaintyLib.progress import ENV_VAR, parse_progress_line
     from CalibUncertaintyLib.runner import describe_progress
@@ -262,7 +263,8 @@ def test_a_torch_replaced_while_slicer_runs_asks_for_a_restart(monkeypatch):
     from CalibUncertaintyLib.slicer_install import InstallPlan, SlicerInstaller
 
     installed = dependencies.installed_version("torch")
-    assert installed
+    if installed is None:
+        pytest.skip("torch is not installed here (a slicer-core wheel venv): nothing can replace it")
     # the torch module this process imported, as a stand-in object (only its version is read)
     monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(__version__="2.9.1"))
     msg = dependencies.torch_restart_needed()
