@@ -130,8 +130,11 @@ def _check_inputs(u, roi, labels, geometry, threshold, min_volume_mm3, max_regio
         raise InputError(f"max_regions must be a positive integer or None, got {max_regions!r}")
     if max_extent_mm is not None:
         smallest = 2.0 * max(geometry.spacing_zyx)
-        if not (isinstance(max_extent_mm, (int, float)) and math.isfinite(max_extent_mm)
-                and max_extent_mm >= smallest):
+        try:
+            extent = float(max_extent_mm)
+        except (TypeError, ValueError):
+            extent = math.nan
+        if not (math.isfinite(extent) and extent >= smallest):
             raise InputError(f"the region max extent must be at least two voxels of the coarsest axis "
                              f"({smallest:g} mm on this image), got {max_extent_mm!r} mm")
     return u, roi, lab, tau

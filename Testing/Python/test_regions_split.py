@@ -148,3 +148,39 @@ def test_split_component_parts_are_connected_and_cover_the_component():
         vox = np.argwhere(parts == p)
         assert np.all((vox.max(axis=0) - vox.min(axis=0) + 1) * (2.0, 1.0, 1.0) <= 20.0)
         assert ndimage.label(parts == p, structure=np.ones((3, 3, 3), bool))[1] == 1
+
+
+def test_process_case_and_the_cli_option_cut_regions_to_the_extent(tmp_path):
+    """--region-max-extent-mm reaches regions.json through the pipeline (0: whole components)."""
+    import json
+
+    from CalibUncertaintyLib.cli.common import region_max_extent
+    from CalibUncertaintyLib.cli.main import build_parser
+    from CalibUncertaintyLib.pipeline.case import CaseOptions, process_case
+    from CalibUncertaintyLib.synthetic.members import member_probabilities
+
+    args = build_parser().parse_args(["maps", "--members", str(tmp_path), "-o", str(tmp_path / "o"),
+                                      "--region-max-extent-mm", "0"])
+    assert region_max_extent(args.region_max_extent_mm) is None
+    args = build_parser().parse_args(["predict", "-i", str(tmp_path), "-m", str(tmp_path), "-o", str(tmp_path / "o")])
+    assert region_max_extent(args.region_max_extent_mm) == DEFAULT_MAX_EXTENT_MM
+
+    geo = Geometry((16, 40, 40), spacing=(1.5, 1.5, 2.5))
+    lab = np.zeros(geo.shape_zyx, np.uint8)
+    z, y, x = np.indices(geo.shape_zyx)
+    lab[(np.abs(np.hypot(y - 20, x - 20) - 12) < 3) & (np.abs(z - 8) < 5)] = 1   # a 'ring' organ
+    members = list(member_probabilities(lab, geo, 2, 3, "ring", seed=2))
+    names = ["background", "Ring"]
+    sizes = {}
+    for extent in (20.0, None):
+        out = tmp_path / str(extent)
+        process_case("ring", iter(members), geo, out, None, names,
+                     CaseOptions(n_members=3, max_region_extent_mm=extent, regions_map="entropy",
+                                 map_names=("entropy",), probability_classes=()))
+        doc = json.loads((out / "ring" / "regions.json").read_text())
+        assert doc["max_extent_mm"] == extent
+        sizes[extent] = [max(r["extent_mm"]) for r in doc["regions"]]
+        summary = json.loads((out / "ring" / "summary.json").read_text())
+        largest = summary["case_aggregates"]["largest_region_mm3"]
+        assert largest == pytest.approx(max(r["component_volume_mm3"] for r in doc["regions"]))
+    assert max(sizes[None]) > 20.0 >= max(sizes[20.0]) and len(sizes[20.0]) > len(sizes[None])
