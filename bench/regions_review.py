@@ -132,8 +132,9 @@ def model_inputs(args) -> tuple[list, Path, Path, list, list]:
     t = time.time()
     members = cached_member_dirs(args.model_folder, "deep", None, images, cache, device=args.device, tta=False,
                                  cases=ids)
-    log.info("members of %d cases ready in %.0f s (%s)", len(ids), time.time() - t, cache)
-    return list(members.dirs), images, labels, fit_ids, test_ids
+    log.info("members of %d cases ready in %.0f s (%s: %d computed, %d reused)", len(ids), time.time() - t,
+             cache, len(members.computed), len(members.reused))
+    return list(members.member_dirs), images, labels, fit_ids, test_ids
 
 
 def smoke_inputs(args) -> tuple[list, Path, Path, list, list]:
