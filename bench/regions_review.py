@@ -47,6 +47,7 @@ import logging
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -85,6 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--top", type=int, default=10, help="regions a reviewer steps through")
     p.add_argument("--results", type=Path, default=None,
                    help="report folder (default bench/results; with --smoke the workdir)")
+    p.add_argument("--name", default="regions_review", help="report file stem under --results")
     p.add_argument("--smoke", action="store_true",
                    help="tiny phantom cases with synthetic members instead of the model: checks the bench runs")
     args = p.parse_args(argv)
@@ -115,8 +117,9 @@ def _link_folder(folder: Path, links: dict) -> Path:
     return folder
 
 
-def model_inputs(args) -> tuple[list, Path, Path, list, list]:
-    """(member folders, images, labels, fit ids, test ids) of the stock model on its unseen cases."""
+def model_inputs(args) -> tuple[list, Path, Path, list, list, str]:
+    """(member folders, images, labels, fit ids, test ids, how the members were got) of the stock
+    model on its unseen cases."""
     from CalibUncertaintyLib.nnunet.member_cache import cached_member_dirs
 
     cases_json = args.cases_json or args.model_folder.parent / "calibration_cases.json"
@@ -134,10 +137,12 @@ def model_inputs(args) -> tuple[list, Path, Path, list, list]:
                                  cases=ids)
     log.info("members of %d cases ready in %.0f s (%s: %d computed, %d reused)", len(ids), time.time() - t,
              cache, len(members.computed), len(members.reused))
-    return list(members.member_dirs), images, labels, fit_ids, test_ids
+    note = (f"member cache {cache}: {len(members.computed)} member outputs computed now, "
+            f"{len(members.reused)} reused")
+    return list(members.member_dirs), images, labels, fit_ids, test_ids, note
 
 
-def smoke_inputs(args) -> tuple[list, Path, Path, list, list]:
+def smoke_inputs(args) -> tuple[list, Path, Path, list, list, str]:
     """The same on a tiny phantom: 2 fit + 1 test case, 3 synthetic members."""
     from CalibUncertaintyLib.synthetic.members import make_member_folders
     from CalibUncertaintyLib.synthetic.phantom import write_phantom_dataset
@@ -147,7 +152,7 @@ def smoke_inputs(args) -> tuple[list, Path, Path, list, list]:
     images = ds.folder / "imagesTs"
     labels = ds.folder / "labelsTs"
     dirs = make_member_folders(labels, args.workdir / "members", cases=fit_ids + test_ids, n_members=3, seed=1)
-    return dirs, images, labels, fit_ids, test_ids
+    return dirs, images, labels, fit_ids, test_ids, "synthetic members from the phantom's labels"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,10 +272,12 @@ def render(run: dict) -> str:
         f"Command: `{run['command']}`",
         "",
         f"Machine: {run['machine']}. Wall time {run['wall_s']:.0f} s (members {run['seconds']['members']:.0f} s, "
-        f"calibration {run['seconds']['fit']:.0f} s, maps {run['seconds']['maps']:.0f} s, measures "
+        f"calibration {run['seconds']['fit']:.0f} s"
+        f"{' (fitted by an earlier run in the same --workdir, reused)' if run['calibration_reused'] else ''}, "
+        f"maps {run['seconds']['maps']:.0f} s, measures "
         f"{run['seconds']['measures']:.0f} s).",
         "",
-        f"Model: `{run['model']}` ({run['n_members']} members, no TTA). Calibration ({run['calibration']}) fitted on "
+        f"Model: `{run['model']}` ({run['n_members']} members, no TTA; {run['members']}). Calibration ({run['calibration']}) fitted on "
         f"{', '.join(run['fit_cases'])}; measured on {', '.join(run['test_cases'])}. Regions map "
         f"{o['regions_map']} at the calibrated τ* (score {', '.join(_f(c['threshold_score'], '{:.4g}') for c in run['cases'])}), "
         f"ROI 15 mm, minimum region 10 mm³. Before: whole 26-connected components, the views jump to "
@@ -304,10 +311,33 @@ def render(run: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _calibration(dirs, images, labels, fit_ids, fit_opts, workdir: Path):
+    """The calibration fitted on the fit cases, reused from an earlier run of this script in the
+    same workdir when its inputs (member files, cases, options) are the same."""
+    from dataclasses import asdict
+
+    from CalibUncertaintyLib.calibration.calibration_file import CalibrationFile
+    from CalibUncertaintyLib.io.nnunet_outputs import pair_cases
+    from CalibUncertaintyLib.pipeline.fit import fit_calibration
+
+    files = sorted(p for d in dirs for c in fit_ids for p in Path(d).glob(f"{c}.np[z]"))
+    key = {"members": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files], "cases": list(fit_ids),
+           "options": json.loads(json.dumps(asdict(fit_opts), default=str))}
+    key_path, cal_path = workdir / "calibration_key.json", workdir / "calibration.json"
+    if key_path.is_file() and cal_path.is_file() and json.loads(key_path.read_text()) == key:
+        log.info("calibration of an earlier run reused (%s)", cal_path)
+        return CalibrationFile.load(cal_path), True
+    key_path.unlink(missing_ok=True)
+    cal = fit_calibration(pair_cases(dirs, images, labels, fit_ids, require_labels=True), fit_opts)
+    cal.save(cal_path)
+    write_json(key_path, key)
+    return cal, False
+
+
 def main(argv=None) -> int:
     from CalibUncertaintyLib.io.nnunet_outputs import pair_cases
     from CalibUncertaintyLib.pipeline.case import CaseOptions
-    from CalibUncertaintyLib.pipeline.fit import FitOptions, fit_calibration
+    from CalibUncertaintyLib.pipeline.fit import FitOptions
     from CalibUncertaintyLib.pipeline.maps_job import run_maps
 
     args = parse_args(argv)
@@ -316,13 +346,14 @@ def main(argv=None) -> int:
                                                 *(sys.argv[1:] if argv is None else argv)])
     t0 = time.time()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    dirs, images, labels, fit_ids, test_ids = (smoke_inputs if args.smoke else model_inputs)(args)
+    dirs, images, labels, fit_ids, test_ids, members_note = (smoke_inputs if args.smoke else model_inputs)(args)
     t_members = time.time() - t0
     # the project's default calibration; the smoke run fits the plain temperature (seconds, not a minute)
     fit_opts = FitOptions(method="temperature") if args.smoke else FitOptions()
-    cal = fit_calibration(pair_cases(dirs, images, labels, fit_ids, require_labels=True), fit_opts)
+    cal, reused = _calibration(dirs, images, labels, fit_ids, fit_opts, args.workdir)
     t_fit = time.time() - t0 - t_members
-    maps_dir = args.workdir / "maps"
+    maps_dir = args.workdir / f"maps_{args.max_extent_mm:g}mm"
+    shutil.rmtree(maps_dir, ignore_errors=True)  # computed afresh: the regions are what is measured
     opts = CaseOptions(regions_map=args.regions_map, max_region_extent_mm=args.max_extent_mm,
                        probability_classes=())
     result = run_maps(pair_cases(dirs, images, None, test_ids), cal, opts, maps_dir)
@@ -336,6 +367,7 @@ def main(argv=None) -> int:
            "seconds": {"members": t_members, "fit": t_fit, "maps": t_maps, "measures": t_measure},
            "model": "synthetic members (smoke)" if args.smoke else str(args.model_folder.name),
            "n_members": len(dirs), "fit_cases": fit_ids, "test_cases": test_ids, "calibration": cal.method,
+           "calibration_reused": reused, "members": members_note,
            "options": {"top": args.top, "view_mm": args.view_mm, "max_extent_mm": args.max_extent_mm,
                        "regions_map": args.regions_map, "smoke": args.smoke},
            "cases": cases, "pooled": {k: pooled(cases, k) for k in ("before", "after")}}
@@ -343,8 +375,8 @@ def main(argv=None) -> int:
     print(text)
     results = args.results or (args.workdir if args.smoke else REPO / "bench" / "results")
     results.mkdir(parents=True, exist_ok=True)
-    write_json(results / "regions_review.json", run)
-    write_text(results / "regions_review.md", text)
+    write_json(results / f"{args.name}.json", run)
+    write_text(results / f"{args.name}.md", text)
     return 0
 
 

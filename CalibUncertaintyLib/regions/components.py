@@ -2,7 +2,7 @@
 
 Regions are places to look: the 26-connected components of {U > τ} ∩ ROI, each cut into parts
 that fit one view (``max_extent_mm`` along every axis, voxel edges included; ``regions.split``:
-seeds at the uncertainty peaks, nearest-seed cells, connected parts, small parts merged). A
+seeds at the uncertainty peaks, nearest-seed cells, connected parts, merged while they fit). A
 component that fits is one region, as before. Per region:
 
 - ``n_voxels``, ``volume_mm3`` = n_voxels × voxel volume (mm³);
@@ -27,8 +27,8 @@ component that fits is one region, as before. Per region:
 
 Dropped, and so missing from the sum of the region volumes: components and parts smaller than
 ``min_volume_mm3`` (default 10 mm³) or of a single voxel (a minimum below one voxel, e.g. 10 mm³
-on a 5 × 5 × 2.5 mm grid, would list single voxels); parts below it are first merged into a
-neighbouring part when the union still fits. ``max_regions`` keeps only the best ones.
+on a 5 × 5 × 2.5 mm grid, would list single voxels); parts are first merged, smallest first,
+into a neighbouring part while the union fits (``split``). ``max_regions`` keeps only the best ones.
 ``max_extent_mm=None`` keeps whole components (no splitting).
 """
 
@@ -204,7 +204,7 @@ def _find(u, threshold, roi, labels, geometry, class_names, min_volume_mm3, max_
         if max_extent_mm is None:
             parts, n_parts = m.astype(np.int32), 1
         else:
-            parts, n_parts = split_component(m, s, spacing, max_extent_mm, min_voxels)
+            parts, n_parts = split_component(m, s, spacing, max_extent_mm)
         peaks = jump_points(s, parts, n_parts)[1:] + [b.start for b in box]
         comp[box][m] = parts[m] + (n_comp + len(part_comp))
         part_comp += [i] * n_parts

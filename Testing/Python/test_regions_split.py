@@ -142,7 +142,7 @@ def test_split_component_parts_are_connected_and_cover_the_component():
     comp, n = ndimage.label(blob, structure=np.ones((3, 3, 3), bool))
     big = comp == (np.argmax(np.bincount(comp.ravel())[1:]) + 1)
     s = ndimage.gaussian_filter(rng.random(big.shape), 1.0).astype(np.float32)
-    parts, n_parts = split_component(big, s, (2.0, 1.0, 1.0), 20.0, min_voxels=3)
+    parts, n_parts = split_component(big, s, (2.0, 1.0, 1.0), 20.0)
     assert n_parts > 1 and np.array_equal(parts > 0, big)
     for p in range(1, n_parts + 1):
         vox = np.argwhere(parts == p)
