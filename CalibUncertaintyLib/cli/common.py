@@ -331,12 +331,21 @@ def add_map_options(parser: argparse.ArgumentParser) -> None:
                         "regions.json (default dae)")
     g.add_argument("--min-region-mm3", type=nonnegative_mm, default=10.0, metavar="MM3",
                    help="drop error regions smaller than this volume in cubic millimetres "
-                        "(default 10 mm³)")
+                        "(default 10 mm³; a single voxel is never a region)")
+    g.add_argument("--region-max-extent-mm", type=nonnegative_mm, default=50.0, metavar="MM",
+                   help="cut error regions larger than this along any axis into parts around "
+                        "their uncertainty peaks, so that each fits one view (default 50 mm; "
+                        "0 keeps whole connected components)")
     g.add_argument("--probabilities", nargs="+", default=["all"], metavar="CLASS",
                    help="which foreground classes get a calibrated probability file "
                         "prob_<Class>.nii.gz: 'all' (default), 'none', or class names / label "
                         "numbers (e.g. --probabilities Liver 3); the segmentation and the maps do "
                         "not depend on it (a 25-class model writes 24 probability volumes by default)")
+
+
+def region_max_extent(value: float) -> float | None:
+    """``--region-max-extent-mm`` -> ``CaseOptions.max_region_extent_mm``: None (whole components) for 0."""
+    return float(value) if value else None
 
 
 def probability_classes(values) -> tuple[str, ...] | None:

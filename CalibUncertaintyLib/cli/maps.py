@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (probability_classes, add_apply_calibration_options, add_executor_options, add_identity_option, add_map_options,
+from .common import (probability_classes, region_max_extent, add_apply_calibration_options, add_executor_options, add_identity_option, add_map_options,
                      add_member_options, add_output_option, say)
 
 
@@ -55,7 +55,9 @@ def run(args) -> int:
         say(f"note: {note}")
     opts = CaseOptions(ensemble_mode=args.ensemble_mode, regions_map=args.regions_map,
                        dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm,
-                       min_region_mm3=args.min_region_mm3, n_members=len(names), member_names=names,
+                       min_region_mm3=args.min_region_mm3,
+                       max_region_extent_mm=region_max_extent(args.region_max_extent_mm),
+                       n_members=len(names), member_names=names,
                        probability_classes=probability_classes(args.probabilities))
     probability_labels(opts.probability_classes, pairing.class_names)  # an unknown class: refused up front
     result = run_maps(pairing, cal, opts, args.output, executor)

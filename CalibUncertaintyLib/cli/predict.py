@@ -22,7 +22,7 @@ import logging
 from pathlib import Path
 
 from .common import (ENSEMBLE_HELP, PASSES_HELP, add_apply_calibration_options, add_executor_options, add_map_options,
-                     add_output_option, positive_int, probability_classes, say)
+                     add_output_option, positive_int, probability_classes, region_max_extent, say)
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,7 @@ def run(args) -> int:
     opts = CaseOptions(ensemble_mode=args.ensemble_mode, regions_map=args.regions_map,
                        dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm,
                        min_region_mm3=args.min_region_mm3,
+                       max_region_extent_mm=region_max_extent(args.region_max_extent_mm),
                        probability_classes=probability_classes(args.probabilities))
     if not model.is_region_based:  # an unknown --probabilities class: refused before any inference
         probability_labels(opts.probability_classes, model.class_names)

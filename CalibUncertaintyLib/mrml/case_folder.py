@@ -28,8 +28,10 @@ REGION_KEYS = ("rank", "centroid_ras", "volume_mm3", "mean_u", "max_u")
 
 @dataclass
 class Region:
-    """One error region of regions.json (METHODS.md section 5): a connected component of
-    {U > τ*} in the ROI, ranked by volume × mean U; centroid in RAS millimetres."""
+    """One error region of regions.json (METHODS.md section 5): a part of a connected component
+    of {U > τ*} in the ROI that fits one view, ranked by volume × mean U; centroid and jump point
+    (its most uncertain part, where the views go) in RAS millimetres. Folders written before
+    jump points existed have none: ``jump_ras`` is then the centroid."""
 
     rank: int
     class_name: str
@@ -41,6 +43,11 @@ class Region:
     class_index: int | None = None
     score: float | None = None
     raw: dict = field(default_factory=dict, repr=False)
+    jump_ras: tuple[float, float, float] | None = None
+
+    def __post_init__(self):
+        if self.jump_ras is None:
+            self.jump_ras = tuple(self.centroid_ras)
 
     @property
     def label(self) -> str:
@@ -122,6 +129,12 @@ def _regions(doc: dict, path: Path, class_names: dict[int, str]) -> list[Region]
         c = np.asarray(r["centroid_ras"], dtype=float)
         if c.shape != (3,) or not np.all(np.isfinite(c)):
             raise InputError(f"{path}: region {n} centroid_ras must be 3 finite numbers (mm)")
+        jump = r.get("jump_ras")
+        if jump is not None:
+            jump = np.asarray(jump, dtype=float)
+            if jump.shape != (3,) or not np.all(np.isfinite(jump)):
+                raise InputError(f"{path}: region {n} jump_ras must be 3 finite numbers (mm)")
+            jump = tuple(float(v) for v in jump)
         cls = r.get("class_name")
         if cls is None and r.get("class_index") is not None:
             cls = class_names.get(int(r["class_index"]), f"class {r['class_index']}")
@@ -129,7 +142,7 @@ def _regions(doc: dict, path: Path, class_names: dict[int, str]) -> list[Region]
                           volume_mm3=float(r["volume_mm3"]), mean_u=float(r["mean_u"]),
                           max_u=float(r["max_u"]), centroid_ras=tuple(float(v) for v in c),
                           n_voxels=r.get("n_voxels"), class_index=r.get("class_index"),
-                          score=r.get("score"), raw=dict(r)))
+                          score=r.get("score"), raw=dict(r), jump_ras=jump))
     out.sort(key=lambda reg: reg.rank)
     return out
 

@@ -155,15 +155,9 @@ def restore_case_nodes(scene, hub=None):
 
 
 def _refill_markups(markups, regions) -> None:
-    import vtk
+    from .nodes import fill_region_markups
 
-    markups.SetLocked(False)
-    markups.RemoveAllControlPoints()
-    for r in regions:
-        idx = markups.AddControlPoint(vtk.vtkVector3d(*r.centroid_ras), r.label)
-        markups.SetNthControlPointLocked(idx, True)
-        markups.SetNthControlPointDescription(idx, f"mean U {r.mean_u:.3g}, max U {r.max_u:.3g}")
-    markups.SetLocked(True)
+    fill_region_markups(markups, regions)
 
 
 # --- review state ------------------------------------------------------------------------------

@@ -167,18 +167,62 @@ def _input_from_summary(data: CaseData) -> Path | None:
 
 def _markups_node(scene, regions: list[Region], name: str):
     import slicer
-    import vtk
 
     node = slicer.vtkMRMLMarkupsFiducialNode()
     node.SetName(name)
     scene.AddNode(node)
     node.CreateDefaultDisplayNodes()
+    fill_region_markups(node, regions)
+    return node
+
+
+def fill_region_markups(node, regions: list[Region], current: int | None = None) -> None:
+    """The regions' markups: one locked control point per region at its jump point (its most
+    uncertain part, inside it), labelled like "R1 Mandible 1234 mm³", the class, volumes, mean and
+    max U in its description. Labels never collide in a view: only the current region's point
+    and label are shown (:func:`show_current_region`), and the list's own name label is off."""
+    import vtk
+
+    was = node.StartModify()
+    node.SetLocked(False)
+    node.RemoveAllControlPoints()
     for r in regions:
-        idx = node.AddControlPoint(vtk.vtkVector3d(*r.centroid_ras), r.label)
+        idx = node.AddControlPoint(vtk.vtkVector3d(*r.jump_ras), r.label)
         node.SetNthControlPointLocked(idx, True)
         node.SetNthControlPointDescription(idx, f"mean U {r.mean_u:.3g}, max U {r.max_u:.3g}")
+    disp = node.GetDisplayNode()
+    if disp is not None:
+        disp.SetPropertiesLabelVisibility(False)
+        disp.SetPointLabelsVisibility(True)
+    show_current_region(node, current)
     node.SetLocked(True)
-    return node
+    node.EndModify(was)
+
+
+def show_current_region(node, current: int | None) -> None:
+    """Show (and select) only control point ``current`` of the regions' markups; None hides all.
+    The others stay in the list, reachable by Next / Previous and the region table."""
+    was = node.StartModify()
+    for k in range(node.GetNumberOfControlPoints()):
+        node.SetNthControlPointVisibility(k, k == current)
+        node.SetNthControlPointSelected(k, k == current)
+    node.EndModify(was)
+
+
+def visible_labels(node) -> list[tuple[str, tuple]]:
+    """(text, RAS) of every label the views can draw for a markups node: its visible control
+    points' labels when point labels are on, and its name label when that is on."""
+    disp = node.GetDisplayNode()
+    if disp is not None and not disp.GetVisibility():
+        return []
+    out = []
+    if disp is None or disp.GetPointLabelsVisibility():
+        for k in range(node.GetNumberOfControlPoints()):
+            if node.GetNthControlPointVisibility(k) and node.GetNthControlPointLabel(k):
+                out.append((node.GetNthControlPointLabel(k), tuple(node.GetNthControlPointPosition(k))))
+    if (disp is None or disp.GetPropertiesLabelVisibility()) and node.GetNumberOfControlPoints():
+        out.append((node.GetName(), tuple(node.GetNthControlPointPosition(0))))
+    return out
 
 
 TABLE_COLUMNS = ("rank", "class", "volume mm³", "mean uncertainty", "max uncertainty", "R", "A", "S")
@@ -197,8 +241,8 @@ def _table_node(scene, regions: list[Region], name: str):
         col.SetName(title)
         table.AddColumn(col)
     table.SetNumberOfRows(len(regions))
-    for row, r in enumerate(regions):
-        values = [r.rank, r.class_name, r.volume_mm3, r.mean_u, r.max_u, *r.centroid_ras]
+    for row, r in enumerate(regions):  # R, A, S: the point the views jump to
+        values = [r.rank, r.class_name, r.volume_mm3, r.mean_u, r.max_u, *r.jump_ras]
         for c, v in enumerate(values):
             table.SetValue(row, c, vtk.vtkVariant(v))
     node.SetColumnUnitLabel("volume mm³", "mm³")
@@ -237,12 +281,11 @@ def load_case_outputs(scene, case_dir, input_volume_node=None, name_prefix: str 
     reference geometry), the organ margins segmentation when the folder has one
     (``margins``: inner / prediction / outer per organ), the class probability volumes
     (``probabilities="on_demand"``, the default: none now, each when first shown through
-    :meth:`CaseNodes.layer_node`; ``"all"``: one per class now), one volume per map, a locked
-    markups point list of region centroids (labels like "R1 Brainstem 123 mm³"), a table of
-    regions (rank, class, volume mm³, mean and max uncertainty, centroid R/A/S mm), all in a
-    subject-hierarchy folder under the input volume's item. ``input_volume_node`` is the CT the
-    outputs were computed from (its grid is checked); without it, the input named in summary.json
-    (``input_image``) is loaded when that file exists.
+    :meth:`CaseNodes.layer_node`; ``"all"``: one per class now), one volume per map, a locked markups point list of the regions' jump points (labels like
+    "R1 Brainstem 123 mm³", only the current region's shown: :func:`fill_region_markups`), a table of regions (rank, class, volume mm³, mean and max
+    uncertainty, jump point R/A/S mm), all in a subject-hierarchy folder under the input volume's
+    item. ``input_volume_node`` is the CT the outputs were computed from (its grid is checked);
+    without it, the input named in summary.json (``input_image``) is loaded when that file exists.
 
     The folder is read completely before the scene is touched; if adding nodes fails half way,
     every node added is removed again. Raises InputError (missing files, listed) and

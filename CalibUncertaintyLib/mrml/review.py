@@ -2,9 +2,11 @@
 
 The widget calls only this class. It owns which overlay is shown (slice-composite foreground),
 its opacity and threshold (the layer's display node), and navigation through the error regions
-of regions.json (METHODS.md section 5: connected components of {U > τ*} in the ROI, ranked by
-volume × mean U), which jumps every slice view of the Red view's view group (Slicer's
-``JumpAllSlices``) to each region's RAS centroid.
+of regions.json (METHODS.md section 5: parts of the connected components of {U > τ*} in the ROI
+that each fit one view, ranked by volume × mean U), which jumps every slice view of the Red
+view's view group (Slicer's ``JumpAllSlices``) to each region's jump point (its most uncertain
+part, a voxel of the region; the centroid for folders written before jump points existed) and
+shows only that region's markup and label (``nodes.show_current_region``: labels never collide).
 
 The review state (shown layer, opacity, threshold per layer, current region) is written on the
 case's segmentation node after every change (case_record.py), so a saved scene brings it back:
@@ -30,6 +32,7 @@ import math
 from ..errors import InputError
 from .case_folder import Region
 from .case_record import load_review_state, restore_case_nodes, save_review_state
+from .nodes import show_current_region
 from .slice_jump import (DEFAULT_SLICE_NODE_IDS, composite_node_for, ensure_slice_views,
                          jump_view_group_to_ras, view_group_slice_nodes)
 
@@ -274,8 +277,8 @@ class ReviewController:
         return list(self.case.regions)
 
     def go_to_region(self, i: int):
-        """Jump every slice view of the view group, centred, to region i's centroid (RAS mm);
-        select its markup.
+        """Jump every slice view of the view group, centred, to region i's jump point (RAS mm);
+        show and select its markup only.
 
         Returns the list of SliceMove. Raises InputError for an index out of range.
         """
@@ -283,11 +286,10 @@ class ReviewController:
         if not 0 <= int(i) < len(regions):
             raise InputError(f"region index {i} out of range (this case has {len(regions)} regions)")
         i = int(i)
-        moves = jump_view_group_to_ras(self.scene, regions[i].centroid_ras, self.view_group, centred=True)
+        moves = jump_view_group_to_ras(self.scene, regions[i].jump_ras, self.view_group, centred=True)
         markups = self.case.regions_markups
         if markups is not None and markups.GetScene() is self.scene:
-            for k in range(markups.GetNumberOfControlPoints()):
-                markups.SetNthControlPointSelected(k, k == i)
+            show_current_region(markups, i)
         self.current_region_index = i
         self._save_state()
         self._notify("region", i)

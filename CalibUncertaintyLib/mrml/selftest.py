@@ -13,7 +13,7 @@ with a clear message at the first thing that is wrong:
 3. the project's colour tables must be attached to the probability and map display nodes;
 4. a threshold change must reach the display node (ApplyThreshold, lower, upper);
 5. the region table must have one row per region;
-6. next_region must move Red, Yellow and Green so the centroid lies in all three planes;
+6. next_region must move Red, Yellow and Green so the region's jump point lies in all three planes;
 7. a rendered slice must show overlay colour at a voxel of the region, and exactly the CT
    background once the threshold hides every voxel; the review sheet is written (a plainer PNG
    when matplotlib is missing, as in a fresh Slicer: the self-test needs only what Slicer ships).
@@ -136,8 +136,8 @@ def run_self_test(scene, workdir, model_dir=None, ct_path=None, log=print) -> di
     ctl.next_region()
     region = case.regions[ctl.current_region_index]
     for sn in ctl.slice_nodes:
-        d = distance_to_plane_mm(sn, region.centroid_ras)
-        _check(abs(d) < 1e-3, f"{sn.GetName()} is {d:.3f} mm from region R{region.rank}'s centroid after next_region")
+        d = distance_to_plane_mm(sn, region.jump_ras)
+        _check(abs(d) < 1e-3, f"{sn.GetName()} is {d:.3f} mm from region R{region.rank}'s jump point after next_region")
 
     # a voxel of the region that the current threshold shows: the shown voxel in the region's
     # bounding box nearest its centroid (regions need not be convex, the centroid may be outside)

@@ -64,6 +64,7 @@ class CaseOptions:
     dae_sigma_mm: float = 2.0
     ebcu_radius_mm: float = 4.0
     min_region_mm3: float = 10.0
+    max_region_extent_mm: float | None = 50.0  # regions cut to fit one view (regions.split); None: whole
     roi_radius_mm: float | None = None
     map_names: tuple[str, ...] | None = None
     probability_classes: tuple[str, ...] | None = None  # None: every foreground class; (): none
@@ -365,9 +366,11 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
             regions = []
         else:
             regions = find_regions(score, r_info["tau_score"], roi, seg, geometry,
-                                   class_names=class_names, min_volume_mm3=opts.min_region_mm3)
+                                   class_names=class_names, min_volume_mm3=opts.min_region_mm3,
+                                   max_extent_mm=opts.max_region_extent_mm)
         regions_doc = regions_to_dict(regions, case=case_id, map_name=rmap, threshold=r_info["tau_abs"] or 0.0,
-                                      threshold_source=source, roi=roi_doc, class_names=class_names)
+                                      threshold_source=source, roi=roi_doc, class_names=class_names,
+                                      max_extent_mm=opts.max_region_extent_mm)
         regions_doc.update(threshold=r_info["tau_abs"], threshold_kind=r_info["kind"], flag=r_info["flag"],
                            score=r_info["score"], threshold_score=r_info["tau_score"],
                            min_region_mm3=opts.min_region_mm3)
@@ -470,10 +473,11 @@ def _case_aggregates(rmap, score, tau_score, roi, seg, regions, geometry, atyp) 
     as ``evaluate``; None where undefined) and the atypicality aggregates with their p-values."""
     from ..metrics.case_quality import AGGREGATES, case_aggregates
     from ..metrics.triage import DEFAULT_PRIORITY
+    from ..regions.components import component_volumes
 
     out = {"map": rmap, **{a: None for a in AGGREGATES}}
     if tau_score is not None and roi.any():
-        out.update(case_aggregates(score, roi, seg > 0, tau_score, [g.volume_mm3 for g in regions],
+        out.update(case_aggregates(score, roi, seg > 0, tau_score, component_volumes(regions),
                                    geometry.voxel_volume_mm3))
     out.update(atyp.values)
     if atyp.note:

@@ -101,7 +101,7 @@ def evaluate_case(cf, pairing: Pairing, calibration, opts: EvalOptions) -> tuple
     from ..metrics.dice import dice_per_class, mean_dice
     from ..metrics.error_detection import error_detection_report, error_mask
     from ..metrics.summary import calibration_summary
-    from ..regions.components import find_regions
+    from ..regions.components import component_volumes, find_regions
     from ..uncertainty.maps import ENSEMBLE_ONLY_MAPS, MAP_NAMES, segmentation
     from ..metrics.conformal_check import case_check as conformal_case_check
     from .case import map_threshold_info
@@ -218,7 +218,7 @@ def evaluate_case(cf, pairing: Pairing, calibration, opts: EvalOptions) -> tuple
         regions = find_regions(score, r["tau_score"], roi, seg, cf.geometry, class_names=names,
                                min_volume_mm3=opts.min_region_mm3)
         record["quality"] = {"map": rmap, **case_aggregates(score, roi, seg > 0, r["tau_score"],
-                                                           [g.volume_mm3 for g in regions],
+                                                           component_volumes(regions),
                                                            cf.geometry.voxel_volume_mm3),
                              "n_regions": len(regions)}
         record["ebcu_threshold"] = map_info.get("ebcu_threshold")

@@ -68,20 +68,27 @@ def test_review_command_writes_a_sheet_per_case(outputs, tmp_path, capsys):
     assert rc == 0, out
     assert sorted(p.name for p in sheets.iterdir()) == sorted(
         f"{c}_review.{ext}" for c in CASES for ext in ("png", "html"))
+    n_regions = []
     for case in CASES:
         img = _read_png(sheets / f"{case}_review.png")
-        # 10 in at 100 dpi wide; header + table + 2 region rows of 3.3 in each
-        assert img.shape[1] == 1000 and 900 < img.shape[0] < 2000, img.shape
+        regions = json.loads((outputs["maps"] / case / "regions.json").read_text())["regions"]
+        n_regions.append(len(regions))
+        # 10 in at 100 dpi wide; header + table + one row of 3.3 in per region shown (at most 2;
+        # a case without regions gets one row, at the volume centre)
+        assert img.shape[1] == 1000, img.shape
+        assert (900 < img.shape[0] < 2000) if len(regions) > 1 else (img.shape[0] < 1000), img.shape
         spread = img.max(axis=2).astype(int) - img.min(axis=2)
         grey = (spread < 4) & (img.mean(axis=2) > 30) & (img.mean(axis=2) < 225)
         assert grey.sum() > 20000, "the CT (grey pixels) is not visible on the sheet"
-        assert (spread > 60).sum() > 200, "no overlay colour on the sheet"
-        regions = json.loads((outputs["maps"] / case / "regions.json").read_text())["regions"]
-        assert regions, f"{case}: expected error regions on real labels"
+        if regions:
+            assert (spread > 60).sum() > 200, "no overlay colour on the sheet"
         html = (sheets / f"{case}_review.html").read_text()
         assert f"case {case}" in html and "overlay: dae" in html
-        assert html.count("data:image/png;base64,") == 3 * min(2, len(regions))
+        assert html.count("data:image/png;base64,") == 3 * max(1, min(2, len(regions)))
         assert f"{case}: {len(regions)} region(s)" in out
+    # single voxels are never regions (METHODS.md §5): at the default τ the synthetic members of
+    # OKBP_train_009 flag only single voxels, OKBP_train_013 small multi-voxel regions
+    assert n_regions[1] >= 2, n_regions
     assert "4 sheet(s) written" in out
 
 

@@ -150,7 +150,9 @@ def test_regions_markups_table_and_hierarchy(phantom_case):
     assert m.GetNumberOfControlPoints() == len(regions)
     for i, r in enumerate(regions):
         assert m.GetNthControlPointLabel(i) == f"R{r['rank']} {r['class_name']} {r['volume_mm3']:.0f} mm³"
-        np.testing.assert_allclose(m.GetNthControlPointPosition(i), r["centroid_ras"], atol=1e-6)
+        np.testing.assert_allclose(m.GetNthControlPointPosition(i), r["jump_ras"], atol=1e-6)
+        assert not m.GetNthControlPointVisibility(i)        # shown one at a time, by the review
+    assert nodes.visible_labels(m) == []
     t = case.regions_table
     assert t.GetNumberOfRows() == len(regions)
     cols = [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())]

@@ -128,7 +128,8 @@ def test_region_navigation_moves_all_three_views(loaded, sample_case_files):
         moves = step()
         i = ctl.current_region_index
         order.append(i)
-        c = regions[i].centroid_ras
+        c = regions[i].jump_ras                          # the region's most uncertain part
+        assert c == tuple(doc["regions"][i]["jump_ras"])
         assert len(moves) == 3
         for sn in ctl.slice_nodes:
             assert abs(distance_to_plane_mm(sn, c)) < 1e-6, sn.GetName()
@@ -136,6 +137,8 @@ def test_region_navigation_moves_all_three_views(loaded, sample_case_files):
         markups = case.regions_markups
         assert [markups.GetNthControlPointSelected(k) for k in range(len(regions))] == \
             [k == i for k in range(len(regions))]
+        # only the current region's markup and label are drawn: no two labels can overlap
+        assert nodes.visible_labels(markups) == [(regions[i].label, pytest.approx(c))]
     n = len(regions)
     assert order == [0, 1 % n, 2 % n, 1 % n]            # wraps after the last region
     assert seen == order

@@ -76,7 +76,8 @@ def test_saved_mrb_brings_the_review_back_without_the_case_folder(sample_case_fi
         assert comp.GetForegroundOpacity() == pytest.approx(0.35)
         assert comp.GetBackgroundVolumeID() == restored.case.input_volume.GetID()
     for sn in restored.slice_nodes:
-        assert abs(distance_to_plane_mm(sn, region.centroid_ras)) < 1e-3
+        assert abs(distance_to_plane_mm(sn, region.jump_ras)) < 1e-3
+    assert [text for text, _ in nodes.visible_labels(restored.case.regions_markups)] == [region.label]
     # region list, table and markups; the legend's window
     assert [r.rank for r in restored.regions()] == [r.rank for r in case.regions]
     assert restored.case.regions_table.GetNumberOfRows() == len(case.regions)
@@ -186,7 +187,7 @@ def test_jump_moves_every_slice_view_of_the_view_group(sample_case_files):
     ctl = ReviewController(scene, case)
     ctl.set_foreground_map("entropy")
     moves = ctl.go_to_region(0)
-    centroid = case.regions[0].centroid_ras
+    centroid = case.regions[0].jump_ras
     assert {m.slice_node_id for m in moves} >= {"vtkMRMLSliceNodeRed", "vtkMRMLSliceNodeYellow",
                                                 "vtkMRMLSliceNodeGreen", extra.GetID()}
     assert abs(distance_to_plane_mm(extra, centroid)) < 1e-3

@@ -53,15 +53,16 @@ def test_connectivity_roi_min_volume_and_max_regions():
     lab = np.zeros(SHAPE, np.uint8)
     u[3, 3, 3] = u[4, 4, 4] = 1.0          # corner neighbours: one 26-connected region
     u[8:11, 12:15, 12:15] = 0.6            # 27 voxels
-    u[0, 19, 23] = 0.9                     # a single voxel
+    u[0, 19, 23] = 0.9                     # a single voxel: never a region, whatever the minimum
     g = Geometry(SHAPE, spacing=(1.0, 1.0, 1.0))
     regions = find_regions(u, 0.5, None, lab, g, min_volume_mm3=0.0)
-    assert sorted(r.n_voxels for r in regions) == [1, 2, 27]
+    assert sorted(r.n_voxels for r in regions) == [2, 27]
     assert find_regions(u, 0.5, None, lab, g, min_volume_mm3=2.0)[-1].n_voxels == 2
+    assert [r.n_voxels for r in find_regions(u, 0.5, None, lab, g, min_volume_mm3=2.5)] == [27]
     assert [r.n_voxels for r in find_regions(u, 0.5, None, lab, g, min_volume_mm3=0, max_regions=1)] == [27]
     roi = np.zeros(SHAPE, bool)
     roi[:6] = True                          # excludes the 27-voxel blob
-    assert sorted(r.n_voxels for r in find_regions(u, 0.5, roi, lab, g, min_volume_mm3=0)) == [1, 2]
+    assert sorted(r.n_voxels for r in find_regions(u, 0.5, roi, lab, g, min_volume_mm3=0)) == [2]
     assert find_regions(u, 2.0, None, lab, g) == []
 
 
@@ -70,12 +71,16 @@ def test_ras_centroid_on_oblique_geometry():
     direction = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
     g = Geometry(SHAPE, spacing=(0.5, 2.0, 3.0), origin=(10.0, -20.0, 30.0), direction=direction)
     u = np.zeros(SHAPE, np.float32)
-    u[5, 7, 9] = 1.0                        # (z, y, x) = (5, 7, 9) -> ijk (9, 7, 5)
+    u[5, 7, 9] = 1.0                        # (z, y, x) = (5, 7, 9) -> ijk (9, 7, 5): the peak
+    u[5, 7, 10] = 0.9                       # (z, y, x) = (5, 7, 10)
     (r,) = find_regions(u, 0.5, None, np.zeros(SHAPE, np.uint8), g, min_volume_mm3=0)
-    # LPS = origin + D @ (spacing * ijk) = (10 + 2*7, -20 - 0.5*9, 30 + 3*5); RAS flips x and y
-    assert r.centroid_ras == pytest.approx((-24.0, 24.5, 45.0))
-    assert r.centroid_zyx == (5.0, 7.0, 9.0)
-    assert r.volume_mm3 == pytest.approx(3.0)
+    # LPS = origin + D @ (spacing * ijk) = (10 + 2*7, -20 - 0.5*9.5, 30 + 3*5); RAS flips x and y
+    assert r.centroid_ras == pytest.approx((-24.0, 24.75, 45.0))
+    assert r.centroid_zyx == (5.0, 7.0, 9.5)
+    assert r.volume_mm3 == pytest.approx(6.0)
+    # the jump point is the peak voxel (z, y, x) = (5, 7, 9): LPS (24, -24.5, 45)
+    assert r.jump_zyx == (5, 7, 9) and r.jump_ras == pytest.approx((-24.0, 24.5, 45.0))
+    assert r.extent_mm == pytest.approx((3.0, 2.0, 1.0))
 
 
 def test_regions_json_structure(tmp_path):
@@ -85,10 +90,12 @@ def test_regions_json_structure(tmp_path):
     d = regions_to_dict(regions, case="case_007", map_name="ebcu", threshold=0.3,
                         threshold_source="calibration file", roi={"rule": "prediction", "radius_mm": 15.0},
                         class_names=NAMES)
-    assert list(d) == ["case", "map", "threshold", "threshold_source", "roi", "class_names", "regions"]
+    assert list(d) == ["case", "map", "threshold", "threshold_source", "roi", "class_names", "regions",
+                       "max_extent_mm"]
     assert list(d["regions"][0]) == ["rank", "n_voxels", "volume_mm3", "mean_u", "max_u", "class_index",
                                      "class_name", "centroid_ras", "centroid_zyx", "bbox_zyx_min",
-                                     "bbox_zyx_max", "score"]
+                                     "bbox_zyx_max", "score", "jump_ras", "jump_zyx", "extent_mm",
+                                     "component", "n_parts", "component_volume_mm3"]
     path = write_json(tmp_path / "regions.json", d)
     back = json.loads(path.read_text())
     assert back["regions"][1]["class_name"] == "SpinalCord" and back["regions"][0]["rank"] == 1
