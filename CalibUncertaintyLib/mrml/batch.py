@@ -164,7 +164,7 @@ def review_case(scene, case_dir, out_dir, images=None, top_n: int = 3, map_name:
     """Load one case into ``scene``, write ``<out_dir>/<case>_review.<fmt>`` per format, and
     remove every node this call added (also when it fails). Raises on failure."""
     from .nodes import load_case_outputs
-    from .review_sheet import write_review_sheet
+    from .review_sheet import write_review_sheets
     from .volumes import load_volume_file, remove_nodes
 
     formats = _check_options(top_n, formats)
@@ -183,11 +183,9 @@ def review_case(scene, case_dir, out_dir, images=None, top_n: int = 3, map_name:
         try:
             layer = _resolve_layer(case_nodes, map_name)
             result.n_regions = len(case_nodes.regions)
-            for fmt in formats:
-                path = Path(out_dir) / f"{case_id}_review.{fmt}"
-                result.sheets.append(write_review_sheet(scene, case_nodes, path, top_n=top_n, layer=layer,
-                                                        opacity=opacity, size_px=size_px, fov_mm=fov_mm,
-                                                        max_table_rows=table_rows))
+            paths = [Path(out_dir) / f"{case_id}_review.{fmt}" for fmt in formats]
+            result.sheets += write_review_sheets(scene, case_nodes, paths, top_n=top_n, layer=layer, opacity=opacity,
+                                                 size_px=size_px, fov_mm=fov_mm, max_table_rows=table_rows)
         finally:
             case_nodes.remove_from_scene(scene)
     finally:
@@ -211,7 +209,7 @@ def review_folder(scene, case_dirs_or_out_dir, images=None, out_dir=None, top_n:
     regions shown per case (the table lists all, up to 20). ``map_name``: the overlay (a map
     name such as "dae", or "prob_<Class>"); default the map the regions were cut on.
     ``formats``: any of "png" (needs matplotlib) and "html" (needs only VTK). ``fov_mm``: width
-    of each snapshot in millimetres (default: the whole volume). ``table_rows``: rows of the
+    of each view in millimetres, centred on the region (default: each view fitted to the body). ``table_rows``: rows of the
     region table (default 20; a note counts the rest). Every sheet is written
     atomically; each case's nodes are removed from ``scene`` before the next case is loaded.
 

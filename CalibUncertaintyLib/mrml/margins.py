@@ -68,7 +68,7 @@ def add_margins_node(scene, case_dir, summary: dict, geometry, name: str):
     segmentation = node.GetSegmentation()
     display = node.GetDisplayNode()
     for organ, (c, levels) in margins.items():
-        base = np.asarray(colors.class_colour(c), dtype=float)
+        base = np.asarray(colors.class_colour(c, organ, scene), dtype=float)
         for part, level, factor in SEGMENTS:
             mask = (levels >= level).astype(np.uint8)
             labelmap = new_volume_node(mask, geometry, f"{name} {organ} {part}", "vtkMRMLLabelMapVolumeNode")

@@ -7,12 +7,13 @@ helpers (``load_volume_file``, ``export_volume_node``, ...) are re-exported here
 
 Display (see colors.py for the tables):
 
-- ``prob_<Class>``: "CalibU Probability", window 0-1, shown only where p ≥ PROB_DISPLAY_THRESHOLD
+- ``prob_<Class>``: "CalibU Probability", window 0.1-1, shown only where p ≥ PROB_DISPLAY_THRESHOLD
   (0.1: the soft margin where the class still gets ≥ 10 %); below it transparent. By default a
   class's probability volume becomes a node only when it is first shown
   (:meth:`CaseNodes.layer_node`): a 40-class case adds its maps, one segmentation and no
   probability volume until one is asked for.
-- ``map_<name>``: "CalibU Uncertainty", window 0 to the robust max (:func:`robust_max`), shown only
+- ``map_<name>``: "CalibU Uncertainty", window from the shown range's lower end to the robust max
+  (:func:`colour_window`, overlay_display.overlay_window: the colours span what is shown), shown only
   at or above the map's default threshold (at or below it for maps flagged where low, i.e.
   confidence): τ* from the case folder (regions.json / summary.json,
   METHODS.md section 4) or, when the folder gives none, the 0.95 quantile of the map's
@@ -32,6 +33,7 @@ from ..io.geometry import Geometry
 from ..io.images import read_image
 from .identity_check import check_case_on_volume
 from .margins import add_margins_node
+from .overlay_display import overlay_window
 from . import colors
 from .case_folder import CaseData, Region, read_case_folder, threshold_for_map
 from .volumes import (display_ct, display_overlay, export_volume_node,  # noqa: F401 (re-exported)
@@ -204,14 +206,18 @@ def _segmentation_node(scene, data: CaseData, name: str):
     seg_node.CreateDefaultDisplayNodes()
     labelmap = new_volume_node(data.seg.astype(np.uint8 if data.seg.max() < 256 else np.int32),
                                data.geometry, f"{name} labelmap", "vtkMRMLLabelMapVolumeNode")
+    # the CT's grid as the segmentation's reference geometry (Slicer logs an ERROR on every
+    # scene save without it, and editing would resample to another grid)
+    seg_node.SetReferenceImageGeometryParameterFromVolumeNode(labelmap)
     if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, seg_node):
         raise InputError(f"could not turn {data.case_dir / 'seg.nii.gz'} into a segmentation")
     segmentation = seg_node.GetSegmentation()
     for i in range(segmentation.GetNumberOfSegments()):
         segment = segmentation.GetNthSegment(i)
         label = int(segment.GetLabelValue())
-        segment.SetName(data.class_names.get(label, f"Class_{label}"))
-        segment.SetColor(*colors.class_colour(label))
+        name = data.class_names.get(label, f"Class_{label}")
+        segment.SetName(name)
+        segment.SetColor(*colors.class_colour(label, name, scene))
     return seg_node
 
 
@@ -358,7 +364,7 @@ def _add_case_nodes(scene, data: CaseData, input_volume_node, input_array, prefi
         node = new_volume_node(arr, data.geometry, f"{prefix} {name}")
         node.SetAttribute(ROLE_ATTRIBUTE, f"map_{name}")
         scene.AddNode(node)
-        display_overlay(scene, node, colors.UNCERTAINTY, ranges[name], *shown[name])
+        display_overlay(scene, node, colors.UNCERTAINTY, overlay_window(*shown[name], ranges[name][1]), *shown[name])
         maps[name] = node
     case = CaseNodes(case_id=data.case_id, case_dir=data.case_dir, geometry=data.geometry,
                      input_volume=input_volume_node, segmentation=seg_node, probabilities=probs, maps=maps,
@@ -382,7 +388,7 @@ def _add_probability_node(scene, array, geometry: Geometry, prefix: str, cls: st
     node = new_volume_node(array, geometry, f"{prefix} P({cls})")
     node.SetAttribute(ROLE_ATTRIBUTE, f"prob_{cls}")
     scene.AddNode(node)
-    display_overlay(scene, node, colors.PROBABILITY, (0.0, 1.0), *shown)
+    display_overlay(scene, node, colors.PROBABILITY, overlay_window(*shown, 1.0), *shown)
     return node
 
 
