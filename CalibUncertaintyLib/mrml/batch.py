@@ -126,7 +126,9 @@ def find_input_image(case_id: str, case_dir, images=None) -> Path | None:
     summary = _summary(case_dir)
     pred = summary.get("prediction")
     files = pred.get("input_files") if isinstance(pred, dict) else None
-    candidates = [summary.get("input_image")] + (list(files[:1]) if isinstance(files, list) else [])
+    ident = summary.get("input_identity")
+    candidates = [summary.get("input_image")] + (list(files[:1]) if isinstance(files, list) else []) + \
+        [ident.get("file") if isinstance(ident, dict) else None]
     for c in candidates:
         if isinstance(c, str) and Path(c).is_file():
             return Path(c)

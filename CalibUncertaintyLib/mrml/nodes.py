@@ -190,7 +190,9 @@ def _input_from_summary(data: CaseData) -> Path | None:
     ``prediction.input_files`` as ``predict`` writes it), when that file still exists."""
     pred = data.summary.get("prediction")
     files = pred.get("input_files") if isinstance(pred, dict) else None
-    candidates = [data.summary.get("input_image")] + (list(files[:1]) if isinstance(files, list) else [])
+    ident = data.summary.get("input_identity")
+    candidates = [data.summary.get("input_image")] + (list(files[:1]) if isinstance(files, list) else []) + \
+        [ident.get("file") if isinstance(ident, dict) else None]
     for v in candidates:
         if isinstance(v, str) and Path(v).is_file():
             return Path(v)

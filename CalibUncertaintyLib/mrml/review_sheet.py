@@ -27,6 +27,7 @@ says so.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import itertools
 import logging
@@ -207,11 +208,21 @@ def body_view(views: SliceViews, corners, orientation: str, size_px) -> tuple[tu
     return (width, width / aspect), tuple(corners.mean(axis=0))
 
 
+@contextlib.contextmanager
+def _open_views(scene, size, views):
+    if views is not None:
+        yield views
+        return
+    with SliceViews(scene, size) as own:
+        yield own
+
+
 def collect_snapshots(scene, case_nodes, top_n: int = 3, layer: str | None = None, opacity: float | None = None,
-                      size_px: int = 256, fov_mm: float | None = None, controller=None, regions=None):
+                      size_px: int = 256, fov_mm: float | None = None, controller=None, regions=None, views=None):
     """[(region or None, [(orientation, rgb with centroid cross and dashed bounding box)])] for
     the top N regions (of ``regions``, default :func:`sheet_regions`), plus (layer, threshold,
-    fallback banner text or None). With no regions, one row through the volume centre."""
+    fallback banner text or None). With no regions, one row through the volume centre. ``views``:
+    an open ``SliceViews`` to draw with (default: one for this call)."""
     if top_n < 1:
         raise InputError(f"top_n must be at least 1, got {top_n}")
     _ensure_layer(scene, case_nodes, layer)
@@ -227,7 +238,7 @@ def collect_snapshots(scene, case_nodes, top_n: int = 3, layer: str | None = Non
     size = (size_px, size_px)
     corners = body_corners_ras(case_nodes) if fov_mm is None else None
     rows, fallback = [], None
-    with SliceViews(scene, size) as views, contours_only(case_nodes):
+    with _open_views(scene, size, views) as views, contours_only(case_nodes):
         for region, ras in targets:
             row = []
             for o in ORIENTATIONS:
@@ -297,11 +308,11 @@ def _organ_key(case_nodes) -> list:
 
 def sheet_content(scene, case_nodes, top_n: int = 3, layer: str | None = None, opacity: float | None = None,
                   size_px: int = 256, fov_mm: float | None = None, controller=None,
-                  max_table_rows: int = 20) -> SheetContent:
+                  max_table_rows: int = 20, views=None) -> SheetContent:
     """Render the views and gather the text of a sheet (module docstring)."""
     chosen = sheet_regions(case_nodes)
     rows, layer, thr, fallback = collect_snapshots(scene, case_nodes, top_n, layer, opacity, size_px, fov_mm,
-                                                   controller, chosen.listed)
+                                                   controller, chosen.listed, views)
     node = case_nodes.layers()[layer]
     legend = overlay_legend(layer, node)
     src = case_nodes.default_thresholds.get(layer, (None, ""))[1]

@@ -50,14 +50,18 @@ def overlay_pixel_check(snapshot, ras, node, value: float, tol: float = 24.0) ->
     return PixelCheck(ok, tuple(int(round(v)) for v in expected), tuple(int(v) for v in got), row, col)
 
 
-def flagged_voxel(values: np.ndarray, region, lo: float, hi: float):
-    """(z, y, x) of the voxel of ``region``'s bounding box with lo ≤ value ≤ hi nearest to the
-    region's centroid (a region need not be convex: its centroid may lie outside it); None if
-    the threshold shows none of it."""
+def flagged_voxel(values: np.ndarray, region, lo: float, hi: float, within: np.ndarray | None = None):
+    """(z, y, x) of the voxel of ``region``'s bounding box with lo ≤ value ≤ hi (and inside the
+    bool mask ``within``, e.g. the predicted organs, where a segment fill would be drawn) nearest
+    to the region's centroid (a region need not be convex: its centroid may lie outside it);
+    None if there is none."""
     zmin = np.asarray(region.raw["bbox_zyx_min"], int)
     zmax = np.asarray(region.raw["bbox_zyx_max"], int)
     box = tuple(slice(a, b + 1) for a, b in zip(zmin, zmax))
-    inside = np.argwhere((values[box] >= lo) & (values[box] <= hi)) + zmin
+    shown = (values[box] >= lo) & (values[box] <= hi)
+    if within is not None:
+        shown &= np.asarray(within, bool)[box]
+    inside = np.argwhere(shown) + zmin
     if len(inside) == 0:
         return None
     centre = np.asarray(region.raw.get("centroid_zyx", inside.mean(axis=0)), float)

@@ -111,7 +111,7 @@ def test_review_sheets(loaded, tmp_path):
     assert coloured.sum() > 200
     html = write_review_sheet(scene, case, tmp_path / "sheet.html", top_n=1, controller=ctl).read_text()
     assert f"case {case.case_id}" in html and html.count("<tr>") == 1 + len(case.regions)
-    imgs = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html)
+    imgs = re.findall(r"<figure><img alt='(?:Axial|Sagittal|Coronal)' src='data:image/png;base64,([A-Za-z0-9+/=]+)'", html)
     assert len(imgs) == 3
     assert _read_png(base64.b64decode(imgs[0])).shape == (256, 256, 3)
     assert case.regions[0].label in html
