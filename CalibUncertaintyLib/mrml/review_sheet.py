@@ -9,12 +9,13 @@ organs and the margins as outlines in their segment colours (``overlay_display.p
 points, orientation letters; a cyan cross marks the centroid and a dashed box the region's
 bounding box.
 
-Field of view: by default each view is fitted to the body (the CT's voxels above -500 HU: the
-body's extent in that plane, 10 % margin), the plane through the region; ``fov_mm`` centres a
-view of that width on the region instead. The legend states what is drawn; its colour bar runs
+Field of view: by default each view is fitted to the body's section in its plane (the CT's voxels
+above -500 HU near the plane through the region, 10 % margin: a head, not the shoulders below
+it); ``fov_mm`` centres a view of that width on the region instead. The legend states what is drawn; its colour bar runs
 over the overlay's colour window as Slicer draws it (the display node's, ``overlay_display.legend``),
-with the threshold range. The region table leaves out regions smaller than one voxel and regions
-of class ``background`` (outside every predicted organ), and says how many it left out.
+with the threshold range. The region table leaves out single-voxel regions (and anything smaller
+than one voxel's volume) and regions of class ``background`` (outside every predicted organ), and
+says how many it left out.
 
 ``.png``: one image composed with matplotlib (Figure + Agg canvas; pyplot's global state is
 never touched); without matplotlib (Slicer does not ship it) a plainer PNG of the same views and
@@ -141,6 +142,9 @@ def voxel_volume_mm3(geometry) -> float:
     return float(np.prod(geometry.spacing))
 
 
+MIN_REGION_VOXELS = 2
+
+
 @dataclass
 class SheetRegions:
     """The regions a sheet lists (regions.json order) and how many it left out, and why."""
@@ -148,25 +152,28 @@ class SheetRegions:
     listed: list
     too_small: int = 0
     background: int = 0
-    min_volume_mm3: float = 0.0
+    voxel_mm3: float = 0.0
 
     def note(self) -> str | None:
         parts = []
         if self.too_small:
-            parts.append(f"{self.too_small} smaller than one voxel ({self.min_volume_mm3:.3g} mm³)")
+            parts.append(f"{self.too_small} of a single voxel ({self.voxel_mm3:.3g} mm³) or less")
         if self.background:
             parts.append(f"{self.background} outside every predicted organ (class background)")
         return ("not listed: " + "; ".join(parts) + " (all in regions.json)") if parts else None
 
 
 def sheet_regions(case_nodes) -> SheetRegions:
-    """Regions of at least one voxel's volume whose class is an organ (not background)."""
+    """Regions the table lists: of an organ's class (not background) and of at least
+    ``MIN_REGION_VOXELS`` voxels (a single voxel, or anything smaller than one voxel's volume, is
+    not a place a reviewer can look at on this grid)."""
     vmin = voxel_volume_mm3(case_nodes.geometry)
-    out = SheetRegions([], min_volume_mm3=vmin)
+    out = SheetRegions([], voxel_mm3=vmin)
     for r in case_nodes.regions:
+        n_vox = r.n_voxels if r.n_voxels is not None else r.volume_mm3 / vmin
         if r.class_index == 0 or (r.class_name or "").lower() == "background":
             out.background += 1
-        elif r.volume_mm3 < vmin * (1 - 1e-6):
+        elif n_vox < MIN_REGION_VOXELS - 1e-6 or r.volume_mm3 < MIN_REGION_VOXELS * vmin * (1 - 1e-6):
             out.too_small += 1
         else:
             out.listed.append(r)
@@ -178,34 +185,46 @@ BODY_HU = -500.0
 BODY_MARGIN = 0.10
 
 
-def body_corners_ras(case_nodes) -> np.ndarray | None:
-    """The 8 RAS corners of the body's bounding box (CT voxels above -500 HU, or above the CT's
-    minimum when it is not in HU), or None without a CT or body."""
+def body_points_ras(case_nodes, max_points: int = 400_000):
+    """(RAS points (N, 3) of body voxels, their spacing tolerance mm) on a regular subsample of
+    the CT (voxels above -500 HU, or above the CT's minimum when it is not in HU), or None without a
+    CT or body."""
     import slicer
 
     ct = case_nodes.input_volume
     if ct is None or ct.GetScene() is None or ct.GetImageData() is None:
         return None
     a = slicer.util.arrayFromVolume(ct)
-    step = 2 if a.size > 8_000_000 else 1
-    sub = a[::step, ::step, ::step]
-    level = BODY_HU if float(sub.min()) < BODY_HU else float(sub.min())
-    inside = np.argwhere(sub > level)
+    level = BODY_HU if float(a.min()) < BODY_HU else float(a.min())
+    step = 1
+    while a[::step, ::step, ::step].size > 8 * max_points:
+        step += 1
+    inside = np.argwhere(a[::step, ::step, ::step] > level)
     if inside.size == 0:
         return None
-    lo, hi = inside.min(axis=0) * step - 0.5, inside.max(axis=0) * step + step - 0.5
-    corners = np.array(list(itertools.product(*zip(lo, hi))))
-    return np.asarray(case_nodes.geometry.zyx_to_ras(corners), float)
+    if len(inside) > max_points:
+        inside = inside[:: int(np.ceil(len(inside) / max_points))]
+    points = np.asarray(case_nodes.geometry.zyx_to_ras(inside * step), float)
+    return points, float(max(case_nodes.geometry.spacing)) * step
 
 
-def body_view(views: SliceViews, corners, orientation: str, size_px) -> tuple[tuple[float, float], tuple]:
-    """((width, height) mm, in-plane centre RAS) of a view fitted to the body corners."""
+def body_view(views: SliceViews, body, orientation: str, ras, size_px) -> tuple[tuple[float, float], tuple]:
+    """((width, height) mm, centre RAS) of a view through ``ras`` fitted to the body's section in
+    that plane (``body`` from :func:`body_points_ras`; the whole body where the plane misses it),
+    with a 10 % margin."""
+    points, tol = body
     x_dir, y_dir = views.plane_axes(orientation)
-    px, py = corners @ x_dir, corners @ y_dir
-    w, h = float(px.max() - px.min()), float(py.max() - py.min())
+    normal = np.cross(x_dir, y_dir)
+    ras = np.asarray(ras, float)
+    near = np.abs((points - ras) @ normal) <= tol
+    section = points[near] if near.sum() >= 10 else points
+    px, py = section @ x_dir, section @ y_dir
+    w, h = float(np.ptp(px)), float(np.ptp(py))
     aspect = size_px[0] / size_px[1]
-    width = max(w, h * aspect) * (1 + BODY_MARGIN)
-    return (width, width / aspect), tuple(corners.mean(axis=0))
+    width = max(w, h * aspect, 10.0) * (1 + BODY_MARGIN)
+    cx, cy = (px.min() + px.max()) / 2, (py.min() + py.max()) / 2
+    centre = ras + x_dir * (cx - ras @ x_dir) + y_dir * (cy - ras @ y_dir)
+    return (width, width / aspect), tuple(float(v) for v in centre)
 
 
 @contextlib.contextmanager
@@ -236,13 +255,13 @@ def collect_snapshots(scene, case_nodes, top_n: int = 3, layer: str | None = Non
         centre = case_nodes.geometry.zyx_to_ras((np.asarray(case_nodes.geometry.shape_zyx) - 1) / 2.0)
         targets = [(None, tuple(centre))]
     size = (size_px, size_px)
-    corners = body_corners_ras(case_nodes) if fov_mm is None else None
+    body = body_points_ras(case_nodes) if fov_mm is None else None
     rows, fallback = [], None
     with _open_views(scene, size, views) as views, contours_only(case_nodes):
         for region, ras in targets:
             row = []
             for o in ORIENTATIONS:
-                fov, centre = (fov_mm, None) if corners is None else body_view(views, corners, o, size)
+                fov, centre = (fov_mm, None) if body is None else body_view(views, body, o, ras, size)
                 snap = views.render(ras, o, case_nodes.input_volume, fg, opacity, size, fov,
                                     case_segmentations(case_nodes), case_markups(case_nodes), centre_ras=centre)
                 fallback = fallback or snap.fallback
@@ -474,12 +493,13 @@ def _write_png(path: Path, content: SheetContent, dpi: int = 100) -> Path:
     if content.organs:
         fig.text(0.04, y(head_h + legend_h + 0.12), "contours:", fontsize=8.5, va="center", weight="bold")
         x = 0.12
-        for name, rgb in content.organs[:16]:
-            fig.text(x, y(head_h + legend_h + 0.12), name, fontsize=8.5, va="center", weight="bold", color=rgb,
-                     bbox=dict(facecolor="#303030", edgecolor="none", pad=1.5))
-            x += 0.012 * len(name) + 0.03
-            if x > 0.95:
+        for name, rgb in content.organs:
+            if x + 0.0085 * len(name) + 0.03 > 0.97:
+                fig.text(x, y(head_h + legend_h + 0.12), "…", fontsize=8.5, va="center")
                 break
+            fig.text(x, y(head_h + legend_h + 0.12), "■", fontsize=11, va="center", color=rgb)
+            fig.text(x + 0.017, y(head_h + legend_h + 0.12), name, fontsize=8.5, va="center")
+            x += 0.0085 * len(name) + 0.035
     tt = head_h + legend_h + organ_h
     ax_t = fig.add_axes([0.04, y(tt + table_h), 0.92, table_h / total])
     ax_t.axis("off")

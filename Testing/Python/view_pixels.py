@@ -9,6 +9,7 @@ and asserts on pixels.
 from __future__ import annotations
 
 import numpy as np
+from scipy.ndimage import binary_erosion
 
 from CalibUncertaintyLib.io.images import read_image
 from CalibUncertaintyLib.mrml.overlay_display import displayed_window
@@ -49,13 +50,14 @@ def overlay_visible_inside_an_organ(views, case, ctl, layer):
     assert snap.fallback is None, snap.fallback
     check = overlay_pixel_check(snap, ras, node, float(values[zyx]))
     assert check.ok, f"{case.case_id} {layer}: overlay hidden at a flagged voxel inside an organ: {check.message()}"
-    # the contours are drawn too: the organ's segment colour appears in the picture
-    seg = case.segmentation.GetSegmentation()
-    label = int(np.asarray(read_image(case.case_dir / "seg.nii.gz")[0])[zyx])
-    colour = next(np.asarray(seg.GetNthSegment(i).GetColor()) * 255 for i in range(seg.GetNumberOfSegments())
-                  if int(seg.GetNthSegment(i).GetLabelValue()) == label)
-    near = np.abs(snap.rgb.astype(float) - colour).sum(axis=2) < 30
-    assert near.sum() >= 20, f"{case.case_id}: the contour of the organ at the voxel is not drawn"
+    # the contours are drawn, as outlines: against the same view without segmentations, the
+    # pixels that change are thin lines (nothing survives a 5x5 erosion; a fill would), and the
+    # voxel's own pixel does not change
+    bare = views.render(ras, "Axial", case.input_volume, node, 1.0, SIZE, fov, ())
+    changed = np.any(snap.rgb != bare.rgb, axis=2)
+    assert changed.sum() >= 20, f"{case.case_id}: no contour drawn around the organ at the voxel"
+    assert not binary_erosion(changed, np.ones((5, 5), bool)).any(), f"{case.case_id}: a segment is filled"
+    assert not changed[check.row, check.col]
     return check
 
 
