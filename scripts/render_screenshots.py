@@ -8,7 +8,7 @@ Yellow and Green views then show with Slicer's own slice view (``mrml/slice_view
 logic + segmentation and markups displayable managers, offscreen): row 1 the region's map (the
 map the regions were cut on, default DAE) above its calibrated threshold, row 2 the calibrated
 probability of the region's structure (loaded on demand, as the module does). The views' field of
-view is fitted to the body, as a reviewer zooms; a cyan cross marks the region centroid.
+view is fitted to the body, as a reviewer zooms; a white cross marks the region centroid.
 
     python scripts/render_screenshots.py CASE_DIR CT_FILE docs/images/slicer_views_openkbp.png [REGION_RANK]
 """

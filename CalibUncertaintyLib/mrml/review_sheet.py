@@ -6,7 +6,7 @@ through the region's RAS centroid **as the module shows them, drawn by Slicer's 
 (``slice_views.py``: slice logic + segmentation and markups displayable managers, offscreen):
 the CT, the overlay through its display node (colour table, window, threshold), the predicted
 organs and the margins as outlines in their segment colours (``overlay_display.py``), the region
-points, orientation letters; a cyan cross marks the centroid and a dashed box the region's
+points, orientation letters; a white cross marks the centroid and a white/black dashed box the region's
 bounding box.
 
 Field of view: by default each view is fitted to the body's section in its plane (the CT's voxels
@@ -47,7 +47,8 @@ from .snapshots import case_markups, case_segmentations, encode_png
 
 log = logging.getLogger(__name__)
 
-CROSS_RGB = (0, 255, 255)
+CROSS_RGB = (255, 255, 255)
+EDGE_RGB = (0, 0, 0)
 LINE_CHARS = 150
 
 
@@ -98,12 +99,16 @@ def _calibration_text(summary: dict) -> str:
 
 
 def _draw_cross(rgb: np.ndarray, row: int, col: int, arm: int = 6, gap: int = 3) -> np.ndarray:
+    """A white cross (arms from ``gap`` to ``gap + arm`` pixels) edged in black: achromatic, so never
+    read as an organ colour or an overlay colour, and visible on bone and on air."""
     out = rgb.copy()
     h, w, _ = out.shape
-    for d in range(gap, arm + gap):
-        for r, c in ((row - d, col), (row + d, col), (row, col - d), (row, col + d)):
-            if 0 <= r < h and 0 <= c < w:
-                out[r, c] = CROSS_RGB
+    for colour, width in ((EDGE_RGB, 1), (CROSS_RGB, 0)):
+        for d in range(gap - width, arm + gap + width):
+            for t in range(-width, width + 1):
+                for r, c in ((row - d, col + t), (row + d, col + t), (row + t, col - d), (row + t, col + d)):
+                    if 0 <= r < h and 0 <= c < w:
+                        out[r, c] = colour
     return out
 
 
@@ -120,20 +125,21 @@ def region_box_px(snap, geometry, region) -> tuple[int, int, int, int] | None:
     return (int(pixels[:, 0].min()), int(pixels[:, 0].max()), int(pixels[:, 1].min()), int(pixels[:, 1].max()))
 
 
-def _draw_box(rgb: np.ndarray, box, dash: int = 4, gap: int = 3) -> np.ndarray:
-    """Dashed rectangle (rows r0..r1, cols c0..c1) in the cross colour, clipped to the image."""
+def _draw_box(rgb: np.ndarray, box, dash: int = 4) -> np.ndarray:
+    """Rectangle (rows r0..r1, cols c0..c1) of alternating white and black dashes, clipped to
+    the image: visible on any background, never a segment or overlay colour."""
     out = rgb.copy()
     h, w, _ = out.shape
     r0, r1, c0, c1 = box
-    on = [(i % (dash + gap)) < dash for i in range(max(h, w) * 2 + abs(r1 - r0) + abs(c1 - c0) + 2)]
+    colour = [CROSS_RGB if (i // dash) % 2 == 0 else EDGE_RGB for i in range(2 * (h + w) + abs(r1 - r0) + abs(c1 - c0) + 2)]
     for k, c in enumerate(range(c0, c1 + 1)):
         for r in (r0, r1):
-            if on[k] and 0 <= r < h and 0 <= c < w:
-                out[r, c] = CROSS_RGB
+            if 0 <= r < h and 0 <= c < w:
+                out[r, c] = colour[k]
     for k, r in enumerate(range(r0, r1 + 1)):
         for c in (c0, c1):
-            if on[k] and 0 <= r < h and 0 <= c < w:
-                out[r, c] = CROSS_RGB
+            if 0 <= r < h and 0 <= c < w:
+                out[r, c] = colour[k]
     return out
 
 
@@ -342,7 +348,7 @@ def sheet_content(scene, case_nodes, top_n: int = 3, layer: str | None = None, o
              f"colours {legend.range[0]:.3g} – {legend.range[1]:.3g} {legend.units}",
              f"{_calibration_text(case_nodes.summary)} · members: {n_members if n_members else '?'}",
              f"{_regions_text(case_nodes)}: {len(chosen.listed)} listed",
-             f"outlines: predicted organs (and margins) · cyan +: region centroid · dashed box: the region's "
+             f"outlines: predicted organs (and margins) · white +: region centroid · dashed box: the region's "
              f"bounding box · {fov}"]
     lines = [part for line in lines for part in textwrap.wrap(line, LINE_CHARS, subsequent_indent="    ")]
     if fallback:
@@ -557,11 +563,13 @@ def write_review_sheet(scene, case_nodes, out_png_or_html, top_n: int = 3, layer
 
 def write_review_sheets(scene, case_nodes, paths, top_n: int = 3, layer: str | None = None,
                         opacity: float | None = None, size_px: int = 256, fov_mm: float | None = None,
-                        controller=None, max_table_rows: int = 20) -> list[Path]:
-    """The same sheet in several files (``.png`` and/or ``.html``), the views drawn once."""
+                        controller=None, max_table_rows: int = 20, views=None) -> list[Path]:
+    """The same sheet in several files (``.png`` and/or ``.html``), the views drawn once (with
+    ``views``, an open ``SliceViews``, when given)."""
     paths = [Path(p) for p in paths]
     for path in paths:
         if path.suffix.lower() not in (".png", ".html", ".htm"):
             raise InputError(f"review sheet must be .png or .html, got {path.name}")
-    content = sheet_content(scene, case_nodes, top_n, layer, opacity, size_px, fov_mm, controller, max_table_rows)
+    content = sheet_content(scene, case_nodes, top_n, layer, opacity, size_px, fov_mm, controller, max_table_rows,
+                            views)
     return [_write_png(p, content) if p.suffix.lower() == ".png" else _write_html(p, content) for p in paths]

@@ -175,6 +175,7 @@ class SliceViews:
         w, h = int(size_px[0]), int(size_px[1])
         if w < 8 or h < 8:
             raise InputError(f"snapshot size must be at least 8x8 pixels, got {size_px}")
+        self.mirror.prune()
         bg, fg = self.mirror.proxy(background), self.mirror.proxy(foreground)
         shown = [self.mirror.proxy(n) for n in (*segmentations, *markups) if n is not None]
         self.mirror.hide_all_but(shown)

@@ -66,6 +66,19 @@ class SceneMirror:
     def proxies(self) -> list:
         return [p for _s, p in self._proxies.values()]
 
+    def prune(self) -> int:
+        """Drop the proxies of source nodes no longer in a scene (a reviewed case removed), so
+        their voxels are not kept alive; returns how many were dropped."""
+        gone = [k for k, (src, _p) in self._proxies.items() if src.GetScene() is None]
+        for key in gone:
+            _src, proxy = self._proxies.pop(key)
+            if proxy.GetScene() is self.scene:
+                disp = proxy.GetDisplayNode()
+                self.scene.RemoveNode(proxy)
+                if disp is not None and disp.GetScene() is self.scene:
+                    self.scene.RemoveNode(disp)
+        return len(gone)
+
     def hide_all_but(self, keep) -> None:
         """Every proxy not in ``keep`` is made invisible (a picture shows only what it names)."""
         keep_ids = {p.GetID() for p in keep if p is not None}
