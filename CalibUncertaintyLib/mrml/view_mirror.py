@@ -55,7 +55,10 @@ class SceneMirror:
             return None
         key = node.GetID() if node.GetScene() is not None else f"@{id(node)}"
         entry = self._proxies.get(key)
-        if entry is None or entry[0] is not node:
+        if entry is not None and entry[0] is not node:      # another node now holds that ID
+            self._drop(key)
+            entry = None
+        if entry is None:
             proxy = self._make(node)
             self._proxies[key] = (node, proxy)
         else:
@@ -71,13 +74,16 @@ class SceneMirror:
         their voxels are not kept alive; returns how many were dropped."""
         gone = [k for k, (src, _p) in self._proxies.items() if src.GetScene() is None]
         for key in gone:
-            _src, proxy = self._proxies.pop(key)
-            if proxy.GetScene() is self.scene:
-                disp = proxy.GetDisplayNode()
-                self.scene.RemoveNode(proxy)
-                if disp is not None and disp.GetScene() is self.scene:
-                    self.scene.RemoveNode(disp)
+            self._drop(key)
         return len(gone)
+
+    def _drop(self, key) -> None:
+        _src, proxy = self._proxies.pop(key)
+        if proxy.GetScene() is self.scene:
+            disp = proxy.GetDisplayNode()
+            self.scene.RemoveNode(proxy)
+            if disp is not None and disp.GetScene() is self.scene:
+                self.scene.RemoveNode(disp)
 
     def hide_all_but(self, keep) -> None:
         """Every proxy not in ``keep`` is made invisible (a picture shows only what it names)."""
