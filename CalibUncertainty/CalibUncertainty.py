@@ -30,6 +30,9 @@ from CalibUncertaintyLib.runner import RunState
 
 README_URL = slicer_support.HELP_URL
 POLL_INTERVAL_MS = 200
+LOAD_INTERVAL_MS = 10           # a loading step, then the GUI gets the event loop back
+THRESHOLD_COMMIT_MS = 300       # a threshold is recorded once the slider rests this long
+APPLY_RECHECK_S = 1.0           # files on disk are looked at again at most this often
 
 
 def _versionProblem():
@@ -138,7 +141,12 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._removeListener = None
         self._dependenciesOk = False
         self._applyCheck = None
+        self._applyKey = None
         self._timer = None
+        self._loader = None              # CaseLoader of a finished run's outputs, stepped by _loadTimer
+        self._loadTimer = None
+        self._thresholdTimer = None
+        self._pendingThreshold = None
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -157,7 +165,7 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = CalibUncertaintyLogic()
-        self._applyCheck = ApplyCheck()
+        self._applyCheck = ApplyCheck(recheck_s=APPLY_RECHECK_S)
 
         self.ui.progressBar.hide()
         self.ui.regionsTableWidget.setColumnCount(5)
@@ -169,6 +177,7 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodeRemoved)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartSaveEvent, self.onSceneStartSave)
 
         self._pathWidgets = {
             "modelFolder": self.ui.modelFolderPathLineEdit,
@@ -189,6 +198,13 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onPollRun)
+        self._loadTimer = qt.QTimer()
+        self._loadTimer.setInterval(LOAD_INTERVAL_MS)
+        self._loadTimer.connect("timeout()", self.onLoadStep)
+        self._thresholdTimer = qt.QTimer()
+        self._thresholdTimer.setSingleShot(True)
+        self._thresholdTimer.setInterval(THRESHOLD_COMMIT_MS)
+        self._thresholdTimer.connect("timeout()", self.onThresholdCommit)
 
         self.initializeParameterNode()
         self.restoreReview()  # the module opened on a scene that already holds a reviewed case
@@ -199,10 +215,12 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if self._timer is not None:
             self._timer.stop()
+        self._stopLoading()
         if self._active is not None:
-            self._active.cancel()
+            self._active.cancel(wait=False)  # SIGTERM now; nothing waits for the tree in the GUI thread
             self._active.cleanup()
             self._active = None
+        self.onThresholdCommit()
         self._setController(None)
         self.removeObservers()
 
@@ -218,17 +236,23 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def exit(self) -> None:
+        self.onThresholdCommit()
         if self._parameterNode:
             self._disconnectParameterNode()
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._stopLoading()
         if self._active is not None:  # its input volume is about to disappear
             self._log(_("The scene is closing: cancelling the prediction."))
-            self._active.cancel()
+            self._active.cancel(wait=False)
             self.onPollRun()
         self._setController(None)
         self._caseNodes = None
         self.setParameterNode(None)
+
+    def onSceneStartSave(self, caller, event) -> None:
+        """A threshold still being dragged is recorded before the scene is written."""
+        self.onThresholdCommit()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -241,6 +265,9 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @vtk.calldata_type(vtk.VTK_OBJECT)
     def onNodeRemoved(self, caller, event, node) -> None:
+        if self._parameterNode is not None and node is self._parameterNode.inputVolume:
+            self._applyKey = None  # the CT left the scene: Apply must say so
+            self._checkCanApply()
         if self._controller is None:
             return
         if node is self._controller.case.segmentation:
@@ -283,56 +310,78 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 value = getattr(self._parameterNode, name)
                 if widget.currentPath != value:
                     widget.currentPath = value
-            if self._controller is not None:
+            if self._controller is not None and abs(self._controller.opacity - self._parameterNode.opacity) > 1e-9:
                 self._controller.set_opacity(self._parameterNode.opacity)
         finally:
             self._updatingGui = False
-        self._checkCanApply()
+        # only a change of what Apply depends on re-runs its check (never a threshold or the opacity)
+        from CalibUncertaintyLib.mrml.prediction import apply_inputs
+
+        key = apply_inputs(self._parameterNode)
+        if key != self._applyKey:
+            self._applyKey = key
+            self._checkCanApply()
 
     def onPathChanged(self, name: str, path: str) -> None:
         if self._parameterNode is not None and not self._updatingGui:
             setattr(self._parameterNode, name, path)
 
-    def _checkCanApply(self) -> None:
-        if self._active is not None:
+    def _checkCanApply(self, force: bool = False) -> None:
+        if self._loader is not None:
             self.ui.applyButton.enabled = True
             self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop loading the results (the outputs stay on disk).")
+            return
+        if self._active is not None:
+            cancelling = self._active.run is not None and self._active.run.state is RunState.CANCELLING
+            self.ui.applyButton.enabled = not cancelling
+            self.ui.applyButton.text = _("Cancelling...") if cancelling else _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the prediction (the whole process tree); no output is kept.")
             return
         self.ui.applyButton.text = _("Apply")
         if self._parameterNode is not None:  # the passes only mean something for MC dropout
             self.ui.passesSpinBox.enabled = self._parameterNode.ensemble == "dropout"
-        problems = self._applyProblems()
+        problems = self._applyProblems(force)
         self.ui.applyButton.enabled = not problems
         self.ui.applyButton.toolTip = "\n".join(problems) if problems else _(
             "Run the ensemble on the input CT out of process, then load calibrated probabilities, "
             "uncertainty maps and error regions.")
 
-    def _applyProblems(self) -> list:
-        """ApplyCheck: re-evaluated when a parameter, a file on disk or the CT node changes."""
+    def _applyProblems(self, force: bool = False) -> list:
+        """ApplyCheck: re-evaluated when a parameter Apply depends on or the CT node changes, and
+        on the Apply click (``force``: files on disk may have changed)."""
         pn = self._parameterNode
         if pn is None:
             return [_("No parameter node.")]
         return self._applyCheck.problems(slicer.mrmlScene, pn.inputVolume, pn.modelFolder, pn.ensemble, pn.folds,
-                                         pn.calibrationFile, pn.device, pn.tta, pn.passes)
+                                         pn.calibrationFile, pn.device, pn.tta, pn.passes, force=force)
 
     # ---------------------------------------------------------------- prediction
     def onApplyButton(self) -> None:
+        if self._loader is not None:
+            self._log(_("Loading cancelled; the outputs stay in {folder}.").format(folder=self._active.run.out_dir))
+            self._stopLoading()
+            self.ui.progressBar.hide()
+            self.ui.statusLabel.text = _("Loading cancelled.")
+            self._endRun()
+            return
         if self._active is not None:
             self._log(_("Cancelling..."))
-            self._active.cancel()
-            self.onPollRun()
+            self._active.cancel(wait=False)  # returns at once; onPollRun sees the tree end
+            self.ui.progressBar.format = _("cancelling")
+            self._checkCanApply()
             return
-        self._checkCanApply()  # files may have changed since the button was enabled
+        self._checkCanApply(force=True)  # files may have changed since the button was enabled
         if not self.ui.applyButton.enabled:
             return
         with slicer.util.tryWithErrorDisplay(_("Could not start the prediction."), waitCursor=True):
             if not self._ensureDependencies():
                 return
             pn = self._parameterNode
-            deviceText = dependencies.describe_compute_device(pn.device)
-            self.ui.deviceStatusLabel.text = deviceText
-            self._log(deviceText)
+            # the run reports the device it chose (a "device" progress event): Slicer's process
+            # never imports torch just to name it
+            self.ui.deviceStatusLabel.text = _("Device: {device} requested; the run reports what it uses.").format(
+                device=pn.device)
             self._active = self.logic.startPrediction(
                 pn.inputVolume, pn.modelFolder, ensemble=pn.ensemble, folds=pn.folds,
                 calibrationFile=pn.calibrationFile, device=pn.device, tta=pn.tta, passes=pn.passes,
@@ -351,39 +400,93 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.stop()
             return
         state = self._active.poll()
-        if state is RunState.RUNNING:
+        if not state.finished:  # running, or cancelling: the tree is still ending
             return
         self._timer.stop()
-        active, self._active = self._active, None
+        if state is RunState.SUCCEEDED:
+            self._startLoading()
+            return
+        active = self._active
+        if state is RunState.CANCELLED:
+            self.ui.progressBar.hide()
+            self.ui.statusLabel.text = _("Cancelled; previous outputs are unchanged.")
+        else:
+            self.ui.progressBar.hide()
+            self.ui.statusLabel.text = _("Failed (details in the log).")
+            self._log(active.run.error or "")
+            self.ui.logCollapsibleButton.collapsed = False
+            slicer.util.errorDisplay(active.run.error or _("The prediction failed."))
+        self._endRun()
+
+    def _endRun(self) -> None:
+        if self._active is not None:
+            self._active.cleanup()
+            self._active = None
+        self._checkCanApply()
+
+    # ---------------------------------------------------------------- loading, a step per timer tick
+    def _startLoading(self) -> None:
+        """The run succeeded: load its outputs a short step per timer tick (the GUI stays live)."""
+        with slicer.util.tryWithErrorDisplay(_("The prediction finished but its outputs could not be loaded.")):
+            try:
+                if self._active.input_deleted:
+                    self._log(_("The input CT was deleted during the run: loading the exported copy."))
+                self._loader = self._active.loader()
+            except Exception:
+                self._endRun()
+                raise
+        self.ui.progressBar.setRange(0, 100)
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.format = _("loading %p%")
+        self.ui.statusLabel.text = _("Loading the results...")
+        self._checkCanApply()
+        self._loadTimer.start()
+
+    def onLoadStep(self) -> None:
+        loader = self._loader
+        if loader is None:
+            self._loadTimer.stop()
+            return
         try:
-            if state is RunState.SUCCEEDED:
-                self.ui.progressBar.value = 100
-                self.ui.progressBar.format = _("done")
-                with slicer.util.tryWithErrorDisplay(_("The prediction finished but its outputs could not be loaded."),
-                                                     waitCursor=True):
-                    if active.input_deleted:
-                        self._log(_("The input CT was deleted during the run: loading the exported copy."))
-                    caseNodes = active.load()
-                    self._parameterNode.caseFolder = str(caseNodes.case_dir)
-                    self._parameterNode.reviewCase = caseNodes.segmentation
-                    self._parameterNode.currentRegion = -1
-                    self._setCaseNodes(caseNodes)
-                    self.ui.statusLabel.text = _("Done: {case} ({n} regions).").format(
-                        case=caseNodes.case_id, n=len(caseNodes.regions))
-            elif state is RunState.CANCELLED:
-                self.ui.progressBar.hide()
-                self.ui.statusLabel.text = _("Cancelled; previous outputs are unchanged.")
-            else:
-                self.ui.progressBar.hide()
-                self.ui.statusLabel.text = _("Failed (details in the log).")
-                self._log(active.run.error or "")
-                self.ui.logCollapsibleButton.collapsed = False
-                slicer.util.errorDisplay(active.run.error or _("The prediction failed."))
-        finally:
-            active.cleanup()
-            self._checkCanApply()
+            fraction = loader.step()
+        except Exception as exc:
+            self._loader = None
+            self._loadTimer.stop()
+            self.ui.progressBar.hide()
+            self.ui.statusLabel.text = _("The outputs could not be loaded (details in the log).")
+            self._log(str(exc))
+            self._endRun()
+            slicer.util.errorDisplay(_("The prediction finished but its outputs could not be loaded.") + f"\n\n{exc}")
+            return
+        self.ui.progressBar.value = int(100 * fraction)
+        self.ui.progressBar.format = f"{loader.progress[1]} %p%"
+        if not loader.done:
+            return
+        self._loader = None
+        self._loadTimer.stop()
+        caseNodes = loader.result
+        self.ui.progressBar.value = 100
+        self.ui.progressBar.format = _("done")
+        self._parameterNode.caseFolder = str(caseNodes.case_dir)
+        self._parameterNode.reviewCase = caseNodes.segmentation
+        self._parameterNode.currentRegion = -1
+        self._setCaseNodes(caseNodes)
+        self.ui.statusLabel.text = _("Done: {case} ({n} regions).").format(case=caseNodes.case_id,
+                                                                          n=len(caseNodes.regions))
+        self._endRun()
+
+    def _stopLoading(self) -> None:
+        if self._loadTimer is not None:
+            self._loadTimer.stop()
+        if self._loader is not None:
+            self._loader.cancel()  # removes whatever it had added
+            self._loader = None
 
     def _onProgress(self, event: dict) -> None:
+        if event.get("stage") == "device":  # which device the run chose (it never has to be guessed here)
+            self.ui.deviceStatusLabel.text = _("Device: {device}").format(device=event.get("message", ""))
+            self._log(self.ui.deviceStatusLabel.text)
+            return
         percent, text = runner.describe_progress(event)
         if percent is None:
             self.ui.progressBar.setRange(0, 0)  # busy indicator
@@ -402,7 +505,12 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         logging.info(text)
 
     def _ensureDependencies(self) -> bool:
-        """On the first Apply: install what is missing (asks first), the nnU-Net extensions' way."""
+        """On the first Apply: install what is missing (asks first), the nnU-Net extensions' way.
+        On every Apply: a PyTorch replaced while Slicer runs asks for a restart first."""
+        restart = dependencies.torch_restart_needed()
+        if restart:
+            slicer.util.errorDisplay(restart, windowTitle=_("Restart Slicer"))
+            return False
         if not self._dependenciesOk:
             self._dependenciesOk = self.logic.ensureDependencies()
         return self._dependenciesOk
@@ -424,6 +532,7 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         pn = self._parameterNode
         if pn is None or self._active is not None:
             return
+        self._pendingThreshold = None
         try:
             controller = self.logic.restoreReview(pn)
         except InputError as exc:
@@ -443,6 +552,7 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._setController(ReviewController(slicer.mrmlScene, caseNodes))
 
     def _setController(self, controller, restored: bool = False) -> None:
+        self.onThresholdCommit()
         if self._removeListener is not None:
             self._removeListener()
             self._removeListener = None
@@ -471,6 +581,7 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onMapChanged(self, index: int) -> None:
         if self._controller is None or index < 0:
             return
+        self.onThresholdCommit()  # a threshold still being dragged belongs to the previous map
         name = self.ui.mapComboBox.itemText(index)
         with slicer.util.tryWithErrorDisplay(_("Could not show {name}.").format(name=name)):
             self._controller.set_foreground_map(name)
@@ -478,27 +589,47 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         lo, hi = self._controller.value_range(name)
         current = self._controller.threshold  # set_foreground_map applied the map's (saved or default) threshold
-        wasBlocked = self.ui.thresholdRangeWidget.blockSignals(True)
-        self.ui.thresholdRangeWidget.setRange(min(lo, current[0]), max(hi, current[1]))
-        self.ui.thresholdRangeWidget.singleStep = max((hi - lo) / 200.0, 1e-4)
-        self.ui.thresholdRangeWidget.setValues(current[0], current[1])
-        self.ui.thresholdRangeWidget.blockSignals(wasBlocked)
+        # decimals first: ctkRangeWidget rounds to them and refuses a step it cannot show
+        decimals, step = self._controller.slider_steps(name)
+        rangeWidget = self.ui.thresholdRangeWidget
+        wasBlocked = rangeWidget.blockSignals(True)
+        rangeWidget.decimals = decimals
+        rangeWidget.setRange(min(lo, current[0]), max(hi, current[1]))
+        rangeWidget.singleStep = step
+        rangeWidget.setValues(current[0], current[1])
+        rangeWidget.blockSignals(wasBlocked)
         legend = self._controller.legend(name)
         from CalibUncertaintyLib.mrml.margins import guarantee_lines
 
         # the conformal guarantees of the case (flags and organ margins), when its calibration has them
         self.ui.legendLabel.text = "\n".join([legend.text(), _("Threshold source: {source}").format(
             source=self._controller.threshold_source(name)), *guarantee_lines(self._controller.case.summary)])
-        self._parameterNode.foregroundMap = name
-        self._parameterNode.thresholdLower, self._parameterNode.thresholdUpper = current
+        with slicer.util.NodeModify(self._parameterNode.parameterNode):  # one Modified event
+            self._parameterNode.foregroundMap = name
+            self._parameterNode.thresholdLower, self._parameterNode.thresholdUpper = current
         self.onShowLegendToggled(self.ui.showLegendCheckBox.checked)
 
     def onThresholdChanged(self, lower: float, upper: float) -> None:
+        """A slider tick: the views follow at once (display node only); the threshold is recorded
+        (case node, parameter node) once the slider rests, or before a save or a map change."""
         if self._controller is None or self._controller.current_map is None:
             return
+        self._controller.preview_threshold(lower, upper)
+        self._pendingThreshold = (self._controller.current_map, lower, upper)
+        self._thresholdTimer.start()  # restarts the single shot: one record per rest, not per tick
+
+    def onThresholdCommit(self) -> None:
+        pending, self._pendingThreshold = self._pendingThreshold, None
+        if self._thresholdTimer is not None:
+            self._thresholdTimer.stop()
+        if pending is None or self._controller is None or self._controller.current_map != pending[0]:
+            return
+        _name, lower, upper = pending
         self._controller.set_threshold(lower, upper)
-        self._parameterNode.thresholdLower = lower
-        self._parameterNode.thresholdUpper = upper
+        if self._parameterNode is not None:
+            with slicer.util.NodeModify(self._parameterNode.parameterNode):  # one Modified event, not two
+                self._parameterNode.thresholdLower = lower
+                self._parameterNode.thresholdUpper = upper
 
     def onShowLegendToggled(self, show: bool) -> None:
         if self._controller is None or self._controller.current_map is None:

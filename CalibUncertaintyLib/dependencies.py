@@ -2,7 +2,9 @@
 
 Qt-free and import-light: it reads installed versions with ``importlib.metadata`` and never
 imports the packages it checks (except :func:`describe_compute_device`, which imports torch
-inside the function). The Slicer module calls :func:`missing_requirements` on the first Apply
+inside the function: for scripts and the CLI, never called in Slicer's process, where the run
+itself reports the device it chose). :func:`torch_restart_needed` tells when the torch loaded in
+this process was replaced on disk (Slicer must be restarted). The Slicer module calls :func:`missing_requirements` on the first Apply
 (never at import time) and installs what is missing through ``slicer_install.SlicerInstaller``
 (nnunetv2 without its declared dependencies, the rest listed in ``resources/requirements.txt``,
 torch from the PyTorch extension); scripts call :func:`require`.
@@ -185,6 +187,26 @@ def require(requirements=REQUIREMENTS, need_torch: bool = True) -> None:
         raise MissingDependencyError(missing_message(missing))
 
 
+RESTART_MESSAGE = (
+    "PyTorch {loaded} is loaded in this Slicer session, and PyTorch {installed} is now installed in its place "
+    "(updated while Slicer was running). Restart Slicer before running a prediction, so that every module uses "
+    "the installed PyTorch.")
+
+
+def torch_restart_needed() -> str | None:
+    """A message asking to restart Slicer when the torch imported in this process is not the torch
+    installed now (it was replaced while the process ran, e.g. by the PyTorch extension), else
+    None. Never imports torch: it compares the loaded module's version with the installed one."""
+    loaded = sys.modules.get("torch")
+    if loaded is None:
+        return None
+    loaded_version = str(getattr(loaded, "__version__", "") or "")
+    installed = installed_version("torch")
+    if not loaded_version or installed == loaded_version:
+        return None
+    return RESTART_MESSAGE.format(loaded=loaded_version, installed=installed or "(none)")
+
+
 def describe_compute_device(requested: str = "auto") -> str:
     """One sentence saying where inference will run: the GPU found, or the CPU and why.
 
@@ -215,5 +237,6 @@ def describe_compute_device(requested: str = "auto") -> str:
 __all__ = [
     "Requirement", "REQUIREMENTS", "TORCH", "TORCH_MISSING_MESSAGE", "MissingDependencyError", "Missing",
     "installed_version", "satisfies", "missing_requirements", "torch_missing", "requirement_strings",
-    "pip_install_command", "missing_message", "require", "describe_compute_device",
+    "pip_install_command", "missing_message", "require", "describe_compute_device", "torch_restart_needed",
+    "RESTART_MESSAGE",
 ]

@@ -11,7 +11,29 @@ CHOICES = ("auto", "cuda", "mps", "cpu")
 
 def resolve_device(requested: str = "auto"):
     """Return a ``torch.device``. An unavailable explicit request falls back to the CPU with a
-    warning that says why (it never fails a run that the CPU can still do)."""
+    warning that says why (it never fails a run that the CPU can still do). The choice is also
+    reported as a progress event (stage ``device``, ``message`` = :func:`describe`), which the
+    Slicer module shows: Slicer's own process never imports torch to find it out."""
+    dev = _resolve(requested)
+    from .progress import emit_progress
+
+    emit_progress("device", None, message=describe(dev))
+    return dev
+
+
+def describe(dev) -> str:
+    """One line naming the device a run uses, e.g. ``GPU: NVIDIA H100 (CUDA 12.8, PyTorch 2.13.0)``."""
+    import torch
+
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        return f"GPU: {torch.cuda.get_device_name(index)} (CUDA {torch.version.cuda}, PyTorch {torch.__version__})"
+    if dev.type == "mps":
+        return f"GPU: Apple MPS (PyTorch {torch.__version__})"
+    return f"CPU (PyTorch {torch.__version__})"
+
+
+def _resolve(requested: str):
     import torch
 
     requested = (requested or "auto").lower()

@@ -24,7 +24,10 @@ How a run works
    whatever is still alive in the group; on Windows ``taskkill /T /F`` ends the tree.
 
 States: ``idle -> running -> succeeded | failed | cancelled``; a finished run may be started again,
-a running one refuses a second :meth:`start`.
+a running one refuses a second :meth:`start`. ``cancel(wait=False)`` (the Slicer module's Cancel)
+returns at once in state ``cancelling``: SIGTERM is sent, and :meth:`poll` sends SIGKILL after the
+timeout, then removes the staging folder and ends in ``cancelled`` once no process of the tree is
+left - nothing is waited for in the caller's (GUI) thread.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ _EOF_GRACE_S = 2.0  # after the child exits, wait this long for grandchildren to
 class RunState(str, enum.Enum):
     IDLE = "idle"
     RUNNING = "running"
+    CANCELLING = "cancelling"  # cancel(wait=False) was asked; poll() finishes it
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -348,7 +352,7 @@ class PredictionRun:
     def start(self) -> "PredictionRun":
         """Start the child process. Raises :class:`RunStateError` while a run is in progress and
         :class:`RunError` (state ``failed``) if the program cannot be started at all."""
-        if self.state is RunState.RUNNING:
+        if self.state in (RunState.RUNNING, RunState.CANCELLING):
             raise RunStateError("this prediction is already running; cancel it or wait for it to finish "
                                 "before starting it again")
         if self.out_dir.exists() and not self.out_dir.is_dir():
@@ -382,7 +386,9 @@ class PredictionRun:
 
     def poll(self) -> RunState:
         """Deliver the output that has arrived, without blocking; finish the run if the child has
-        exited. Returns the state."""
+        exited (or, while cancelling, once its whole tree is gone). Returns the state."""
+        if self.state is RunState.CANCELLING:
+            return self._poll_cancel()
         if self.state is not RunState.RUNNING:
             return self.state
         self._drain()
@@ -398,16 +404,30 @@ class PredictionRun:
         """Poll until the run has finished or ``timeout`` seconds have passed; returns the state
         (still ``running`` on timeout)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is RunState.RUNNING:
+        while not self.poll().finished and self.state is not RunState.IDLE:
             if deadline is not None and time.monotonic() >= deadline:
                 break
             time.sleep(interval)
         return self.state
 
-    def cancel(self, timeout: float = 5.0) -> RunState:
+    def cancel(self, timeout: float = 5.0, wait: bool = True) -> RunState:
         """End the process and every process it started (SIGTERM, then SIGKILL after ``timeout``
-        seconds), delete the staging folder, leave ``out_dir`` untouched. A no-op when not running."""
+        seconds), delete the staging folder, leave ``out_dir`` untouched. A no-op when not running.
+
+        ``wait=False`` returns at once in state ``cancelling`` (for a GUI thread): :meth:`poll`
+        escalates to SIGKILL after ``timeout`` and ends in ``cancelled`` when the tree is gone."""
+        if self.state is RunState.CANCELLING and wait:
+            while self.poll() is RunState.CANCELLING:
+                time.sleep(0.02)
+            return self.state
         if self.state is not RunState.RUNNING:
+            return self.state
+        if not wait:
+            self._cancel_deadline = time.monotonic() + max(timeout, 0.0)
+            self._killed = False
+            _terminate_tree(self._proc)
+            self.state = RunState.CANCELLING
+            self._emit_log("cancelling: the process tree was asked to stop", "runner")
             return self.state
         _kill_tree(self._proc, timeout)
         for t in self._threads:
@@ -420,6 +440,24 @@ class PredictionRun:
         return self.state
 
     # ---------------------------------------------------------------- internals
+    def _poll_cancel(self) -> RunState:
+        self._drain()
+        if _tree_alive(self._proc):
+            if not self._killed and time.monotonic() >= self._cancel_deadline:
+                log.warning("process tree of %s ignored SIGTERM; sending SIGKILL", self._proc.pid)
+                _kill_now(self._proc)
+                self._killed = True
+            return self.state
+        self._proc.wait()
+        for t in self._threads:
+            t.join(timeout=0.05)  # the pipes closed with the processes: the readers end at once
+        self._drain()
+        self.returncode = self._proc.returncode
+        self._remove_staging()
+        self._finish(RunState.CANCELLED, None)
+        self._emit_log("cancelled: the process tree was stopped and no output was kept", "runner")
+        return self.state
+
     def _reset(self):
         self.error = None
         self.returncode = None
@@ -621,6 +659,29 @@ def _kill_tree(proc: subprocess.Popen, timeout: float):
         while _group_alive(pgid, proc) and time.monotonic() < end:
             time.sleep(0.02)
     proc.wait()
+
+
+def _terminate_tree(proc: subprocess.Popen) -> None:
+    """Ask the tree to stop without waiting (SIGTERM to the group; on Windows taskkill /F /T,
+    which is immediate)."""
+    if os.name == "nt":
+        _kill_now(proc)
+        return
+    _signal_group(proc.pid, signal.SIGTERM)
+
+
+def _kill_now(proc: subprocess.Popen) -> None:
+    if os.name == "nt":
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        return
+    _signal_group(proc.pid, signal.SIGKILL)
+
+
+def _tree_alive(proc: subprocess.Popen) -> bool:
+    if os.name == "nt":
+        return proc.poll() is None
+    return _group_alive(proc.pid, proc)
 
 
 def _signal_group(pgid: int, sig):

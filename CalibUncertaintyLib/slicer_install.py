@@ -16,7 +16,9 @@ nnU-Net extensions do it:
    then choose compatible versions but never replace those.
 
 Nothing is ever asked for torch, SimpleITK or numpy through pip. :data:`PROVIDED_BY_SLICER`
-names what Slicer itself ships.
+names what Slicer itself ships. When the install replaced a torch that this Slicer session had
+already imported, :attr:`SlicerInstaller.restart_message` says to restart Slicer
+(``dependencies.torch_restart_needed``), and the module runs nothing until then.
 """
 
 from __future__ import annotations
@@ -139,6 +141,8 @@ class SlicerInstaller:
         self.torch_logic = torch_logic
         self.requester = requester
         self.temp_dir = temp_dir
+        #: set by install() when the torch loaded in this process was replaced: Slicer must restart
+        self.restart_message: str | None = None
 
     def install(self, plan: InstallPlan | None = None) -> list[Missing]:
         """Install what ``plan`` (default: :func:`make_plan`) lists; return what is still missing
@@ -159,6 +163,7 @@ class SlicerInstaller:
                     constraints = Path(tmp) / "constraints.txt"
                     constraints.write_text(constraints_text(plan.pinned), encoding="utf-8")
                     self.util.pip_install([*plan.with_deps, "-c", str(constraints)])
+        self.restart_message = dependencies.torch_restart_needed()
         return self.still_missing()
 
     def _install_torch(self) -> None:

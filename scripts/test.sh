@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # The project's test command: sets up .venv if needed, then runs the whole suite.
+# Without arguments it first runs the MRML tests on the other slicer-core wheels
+# (scripts/test_slicer_wheels.sh; CALIBU_SLICER_WHEELS="" skips them); with arguments it passes
+# them to pytest (e.g. one test file) and runs only that.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup.sh"
 cd "$root"
-exec "${CALIBU_VENV:-$root/.venv}/bin/python" -m pytest -q -ra "$@"
+status=0
+if [ $# -eq 0 ]; then
+  bash "$root/scripts/test_slicer_wheels.sh" || status=$?
+fi
+"${CALIBU_VENV:-$root/.venv}/bin/python" -m pytest -q -ra "$@" || status=$?
+exit $status

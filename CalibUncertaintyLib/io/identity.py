@@ -33,13 +33,29 @@ class IdentityMismatchError(InputError):
 
 def voxels_sha256(array: np.ndarray) -> str:
     """SHA-256 of the shape and the voxel values (as little-endian float32), independent of dtype."""
-    a = np.asarray(array)
-    h = hashlib.sha256(("shape=" + ",".join(str(int(s)) for s in a.shape) + ";").encode())
-    if a.ndim == 0:
-        h.update(np.asarray(a, dtype="<f4").tobytes())
-    for z in range(a.shape[0] if a.ndim else 0):
-        h.update(np.ascontiguousarray(a[z], dtype="<f4").tobytes())
+    h = VoxelsHasher(np.shape(array))
+    h.update_slices(array)
     return h.hexdigest()
+
+
+class VoxelsHasher:
+    """``voxels_sha256`` a few z slices at a time (``update_slices`` with consecutive slices of
+    the volume whose shape was given), for callers that must not block for a whole volume."""
+
+    def __init__(self, shape):
+        self.shape = tuple(int(s) for s in shape)
+        self._h = hashlib.sha256(("shape=" + ",".join(str(s) for s in self.shape) + ";").encode())
+
+    def update_slices(self, slices: np.ndarray) -> None:
+        a = np.asarray(slices)
+        if a.ndim == 0:
+            self._h.update(np.asarray(a, dtype="<f4").tobytes())
+            return
+        for z in range(a.shape[0]):
+            self._h.update(np.ascontiguousarray(a[z], dtype="<f4").tobytes())
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
 
 
 def image_identity(array: np.ndarray, geometry: Geometry, case: str | None = None,

@@ -153,19 +153,40 @@ def _map_sort_key(name: str):
     return (MAP_ORDER.index(name), "") if name in MAP_ORDER else (len(MAP_ORDER), name)
 
 
-def read_case_folder(case_dir, probabilities: bool = True) -> CaseData:
-    """Read a per-case output folder completely; raise before anything is returned.
+@dataclass
+class CaseFiles:
+    """What a case folder holds, before any volume is read (``scan_case_folder``)."""
 
-    ``probabilities=False`` reads only the headers of the ``prob_<Class>`` files (their grid is
-    still checked) and leaves ``CaseData.probabilities`` empty: a 40-class case then costs the
-    memory of its maps, not of 40 probability volumes; ``probability_files`` says where each
-    class's volume is, to be read when it is shown (:func:`read_probability`).
+    case_dir: Path
+    case_id: str
+    regions_doc: dict
+    summary: dict
+    class_names: dict[int, str] | None          # None: from the segmentation's labels
+    prob_files: dict[str, Path]                 # file stem -> prob_<stem>.nii.gz
+    map_files: dict[str, Path]                  # map name -> map_<name>.nii.gz, in display order
+
+    @property
+    def seg_path(self) -> Path:
+        return self.case_dir / "seg.nii.gz"
+
+    def probability_files(self, class_names: dict[int, str]) -> dict[str, Path]:
+        """class name -> its probability file (classes without a file are left out; files of
+        classes not in ``class_names`` keep their file stem)."""
+        stems = prob_file_stems(class_names)
+        out = {class_names[lab]: self.prob_files[stem] for lab, stem in stems.items() if stem in self.prob_files}
+        out.update({stem: p for stem, p in self.prob_files.items() if stem not in stems.values()})
+        return out
+
+    def regions(self, class_names: dict[int, str]) -> list[Region]:
+        return _regions(self.regions_doc, self.case_dir / "regions.json", class_names)
+
+
+def scan_case_folder(case_dir) -> CaseFiles:
+    """List and check a per-case output folder without reading its volumes.
 
     Raises InputError listing every missing file (the required ones, a ``prob_<Class>`` per class
-    named in class_names — or, when summary.json has ``probability_classes`` (the classes
-    ``--probabilities`` wrote), per class listed there — at least one ``map_*``), and GeometryMismatchError when an image is not
-    on the segmentation's voxel grid.
-    """
+    named in class_names - or, when summary.json has ``probability_classes`` (the classes
+    ``--probabilities`` wrote), per class listed there - at least one ``map_*``)."""
     case_dir = Path(case_dir)
     if not case_dir.is_dir():
         raise InputError(f"case output folder not found: {case_dir}")
@@ -189,8 +210,26 @@ def read_case_folder(case_dir, probabilities: bool = True) -> CaseData:
     if missing:
         raise InputError(f"case folder {case_dir} is incomplete; missing: {', '.join(missing)}. "
                          "Re-run the prediction (or 'calib-uncertainty maps') for this case.")
+    case_id = str(regions_doc.get("case") or summary.get("case") or case_dir.name)
+    return CaseFiles(case_dir=case_dir, case_id=case_id, regions_doc=regions_doc, summary=summary,
+                     class_names=class_names, prob_files=prob_files,
+                     map_files={n: map_files[n] for n in sorted(map_files, key=_map_sort_key)})
 
-    seg, geometry = read_image(case_dir / "seg.nii.gz")
+
+def read_case_folder(case_dir, probabilities: bool = True) -> CaseData:
+    """Read a per-case output folder completely; raise before anything is returned.
+
+    ``probabilities=False`` reads only the headers of the ``prob_<Class>`` files (their grid is
+    still checked) and leaves ``CaseData.probabilities`` empty: a 40-class case then costs the
+    memory of its maps, not of 40 probability volumes; ``probability_files`` says where each
+    class's volume is, to be read when it is shown (:func:`read_probability`).
+
+    Raises InputError listing every missing file (``scan_case_folder``), and
+    GeometryMismatchError when an image is not on the segmentation's voxel grid.
+    """
+    files = scan_case_folder(case_dir)
+    seg, geometry = read_image(files.seg_path)
+    class_names = files.class_names
     if class_names is None:
         labels = [int(v) for v in np.unique(seg) if v != 0]
         class_names = {lab: f"Class_{lab}" for lab in labels}
@@ -202,9 +241,7 @@ def read_case_folder(case_dir, probabilities: bool = True) -> CaseData:
             raise InputError(f"{path} contains NaN or infinite values")
         return arr
 
-    stems = prob_file_stems(class_names)
-    probability_files = {class_names[lab]: prob_files[stem] for lab, stem in stems.items() if stem in prob_files}
-    probability_files.update({stem: p for stem, p in prob_files.items() if stem not in stems.values()})
+    probability_files = files.probability_files(class_names)
     if probabilities:
         probs = {cls: read_same(p) for cls, p in probability_files.items()}
     else:
@@ -213,13 +250,11 @@ def read_case_folder(case_dir, probabilities: bool = True) -> CaseData:
         for path in probability_files.values():
             read_header_geometry(path).require_same(geometry, path.name, "seg.nii.gz")
         probs = {}
-    maps = {n: read_same(map_files[n]) for n in sorted(map_files, key=_map_sort_key)}
-    case_id = str(regions_doc.get("case") or summary.get("case") or case_dir.name)
-    return CaseData(case_dir=case_dir, case_id=case_id, geometry=geometry, seg=seg,
+    maps = {n: read_same(p) for n, p in files.map_files.items()}
+    return CaseData(case_dir=files.case_dir, case_id=files.case_id, geometry=geometry, seg=seg,
                     class_names=class_names, probabilities=probs, maps=maps,
-                    regions_doc=regions_doc, summary=summary,
-                    regions=_regions(regions_doc, case_dir / "regions.json", class_names),
-                    probability_files=probability_files)
+                    regions_doc=files.regions_doc, summary=files.summary,
+                    regions=files.regions(class_names), probability_files=probability_files)
 
 
 def read_probability(path, geometry: Geometry) -> np.ndarray:

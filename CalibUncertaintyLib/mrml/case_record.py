@@ -4,7 +4,9 @@ A loaded case (nodes.load_case_outputs) is recorded on its segmentation node, th
 
 - attribute ``CalibU.Case``: JSON with the case id, its folder, the name prefix, regions.json and
   summary.json as read, the default thresholds, shown ranges and colour windows of every layer,
-  the probability files not loaded yet, and the voxel grid;
+  the probability files not loaded yet with their size and modification time at loading (a file
+  replaced since - another run into the same folder - is refused, not shown under this case's
+  name), and the voxel grid;
 - node references (kept by Slicer when a scene is saved, loaded or imported, even when node IDs
   change): ``CalibU.input`` (the CT), ``CalibU.layer`` (every map and probability node; each
   carries its name in ``CalibU.Role``), ``CalibU.regionsMarkups`` and ``CalibU.regionsTable``;
@@ -52,6 +54,7 @@ def record_case(case) -> None:
         "default_shown": _pairs(case.default_shown),
         "value_ranges": _pairs(case.value_ranges),
         "probability_files": {c: str(p) for c, p in case.probability_files.items()},
+        "probability_stamps": {c: list(v) for c, v in (case.probability_stamps or {}).items()},
         "owns_input": bool(case.owns_input),
     }
     hub.SetAttribute(CASE_ATTRIBUTE, json.dumps(doc, default=str))
@@ -147,6 +150,7 @@ def restore_case_nodes(scene, hub=None):
         value_ranges={k: (float(v[0]), float(v[1])) for k, v in doc["value_ranges"].items()},
         regions_doc=regions_doc, summary=summary, folder_item=folder, owns_input=bool(doc.get("owns_input")),
         probability_files={c: Path(p) for c, p in doc.get("probability_files", {}).items()},
+        probability_stamps={c: list(v) for c, v in (doc.get("probability_stamps") or {}).items()},
         name_prefix=doc.get("name_prefix") or doc["case_id"])
 
 

@@ -2,8 +2,9 @@
 organ: "<Organ> inner", "<Organ> prediction", "<Organ> outer" (nested: inner ⊆ prediction ⊆ outer).
 
 Read from the case folder's ``margins_<Class>.nii.gz`` files (``pipeline.margins``: levels 3 inner,
-2 prediction, 1 outer band) listed in summary.json's ``margins`` block; each segment is imported
-from its own binary labelmap, so the overlapping segments stay whole. The colours are the
+2 prediction, 1 outer band) listed in summary.json's ``margins`` block; each segment is added from
+its own binary mask, cropped to the organ's outer contour (``segments.add_mask_segment``), so the
+overlapping segments stay whole and an empty one needs no converter rules. The colours are the
 class's colour, darker for the inner and lighter for the outer contour; the outer and inner are
 shown as outlines only. Takes the scene as an argument.
 """
@@ -17,24 +18,47 @@ import numpy as np
 from ..errors import InputError
 from ..io.images import read_image
 from . import colors
-from .volumes import new_volume_node
 
 SEGMENTS = (("inner", 3, 0.6), ("prediction", 2, 1.0), ("outer", 1, 1.4))  # (name, min level, colour factor)
+
+
+def margin_files(case_dir, summary: dict) -> list[tuple[str, int, Path]]:
+    """[(organ, class index, margins file)] listed in summary.json's ``margins`` block ([] when
+    none); InputError for a listed file that is missing."""
+    block = (summary or {}).get("margins") or {}
+    out = []
+    for organ, rec in (block.get("classes") or {}).items():
+        path = Path(case_dir) / rec["file"]
+        if not path.is_file():
+            raise InputError(f"summary.json lists the margins file {path.name}, which is not in {case_dir}")
+        out.append((organ, int(rec.get("class_index", 0)), path))
+    return out
 
 
 def read_margins(case_dir, summary: dict, geometry) -> dict:
     """{organ: (class index, levels array)} of the folder's margins files ({} when none);
     InputError for a listed file that is missing or on another grid."""
-    block = (summary or {}).get("margins") or {}
     out = {}
-    for organ, rec in (block.get("classes") or {}).items():
-        path = Path(case_dir) / rec["file"]
-        if not path.is_file():
-            raise InputError(f"summary.json lists the margins file {path.name}, which is not in {case_dir}")
+    for organ, c, path in margin_files(case_dir, summary):
         levels, geo = read_image(path)
         geo.require_same(geometry, str(path), "the case outputs")
-        out[organ] = (int(rec.get("class_index", 0)), levels.astype(np.uint8, copy=False))
+        out[organ] = (c, levels.astype(np.uint8, copy=False))
     return out
+
+
+def margin_box(levels: np.ndarray):
+    """(box, {part: mask of the box}) of one organ's levels: the box of its outer contour (which
+    holds the other two), or (None, {}) when the organ has no margin at all."""
+    from .segments import LabelBoxes
+
+    boxes = LabelBoxes()
+    boxes.add(0, (np.asarray(levels) >= 1).view(np.uint8) if levels.dtype == np.bool_ else
+              (np.asarray(levels) >= 1).astype(np.uint8))
+    box = boxes.box(1)
+    if box is None:
+        return None, {}
+    crop = np.asarray(levels)[box]
+    return box, {part: crop >= level for part, level, _f in SEGMENTS}
 
 
 def guarantee_lines(summary: dict) -> list[str]:
@@ -52,58 +76,50 @@ def guarantee_lines(summary: dict) -> list[str]:
     return lines
 
 
-def add_margins_node(scene, case_dir, summary: dict, geometry, name: str):
-    """The margins segmentation node (added to ``scene``), or None when the case has no margins."""
+def new_margins_node(scene, name: str, geometry, reference_volume=None):
+    """An empty margins segmentation node added to ``scene``, with its reference geometry."""
     import slicer
 
-    margins = read_margins(case_dir, summary, geometry)
-    if not margins:
-        return None
+    from .segments import set_reference_geometry
+
     node = slicer.vtkMRMLSegmentationNode()
     node.SetName(name)
     scene.AddNode(node)
     node.CreateDefaultDisplayNodes()
-    node.SetReferenceImageGeometryParameterFromVolumeNode(
-        new_volume_node(np.zeros(geometry.shape_zyx, np.uint8), geometry, f"{name} grid", "vtkMRMLLabelMapVolumeNode"))
-    segmentation = node.GetSegmentation()
-    display = node.GetDisplayNode()
-    for organ, (c, levels) in margins.items():
-        base = np.asarray(colors.class_colour(c, organ, scene), dtype=float)
-        for part, level, factor in SEGMENTS:
-            mask = (levels >= level).astype(np.uint8)
-            labelmap = new_volume_node(mask, geometry, f"{name} {organ} {part}", "vtkMRMLLabelMapVolumeNode")
-            n_before = segmentation.GetNumberOfSegments()
-            if mask.any():
-                if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, node):
-                    raise InputError(f"could not turn the {part} margin of {organ} into a segment")
-            else:
-                _add_empty_segment(segmentation, f"{organ} {part}")
-            seg_id = segmentation.GetNthSegmentID(n_before)
-            segment = segmentation.GetSegment(seg_id)
-            segment.SetName(f"{organ} {part}")
-            segment.SetColor(*np.clip(base * factor, 0, 1))
-            segment.SetTag("CalibU.Margin", f"{organ}|{part}")
-            if part != "prediction" and display is not None:
-                display.SetSegmentOpacity2DFill(seg_id, 0.0)
+    set_reference_geometry(node, geometry, reference_volume)
     return node
 
 
-def _add_empty_segment(segmentation, name: str) -> None:
-    """Add a segment with an empty binary labelmap. ``vtkSegmentation.AddEmptySegment`` needs the
-    segmentation converter rules, which only the application's Segmentations module registers: in
-    a bare scene (slicer-core, PythonSlicer) it adds nothing and returns no segment. An empty
-    margin is common (an organ the case lacks, an inner contour at a trivial α)."""
-    import slicer
-    import vtk
+def add_organ_margins(node, organ: str, class_index: int, box, masks: dict, geometry) -> None:
+    """The three segments of one organ ("<organ> inner / prediction / outer", nested, in the
+    class's colour: darker inner, lighter outer, both outlines only) from ``margin_box``'s output
+    (an organ without any margin gets three empty segments)."""
+    from .segments import add_mask_segment
 
-    image = slicer.vtkOrientedImageData()
-    image.SetExtent(0, -1, 0, -1, 0, -1)
-    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    segment = slicer.vtkSegment()
-    segment.SetName(name)
-    segment.AddRepresentation(slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName(), image)
-    if not segmentation.AddSegment(segment):
-        raise InputError(f"could not add the empty segment {name!r} to the margins segmentation")
+    segmentation = node.GetSegmentation()
+    display = node.GetDisplayNode()
+    base = np.asarray(colors.class_colour(class_index, organ, node.GetScene()), dtype=float)
+    for part, _level, factor in SEGMENTS:
+        seg_id = add_mask_segment(segmentation, f"{organ} {part}", masks.get(part), box, geometry,
+                                  colour=np.clip(base * factor, 0, 1))
+        segmentation.GetSegment(seg_id).SetTag("CalibU.Margin", f"{organ}|{part}")
+        if part != "prediction" and display is not None:
+            display.SetSegmentOpacity2DFill(seg_id, 0.0)
+
+
+def add_margins_node(scene, case_dir, summary: dict, geometry, name: str, reference_volume=None):
+    """The margins segmentation node (added to ``scene``), or None when the case has no margins.
+    (``case_loader.CaseLoader`` does the same a file at a time.)"""
+    files = margin_files(case_dir, summary)
+    if not files:
+        return None
+    node = new_margins_node(scene, name, geometry, reference_volume)
+    for organ, c, path in files:
+        levels, geo = read_image(path)
+        geo.require_same(geometry, str(path), "the case outputs")
+        box, masks = margin_box(levels.astype(np.uint8, copy=False))
+        add_organ_margins(node, organ, c, box, masks, geometry)
+    return node
 
 
 def segment_masks(scene, node, reference_volume) -> dict:

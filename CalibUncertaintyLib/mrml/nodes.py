@@ -30,12 +30,9 @@ import numpy as np
 
 from ..errors import GeometryMismatchError, InputError
 from ..io.geometry import Geometry
-from ..io.images import read_image
-from .identity_check import check_case_on_volume
-from .margins import add_margins_node
-from .overlay_display import overlay_window
 from . import colors
-from .case_folder import CaseData, Region, read_case_folder, threshold_for_map
+from .overlay_display import overlay_window
+from .case_folder import CaseData, Region, threshold_for_map
 from .volumes import (display_ct, display_overlay, export_volume_node,  # noqa: F401 (re-exported)
                       geometry_from_volume_node, ijk_to_ras_of, load_volume_file, new_volume_node,
                       remove_nodes, segment_array, volume_array)
@@ -73,6 +70,7 @@ class CaseNodes:
     probability_files: dict = field(default_factory=dict)  # class name -> prob file (loaded on demand)
     name_prefix: str = ""
     margins: object = None                       # vtkMRMLSegmentationNode of the organ margins, or None
+    probability_stamps: dict = field(default_factory=dict)  # class name -> [size, mtime_ns] of its file at load
 
     def layers(self) -> dict:
         """Overlay layers that are nodes now, by name: map names first, then ``prob_<Class>``."""
@@ -121,36 +119,8 @@ class CaseNodes:
 
 
 # --- display ---------------------------------------------------------------------------------
-def robust_max(array: np.ndarray, quantile: float = ROBUST_MAX_QUANTILE) -> float:
-    """Upper end of a map's colour window: the ``quantile`` (0.995) of its positive voxels, so a
-    few outliers do not wash the colours out; the plain max if that is 0; 1.0 for an all-zero map."""
-    a = np.asarray(array)
-    pos = a[a > 0]
-    if pos.size == 0:
-        return 1.0
-    hi = float(np.quantile(pos, quantile))
-    return hi if hi > 0 else float(pos.max())
-
-
-def colour_window(array: np.ndarray, tau: float) -> tuple[float, float]:
-    """Colour window (0, hi) of a map shown above ``tau``: hi is the robust max of the voxels at or
-    above τ (the ones the reviewer sees), so they spread over the colour table instead of all
-    saturating when most of the map lies below τ; the whole map's robust max if none reach τ."""
-    a = np.asarray(array)
-    shown = a[a >= tau] if np.isfinite(tau) else a
-    hi = robust_max(shown) if shown.size else robust_max(a)
-    return (0.0, max(hi, float(tau)) if np.isfinite(tau) else hi)
-
-
-def fallback_threshold(array: np.ndarray, quantile: float = FALLBACK_QUANTILE) -> float:
-    """Threshold for a map the case folder gives no τ* for: the 0.95 quantile of the map over its
-    non-negligible voxels (value > 1 % of the map's maximum), so that the near-zero values a
-    softmax leaves everywhere do not drag it down; 0 for an all-zero map."""
-    a = np.asarray(array)
-    top = float(a.max()) if a.size else 0.0
-    if top <= 0:
-        return 0.0
-    return float(np.quantile(a[a > 0.01 * top], quantile))
+# (display_range.py computes them a slab at a time; re-exported here)
+from .display_range import colour_window, fallback_threshold, robust_max  # noqa: E402,F401
 
 
 def _sh_node(scene):
@@ -186,8 +156,9 @@ def _check_input_geometry(input_volume_node, geometry: Geometry) -> None:
 
 
 def _input_from_summary(data: CaseData) -> Path | None:
-    """The input image recorded in summary.json (``input_image``, or the first of
-    ``prediction.input_files`` as ``predict`` writes it), when that file still exists."""
+    """The input image recorded in summary.json (``input_image``, the first of
+    ``prediction.input_files`` as ``predict`` writes it, or ``input_identity.file``), when that
+    file still exists."""
     pred = data.summary.get("prediction")
     files = pred.get("input_files") if isinstance(pred, dict) else None
     ident = data.summary.get("input_identity")
@@ -197,30 +168,6 @@ def _input_from_summary(data: CaseData) -> Path | None:
         if isinstance(v, str) and Path(v).is_file():
             return Path(v)
     return None
-
-
-def _segmentation_node(scene, data: CaseData, name: str):
-    import slicer
-
-    seg_node = slicer.vtkMRMLSegmentationNode()
-    seg_node.SetName(name)
-    scene.AddNode(seg_node)
-    seg_node.CreateDefaultDisplayNodes()
-    labelmap = new_volume_node(data.seg.astype(np.uint8 if data.seg.max() < 256 else np.int32),
-                               data.geometry, f"{name} labelmap", "vtkMRMLLabelMapVolumeNode")
-    # the CT's grid as the segmentation's reference geometry (Slicer logs an ERROR on every
-    # scene save without it, and editing would resample to another grid)
-    seg_node.SetReferenceImageGeometryParameterFromVolumeNode(labelmap)
-    if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, seg_node):
-        raise InputError(f"could not turn {data.case_dir / 'seg.nii.gz'} into a segmentation")
-    segmentation = seg_node.GetSegmentation()
-    for i in range(segmentation.GetNumberOfSegments()):
-        segment = segmentation.GetNthSegment(i)
-        label = int(segment.GetLabelValue())
-        name = data.class_names.get(label, f"Class_{label}")
-        segment.SetName(name)
-        segment.SetColor(*colors.class_colour(label, name, scene))
-    return seg_node
 
 
 def _markups_node(scene, regions: list[Region], name: str):
@@ -291,99 +238,27 @@ def load_case_outputs(scene, case_dir, input_volume_node=None, name_prefix: str 
                       probabilities: str = "on_demand", allow_identity_mismatch: bool = False) -> CaseNodes:
     """Load one per-case output folder as nodes of ``scene`` and return them as CaseNodes.
 
-    Creates a segmentation (segments named from class_names), the organ margins segmentation
-    when the folder has one (``margins.add_margins_node``: inner / prediction / outer per organ), the class probability volumes
+    Creates a segmentation (one segment per organ, named from class_names, with the input's
+    reference geometry), the organ margins segmentation when the folder has one
+    (``margins``: inner / prediction / outer per organ), the class probability volumes
     (``probabilities="on_demand"``, the default: none now, each when first shown through
-    :meth:`CaseNodes.layer_node`; ``"all"``: one per class now), one volume per map, a locked markups point list of region centroids (labels like
-    "R1 Brainstem 123 mm³"), a table of regions (rank, class, volume mm³, mean and max
-    uncertainty, centroid R/A/S mm), all in a subject-hierarchy folder under the input volume's
-    item. ``input_volume_node`` is the CT the outputs were computed from (its grid is checked);
-    without it, the input named in summary.json (``input_image``) is loaded when that file exists.
+    :meth:`CaseNodes.layer_node`; ``"all"``: one per class now), one volume per map, a locked
+    markups point list of region centroids (labels like "R1 Brainstem 123 mm³"), a table of
+    regions (rank, class, volume mm³, mean and max uncertainty, centroid R/A/S mm), all in a
+    subject-hierarchy folder under the input volume's item. ``input_volume_node`` is the CT the
+    outputs were computed from (its grid is checked); without it, the input named in summary.json
+    (``input_image``) is loaded when that file exists.
 
     The folder is read completely before the scene is touched; if adding nodes fails half way,
     every node added is removed again. Raises InputError (missing files, listed) and
     GeometryMismatchError; IdentityMismatchError when summary.json's ``input_identity`` is another
-    image than the CT (unless ``allow_identity_mismatch``: then a warning).
+    image than the CT (unless ``allow_identity_mismatch``: then a warning). The work is
+    ``case_loader.CaseLoader``'s, run to the end (the Slicer module runs it a step at a time).
     """
-    if probabilities not in ("on_demand", "all"):
-        raise InputError(f"probabilities must be 'on_demand' or 'all', got {probabilities!r}")
-    data = read_case_folder(case_dir, probabilities=probabilities == "all")
-    if input_volume_node is not None:
-        _check_input_geometry(input_volume_node, data.geometry)
-        check_case_on_volume(data.summary, data.case_dir, input_volume_node,
-                             allow_identity_mismatch=allow_identity_mismatch)
-    prefix = name_prefix or data.case_id
-    thresholds, shown = default_thresholds(data)
-    ranges = {n: colour_window(a, thresholds[n][0]) for n, a in data.maps.items()}
-    ranges.update({f"prob_{c}": (0.0, 1.0) for c in [*data.probabilities, *data.probability_files]})
-    input_array = None
-    input_path = _input_from_summary(data) if input_volume_node is None else None
-    if input_path is not None:
-        input_array, input_geo = read_image(input_path)
-        input_geo.require_same(data.geometry, str(input_path), "the case outputs")
-        check_case_on_volume(data.summary, data.case_dir, array=input_array, geometry=input_geo,
-                             allow_identity_mismatch=allow_identity_mismatch)
+    from .case_loader import CaseLoader
 
-    before = _node_ids(scene)
-    case = None
-    try:
-        scene.StartState(scene.BatchProcessState)
-        try:
-            case = _add_case_nodes(scene, data, input_volume_node, input_array, prefix, thresholds, shown, ranges)
-        finally:
-            scene.EndState(scene.BatchProcessState)
-        # after the batch state, so that Slicer's own subject-hierarchy items exist to be moved
-        case.folder_item = _place_in_hierarchy(scene, case, f"{prefix} CalibUncertainty")
-        from .case_record import record_case
-
-        record_case(case)  # what a saved scene needs to bring the review back
-    except BaseException:
-        if case is not None and case.folder_item:
-            _remove_sh_item(scene, case.folder_item)
-        _rollback(scene, before)
-        raise
-    log.info("loaded case %s from %s: %d maps, %d classes, %d regions", data.case_id, data.case_dir,
-             len(case.maps), len(case.probabilities), len(case.regions))
-    return case
-
-
-def _add_case_nodes(scene, data: CaseData, input_volume_node, input_array, prefix: str,
-                    thresholds: dict, shown: dict, ranges: dict) -> CaseNodes:
-    colors.ensure_default_colour_nodes(scene)
-    colors.ensure_colour_tables(scene)
-    owns_input = False
-    if input_array is not None:
-        input_volume_node = new_volume_node(input_array, data.geometry, f"{prefix} CT")
-        scene.AddNode(input_volume_node)
-        display_ct(scene, input_volume_node, input_array)
-        owns_input = True
-    seg_node = _segmentation_node(scene, data, f"{prefix} segmentation")
-    probs = {}
-    for cls, arr in data.probabilities.items():
-        probs[cls] = _add_probability_node(scene, arr, data.geometry, prefix, cls, shown[f"prob_{cls}"])
-    maps = {}
-    for name, arr in data.maps.items():
-        node = new_volume_node(arr, data.geometry, f"{prefix} {name}")
-        node.SetAttribute(ROLE_ATTRIBUTE, f"map_{name}")
-        scene.AddNode(node)
-        display_overlay(scene, node, colors.UNCERTAINTY, overlay_window(*shown[name], ranges[name][1]), *shown[name])
-        maps[name] = node
-    case = CaseNodes(case_id=data.case_id, case_dir=data.case_dir, geometry=data.geometry,
-                     input_volume=input_volume_node, segmentation=seg_node, probabilities=probs, maps=maps,
-                     regions_markups=_markups_node(scene, data.regions, f"{prefix} regions"),
-                     regions_table=_table_node(scene, data.regions, f"{prefix} region table"),
-                     regions=data.regions, default_thresholds=thresholds, default_shown=shown,
-                     value_ranges=ranges,
-                     regions_doc=data.regions_doc, summary=data.summary, owns_input=owns_input,
-                     probability_files=dict(data.probability_files), name_prefix=prefix,
-                     margins=add_margins_node(scene, data.case_dir, data.summary, data.geometry, f"{prefix} margins"))
-    # outputs follow the input volume's parent transform, so they stay on its voxels
-    transform_id = input_volume_node.GetTransformNodeID() if input_volume_node is not None else None
-    if transform_id:
-        for node in case.output_nodes():
-            if node is not input_volume_node and hasattr(node, "SetAndObserveTransformNodeID"):
-                node.SetAndObserveTransformNodeID(transform_id)
-    return case
+    return CaseLoader(scene, case_dir, input_volume_node, name_prefix=name_prefix, probabilities=probabilities,
+                      allow_identity_mismatch=allow_identity_mismatch).run()
 
 
 def _add_probability_node(scene, array, geometry: Geometry, prefix: str, cls: str, shown):
@@ -404,6 +279,11 @@ def _load_probability_node(scene, case: CaseNodes, cls: str):
     if path is None or not Path(path).is_file():
         raise InputError(f"the probability volume of {cls!r} (case {case.case_id}) is not in the scene and its "
                          f"file {path or 'prob_<Class>.nii.gz'} is not on disk; load the case folder again")
+    stamp = case.probability_stamps.get(cls)
+    if stamp is not None and list(file_stamp(path)) != list(stamp):
+        raise InputError(f"the probability file {path} of case {case.case_id} was replaced after the case was loaded "
+                         "(another run or command wrote into the same folder); it would show another run's "
+                         "probabilities under this case's name: load that case folder again to review it")
     array = read_probability(path, case.geometry)
     colors.ensure_colour_tables(scene)
     node = _add_probability_node(scene, array, case.geometry, case.name_prefix or case.case_id, cls,
@@ -420,6 +300,12 @@ def _load_probability_node(scene, case: CaseNodes, cls: str):
     add_layer_reference(case, node)
     log.info("loaded the probability volume of %s for case %s", cls, case.case_id)
     return node
+
+
+def file_stamp(path) -> tuple[int, int]:
+    """(size, modification time in ns) of a file: what tells a file from its replacement."""
+    st = Path(path).stat()
+    return int(st.st_size), int(st.st_mtime_ns)
 
 
 def _place_in_hierarchy(scene, case: CaseNodes, folder_name: str) -> int:

@@ -5,9 +5,16 @@ load the results into the scene; and the check that enables Apply.
 
 - :meth:`start` writes the node to a temporary NIfTI (geometry kept, volumes.py) and starts a
   :class:`~CalibUncertaintyLib.runner.PredictionRun`; the widget polls it from a timer;
-- :meth:`load` (after success) loads the case folder as nodes on the CT's grid. If the user
+- every run writes a case folder of its own: the case is named after the node and, when the
+  output folder already holds a folder of that name (an earlier run on the same CT, perhaps still
+  under review in the scene, whose probabilities are read from that folder when first shown), it
+  gets the first free ``<name>_2``, ``<name>_3``... (:func:`unique_case_name`); nothing an earlier
+  run wrote is replaced;
+- :meth:`loader` (after success) gives a ``case_loader.CaseLoader`` of the case folder on the
+  CT's grid, which the widget steps from a timer; :meth:`load` runs it to the end. If the user
   deleted the CT node while the run was going, the exported copy is loaded as the CT instead of
-  failing (the outputs are on its grid);
+  failing (the outputs are on its grid; the case then owns it);
+- :meth:`cancel` stops the run (``wait=False``: returns at once, :meth:`poll` finishes it);
 - :meth:`cleanup` deletes the exported copy.
 
 :class:`ApplyCheck` answers "why can Apply not run?" and re-evaluates it whenever an input
@@ -31,6 +38,18 @@ def node_in_scene(scene, node) -> bool:
     return node is not None and node.GetScene() is scene
 
 
+def unique_case_name(out_dir, case: str) -> str:
+    """``case``, or the first of ``case_2``, ``case_3``... that names no entry of ``out_dir``, so
+    that a run never replaces the case folder of an earlier run."""
+    out_dir = Path(out_dir)
+    if not (out_dir / case).exists():
+        return case
+    n = 2
+    while (out_dir / f"{case}_{n}").exists():
+        n += 1
+    return f"{case}_{n}"
+
+
 class ScenePrediction:
     """One out-of-process prediction of a CT node (see the module docstring).
 
@@ -48,7 +67,7 @@ class ScenePrediction:
         self.options = options
         self.out_dir = Path(out_dir)
         self.temp_root = temp_root
-        self.case = safe_case_name(input_node.GetName())
+        self.case = unique_case_name(self.out_dir, safe_case_name(input_node.GetName()))
         self.export_dir: Path | None = None
         self.exported_ct: Path | None = None
         self.run: PredictionRun | None = None
@@ -79,31 +98,34 @@ class ScenePrediction:
     def poll(self) -> RunState:
         return self.run.poll()
 
-    def cancel(self) -> RunState:
-        return self.run.cancel() if self.run is not None else RunState.IDLE
+    def cancel(self, wait: bool = True) -> RunState:
+        """Stop the run; ``wait=False`` returns at once (state ``cancelling``, :meth:`poll`
+        finishes it) so that a GUI thread never waits for the process tree to end."""
+        return self.run.cancel(wait=wait) if self.run is not None else RunState.IDLE
 
     @property
     def input_deleted(self) -> bool:
         return not node_in_scene(self.scene, self.input_node)
 
-    def load(self, **kwargs):
-        """Load the finished run's case folder into the scene -> CaseNodes. The CT node if it is
-        still in the scene, else the exported copy of it (``owns_input`` then True)."""
-        from .nodes import load_case_outputs, load_volume_file
+    def loader(self, **kwargs):
+        """A ``case_loader.CaseLoader`` of the finished run's case folder (not started). The CT
+        node if it is still in the scene, else the exported copy of it (the case then owns it:
+        ``owns_input``)."""
+        from .case_loader import CaseLoader
 
         if self.run is None or self.run.state is not RunState.SUCCEEDED:
             raise InputError("the prediction has not finished successfully; nothing to load")
         case_dir = locate_case_dir(self.run.out_dir, self.case)
         if not self.input_deleted:
-            return load_case_outputs(self.scene, case_dir, self.input_node, **kwargs)
-        ct = load_volume_file(self.scene, self.exported_ct, name=f"{self.case} CT")
-        try:
-            case = load_case_outputs(self.scene, case_dir, ct, **kwargs)
-        except BaseException:
-            self.scene.RemoveNode(ct)
-            raise
-        case.owns_input = True
-        return case
+            return CaseLoader(self.scene, case_dir, self.input_node, **kwargs)
+        if self.exported_ct is None or not self.exported_ct.is_file():
+            raise InputError("the input CT was deleted during the run and its exported copy is gone; "
+                             f"load {case_dir} with its CT")
+        return CaseLoader(self.scene, case_dir, None, input_file=self.exported_ct, **kwargs)
+
+    def load(self, **kwargs):
+        """Load the finished run's case folder into the scene in one call -> CaseNodes."""
+        return self.loader(**kwargs).run()
 
     def cleanup(self) -> None:
         if self.export_dir is not None:
@@ -130,27 +152,60 @@ def _stamp(path) -> tuple:
     return tuple(out)
 
 
+#: the parameter node fields Apply depends on (a change of any other field - the shown map, its
+#: threshold, the opacity, the region - never re-runs the Apply check)
+APPLY_FIELDS = ("inputVolume", "modelFolder", "ensemble", "folds", "calibrationFile", "device", "tta", "passes")
+
+
+def apply_inputs(parameter_node) -> tuple:
+    """The values of :data:`APPLY_FIELDS` of the module's parameter node (node -> its ID)."""
+    out = []
+    for name in APPLY_FIELDS:
+        v = getattr(parameter_node, name)
+        out.append(v.GetID() if hasattr(v, "GetID") else v)
+    return tuple(out)
+
+
 class ApplyCheck:
     """Why Apply cannot run (empty list when it can), cached until an input changes.
 
     ``problems(scene, input_node, model_dir, ensemble, folds, calibration, device, tta, passes)`` keys its
     cache on the parameters, on whether the CT node is still in the scene, and on the
     modification times of the model folder (and its fold folders) and the calibration file.
+    Those are read again only when a parameter changed, when ``force`` is given (the Apply click:
+    files may have changed) or when ``recheck_s`` seconds have passed since they were last read
+    (0: on every call), so repeated calls with the same parameters do not list the model folder.
     """
 
-    def __init__(self):
+    def __init__(self, recheck_s: float = 0.0, clock=None):
+        import time
+
+        self.recheck_s = float(recheck_s)
+        self._clock = clock or time.monotonic
         self._key = None
+        self._stamps = None
+        self._stamped_at = None
         self._problems: list[str] = []
         self.evaluations = 0
+        self.stamp_reads = 0
 
     def problems(self, scene, input_node, model_dir, ensemble="deep", folds=None, calibration=None,
-                 device="auto", tta=True, passes=None) -> list[str]:
+                 device="auto", tta=True, passes=None, force: bool = False) -> list[str]:
         from ..runner import DEFAULT_PASSES, as_optional_path, parse_folds
 
         passes = DEFAULT_PASSES if passes is None else int(passes)
         present = node_in_scene(scene, input_node)
-        key = (input_node.GetID() if present else None, str(model_dir or ""), ensemble, str(folds or ""),
-               str(calibration or ""), device, bool(tta), passes, _stamp(model_dir), _stamp(calibration))
+        params = (input_node.GetID() if present else None, str(model_dir or ""), ensemble, str(folds or ""),
+                  str(calibration or ""), device, bool(tta), passes)
+        now = self._clock()
+        if (force or self._key is None or params != self._key[0] or self._stamped_at is None
+                or now - self._stamped_at >= self.recheck_s):
+            stamps = (_stamp(model_dir), _stamp(calibration))
+            self.stamp_reads += 1
+            self._stamped_at = now
+        else:
+            stamps = self._key[1]
+        key = (params, stamps)
         if key == self._key:
             return list(self._problems)
         self.evaluations += 1

@@ -85,6 +85,10 @@ class ReviewController:
         if not self._restoring and self.case.segmentation is not None:
             save_review_state(self.case.segmentation, self.state())
 
+    def save_state(self) -> None:
+        """Write the review state on the case's segmentation node now (after previews)."""
+        self._save_state()
+
     @classmethod
     def restore(cls, scene, case_nodes=None, map_name: str | None = None, opacity: float | None = None,
                 threshold: tuple | None = None, region: int | None = None, **kwargs) -> "ReviewController":
@@ -92,7 +96,9 @@ class ReviewController:
 
         ``case_nodes`` defaults to the scene's first recorded case (case_record.restore_case_nodes).
         The recorded state is applied; the keyword values (e.g. the module's parameter node) win
-        over it where given. A saved layer that is no longer available falls back to the first map.
+        over it where given. A saved layer that is no longer available falls back to the first map,
+        shown with that map's own range (its recorded threshold, else its default): ``threshold``
+        belongs to the saved layer and is never put on another one.
         """
         case = case_nodes if case_nodes is not None else restore_case_nodes(scene)
         ctl = cls(scene, case, **kwargs)
@@ -110,7 +116,7 @@ class ReviewController:
                 ctl.set_foreground_map(wanted)
             elif names:
                 ctl.set_foreground_map(names[0])
-            if threshold is not None and ctl.current_map is not None:
+            if threshold is not None and ctl.current_map is not None and ctl.current_map == wanted:
                 ctl.set_threshold(*threshold)
             i = region if region is not None else saved.get("region")
             if i is not None and 0 <= int(i) < len(case.regions):
@@ -217,6 +223,17 @@ class ReviewController:
         self._save_state()
         self._notify("threshold", (lo, hi))
 
+    def preview_threshold(self, lo: float, hi: float) -> None:
+        """Show the current overlay with lo ≤ value ≤ hi while a slider is being dragged: only
+        the display node changes; nothing is recorded on the case node and no listener is told
+        (``set_threshold`` at the end of the drag records it). Invalid values are ignored."""
+        if self.current_map is None:
+            return
+        lo, hi = float(lo), float(hi)
+        if math.isnan(lo) or math.isnan(hi) or lo > hi:
+            return
+        self._apply_threshold(self.current_map, lo, hi)
+
     @property
     def threshold(self) -> tuple[float, float] | None:
         return self._thresholds.get(self.current_map) if self.current_map else None
@@ -242,6 +259,13 @@ class ReviewController:
         probabilities). The colour window Slicer draws with is the legend's range (:meth:`legend`)."""
         self._known(name)
         return tuple(self.case.value_ranges[name])
+
+    def slider_steps(self, name: str | None = None) -> tuple[int, float]:
+        """(decimals, single step) for a threshold slider over layer ``name``'s shown values."""
+        name = name or self.current_map
+        lo, hi = self.value_range(name)
+        t = self._thresholds.get(name, self.case.default_shown.get(name, (lo, hi)))
+        return slider_steps(min(lo, t[0]), max(hi, t[1]))
 
     def legend(self, name: str | None = None):
         """The legend of a layer as Slicer draws it now: its display node's colour window and
@@ -294,3 +318,21 @@ class ReviewController:
     def previous_region(self):
         """Go to the previous region (wraps to the last before the first); None without regions."""
         return self._step(-1)
+
+
+#: steps across a threshold slider's range (at least)
+SLIDER_STEPS = 200
+
+
+def slider_steps(lo: float, hi: float, steps: int = SLIDER_STEPS) -> tuple[int, float]:
+    """(decimals, single step) for a slider over [lo, hi]: the step is the power of ten that gives
+    at least ``steps`` steps across the range (a map of values up to 0.002 gets 1e-5 steps, a
+    probability 0.001, a map up to 40 gets 0.1) and the decimals show that step - ctkRangeWidget
+    rounds its values to its decimals and refuses a step it cannot show. At most 10 decimals."""
+    span = float(hi) - float(lo)
+    if not math.isfinite(span) or span <= 0:
+        return 3, 0.001
+    exponent = math.floor(math.log10(span / steps))
+    exponent = max(exponent, -10)
+    step = 10.0 ** exponent
+    return max(0, -exponent), float(f"{step:.10g}")

@@ -87,8 +87,21 @@ def volume_array(node) -> np.ndarray:
 
 
 def _display_node(scene, node):
+    """The node's display node, created with automatic window/level off: Slicer's
+    CreateDefaultDisplayNodes computes a histogram of the whole volume for it (seconds on a
+    512 x 512 x 300 float map), and the callers set the window themselves."""
     if node.GetDisplayNode() is None:
-        node.CreateDefaultDisplayNodes()
+        if node.IsA("vtkMRMLLabelMapVolumeNode") or not node.IsA("vtkMRMLScalarVolumeNode") or node.GetScene() is None:
+            node.CreateDefaultDisplayNodes()
+        else:
+            import slicer
+
+            disp = slicer.vtkMRMLScalarVolumeDisplayNode()
+            disp.AutoWindowLevelOff()
+            disp.AutoThresholdOff()
+            scene.AddNode(disp)
+            disp.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
+            node.SetAndObserveDisplayNodeID(disp.GetID())
     return node.GetDisplayNode()
 
 

@@ -144,7 +144,7 @@ def test_module_file_is_ready_for_a_real_slicer(module_tree):
     assert "_versionProblem()" in widget["setup"]
     assert "EndImportEvent" in widget["setup"] and "restoreReview()" in widget["onSceneEndImport"]
     assert "NodeRemovedEvent" in widget["setup"] and "prune_removed()" in widget["onNodeRemoved"]
-    assert "ApplyCheck()" in widget["setup"]
+    assert "ApplyCheck(recheck_s=APPLY_RECHECK_S)" in widget["setup"]
     assert "slicer_support.HELP_URL" in source
     for placeholder in ("github.com/CalibUncertainty/CalibUncertainty", "example.com", "TODO"):
         assert placeholder not in source

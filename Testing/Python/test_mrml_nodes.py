@@ -340,19 +340,12 @@ def test_case_segmentation_saves_without_error(phantom_case, tmp_path):
     assert image.GetExtent() == ct_node.GetImageData().GetExtent()
 
 
-def test_forty_five_organs_get_distinct_colours(tmp_path):
+def test_forty_five_organs_get_distinct_colours(phantom_case):
     """A 45-class model: every organ its own colour (issue 16 item 6: before, colours repeated every
     8 classes), each far from the overlay colour maps; a name matching the scene's
-    GenericAnatomyColors table takes Slicer's anatomical colour."""
-    from types import SimpleNamespace
-
+    GenericAnatomyColors table takes Slicer's anatomical colour; the loader colours segments so."""
     from CalibUncertaintyLib.mrml import segment_colours
 
-    geo = Geometry((9, 9, 10), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    seg = np.zeros(geo.shape_zyx, np.uint8)
-    seg.reshape(-1)[:45 * 10] = np.repeat(np.arange(1, 46), 10)
-    names = {k: f"Organ_{k:02d}" for k in range(1, 46)}
-    names[7] = "Spinal_Cord"
     scene = slicer.vtkMRMLScene()
     colors.ensure_default_colour_nodes(scene)
     anatomy = slicer.vtkMRMLColorTableNode()          # stands in for Slicer's GenericAnatomyColors
@@ -362,16 +355,23 @@ def test_forty_five_organs_get_distinct_colours(tmp_path):
     anatomy.SetColor(0, "background", 0, 0, 0, 0)
     anatomy.SetColor(1, "spinal cord", 0.2, 0.9, 1.0, 1.0)
     scene.AddNode(anatomy)
-    data = SimpleNamespace(seg=seg, geometry=geo, class_names=names, case_dir=tmp_path)
-    node = nodes._segmentation_node(scene, data, "many organs")
-    segmentation = node.GetSegmentation()
-    assert segmentation.GetNumberOfSegments() == 45
-    by_name = {segmentation.GetNthSegment(i).GetName(): np.asarray(segmentation.GetNthSegment(i).GetColor())
-               for i in range(45)}
-    np.testing.assert_allclose(by_name["Spinal_Cord"], (0.2, 0.9, 1.0), atol=0.003)  # 8-bit table
-    rgb = np.array([by_name[n] for n in sorted(by_name) if n != "Spinal_Cord"]) * 255
+    names = {k: f"Organ_{k:02d}" for k in range(1, 46)}
+    names[7] = "Spinal_Cord"
+    by_name = {n: np.asarray(colors.class_colour(k, n, scene)) for k, n in names.items()}
+    np.testing.assert_allclose(by_name["Spinal_Cord"], (0.2, 0.9, 1.0), atol=0.003)   # 8-bit table
+    rgb = np.array([c for n, c in by_name.items() if n != "Spinal_Cord"]) * 255
     lab = segment_colours.srgb_to_lab(rgb)
     d = segment_colours.delta_e(lab, lab)
     np.fill_diagonal(d, np.inf)
     assert d.min() > 15, "two organs got (nearly) the same colour"
     assert segment_colours.delta_e(lab, segment_colours.overlay_lab()).min() >= segment_colours.OVERLAY_MIN_DE
+    # a loaded case's segments carry exactly these colours (organ segmentation and margins)
+    ct_path, case_dir = phantom_case
+    case = nodes.load_case_outputs(scene, case_dir, input_volume_node=nodes.load_volume_file(scene, ct_path))
+    class_names = case.summary["class_names"]             # ["background", "Organ", "Nodule"]
+    seg = case.segmentation.GetSegmentation()
+    assert seg.GetNumberOfSegments() == len(class_names) - 1
+    for i in range(seg.GetNumberOfSegments()):
+        segment = seg.GetNthSegment(i)
+        label = class_names.index(segment.GetName())
+        np.testing.assert_allclose(segment.GetColor(), colors.class_colour(label, segment.GetName(), scene), atol=1e-6)

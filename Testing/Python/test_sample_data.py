@@ -22,7 +22,11 @@ def sample(tmp_path_factory):
 
 @pytest.mark.slow
 def test_sample_files_are_small_and_complete(sample):
+    from CalibUncertaintyLib.sample_data import SUMS_NAME, read_sums, sha256_of
+
     assert sample.ct.name == CT_FILE and sample.model_zip.name == MODEL_ZIP
+    sums = read_sums(sample.ct.parent / SUMS_NAME)     # what a release publishes and records
+    assert sums == {p.name: f"SHA256:{sha256_of(p)}" for p in (sample.ct, sample.model_zip)}
     names = zipfile.ZipFile(sample.model_zip).namelist()
     assert CALIBRATION_NAME in names
     assert sum(n.endswith("/fold_0/checkpoint_final.pth") or n.endswith("/fold_1/checkpoint_final.pth")
@@ -72,19 +76,53 @@ def _register_custom_sample_data_source(category="Custom", sampleName=None, uris
 
 
 def test_sample_data_source_matches_slicers_registration_call():
+    from CalibUncertaintyLib.sample_data import recorded_checksums
+
     (source,) = sample_data_sources(thumbnail="icon.png")
     inspect.signature(_register_custom_sample_data_source).bind(**source)
+    # SHA-256 of the published files, as Slicer's template registers them (SampleData verifies)
+    recorded = recorded_checksums()
+    assert source["checksums"] == [recorded[CT_FILE], recorded[MODEL_ZIP]]
+    assert all(c.startswith("SHA256:") and len(c) == 7 + 64 for c in source["checksums"])
     assert "loadFileTypes" not in source          # also accepted by Slicer 5.10
     assert source["uris"] == [f"{SAMPLE_BASE_URL}/{CT_FILE}", f"{SAMPLE_BASE_URL}/{MODEL_ZIP}"]
     assert SAMPLE_BASE_URL.startswith("https://github.com/") and "/SlicerCalibUncertainty/releases/download/" in SAMPLE_BASE_URL
     assert source["loadFiles"] == [True, False] and source["nodeNames"][1] is None
-    assert len({len(source[k]) for k in ("uris", "fileNames", "nodeNames", "loadFiles", "loadFileType")}) == 1
+    assert len({len(source[k]) for k in ("uris", "fileNames", "nodeNames", "loadFiles", "loadFileType", "checksums")}) == 1
+
+
+def test_model_zip_is_the_same_bytes_for_the_same_model(tmp_path):
+    """A rebuilt zip of the same files has the same checksum (fixed member order and times)."""
+    import os
+    import time
+
+    from CalibUncertaintyLib.sample_data import read_sums, sha256_of, write_model_zip
+
+    model = tmp_path / "m" / "Trainer__Plans__3d"
+    (model / "fold_0").mkdir(parents=True)
+    for name, text in (("dataset.json", "{}"), ("plans.json", "{}"), ("fold_0/checkpoint_final.pth", "w")):
+        (model / name).write_text(text)
+    cal = tmp_path / "calibration.json"
+    cal.write_text("{}")
+    a = sha256_of(write_model_zip(tmp_path / "a.zip", model, cal, (0,), "readme\n"))
+    os.utime(model / "plans.json", (time.time() + 100, time.time() + 100))
+    b = sha256_of(write_model_zip(tmp_path / "b.zip", model, cal, (0,), "readme\n"))
+    assert a == b
+    model_dir, calibration = unpack_sample_model(tmp_path / "b.zip", tmp_path / "out")
+    assert (model_dir / "fold_0" / "checkpoint_final.pth").read_text() == "w" and calibration.is_file()
+    (tmp_path / "bad.sha256").write_text("nothex  file.zip\n")
+    with pytest.raises(InputError, match="expected '<sha256 hex>  <file name>'"):
+        read_sums(tmp_path / "bad.sha256")
 
 
 def test_split_downloaded(tmp_path):
     slicer = pytest.importorskip("slicer", reason="slicer-core gives a real volume node")
     node = slicer.vtkMRMLScalarVolumeNode()
+    (tmp_path / MODEL_ZIP).write_bytes(b"zip")
     ct, z = split_downloaded([node, str(tmp_path / MODEL_ZIP)])
     assert ct is node and z == tmp_path / MODEL_ZIP
     with pytest.raises(InputError, match="expected the CT node"):
         split_downloaded([str(tmp_path / MODEL_ZIP)])
+    (tmp_path / MODEL_ZIP).unlink()        # SampleData deletes a download that fails its checksum
+    with pytest.raises(InputError, match="SHA-256"):
+        split_downloaded([node, str(tmp_path / MODEL_ZIP)])

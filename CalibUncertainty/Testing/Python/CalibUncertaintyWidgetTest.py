@@ -10,6 +10,7 @@ Apply -> progress -> Cancel -> Apply -> results.
 """
 
 import os
+import sys
 import tempfile
 import time
 import unittest
@@ -152,12 +153,16 @@ class CalibUncertaintyWidgetTest(unittest.TestCase):
         # a CALIBU_PROGRESS event replaces "Running..." with the stage (and member) it reports
         self.assertTrue(waitFor(lambda: ui.statusLabel.text != "Running...", 120), "no progress from the prediction")
         self.assertTrue(ui.progressBar.visible)
-        ui.applyButton.click()                                  # Cancel
-        self.assertEqual(ui.applyButton.text, "Apply")
+        t0 = time.time()
+        ui.applyButton.click()                                  # Cancel: returns at once
+        self.assertLess(time.time() - t0, 1.0)
+        self.assertTrue(waitFor(lambda: ui.applyButton.text == "Apply", 30), "the run did not end after Cancel")
         self.assertIn("Cancelled", ui.statusLabel.text)
         self.assertFalse((self.tmp / "results" / "SampleCT").exists())
         ui.applyButton.click()                                  # Apply again
         self.assertTrue(waitFor(lambda: self.widget._active is None, 600), "the prediction did not finish")
+        self.assertNotIn("torch", sys.modules, "Slicer's process imported torch")
+        self.assertTrue(ui.deviceStatusLabel.text.startswith("Device: CPU") or "GPU" in ui.deviceStatusLabel.text)
         self.assertIn("Done", ui.statusLabel.text, ui.logTextEdit.toPlainText()[-2000:])
         self.assertIsNotNone(self.widget._controller)
         self.assertGreater(ui.mapComboBox.count, 5)
