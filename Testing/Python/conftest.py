@@ -52,6 +52,8 @@ def sample_case_files(tmp_path_factory):
 def quick_demo(tmp_path_factory):
     """(workdir, DemoResult) of ``calib-uncertainty demo --quick`` run once per session: the demo's
     own tests and the pixel tests of Slicer's views (test_slice_views.py) read it."""
+    pytest.importorskip("torch", reason="the quick demo trains tiny nnU-Net models (torch is not in the "
+                                        "slicer-core wheel venvs)")
     from CalibUncertaintyLib.demo import DemoSettings, run_demo
 
     workdir = tmp_path_factory.mktemp("demo")
