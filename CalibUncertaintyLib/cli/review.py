@@ -21,9 +21,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "review", help="a review sheet (PNG/HTML) with the top error regions for every case of an output folder",
         description="Render the top error regions of every case written by 'maps' or 'predict' into a "
-                    "review sheet: title, region table and axial/sagittal/coronal snapshots through "
-                    "each region's centroid, the CT under the chosen uncertainty map. Needs the "
-                    "slicer-core package (Slicer's MRML library).")
+                    "review sheet: header, legend, region table and axial/sagittal/coronal views through "
+                    "each region's centroid, drawn by Slicer's own slice view (the CT, the chosen "
+                    "uncertainty map, the predicted organs as outlines). Needs the slicer-core package "
+                    "(Slicer's MRML library) and OpenGL (Mesa's EGL without a display); without OpenGL "
+                    "the views say so on a red banner.")
     p.add_argument("--outputs", nargs="+", required=True, type=existing_dir, metavar="DIR",
                    help="an output folder of 'maps'/'predict' (one sub-folder per case), or case folders")
     p.add_argument("--images", type=Path, metavar="DIR_OR_FILE",
@@ -37,8 +39,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--format", dest="formats", nargs="+", choices=SHEET_FORMATS, default=["png"],
                    help="sheet format(s): png (needs matplotlib) and/or html (default png)")
     p.add_argument("--fov-mm", type=positive_mm, default=None, metavar="MM",
-                   help="width of each snapshot in millimetres, centred on the region (default: the whole "
-                        "slice of the volume)")
+                   help="width of each view in millimetres, centred on the region (default: each view "
+                        "fitted to the body, through the region)")
     p.add_argument("--opacity", type=_opacity, default=0.6, metavar="F",
                    help="overlay opacity between 0 and 1 (default 0.6)")
     p.add_argument("--size-px", type=positive_int, default=256, metavar="PX",

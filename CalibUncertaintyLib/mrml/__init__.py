@@ -8,10 +8,15 @@ imported inside functions only, so importing this package needs neither.
 - volumes.py: ``load_volume_file``, ``export_volume_node``, ``geometry_from_volume_node``
   (volume nodes <-> files with exact geometry; also re-exported by nodes.py).
 - case_folder.py: reading/validating a per-case folder (no MRML).
-- colors.py: the project's colour tables and legend text.
-- review.py: ``ReviewController`` (overlay, opacity, threshold, region navigation).
+- colors.py: the project's colour tables and legend text; segment_colours.py: the 48-colour
+  segment palette built against them, Slicer's anatomical colours where a name matches.
+- review.py: ``ReviewController`` (overlay, opacity, threshold, region navigation);
+  overlay_display.py: contours as outlines while an overlay is shown, colour window = shown range.
 - slice_jump.py: ``ensure_slice_views``, ``jump_slices_to_ras``.
-- snapshots.py / review_sheet.py: headless slice rendering, PNG/HTML review sheets.
+- slice_views.py: ``SliceViews``, Slicer's own slice view offscreen (slice logic + segmentation
+  and markups displayable managers) in a private scene (view_mirror.py), OpenGL checked once
+  (offscreen_gl.py), orientation letters and banners (view_marks.py), pixel checks (view_checks.py).
+- snapshots.py / review_sheet.py: pictures of views (PNG), PNG/HTML review sheets.
 - sample_case.py: a per-case folder from synthetic members (self-test and tests).
 - selftest.py: ``run_self_test``, the module self-test body.
 """

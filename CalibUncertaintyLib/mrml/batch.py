@@ -126,7 +126,9 @@ def find_input_image(case_id: str, case_dir, images=None) -> Path | None:
     summary = _summary(case_dir)
     pred = summary.get("prediction")
     files = pred.get("input_files") if isinstance(pred, dict) else None
-    candidates = [summary.get("input_image")] + (list(files[:1]) if isinstance(files, list) else [])
+    ident = summary.get("input_identity")
+    candidates = [summary.get("input_image")] + (list(files[:1]) if isinstance(files, list) else []) + \
+        [ident.get("file") if isinstance(ident, dict) else None]
     for c in candidates:
         if isinstance(c, str) and Path(c).is_file():
             return Path(c)
@@ -160,11 +162,12 @@ def _check_options(top_n: int, formats) -> tuple[str, ...]:
 def review_case(scene, case_dir, out_dir, images=None, top_n: int = 3, map_name: str | None = None,
                 formats=("png",), opacity: float | None = None, size_px: int = 256,
                 fov_mm: float | None = None, table_rows: int = 20,
-                allow_identity_mismatch: bool = False) -> CaseReview:
+                allow_identity_mismatch: bool = False, views=None) -> CaseReview:
     """Load one case into ``scene``, write ``<out_dir>/<case>_review.<fmt>`` per format, and
-    remove every node this call added (also when it fails). Raises on failure."""
+    remove every node this call added (also when it fails). Raises on failure. ``views``: an open
+    ``slice_views.SliceViews`` of ``scene`` to draw with (default: one for this case)."""
     from .nodes import load_case_outputs
-    from .review_sheet import write_review_sheet
+    from .review_sheet import write_review_sheets
     from .volumes import load_volume_file, remove_nodes
 
     formats = _check_options(top_n, formats)
@@ -183,11 +186,10 @@ def review_case(scene, case_dir, out_dir, images=None, top_n: int = 3, map_name:
         try:
             layer = _resolve_layer(case_nodes, map_name)
             result.n_regions = len(case_nodes.regions)
-            for fmt in formats:
-                path = Path(out_dir) / f"{case_id}_review.{fmt}"
-                result.sheets.append(write_review_sheet(scene, case_nodes, path, top_n=top_n, layer=layer,
-                                                        opacity=opacity, size_px=size_px, fov_mm=fov_mm,
-                                                        max_table_rows=table_rows))
+            paths = [Path(out_dir) / f"{case_id}_review.{fmt}" for fmt in formats]
+            result.sheets += write_review_sheets(scene, case_nodes, paths, top_n=top_n, layer=layer, opacity=opacity,
+                                                 size_px=size_px, fov_mm=fov_mm, max_table_rows=table_rows,
+                                                 views=views)
         finally:
             case_nodes.remove_from_scene(scene)
     finally:
@@ -211,7 +213,7 @@ def review_folder(scene, case_dirs_or_out_dir, images=None, out_dir=None, top_n:
     regions shown per case (the table lists all, up to 20). ``map_name``: the overlay (a map
     name such as "dae", or "prob_<Class>"); default the map the regions were cut on.
     ``formats``: any of "png" (needs matplotlib) and "html" (needs only VTK). ``fov_mm``: width
-    of each snapshot in millimetres (default: the whole volume). ``table_rows``: rows of the
+    of each view in millimetres, centred on the region (default: each view fitted to the body). ``table_rows``: rows of the
     region table (default 20; a note counts the rest). Every sheet is written
     atomically; each case's nodes are removed from ``scene`` before the next case is loaded.
 
@@ -234,27 +236,38 @@ def review_folder(scene, case_dirs_or_out_dir, images=None, out_dir=None, top_n:
     written: list[Path] = []
     failed: list[CaseReview] = []
     n = len(case_dirs)
-    for i, case_dir in enumerate(case_dirs):
-        emit_progress("review", i / n, case=case_dir.name)
-        try:
-            res = review_case(scene, case_dir, out_dir, images, top_n, map_name, formats, opacity, size_px,
-                              fov_mm, table_rows, allow_identity_mismatch)
-        except CalibUncertaintyError as e:
-            if not keep_going:
-                raise
-            res = CaseReview(case_id=case_dir.name, case_dir=case_dir, error=str(e))
-            failed.append(res)
-            log.warning("case %s skipped: %s", case_dir.name, e)
-        else:
-            written += res.sheets
-            log.info("case %s: %d region(s), sheet(s) %s", res.case_id, res.n_regions,
-                     ", ".join(p.name for p in res.sheets))
-        if results is not None:
-            results.append(res)
+    from .slice_views import SliceViews
+
+    with SliceViews(scene, (size_px, size_px)) as views:      # one offscreen view for every case
+        for i, case_dir in enumerate(case_dirs):
+            emit_progress("review", i / n, case=case_dir.name)
+            res = _review_one(scene, case_dir, out_dir, images, top_n, map_name, formats, opacity, size_px,
+                              fov_mm, table_rows, allow_identity_mismatch, views, keep_going)
+            if res.ok:
+                written += res.sheets
+            else:
+                failed.append(res)
+            if results is not None:
+                results.append(res)
     emit_progress("done", 1.0)
     if failed and not written:
         raise InputError("no review sheet written; " + "; ".join(f"{r.case_id}: {r.error}" for r in failed))
     return written
+
+
+def _review_one(scene, case_dir, out_dir, images, top_n, map_name, formats, opacity, size_px, fov_mm, table_rows,
+                allow_identity_mismatch, views, keep_going) -> CaseReview:
+    """review_case for one folder of review_folder; a project error is returned (keep_going) or raised."""
+    try:
+        res = review_case(scene, case_dir, out_dir, images, top_n, map_name, formats, opacity, size_px,
+                          fov_mm, table_rows, allow_identity_mismatch, views)
+    except CalibUncertaintyError as e:
+        if not keep_going:
+            raise
+        log.warning("case %s skipped: %s", case_dir.name, e)
+        return CaseReview(case_id=case_dir.name, case_dir=case_dir, error=str(e))
+    log.info("case %s: %d region(s), sheet(s) %s", res.case_id, res.n_regions, ", ".join(p.name for p in res.sheets))
+    return res
 
 
 # --- predict, then review -----------------------------------------------------------------------

@@ -321,6 +321,7 @@ class CaseLoader:
         from .margins import add_organ_margins, new_margins_node
         from .nodes import (ROLE_ATTRIBUTE, CaseNodes, _markups_node, _place_in_hierarchy, _table_node)
         from .segments import add_mask_segment, set_reference_geometry
+        from .overlay_display import overlay_window
         from .volumes import display_ct, display_overlay
 
         scene = self.scene
@@ -342,20 +343,22 @@ class CaseLoader:
         segmentation = seg_node.GetSegmentation()
         for label in boxes.labels():
             box = boxes.box(label)
-            add_mask_segment(segmentation, class_names.get(label, f"Class_{label}"), seg[box] == label, box, geometry,
-                             colour=colors.class_colour(label))
+            name = class_names.get(label, f"Class_{label}")
+            add_mask_segment(segmentation, name, seg[box] == label, box, geometry,
+                             colour=colors.class_colour(label, name, scene))
             self._advance(1, "adding the organs")
             yield
         for name, node in maps.items():
             node.SetAttribute(ROLE_ATTRIBUTE, f"map_{name}")
             scene.AddNode(node)
-            display_overlay(scene, node, colors.UNCERTAINTY, ranges[name], *shown[name])
+            display_overlay(scene, node, colors.UNCERTAINTY, overlay_window(*shown[name], ranges[name][1]), *shown[name])
             self._advance(1, "adding the maps")
             yield
         for cls, node in prob_nodes.items():
             node.SetAttribute(ROLE_ATTRIBUTE, f"prob_{cls}")
             scene.AddNode(node)
-            display_overlay(scene, node, colors.PROBABILITY, (0.0, 1.0), *shown[f"prob_{cls}"])
+            display_overlay(scene, node, colors.PROBABILITY, overlay_window(*shown[f"prob_{cls}"], 1.0),
+                            *shown[f"prob_{cls}"])
             yield
         markups = _markups_node(scene, regions, f"{prefix} regions")
         table = _table_node(scene, regions, f"{prefix} region table")

@@ -41,12 +41,6 @@ TABLES = {
 N_COLOURS = 256
 ATTRIBUTE = "CalibU.ColorTable"
 
-# Okabe & Ito's colour-blind-safe qualitative palette (RGB 0-255), for segments of classes 1, 2, ...
-CLASS_COLOURS = (
-    (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66),
-    (0, 114, 178), (213, 94, 0), (204, 121, 167), (153, 153, 153),
-)
-
 # What each map means (METHODS.md section 1 and the DAE/EBCU definitions), for the legend.
 MAP_MEANINGS = {
     "confidence": ("max_c p̄_c of the calibrated probability; high = certain (the only map where "
@@ -68,17 +62,30 @@ MAP_MEANINGS = {
 
 @dataclass(frozen=True)
 class LegendEntry:
-    """What the widget's colour legend shows for one overlay."""
+    """What the colour legend of one overlay says: ``range`` is the colour window (darkest to
+    brightest colour of ``colour_table``), ``shown`` the threshold range drawn (None: all)."""
 
     title: str
     colour_table: str
     range: tuple[float, float]
     meaning: str
     units: str
+    shown: tuple[float, float] | None = None
+
+    def shown_text(self) -> str:
+        """Where the overlay is drawn, in words."""
+        if self.shown is None:
+            return "drawn everywhere"
+        lo, hi = self.shown
+        text = f"drawn where {lo:.3g} ≤ value ≤ {hi:.3g}"
+        if hi > self.range[1] * (1 + 1e-6) + 1e-12:
+            text += f" (≥ {self.range[1]:.3g}: brightest colour)"
+        return text
 
     def text(self) -> str:
         lo, hi = self.range
-        return f"{self.title}: {lo:.3g} – {hi:.3g} {self.units} ({self.colour_table}). {self.meaning}"
+        return (f"{self.title}: colours {lo:.3g} – {hi:.3g} {self.units} ({self.colour_table}, brighter = higher), "
+                f"{self.shown_text()}. {self.meaning}")
 
 
 # --- table values -------------------------------------------------------------------------
@@ -149,10 +156,12 @@ def table_rgba(key: str) -> np.ndarray:
     return read_colour_table_file(RESOURCES / TABLES[key][1])
 
 
-def class_colour(label: int) -> tuple[float, float, float]:
-    """Segment colour (0-1 RGB) for class label >= 1, cycling through CLASS_COLOURS."""
-    r, g, b = CLASS_COLOURS[(int(label) - 1) % len(CLASS_COLOURS)]
-    return (r / 255.0, g / 255.0, b / 255.0)
+def class_colour(label: int, name: str | None = None, scene=None) -> tuple[float, float, float]:
+    """Segment colour (0-1 RGB) for class label >= 1 (segment_colours.segment_colour: Slicer's
+    anatomical colour where the scene has one for ``name``, else the 48-colour palette)."""
+    from .segment_colours import segment_colour
+
+    return segment_colour(label, name, scene)
 
 
 # --- MRML ----------------------------------------------------------------------------------
@@ -200,12 +209,14 @@ def colour_table_id(scene, key: str) -> str:
     return ensure_colour_tables(scene)[key].GetID()
 
 
-def legend_for(layer: str, value_range: tuple[float, float]) -> LegendEntry:
-    """Legend entry for a layer name: a MAP_NAMES entry or ``prob_<Class>``."""
+def legend_for(layer: str, value_range: tuple[float, float], shown: tuple[float, float] | None = None) -> LegendEntry:
+    """Legend entry for a layer name (a MAP_NAMES entry or ``prob_<Class>``) drawn with colour
+    window ``value_range`` where ``shown`` (threshold lo, hi; None = everywhere)."""
     lo, hi = float(value_range[0]), float(value_range[1])
+    shown = None if shown is None else (float(shown[0]), float(shown[1]))
     if layer.startswith("prob_"):
         cls = layer[len("prob_"):]
         return LegendEntry(f"P({cls})", TABLES[PROBABILITY][0], (lo, hi),
-                           f"calibrated probability of {cls} (softmax(log p̄ / T))", "probability")
+                           f"calibrated probability of {cls}", "probability", shown)
     meaning, units = MAP_MEANINGS.get(layer, (f"uncertainty map {layer}", ""))
-    return LegendEntry(layer, TABLES[UNCERTAINTY][0], (lo, hi), meaning, units)
+    return LegendEntry(layer, TABLES[UNCERTAINTY][0], (lo, hi), meaning, units, shown)

@@ -98,7 +98,7 @@ def add_organ_margins(node, organ: str, class_index: int, box, masks: dict, geom
 
     segmentation = node.GetSegmentation()
     display = node.GetDisplayNode()
-    base = np.asarray(colors.class_colour(class_index), dtype=float)
+    base = np.asarray(colors.class_colour(class_index, organ, node.GetScene()), dtype=float)
     for part, _level, factor in SEGMENTS:
         seg_id = add_mask_segment(segmentation, f"{organ} {part}", masks.get(part), box, geometry,
                                   colour=np.clip(base * factor, 0, 1))

@@ -7,12 +7,13 @@ helpers (``load_volume_file``, ``export_volume_node``, ...) are re-exported here
 
 Display (see colors.py for the tables):
 
-- ``prob_<Class>``: "CalibU Probability", window 0-1, shown only where p ≥ PROB_DISPLAY_THRESHOLD
+- ``prob_<Class>``: "CalibU Probability", window 0.1-1, shown only where p ≥ PROB_DISPLAY_THRESHOLD
   (0.1: the soft margin where the class still gets ≥ 10 %); below it transparent. By default a
   class's probability volume becomes a node only when it is first shown
   (:meth:`CaseNodes.layer_node`): a 40-class case adds its maps, one segmentation and no
   probability volume until one is asked for.
-- ``map_<name>``: "CalibU Uncertainty", window 0 to the robust max (:func:`robust_max`), shown only
+- ``map_<name>``: "CalibU Uncertainty", window from the shown range's lower end to the robust max
+  (:func:`colour_window`, overlay_display.overlay_window: the colours span what is shown), shown only
   at or above the map's default threshold (at or below it for maps flagged where low, i.e.
   confidence): τ* from the case folder (regions.json / summary.json,
   METHODS.md section 4) or, when the folder gives none, the 0.95 quantile of the map's
@@ -30,6 +31,7 @@ import numpy as np
 from ..errors import GeometryMismatchError, InputError
 from ..io.geometry import Geometry
 from . import colors
+from .overlay_display import overlay_window
 from .case_folder import CaseData, Region, threshold_for_map
 from .volumes import (display_ct, display_overlay, export_volume_node,  # noqa: F401 (re-exported)
                       geometry_from_volume_node, ijk_to_ras_of, load_volume_file, new_volume_node,
@@ -154,11 +156,14 @@ def _check_input_geometry(input_volume_node, geometry: Geometry) -> None:
 
 
 def _input_from_summary(data: CaseData) -> Path | None:
-    """The input image recorded in summary.json (``input_image``, or the first of
-    ``prediction.input_files`` as ``predict`` writes it), when that file still exists."""
+    """The input image recorded in summary.json (``input_image``, the first of
+    ``prediction.input_files`` as ``predict`` writes it, or ``input_identity.file``), when that
+    file still exists."""
     pred = data.summary.get("prediction")
     files = pred.get("input_files") if isinstance(pred, dict) else None
-    candidates = [data.summary.get("input_image")] + (list(files[:1]) if isinstance(files, list) else [])
+    ident = data.summary.get("input_identity")
+    candidates = [data.summary.get("input_image")] + (list(files[:1]) if isinstance(files, list) else []) + \
+        [ident.get("file") if isinstance(ident, dict) else None]
     for v in candidates:
         if isinstance(v, str) and Path(v).is_file():
             return Path(v)
@@ -303,7 +308,7 @@ def _add_probability_node(scene, array, geometry: Geometry, prefix: str, cls: st
     node = new_volume_node(array, geometry, f"{prefix} P({cls})")
     node.SetAttribute(ROLE_ATTRIBUTE, f"prob_{cls}")
     scene.AddNode(node)
-    display_overlay(scene, node, colors.PROBABILITY, (0.0, 1.0), *shown)
+    display_overlay(scene, node, colors.PROBABILITY, overlay_window(*shown, 1.0), *shown)
     return node
 
 

@@ -33,6 +33,7 @@ from ..errors import InputError
 from .case_folder import Region
 from .case_record import load_review_state, restore_case_nodes, save_review_state
 from .nodes import show_current_region
+from .overlay_display import apply_overlay_range, legend as overlay_legend, show_contours_only, show_filled
 from .slice_jump import (DEFAULT_SLICE_NODE_IDS, composite_node_for, ensure_slice_views,
                          jump_view_group_to_ras, view_group_slice_nodes)
 
@@ -139,6 +140,7 @@ class ReviewController:
                 del self.case.probabilities[name[len("prob_"):]]
         if self.current_map in gone and self.current_map not in self.map_names():
             self.current_map = None
+            show_filled(self.case)              # no overlay any more: Slicer's default fill again
         if gone:
             self._save_state()
         return gone
@@ -170,11 +172,14 @@ class ReviewController:
 
     def set_foreground_map(self, name: str) -> None:
         """Show layer ``name`` as the foreground of every managed view, at the current opacity,
-        with its threshold (the last one set for it, else its default)."""
+        with its threshold (the last one set for it, else its default). The case segmentation
+        and the margins are shown as outlines from now on (overlay_display.py: a fill would be
+        drawn over the overlay and hide it)."""
         node = self.layer_node(name)
         for comp in self.composite_nodes:
             comp.SetForegroundVolumeID(node.GetID())
             comp.SetForegroundOpacity(self.opacity)
+        show_contours_only(self.case)
         self.current_map = name
         lo, hi = self._thresholds.get(name, self.case.default_shown[name])
         self._apply_threshold(name, lo, hi)
@@ -199,10 +204,10 @@ class ReviewController:
         return float(slicer.util.arrayFromVolume(node).max())
 
     def _apply_threshold(self, name: str, lo: float, hi: float) -> None:
-        disp = self.layer_node(name).GetDisplayNode()
-        disp.AutoThresholdOff()
-        disp.SetApplyThreshold(1)
-        disp.SetThreshold(lo, hi)
+        """Threshold and colour window together (overlay_display.apply_overlay_range): the colours
+        span what is shown."""
+        top = self.case.value_ranges.get(name, (lo, hi))[1]
+        apply_overlay_range(self.layer_node(name), lo, hi, top)
         self._thresholds[name] = (lo, hi)
 
     def set_threshold(self, lo: float, hi: float | None = None) -> None:
@@ -253,7 +258,8 @@ class ReviewController:
         return str(self.case.default_thresholds[name][1])
 
     def value_range(self, name: str) -> tuple[float, float]:
-        """Colour window of the layer (0 to its robust max; 0-1 for probabilities)."""
+        """Range of values the layer's threshold moves in (0 to its robust max; 0-1 for
+        probabilities). The colour window Slicer draws with is the legend's range (:meth:`legend`)."""
         self._known(name)
         return tuple(self.case.value_ranges[name])
 
@@ -265,12 +271,13 @@ class ReviewController:
         return slider_steps(min(lo, t[0]), max(hi, t[1]))
 
     def legend(self, name: str | None = None):
-        from .colors import legend_for
-
+        """The legend of a layer as Slicer draws it now: its display node's colour window and
+        threshold (overlay_display.legend)."""
         name = name or self.current_map
         if name is None:
             raise InputError("no overlay shown, so there is no legend")
-        return legend_for(name, self.value_range(name))
+        self._known(name)
+        return overlay_legend(name, self.layer_node(name))
 
     # --- regions -----------------------------------------------------------------------
     def regions(self) -> list[Region]:

@@ -14,9 +14,12 @@ with a clear message at the first thing that is wrong:
 4. a threshold change must reach the display node (ApplyThreshold, lower, upper);
 5. the region table must have one row per region;
 6. next_region must move Red, Yellow and Green so the region's jump point lies in all three planes;
-7. a rendered slice must show overlay colour at a voxel of the region, and exactly the CT
-   background once the threshold hides every voxel; the review sheet is written (a plainer PNG
-   when matplotlib is missing, as in a fresh Slicer: the self-test needs only what Slicer ships).
+7. Slicer's own slice view (``slice_views.py``: slice logic + segmentation displayable manager,
+   offscreen, in a private scene) with the case segmentation shown as the module shows it must
+   show the overlay's own colour at a shown voxel of the region, and exactly the picture without
+   overlay once the threshold hides every voxel; the review sheet is written (a plainer PNG when
+   matplotlib is missing, as in a fresh Slicer: the self-test needs only what Slicer ships).
+   Without OpenGL the segmentation cannot be drawn: logged, and the overlay checked alone.
 """
 
 from __future__ import annotations
@@ -32,12 +35,6 @@ from ..io.images import read_image, write_image
 def _check(cond, message: str) -> None:
     if not cond:
         raise AssertionError(f"CalibUncertainty self-test: {message}")
-
-
-def _is_overlay_colour(rgb_pixel, tol: int = 12) -> bool:
-    """Grey CT pixels have R = G = B; the overlay tables have none of those (clearly coloured)."""
-    p = np.asarray(rgb_pixel, int)
-    return int(p.max() - p.min()) > tol
 
 
 def _outputs(workdir: Path, model_dir, ct_path, log) -> tuple[Path, Path]:
@@ -86,7 +83,9 @@ def run_self_test(scene, workdir, model_dir=None, ct_path=None, log=print) -> di
     from .review import ReviewController
     from .review_sheet import NO_MATPLOTLIB_MESSAGE, matplotlib_available, write_review_sheet
     from .slice_jump import distance_to_plane_mm
-    from .snapshots import render_slice
+    from .slice_views import SliceViews
+    from .snapshots import case_segmentations
+    from .view_checks import flagged_voxel, overlay_pixel_check
 
     t0 = time.perf_counter()
     workdir = Path(workdir)
@@ -139,26 +138,29 @@ def run_self_test(scene, workdir, model_dir=None, ct_path=None, log=print) -> di
         d = distance_to_plane_mm(sn, region.jump_ras)
         _check(abs(d) < 1e-3, f"{sn.GetName()} is {d:.3f} mm from region R{region.rank}'s jump point after next_region")
 
-    # a voxel of the region that the current threshold shows: the shown voxel in the region's
-    # bounding box nearest its centroid (regions need not be convex, the centroid may be outside)
+    # through Slicer's own slice view (slice logic + displayable managers, offscreen), with the
+    # case segmentation and margins displayed as the module displays them while an overlay is
+    # shown: the overlay's own colour at a shown voxel of the region (no fill drawn over it)
     lo, hi = ctl.threshold
     values = volume_array(case.maps[layer])
-    zmin, zmax = np.asarray(region.raw["bbox_zyx_min"], int), np.asarray(region.raw["bbox_zyx_max"], int)
-    box = tuple(slice(a, b + 1) for a, b in zip(zmin, zmax))
-    inside = np.argwhere((values[box] >= lo) & (values[box] <= hi)) + zmin
-    _check(len(inside) > 0, f"region R{region.rank} has no voxel inside the shown threshold range")
-    zyx = inside[np.argmin(((inside - np.asarray(region.raw["centroid_zyx"])) ** 2).sum(axis=1))]
+    zyx = flagged_voxel(values, region, lo, hi)
+    _check(zyx is not None, f"region R{region.rank} has no voxel inside the shown threshold range")
     ras = tuple(case.geometry.zyx_to_ras(zyx))
-    shown = render_slice(scene, ras, "Axial", ct_node.GetID(), case.maps[layer].GetID(), 1.0)
-    row, col = shown.pixel_of(ras)
-    _check(_is_overlay_colour(shown.rgb[row, col]),
-           f"no overlay colour inside region R{region.rank} (pixel {shown.rgb[row, col].tolist()})")
-    background = render_slice(scene, ras, "Axial", ct_node.GetID(), None, 1.0)
-    top = float(values.max())
-    ctl.set_threshold(top + 1.0, top + 2.0)
-    hidden = render_slice(scene, ras, "Axial", ct_node.GetID(), case.maps[layer].GetID(), 1.0)
-    _check(np.array_equal(hidden.rgb, background.rgb),
-           "overlay still visible after the threshold hid every voxel")
+    fov = 24.0 * float(min(case.geometry.spacing))      # about 10 pixels per voxel: a voxel, not its edge
+    segs = case_segmentations(case)
+    with SliceViews(scene) as views:
+        if views.window is None:
+            log(f"WARNING: {views.gl.reason}; segmentations cannot be drawn, the overlay is checked without them")
+        shown = views.render(ras, "Axial", ct_node, case.maps[layer], 1.0, (240, 240), fov, segs)
+        check = overlay_pixel_check(shown, ras, case.maps[layer], float(values[zyx]))
+        _check(check.ok, f"the overlay is not visible inside region R{region.rank} with the segmentation shown: "
+                         f"{check.message()}")
+        background = views.render(ras, "Axial", ct_node, None, 1.0, (240, 240), fov, segs)
+        top = float(values.max())
+        ctl.set_threshold(top + 1.0, top + 2.0)
+        hidden = views.render(ras, "Axial", ct_node, case.maps[layer], 1.0, (240, 240), fov, segs)
+        _check(np.array_equal(hidden.rgb, background.rgb),
+               "overlay still visible after the threshold hid every voxel")
     ctl.set_threshold(lo, hi)
 
     if not matplotlib_available():

@@ -1,18 +1,20 @@
-"""Render slices (CT background + coloured overlay) to RGB arrays and PNG files, headless.
+"""Pictures of slice views as RGB arrays and PNG files, drawn by Slicer's own slice view.
 
-Rendering uses Slicer's own reslicing and compositing (``vtkMRMLSliceLogic``), so a snapshot
-shows exactly what a slice view shows: the background volume through its window/level, the
-foreground layer through its colour table, threshold (voxels outside it transparent) and the
-composite node's foreground opacity. No render window or GPU is needed. Pixels outside the
-volume (transparent in the blend) are black, as on a slice view's background.
+Every picture comes from ``slice_views.SliceViews``: Slicer's ``vtkMRMLSliceLogic`` reslices and
+blends the volume layers (background through its window/level, foreground through its colour
+table, threshold and opacity) and Slicer's slice displayable managers draw the segmentations and
+markups given, as their display nodes say, offscreen. Nothing is added to the caller's scene
+(the view lives in a private scene). Where OpenGL is missing, the volume layers are still drawn
+by the slice logic, under a red banner saying what is missing (``Snapshot.fallback``).
 
-Each render uses a temporary slice node and composite node (view "CalibUSnapshot", its own view
-group so slice linking ignores it) and removes every node it created afterwards, so the user's
-views and the scene's node count are unchanged.
+:func:`render_slice` draws one plane through a point; :func:`render_view` what an existing view
+shows (its plane, field of view, layers, and every segmentation and markups node visible in it);
+both accept ``views=`` (an open ``SliceViews``) to draw many pictures with one view.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,20 +22,23 @@ import numpy as np
 
 from ..errors import InputError
 from ..io.atomic import atomic_path
+from .slice_views import ORIENTATIONS, SliceViews  # noqa: F401 (ORIENTATIONS re-exported)
 
 SNAPSHOT_VIEW = "CalibUSnapshot"
-ORIENTATIONS = ("Axial", "Sagittal", "Coronal")
 
 
 @dataclass
 class Snapshot:
-    """One rendered slice. ``rgb`` (H, W, 3) uint8 with row 0 at the top; ``xy_to_ras`` maps
-    view pixel (x, y from the bottom-left, 0, 1) to RAS mm."""
+    """One rendered view. ``rgb`` (H, W, 3) uint8 with row 0 at the top; ``xy_to_ras`` maps
+    view pixel (x, y from the bottom-left, 0, 1) to RAS mm; ``renderer`` says what drew it;
+    ``fallback`` is the banner text when segmentations and markups could not be drawn."""
 
     rgb: np.ndarray
     xy_to_ras: np.ndarray
     orientation: str
     centre_ras: tuple[float, float, float]
+    renderer: str = ""
+    fallback: str | None = None
 
     def pixel_of(self, ras) -> tuple[int, int]:
         """(row, col) of the pixel showing a RAS point that lies in the plane (row 0 = top)."""
@@ -42,132 +47,78 @@ class Snapshot:
         return int(round(h - 1 - xy[1])), int(round(xy[0]))
 
 
-def _matrix(vm) -> np.ndarray:
-    return np.array([[vm.GetElement(r, c) for c in range(4)] for r in range(4)])
+@contextlib.contextmanager
+def _views(scene, views):
+    if views is not None:
+        yield views
+        return
+    with SliceViews(scene) as own:
+        yield own
 
 
-def _node_ids(scene) -> set:
-    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+def _node(scene, node_or_id, what: str = "volume"):
+    if node_or_id is None:
+        return None
+    node = scene.GetNodeByID(node_or_id) if isinstance(node_or_id, str) else node_or_id
+    if node is None:
+        raise InputError(f"no {what} node {node_or_id!r} in the scene")
+    return node
 
 
-def _grab(logic) -> np.ndarray:
-    from vtk.util import numpy_support
+def render_slice(scene, ras, orientation: str = "Axial", background_id=None, foreground_id=None,
+                 opacity: float = 0.6, size_px=(256, 256), fov_mm=None, segmentations=(), markups=(),
+                 views=None, centre_ras=None) -> Snapshot:
+    """Draw the ``orientation`` plane through RAS point ``ras`` (mm), centred on it (or on
+    ``centre_ras``), ``fov_mm`` wide (None fits the background volume).
 
-    producer = logic.GetImageDataConnection().GetProducer()
-    producer.Update()
-    image = producer.GetOutputDataObject(0)
-    w, h, _ = image.GetDimensions()
-    a = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, -1)
-    rgb = np.array(a[::-1, :, :3])
-    if a.shape[2] == 4:
-        # outside the volume the blend is transparent (alpha 0) over an arbitrary grey; a slice
-        # view shows its black background there, so the snapshot does too
-        rgb[a[::-1, :, 3] == 0] = 0
-    return np.ascontiguousarray(rgb)
-
-
-def render_slice(scene, ras, orientation: str = "Axial", background_id: str | None = None,
-                 foreground_id: str | None = None, opacity: float = 0.6, size_px=(256, 256),
-                 fov_mm: float | None = None) -> Snapshot:
-    """Render the ``orientation`` plane through RAS point ``ras`` (mm), centred on it.
-
-    ``fov_mm``: width of the view in mm (height follows the pixel aspect); None fits the
-    background volume. Layers are given by node ID; the foreground is drawn with its display
-    node's colour table and threshold at ``opacity``.
+    Volume layers are given as nodes or node IDs; the foreground is drawn through its display
+    node (colour table, window, threshold) at ``opacity``. ``segmentations`` and ``markups``
+    (nodes) are drawn by Slicer's displayable managers as their display nodes say.
     """
-    import slicer
-
-    from .slice_jump import _ensure_orientation_presets
-
     if orientation not in ORIENTATIONS:
         raise InputError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
-    w, h = int(size_px[0]), int(size_px[1])
-    if w < 8 or h < 8:
-        raise InputError(f"snapshot size must be at least 8x8 pixels, got {size_px}")
-    if not 0.0 <= float(opacity) <= 1.0:
-        raise InputError(f"opacity must be between 0 and 1, got {opacity}")
-    for nid in (background_id, foreground_id):
-        if nid is not None and scene.GetNodeByID(nid) is None:
-            raise InputError(f"no volume node {nid!r} in the scene")
-    before = _node_ids(scene)
-    logic = None
-    try:
-        _ensure_orientation_presets(scene)
-        sn = scene.CreateNodeByClass("vtkMRMLSliceNode")
-        sn.SetName(SNAPSHOT_VIEW)
-        sn.SetLayoutName(SNAPSHOT_VIEW)
-        sn.SetSingletonTag(SNAPSHOT_VIEW)
-        sn.SetViewGroup(9999)
-        sn.SetOrientation(orientation)
-        sn.SetDimensions(w, h, 1)
-        created, sn = sn, scene.AddNode(sn)
-        created.UnRegister(None)  # CreateNodeByClass's reference: the scene holds its own now
-        cn = slicer.vtkMRMLSliceCompositeNode()
-        cn.SetLayoutName(SNAPSHOT_VIEW)
-        cn.SetSingletonTag(SNAPSHOT_VIEW)
-        cn = scene.AddNode(cn)
-        cn.SetBackgroundVolumeID(background_id)
-        cn.SetForegroundVolumeID(foreground_id)
-        cn.SetForegroundOpacity(float(opacity))
-        logic = slicer.vtkMRMLSliceLogic()
-        logic.SetMRMLScene(scene)
-        logic.SetSliceNode(sn)
-        if fov_mm is None:
-            logic.FitSliceToAll()
-        else:
-            sn.SetFieldOfView(float(fov_mm), float(fov_mm) * h / w, sn.GetFieldOfView()[2])
-        sn.JumpSliceByCentering(*[float(v) for v in ras])
-        rgb = _grab(logic)
-        xy = _matrix(sn.GetXYToRAS())
-    finally:
-        _clean_up(scene, logic, before)
-    return Snapshot(rgb, xy, orientation, tuple(float(v) for v in ras))
+    bg, fg = _node(scene, background_id), _node(scene, foreground_id)
+    with _views(scene, views) as v:
+        return v.render(ras, orientation, bg, fg, opacity, size_px, fov_mm, segmentations, markups,
+                        centre_ras=centre_ras)
 
 
-def render_view(scene, slice_node_id: str, size_px=None) -> Snapshot:
-    """Render what an existing view shows (its plane, field of view and layers) without touching it."""
-    import slicer
+def _visible_in_view(node, view_id: str) -> bool:
+    disp = node.GetDisplayNode()
+    if disp is None or not disp.GetVisibility():
+        return False
+    if hasattr(disp, "GetVisibility2D") and not disp.GetVisibility2D():
+        return False
+    return bool(disp.IsDisplayableInView(view_id))
 
+
+def nodes_shown_in_view(scene, slice_node) -> tuple[list, list]:
+    """(segmentation nodes, markups nodes) of ``scene`` that Slicer draws in that slice view."""
+    out = {"vtkMRMLSegmentationNode": [], "vtkMRMLMarkupsNode": []}
+    for cls, found in out.items():
+        nodes = scene.GetNodesByClass(cls)
+        for i in range(nodes.GetNumberOfItems()):
+            node = nodes.GetItemAsObject(i)
+            if _visible_in_view(node, slice_node.GetID()):
+                found.append(node)
+    return out["vtkMRMLSegmentationNode"], out["vtkMRMLMarkupsNode"]
+
+
+def render_view(scene, slice_node_id: str, size_px=None, views=None) -> Snapshot:
+    """Draw what an existing view shows: its plane and centre, its mm per pixel, its composite
+    node's layers and opacity, every segmentation and markups node visible in it. The view's
+    nodes are only read."""
     from .slice_jump import composite_node_for
 
     sn = scene.GetNodeByID(slice_node_id)
     if sn is None:
         raise InputError(f"no slice node {slice_node_id!r} in the scene")
     comp = composite_node_for(scene, sn)
-    dims = sn.GetDimensions()
-    w, h = (int(size_px[0]), int(size_px[1])) if size_px else (dims[0], dims[1])
-    before = _node_ids(scene)
-    logic = None
-    try:
-        tmp = scene.CreateNodeByClass("vtkMRMLSliceNode")
-        tmp.SetName(SNAPSHOT_VIEW)
-        tmp.SetLayoutName(SNAPSHOT_VIEW)
-        tmp.SetSingletonTag(SNAPSHOT_VIEW)
-        tmp.SetViewGroup(9999)
-        tmp.SetDimensions(w, h, 1)
-        created, tmp = tmp, scene.AddNode(tmp)
-        created.UnRegister(None)  # CreateNodeByClass's reference: the scene holds its own now
-        tmp.GetSliceToRAS().DeepCopy(sn.GetSliceToRAS())
-        fov = sn.GetFieldOfView()
-        tmp.SetFieldOfView(fov[0], fov[0] * h / w, fov[2])
-        tmp.UpdateMatrices()
-        cn = slicer.vtkMRMLSliceCompositeNode()
-        cn.SetLayoutName(SNAPSHOT_VIEW)
-        cn.SetSingletonTag(SNAPSHOT_VIEW)
-        cn = scene.AddNode(cn)
-        cn.SetBackgroundVolumeID(comp.GetBackgroundVolumeID())
-        cn.SetForegroundVolumeID(comp.GetForegroundVolumeID())
-        cn.SetForegroundOpacity(comp.GetForegroundOpacity())
-        logic = slicer.vtkMRMLSliceLogic()
-        logic.SetMRMLScene(scene)
-        logic.SetSliceNode(tmp)
-        rgb = _grab(logic)
-        xy = _matrix(tmp.GetXYToRAS())
-        centre = tuple(_matrix(tmp.GetSliceToRAS())[:3, 3])
-        orientation = sn.GetOrientation()
-    finally:
-        _clean_up(scene, logic, before)
-    return Snapshot(rgb, xy, orientation, centre)
+    segs, points = nodes_shown_in_view(scene, sn)
+    bg, fg = _node(scene, comp.GetBackgroundVolumeID()), _node(scene, comp.GetForegroundVolumeID())
+    with _views(scene, views) as v:
+        return v.render(None, sn.GetOrientation(), bg, fg, comp.GetForegroundOpacity(), size_px,
+                        segmentations=segs, markups=points, slice_node=sn)
 
 
 def encode_png(rgb: np.ndarray) -> bytes:
@@ -200,24 +151,25 @@ def write_png(path, rgb: np.ndarray) -> Path:
 
 
 def region_snapshots(scene, case_nodes, region_index: int, layer: str, opacity: float = 0.6,
-                     size_px=(256, 256), fov_mm: float | None = None) -> list[Snapshot]:
-    """Axial, sagittal and coronal snapshots through a region's RAS centroid with ``layer`` as
-    the overlay (its current display threshold and colour table)."""
+                     size_px=(256, 256), fov_mm=None, views=None) -> list[Snapshot]:
+    """Axial, sagittal and coronal pictures through a region's jump point (RAS) with ``layer`` as the
+    overlay and the case's segmentation, margins and region points drawn as the module shows them."""
     regions = case_nodes.regions
     if not 0 <= region_index < len(regions):
         raise InputError(f"region index {region_index} out of range ({len(regions)} regions)")
     fg = case_nodes.layer_node(scene, layer)      # InputError for an unknown layer
-    bg = case_nodes.input_volume.GetID() if case_nodes.input_volume is not None else None
-    ras = regions[region_index].centroid_ras
-    return [render_slice(scene, ras, o, bg, fg.GetID(), opacity, size_px, fov_mm)
-            for o in ORIENTATIONS]
+    ras = regions[region_index].jump_ras
+    with _views(scene, views) as v:
+        return [render_slice(scene, ras, o, case_nodes.input_volume, fg, opacity, size_px, fov_mm,
+                             case_segmentations(case_nodes), case_markups(case_nodes), views=v)
+                for o in ORIENTATIONS]
 
 
-def _clean_up(scene, logic, before: set) -> None:
-    """Detach the temporary slice logic and remove every node added since ``before`` (node IDs)."""
-    if logic is not None:
-        logic.SetMRMLScene(None)
-    for i in reversed(range(scene.GetNumberOfNodes())):
-        node = scene.GetNthNode(i)
-        if node is not None and node.GetID() not in before:
-            scene.RemoveNode(node)
+def case_segmentations(case_nodes) -> list:
+    """The case's segmentation nodes a view shows: the predicted segmentation, the margins."""
+    return [n for n in (case_nodes.segmentation, case_nodes.margins) if n is not None and n.GetScene() is not None]
+
+
+def case_markups(case_nodes) -> list:
+    node = case_nodes.regions_markups
+    return [node] if node is not None and node.GetScene() is not None else []

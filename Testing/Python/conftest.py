@@ -48,6 +48,18 @@ def sample_case_files(tmp_path_factory):
     return write_image(root / "ct.nii.gz", ct, geo), write_sample_case(root / "out", geo, case_id="sample")
 
 
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """(workdir, DemoResult) of ``calib-uncertainty demo --quick`` run once per session: the demo's
+    own tests and the pixel tests of Slicer's views (test_slice_views.py) read it."""
+    pytest.importorskip("torch", reason="the quick demo trains tiny nnU-Net models (torch is not in the "
+                                        "slicer-core wheel venvs)")
+    from CalibUncertaintyLib.demo import DemoSettings, run_demo
+
+    workdir = tmp_path_factory.mktemp("demo")
+    return workdir, run_demo(workdir, device="cpu", settings=DemoSettings.quick())
+
+
 # Fixtures that build tiny REAL nnU-Net models live in their own modules; import them here so
 # every test file can request them by name.
 from trained_models import *  # noqa: E402,F401,F403  (tiny_prepared_dataset, tiny_trained_model)

@@ -182,3 +182,54 @@ def test_conformal_flags_and_margins(run):
     assert (run["root"] / "eval" / "conformal_miss_vs_alpha.png").stat().st_size > 0
     report = (run["root"] / "eval" / "report.md").read_text()
     assert "flags cover ≥ 70 % of errors in expectation" in report
+
+
+# --- the review as Slicer draws it, on real CT (issue 16) -----------------------------------------
+@pytest.fixture(scope="module")
+def real_review(run):
+    """A held-out real CT case loaded as the module loads it, with one offscreen Slicer slice view."""
+    import slicer
+
+    from CalibUncertaintyLib.mrml.nodes import load_case_outputs, load_volume_file
+    from CalibUncertaintyLib.mrml.review import ReviewController
+    from CalibUncertaintyLib.mrml.slice_views import SliceViews
+
+    case_id = HELD_OUT[2]
+    scene = slicer.vtkMRMLScene()
+    ct = load_volume_file(scene, Path(run["images"]) / f"{case_id}_0000.nii.gz")
+    case = load_case_outputs(scene, run["root"] / "maps" / case_id, ct)
+    with SliceViews(scene) as views:
+        yield views, scene, case, ReviewController(scene, case)
+
+
+def test_real_ct_overlay_and_contours_through_slicers_views(real_review):
+    import view_pixels
+
+    views, _scene, case, ctl = real_review
+    layer = case.regions_doc["map"]
+    assert case.margins is not None and case.regions
+    view_pixels.overlay_visible_inside_an_organ(views, case, ctl, layer)
+    view_pixels.nothing_above_an_out_of_range_threshold(views, case, ctl, layer)
+    view_pixels.every_view_centred_after_next(views, case, ctl)
+    view_pixels.legend_equals_display(case, ctl, layer)
+
+
+def test_real_ct_review_sheet_reads_at_a_glance(real_review):
+    """Views fitted to the body (not the whole slice), Slicer's drawing, a legend equal to what
+    is drawn, a table without sub-voxel or background regions, the calibrator named."""
+    from CalibUncertaintyLib.mrml.review_sheet import sheet_content, voxel_volume_mm3
+
+    views, scene, case, ctl = real_review
+    ctl.set_foreground_map(case.regions_doc["map"])
+    content = sheet_content(scene, case, top_n=1, controller=ctl, views=views)
+    assert content.fallback is None and content.legend.range == ctl.legend().range
+    axial = dict(content.rows[0][1])["Axial"]
+    grey = axial.astype(int)
+    body = (grey.min(axis=2) > 60) & (np.ptp(grey, axis=2) < 12)      # soft tissue / bone, not overlay
+    cols = np.flatnonzero(body.sum(axis=0) > 3)
+    width = (cols.max() - cols.min() + 1) / axial.shape[1]
+    assert 0.7 < width < 0.97, f"the body spans {width:.0%} of the view's width"
+    vmin = voxel_volume_mm3(case.geometry)
+    listed = [r for r in case.regions if f"R{r.rank}" in {row[0] for row in content.table}]
+    assert listed and all(r.volume_mm3 >= vmin - 1e-6 and r.class_index != 0 for r in listed)
+    assert "calibration: temperature scaling, T = " in "\n".join(content.lines)

@@ -12,11 +12,7 @@ from CalibUncertaintyLib.demo import ENSEMBLES, DemoSettings, run_demo
 from CalibUncertaintyLib.errors import InputError
 
 
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("demo")
-    first = run_demo(workdir, device="cpu", settings=DemoSettings.quick())
-    return workdir, first
+# quick_demo: the session fixture in conftest.py (the pixel tests of the views read its outputs too)
 
 
 def test_quick_demo_writes_every_output(quick_demo):

@@ -127,9 +127,7 @@ def test_module_runs_under_slicers_own_scripted_module_code(release_runs, releas
             "self_test" if release == SELF_TEST else "test_class"} <= set(r)
 
 
-@pytest.mark.xfail(strict=True, reason="mrml/snapshots.py renders each slice through a temporary slice node added to "
-                   "the scene it is given (here the application's); the i16-views rewrite on Slicer's displayable "
-                   "managers renders in a scene of its own. Remove this mark when that lands (the test then passes).")
 def test_the_self_test_adds_no_view_node_to_the_application_scene(release_runs):
+    # pictures are drawn by slice_views.SliceViews in a scene of its own (issue 16 item 7)
     r = _result(release_runs, SELF_TEST)
     assert r["self_test"]["view_nodes_added"] == 0, r["self_test"]["views"]

@@ -82,5 +82,48 @@ def test_malformed_table_file_is_a_clear_error(tmp_path):
 def test_legend_entries():
     prob = colors.legend_for("prob_Brainstem", (0, 1))
     assert prob.colour_table == "CalibU Probability" and "Brainstem" in prob.text()
-    ent = colors.legend_for("entropy", (0.0, 0.69))
+    ent = colors.legend_for("entropy", (0.2, 0.69), (0.2, 1.3))
     assert ent.colour_table == "CalibU Uncertainty" and ent.units == "nats" and "0.69" in ent.text()
+    assert "drawn where 0.2 ≤ value ≤ 1.3 (≥ 0.69: brightest colour)" in ent.text()
+
+
+def test_segment_palette_is_what_the_generator_makes_and_stays_apart(tmp_path):
+    from CalibUncertaintyLib.mrml import segment_colours as sc
+
+    fresh = colors.read_colour_table_file(sc.write_palette_file(tmp_path))
+    np.testing.assert_array_equal(fresh, colors.read_colour_table_file(colors.RESOURCES / sc.PALETTE_FILE))
+    pal = sc.palette()
+    assert pal.shape == (sc.N_SEGMENT_COLOURS, 3) and sc.N_SEGMENT_COLOURS >= 40
+    lab = sc.srgb_to_lab(pal)
+    d = sc.delta_e(lab, lab)
+    np.fill_diagonal(d, np.inf)
+    assert d.min() > 19                                   # 48 colours, pairwise clearly different
+    assert sc.delta_e(lab, sc.overlay_lab()).min() >= sc.OVERLAY_MIN_DE   # never an overlay colour
+    assert lab[:, 0].min() >= sc.MIN_LIGHTNESS           # visible over a dark CT
+    assert [sc.palette_colour(k) for k in (1, 49)] == [sc.palette_colour(1)] * 2
+
+
+@pytest.mark.parametrize("name, key", [("LeftParotid", "parotid"), ("parotid_gland_R", "parotid"),
+                                       ("Parotid gland (right)", "parotid"), ("SpinalCord", "spinalcord"),
+                                       ("spinal cord", "spinalcord"), ("Brainstem", "brainstem")])
+def test_structure_names_normalised_for_anatomical_colours(name, key):
+    from CalibUncertaintyLib.mrml.segment_colours import normalise_name
+
+    assert normalise_name(name) == key
+
+
+def test_anatomical_colour_too_close_to_the_overlays_is_not_used():
+    from CalibUncertaintyLib.mrml import segment_colours as sc
+
+    scene = slicer.vtkMRMLScene()
+    table = slicer.vtkMRMLColorTableNode()
+    table.SetName(sc.ANATOMY_TABLE)
+    table.SetTypeToUser()
+    table.SetNumberOfColors(2)
+    inferno_mid = colors.table_rgba(colors.UNCERTAINTY)[128, :3] / 255.0
+    table.SetColor(0, "mandible", *inferno_mid, 1.0)     # an overlay colour: would be confused
+    table.SetColor(1, "brain stem", 0.2, 0.9, 1.0, 1.0)
+    scene.AddNode(table)
+    assert sc.segment_colour(5, "Mandible", scene) == sc.palette_colour(5)
+    assert sc.segment_colour(1, "Brainstem", scene) == pytest.approx((0.2, 0.9, 1.0), abs=0.003)
+    assert sc.segment_colour(1, "Brainstem", None) == sc.palette_colour(1)

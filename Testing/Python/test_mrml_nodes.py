@@ -98,15 +98,19 @@ def test_display_nodes_use_project_tables_windows_and_thresholds(phantom_case):
     for node in loaded:
         d = node.GetDisplayNode()
         assert d.GetColorNodeID() == prob_id
-        assert (d.GetWindowLevelMin(), d.GetWindowLevelMax()) == pytest.approx((0.0, 1.0))
+        # the colours span what is shown (overlay_display.overlay_window): p from 0.1 to 1
+        assert (d.GetWindowLevelMin(), d.GetWindowLevelMax()) == pytest.approx((nodes.PROB_DISPLAY_THRESHOLD, 1.0))
         assert d.GetApplyThreshold() == 1 and d.GetLowerThreshold() == pytest.approx(nodes.PROB_DISPLAY_THRESHOLD)
     regions_doc = json.loads((case_dir / "regions.json").read_text())
     for name, node in case.maps.items():
         d = node.GetDisplayNode()
         arr = slicer.util.arrayFromVolume(node)
         assert d.GetColorNodeID() == unc_id
-        assert d.GetWindowLevelMin() == pytest.approx(0.0)
-        assert d.GetWindowLevelMax() == pytest.approx(case.value_ranges[name][1], rel=1e-5)
+        # colour window = the shown range, its top capped at the robust top (overlay_window)
+        lo, hi = case.default_shown[name]
+        assert d.GetWindowLevelMin() == pytest.approx(lo, rel=1e-5)
+        assert d.GetWindowLevelMax() == pytest.approx(min(hi, case.value_ranges[name][1]), rel=1e-5) \
+            or d.GetWindowLevelMax() == pytest.approx(hi, rel=1e-5)
         assert d.GetWindowLevelMax() <= arr.max() + 1e-6
         assert d.GetApplyThreshold() == 1
         assert (d.GetLowerThreshold(), d.GetUpperThreshold()) == pytest.approx(case.default_shown[name], rel=1e-5)
@@ -298,3 +302,78 @@ def test_real_openkbp_ct_geometry(openkbp_dir, tmp_path):
                  for i in range(case.segmentation.GetSegmentation().GetNumberOfSegments())}
     assert seg_names <= set(names[1:]) and "Mandible" in seg_names
     assert all(r.class_name in names for r in case.regions) and case.regions
+
+
+def test_case_segmentation_saves_without_error(phantom_case, tmp_path):
+    """The case segmentation carries the CT's grid as reference image geometry, so writing it (as a
+    scene save does) logs no ERROR (issue 16 item 5; before: 'Conversion parameter Reference image
+    geometry is not found' on every save)."""
+    import vtk
+
+    ct_path, case_dir = phantom_case
+    scene = slicer.vtkMRMLScene()
+    ct_node = nodes.load_volume_file(scene, ct_path)
+    case = nodes.load_case_outputs(scene, case_dir, input_volume_node=ct_node)
+    seg = case.segmentation.GetSegmentation()
+    name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    log = tmp_path / "vtk_messages.txt"
+    window = vtk.vtkFileOutputWindow()
+    window.SetFileName(str(log))
+    window.SetFlush(True)
+    previous = vtk.vtkOutputWindow.GetInstance()
+    vtk.vtkOutputWindow.SetInstance(window)
+    try:
+        geometry = seg.GetConversionParameter(name)
+        case.segmentation.AddDefaultStorageNode()
+        storage = case.segmentation.GetStorageNode()
+        storage.SetFileName(str(tmp_path / "segmentation.seg.nrrd"))
+        assert storage.WriteData(case.segmentation)
+    finally:
+        vtk.vtkOutputWindow.SetInstance(previous)
+    messages = log.read_text() if log.exists() else ""
+    assert "ERROR" not in messages and "Reference image geometry" not in messages, messages
+    # the reference grid is the CT's: same IJK->RAS and extent
+    image = slicer.vtkOrientedImageData()
+    slicer.vtkSegmentationConverter.DeserializeImageGeometry(geometry, image)
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    np.testing.assert_allclose([[m.GetElement(r, c) for c in range(4)] for r in range(4)],
+                               nodes.ijk_to_ras_of(ct_node), atol=1e-5)
+    assert image.GetExtent() == ct_node.GetImageData().GetExtent()
+
+
+def test_forty_five_organs_get_distinct_colours(phantom_case):
+    """A 45-class model: every organ its own colour (issue 16 item 6: before, colours repeated every
+    8 classes), each far from the overlay colour maps; a name matching the scene's
+    GenericAnatomyColors table takes Slicer's anatomical colour; the loader colours segments so."""
+    from CalibUncertaintyLib.mrml import segment_colours
+
+    scene = slicer.vtkMRMLScene()
+    colors.ensure_default_colour_nodes(scene)
+    anatomy = slicer.vtkMRMLColorTableNode()          # stands in for Slicer's GenericAnatomyColors
+    anatomy.SetName("GenericAnatomyColors")
+    anatomy.SetTypeToUser()
+    anatomy.SetNumberOfColors(2)
+    anatomy.SetColor(0, "background", 0, 0, 0, 0)
+    anatomy.SetColor(1, "spinal cord", 0.2, 0.9, 1.0, 1.0)
+    scene.AddNode(anatomy)
+    names = {k: f"Organ_{k:02d}" for k in range(1, 46)}
+    names[7] = "Spinal_Cord"
+    by_name = {n: np.asarray(colors.class_colour(k, n, scene)) for k, n in names.items()}
+    np.testing.assert_allclose(by_name["Spinal_Cord"], (0.2, 0.9, 1.0), atol=0.003)   # 8-bit table
+    rgb = np.array([c for n, c in by_name.items() if n != "Spinal_Cord"]) * 255
+    lab = segment_colours.srgb_to_lab(rgb)
+    d = segment_colours.delta_e(lab, lab)
+    np.fill_diagonal(d, np.inf)
+    assert d.min() > 15, "two organs got (nearly) the same colour"
+    assert segment_colours.delta_e(lab, segment_colours.overlay_lab()).min() >= segment_colours.OVERLAY_MIN_DE
+    # a loaded case's segments carry exactly these colours (organ segmentation and margins)
+    ct_path, case_dir = phantom_case
+    case = nodes.load_case_outputs(scene, case_dir, input_volume_node=nodes.load_volume_file(scene, ct_path))
+    class_names = case.summary["class_names"]             # ["background", "Organ", "Nodule"]
+    seg = case.segmentation.GetSegmentation()
+    assert seg.GetNumberOfSegments() == len(class_names) - 1
+    for i in range(seg.GetNumberOfSegments()):
+        segment = seg.GetNthSegment(i)
+        label = class_names.index(segment.GetName())
+        np.testing.assert_allclose(segment.GetColor(), colors.class_colour(label, segment.GetName(), scene), atol=1e-6)

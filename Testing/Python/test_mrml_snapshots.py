@@ -10,6 +10,7 @@ import pytest
 
 from CalibUncertaintyLib.errors import InputError
 from CalibUncertaintyLib.mrml import colors
+from CalibUncertaintyLib.mrml.overlay_display import displayed_window
 from CalibUncertaintyLib.mrml.review_sheet import write_review_sheet
 from CalibUncertaintyLib.mrml.slice_jump import slice_to_ras
 from CalibUncertaintyLib.mrml.snapshots import encode_png, render_slice, render_view, write_png
@@ -51,7 +52,7 @@ def test_overlay_inside_region_and_not_when_thresholded_away(loaded):
     lut = colors.table_rgba(colors.UNCERTAINTY)[:, :3].astype(int)
     zyx = tuple(np.round(region.raw["centroid_zyx"]).astype(int))
     value = float(slicer.util.arrayFromVolume(case.maps[MAP])[zyx])
-    lo, hi = case.value_ranges[MAP]
+    lo, hi = displayed_window(case.maps[MAP])          # the colour window Slicer draws with
     nearest = np.abs(lut - px).sum(axis=1)
     assert nearest.min() <= 3, "the pixel colour is not an entry of the uncertainty table"
     assert nearest.argmin() == pytest.approx(np.clip((value - lo) / (hi - lo) * 255, 0, 255), abs=2)
@@ -111,10 +112,42 @@ def test_review_sheets(loaded, tmp_path):
     assert coloured.sum() > 200
     html = write_review_sheet(scene, case, tmp_path / "sheet.html", top_n=1, controller=ctl).read_text()
     assert f"case {case.case_id}" in html and html.count("<tr>") == 1 + len(case.regions)
-    imgs = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html)
+    imgs = re.findall(r"<figure><img alt='(?:Axial|Sagittal|Coronal)' src='data:image/png;base64,([A-Za-z0-9+/=]+)'", html)
     assert len(imgs) == 3
     assert _read_png(base64.b64decode(imgs[0])).shape == (256, 256, 3)
     assert case.regions[0].label in html
     with pytest.raises(InputError, match=".png or .html"):
         write_review_sheet(scene, case, tmp_path / "sheet.pdf")
     assert not (tmp_path / "sheet.pdf").exists()
+
+
+def test_sheet_table_leaves_out_single_voxels_and_background():
+    from types import SimpleNamespace
+
+    from CalibUncertaintyLib.io.geometry import Geometry
+    from CalibUncertaintyLib.mrml.case_folder import Region
+    from CalibUncertaintyLib.mrml.review_sheet import sheet_regions
+
+    geo = Geometry((10, 10, 10), (5.0, 5.0, 2.5), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1))   # 62.5 mm³ voxels
+    regions = [Region(1, "Mandible", 625.0, 0.4, 0.9, (0, 0, 0), n_voxels=10, class_index=5),
+               Region(2, "background", 6250.0, 0.5, 0.9, (0, 0, 0), n_voxels=100, class_index=0),
+               Region(3, "Brainstem", 62.5, 0.3, 0.3, (0, 0, 0), n_voxels=1, class_index=1),
+               Region(4, "Brainstem", 12.0, 0.3, 0.3, (0, 0, 0), class_index=1),
+               Region(5, "SpinalCord", 125.0, 0.3, 0.3, (0, 0, 0), n_voxels=2, class_index=2)]
+    chosen = sheet_regions(SimpleNamespace(geometry=geo, regions=regions))
+    assert [r.rank for r in chosen.listed] == [1, 5]
+    assert (chosen.too_small, chosen.background) == (2, 1)
+    assert "2 of a single voxel (62.5 mm³) or less" in chosen.note() and "1 outside every predicted organ" in chosen.note()
+
+
+@pytest.mark.parametrize("cal, says, never", [
+    ({"method": "temperature", "temperature": 1.7, "n_cases": 4}, "temperature scaling, T = 1.7; fitted on 4", None),
+    ({"method": "local_temperature", "temperature": 1.7}, "local temperature T(x)", "T = 1.7"),
+    ({"method": "class_temperature", "temperature": 1.7}, "per-class temperature", "T = 1.7"),
+    ({"method": "vector", "temperature": 1.0}, "vector scaling", "T = 1"),
+    (None, "none (uncalibrated", None)])
+def test_sheet_names_the_calibrator(cal, says, never):
+    from CalibUncertaintyLib.mrml.review_sheet import _calibration_text
+
+    text = _calibration_text({"calibration": cal})
+    assert says in text and (never is None or never not in text), text
