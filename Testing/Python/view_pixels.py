@@ -85,15 +85,15 @@ def nothing_above_an_out_of_range_threshold(views, case, ctl, layer):
 
 def every_view_centred_after_next(views, case, ctl):
     """After Next, each of Red, Yellow and Green (as Slicer would draw it) has the region's
-    centroid in its plane and at the centre of the picture."""
+    jump point in its plane and at the centre of the picture."""
     ctl.current_region_index = None
     ctl.next_region()
     region = case.regions[ctl.current_region_index]
     for view_id in DEFAULT_SLICE_NODE_IDS:
         sn = ctl.scene.GetNodeByID(view_id)
-        assert abs(distance_to_plane_mm(sn, region.centroid_ras)) < 1e-3
+        assert abs(distance_to_plane_mm(sn, region.jump_ras)) < 1e-3
         snap = render_view(ctl.scene, view_id, SIZE, views=views)
-        row, col = snap.pixel_of(region.centroid_ras)
+        row, col = snap.pixel_of(region.jump_ras)
         assert abs(row - SIZE[1] / 2) <= 1 and abs(col - SIZE[0] / 2) <= 1, (view_id, row, col)
 
 
