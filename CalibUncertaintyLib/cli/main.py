@@ -10,6 +10,8 @@ Errors raised on purpose by the library (``errors.CalibUncertaintyError`` and su
 Bad command-line values are reported by argparse, also with exit code 2. Ctrl-C exits with 130.
 The output location (-o/--output, --member-cache) is checked (kind, writable) before any work.
 ``--progress`` (or CALIBU_PROGRESS=1) turns on the machine-readable progress lines.
+An unknown flag gets argparse's error with the closest known option ("did you mean ...?",
+``nnunet_flags``); ``-d/-c/-tr/-p`` are resolved to the model folder before any work.
 """
 
 from __future__ import annotations
@@ -56,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def sub_parser(parser: argparse.ArgumentParser, command: str | None):
+    """The parser of ``command`` (None when there is none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return None
+
+
 def check_outputs(args) -> None:
     """Refuse a bad -o/--output (wrong kind, not writable) and --member-cache before any work."""
     from ..io.output_paths import check_output_path
@@ -69,7 +79,12 @@ def check_outputs(args) -> None:
 def main(argv=None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # argparse's error path (usage, message, exit 2), with "did you mean"
+        from .nnunet_flags import unknown_arguments_message
+
+        command = sub_parser(parser, getattr(args, "command", None)) or parser
+        command.error(unknown_arguments_message(extras, command))
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
@@ -80,6 +95,9 @@ def main(argv=None) -> int:
     if getattr(args, "progress", False):
         os.environ[ENV_VAR] = "1"  # also reaches child processes (e.g. Ray workers)
     try:
+        from .nnunet_flags import resolve_model_location
+
+        resolve_model_location(args)  # -d/-c/-tr/-p -> args.model, as nnUNetv2_predict finds it
         check_outputs(args)
         rc = args.func(args)
     except CalibUncertaintyError as e:

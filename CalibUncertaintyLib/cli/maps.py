@@ -46,7 +46,9 @@ def run(args) -> int:
     check_member_inputs(pairing, args.allow_identity_mismatch)
     cal = load_checked_calibration(args.calibration, pairing) if args.calibration else None
     if cal is not None:
-        cal.check_ensemble(None, [member_name(d) for d in args.members], None)
+        from ..nnunet.member_cache import recorded_tta
+
+        cal.check_ensemble(None, [member_name(d) for d in args.members], recorded_tta(args.members))
     for cf in pairing.cases:  # every image read (intact, finite) before any case is computed
         for path in cf.image_paths[:1]:
             read_image(path)

@@ -22,7 +22,8 @@ import logging
 from pathlib import Path
 
 from .common import (ENSEMBLE_HELP, PASSES_HELP, add_apply_calibration_options, add_executor_options, add_map_options,
-                     add_output_option, positive_int, probability_classes, say)
+                     add_output_option, fold, positive_int, probability_classes, say)
+from .nnunet_flags import SYNONYMS_HELP, add_dataset_option, add_location_options
 
 log = logging.getLogger(__name__)
 
@@ -36,28 +37,34 @@ def register(subparsers) -> argparse.ArgumentParser:
         description="Predict CT images with an nnU-Net v2 trained model folder, keeping every ensemble "
                     "member (folds, snapshot checkpoints or a single model), and write calibrated "
                     "probabilities, a segmentation, all uncertainty maps and ranked error regions per "
-                    "case on the input image's grid (the outputs of 'maps').")
+                    "case on the input image's grid (the outputs of 'maps'). " + SYNONYMS_HELP + ".")
     g = p.add_argument_group("inputs")
     g.add_argument("-i", "--input", required=True, type=Path, metavar="FILE_OR_DIR",
                    help="one image (case id = file name without _0000 and extension) or an nnU-Net raw "
                         "images folder (<case>_0000.nii.gz, <case>_0001... for multi-channel models)")
-    g.add_argument("-m", "--model", required=True, type=Path, metavar="MODEL_DIR",
-                   help="nnU-Net v2 trained model folder <Trainer>__<Plans>__<Configuration> (holding "
-                        "plans.json, dataset.json and fold_<k>/checkpoint_*.pth)")
+    where = g.add_mutually_exclusive_group(required=True)
+    where.add_argument("-m", "--model", type=Path, metavar="MODEL_DIR",
+                       help="nnU-Net v2 trained model folder <Trainer>__<Plans>__<Configuration> (holding "
+                            "plans.json, dataset.json and fold_<k>/checkpoint_*.pth)")
+    add_dataset_option(where)
+    add_location_options(p)
     g = p.add_argument_group("ensemble")
     g.add_argument("--ensemble", choices=ENSEMBLE_KINDS, default="deep", help=ENSEMBLE_HELP)
     g.add_argument("--passes", type=positive_int, default=None, metavar="N", help=PASSES_HELP)
-    g.add_argument("--folds", nargs="+", metavar="FOLD",
+    g.add_argument("-f", "--folds", nargs="+", type=fold, metavar="FOLD",
                    help="folds to use (numbers or 'all'; default: every fold holding the checkpoint, "
                         "for single: fold 0)")
-    g.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, metavar="NAME",
+    g.add_argument("-chk", "--checkpoint", default=DEFAULT_CHECKPOINT, metavar="NAME",
                    help=f"checkpoint file of each fold for deep/single (default {DEFAULT_CHECKPOINT})")
-    g.add_argument("--device", choices=CHOICES, default="auto",
+    g.add_argument("-device", "--device", choices=CHOICES, default="auto",
                    help="auto: CUDA, else Apple MPS, else the CPU; an unavailable device falls back to "
                         "the CPU with a warning (default auto)")
     g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="nnU-Net's mirroring test-time augmentation (default on; --no-tta is up to 8x faster)")
-    g.add_argument("--step-size", type=_step_size, default=0.5, metavar="F",
+                   help="nnU-Net's mirroring test-time augmentation (default on; --no-tta is up to 8x faster). "
+                        "A calibration file fitted with the other setting is refused")
+    g.add_argument("--disable_tta", dest="tta", action="store_const", const=False,
+                   help="nnU-Net's spelling of --no-tta")
+    g.add_argument("-step_size", "--step-size", type=_step_size, default=0.5, metavar="F",
                    help="sliding-window step as a fraction of the patch size (nnU-Net default 0.5)")
     add_apply_calibration_options(p, "THIS model")
     add_map_options(p)

@@ -161,6 +161,19 @@ def _read_marker(d: Path) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
+def recorded_tta(member_dirs) -> bool | None:
+    """The TTA setting the member folders were computed with, from their ``.calibu_member.json``
+    (member cache or the demo's writer); None when a folder has no marker (e.g. written by
+    ``nnUNetv2_predict``) or the folders disagree."""
+    values = set()
+    for d in member_dirs:
+        marker = _read_marker(Path(d))
+        if marker is None or not isinstance(marker.get("tta"), bool):
+            return None
+        values.add(marker["tta"])
+    return values.pop() if len(values) == 1 else None
+
+
 def _write_if_changed(path: Path, data: bytes) -> None:
     from ..io.atomic import atomic_path
 

@@ -275,7 +275,7 @@ def test_member_outputs_of_another_image_are_refused(setup, tmp_path, capsys):
     assert main([*base, "--allow-identity-mismatch", "-o", str(tmp_path / "ev2")]) == 0
 
 
-def test_calibration_of_another_ensemble_is_refused_and_tta_warned(setup, tmp_path, capsys, caplog):
+def test_calibration_of_another_ensemble_or_tta_is_refused(setup, tmp_path, capsys):
     """setup["cal"] was fitted on the deep ensemble (folds 0, 1) without TTA."""
     cal = json.loads(setup["cal"].read_text())
     assert cal["ensemble"] == {"kind": "deep", "members": ["fold_0_checkpoint_final", "fold_1_checkpoint_final"],
@@ -289,6 +289,8 @@ def test_calibration_of_another_ensemble_is_refused_and_tta_warned(setup, tmp_pa
     assert "fitted on another ensemble" in msg and "ensemble kind: fitted on deep, applied to single" in msg
     assert "2 member(s)" in msg and "1 (fold_0_checkpoint_final) now" in msg
     assert not (tmp_path / "single").exists()
-    with caplog.at_level("WARNING"):
-        assert main([*base, "--tta", "-o", str(tmp_path / "tta")]) == 0
-    assert any("fitted with TTA off, applied with TTA on" in r.getMessage() for r in caplog.records)
+    # TTA on with a calibration fitted without it: refused before any inference, naming the fix
+    assert main([*base, "--tta", "-o", str(tmp_path / "tta")]) == 2
+    msg = _error(capsys)
+    assert "TTA (nnU-Net's mirroring): off when fitted, on now" in msg and "run with --no-tta" in msg
+    assert not (tmp_path / "tta").exists()
