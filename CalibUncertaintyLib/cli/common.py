@@ -429,6 +429,12 @@ class _CurrentStderrHandler(logging.StreamHandler):
     def stream(self, value):  # StreamHandler assigns it; the current sys.stderr is always used
         pass
 
+    def emit(self, record):
+        from ..progress import before_output
+
+        before_output()  # a live status line is cleared first
+        super().emit(record)
+
 
 def setup_logging(verbose: int = 0) -> None:
     """Log to stderr: warnings by default, info with -v, debug with -vv."""
@@ -451,8 +457,29 @@ def progress_bar(iterable, total: int | None = None, desc: str = ""):
 
 
 def say(message: str) -> None:
-    """One line of result for the person at the terminal (stdout)."""
+    """One line of result for the person at the terminal (stdout); a live status line is cleared first."""
+    from ..progress import before_output
+
+    before_output()
     print(message, flush=True)
+
+
+def case_finished(out_dir, extra=None):
+    """An ``on_done(case_id, record)`` for ``run_maps`` / ``run_predict``: says the case's verdict
+    (``report.verdict``: what to look at) as soon as the case is finished. ``extra(record)``: more
+    text for the line (e.g. predict's timings)."""
+    from pathlib import Path
+
+    from ..report.verdict import folder_verdict
+
+    def on_done(case_id, record) -> None:
+        try:
+            line = folder_verdict(Path(out_dir) / case_id)
+        except (OSError, ValueError):  # the folder is complete when on_done runs; never fail the run for a line
+            line = f"{case_id}: done"
+        say(line + (f" ({extra(record)})" if extra else ""))
+
+    return on_done
 
 
 def finish_cohort_run(out_dir, summaries: list, run: dict, result) -> int:

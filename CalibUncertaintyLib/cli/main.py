@@ -76,6 +76,22 @@ def check_outputs(args) -> None:
         check_output_path(args.member_cache, "dir", "member cache folder")
 
 
+def _display():
+    """The live progress display for a person (``live_progress.LiveProgress``), installed for the
+    command; none when the machine-readable lines are on (a GUI draws them) or when a display is
+    already installed (a command run by another, e.g. the demo's steps)."""
+    import contextlib
+
+    from ..progress import has_display, progress_enabled, reporting
+    from .live_progress import LiveProgress
+
+    if progress_enabled() or has_display():
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(reporting(stack.enter_context(LiveProgress())))
+    return stack
+
+
 def main(argv=None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return the exit code."""
     parser = build_parser()
@@ -97,9 +113,10 @@ def main(argv=None) -> int:
     try:
         from .nnunet_flags import resolve_model_location
 
-        resolve_model_location(args)  # -d/-c/-tr/-p -> args.model, as nnUNetv2_predict finds it
-        check_outputs(args)
-        rc = args.func(args)
+        with _display():
+            resolve_model_location(args)  # -d/-c/-tr/-p -> args.model, as nnUNetv2_predict finds it
+            check_outputs(args)
+            rc = args.func(args)
     except CalibUncertaintyError as e:
         if getattr(args, "debug", False):
             traceback.print_exc()

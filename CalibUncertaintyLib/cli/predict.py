@@ -107,6 +107,12 @@ def load_calibration_for_model(path, model):
     return cal
 
 
+def _timing(record: dict) -> str:
+    t = record["prediction_timings_s"]
+    return (f"inference {t.get('inference_s', 0.0):.1f} s on {record['device']}, "
+            f"case {t['case_total_s']:.1f} s")
+
+
 def check_inputs(cases: dict) -> None:
     """Read every channel file of every case, so that a truncated or corrupt file or a NaN/inf
     voxel is refused before any inference (each case's identity is recorded by ``predict_case``)."""
@@ -124,7 +130,7 @@ def run(args) -> int:
     from ..pipeline.case import CaseOptions, probability_labels
     from ..pipeline.maps_job import complete_record
     from ..pipeline.predict_job import PredictOptions, make_predict_job, run_predict
-    from .common import executor_options, finish_cohort_run, resolve_tta
+    from .common import case_finished, executor_options, finish_cohort_run, resolve_tta
 
     executor = executor_options(args)
     model = ModelFolder.open(args.model)
@@ -149,16 +155,13 @@ def run(args) -> int:
     job = make_predict_job(model, members, popts, cal, opts, args.output)
     say(f"{len(cases)} case(s), {len(members)} member(s) ({args.ensemble}: {', '.join(names)}), "
         f"TTA {'on' if args.tta else 'off'}, executor {executor.kind}")
-    result = run_predict(job, cases, executor)
+    result = run_predict(job, cases, executor, on_done=case_finished(args.output, _timing))
     summaries, devices = [], []
     for case_id in cases:
         if case_id in result.results:
             s = result.results[case_id]
             summaries.append(s)
             devices.append(s["device"])
-            t = s["prediction_timings_s"]
-            say(f"{case_id}: {s['n_regions']} region(s) on {s['regions_map']}; inference {t['inference_s']:.1f} s "
-                f"on {s['device']}, total {t['case_total_s']:.1f} s")
         elif case_id in result.skipped:
             summaries.append(complete_record(args.output, case_id))
     return finish_cohort_run(args.output, summaries,

@@ -325,7 +325,11 @@ def predict_case_members(job: _MembersJob, item) -> dict:
 
     case_id, files, slots = item
     predictor = _job_predictor(job)
+    emit_progress("preprocess", None, case=case_id, message="nnU-Net preprocessing (crop, resample)")
     case = predictor.prepare(files, case_id)
+    from .inference_estimate import announce_estimate
+
+    announce_estimate(predictor, case, [job.members[j] for j in slots])
     for j in slots:
         emit_progress("members", None, case=case_id, member=j + 1, n_members=len(job.members),
                       message=job.members[j].name)

@@ -48,6 +48,19 @@ def sample_case_files(tmp_path_factory):
     return write_image(root / "ct.nii.gz", ct, geo), write_sample_case(root / "out", geo, case_id="sample")
 
 
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """(workdir, DemoResult) of the quick demo (``calib-uncertainty demo --quick``: phantoms, tiny
+    deep and checkpoint ensembles, calibration, maps, evaluation, predict), run once per session;
+    test_demo.py checks it and test_docs.py runs the documentation's blocks on its outputs, which
+    they only read (test_demo's rerun leaves them as they are)."""
+    from CalibUncertaintyLib.demo import DemoSettings, run_demo
+
+    workdir = tmp_path_factory.mktemp("demo")
+    first = run_demo(workdir, device="cpu", settings=DemoSettings.quick())
+    return workdir, first
+
+
 # Fixtures that build tiny REAL nnU-Net models live in their own modules; import them here so
 # every test file can request them by name.
 from trained_models import *  # noqa: E402,F401,F403  (tiny_prepared_dataset, tiny_trained_model)
