@@ -298,6 +298,9 @@ def describe_progress(event: dict) -> tuple[int | None, str]:
     if event.get("member") is not None:
         n = event.get("n_members")
         parts.append(f"member {event['member']}/{n}" if n else f"member {event['member']}")
+    for unit, total in (("patch", "n_patches"), ("slab", "n_slabs")):  # progress.tick lines
+        if event.get(unit) is not None and event.get(total):
+            parts.append(f"{unit} {event[unit]}/{event[total]}")
     for key in ("case", "message"):
         if event.get(key):
             parts.append(str(event[key]))

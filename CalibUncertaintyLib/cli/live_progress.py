@@ -99,7 +99,7 @@ class LiveProgress:
         return False
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(REDRAW_S if self.tty else 0.5):
+        while not self._stop.wait(REDRAW_S if self.tty else min(0.5, max(self.interval / 3, 0.05))):
             with self._lock:
                 if self.stage is None:
                     continue
