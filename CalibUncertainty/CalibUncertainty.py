@@ -8,7 +8,6 @@ holds no computation of its own. Everything the module does can be scripted thro
 ``CalibUncertaintyLogic.process`` or the library directly.
 """
 
-import json
 import logging
 import os
 import tempfile
@@ -415,9 +414,11 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             pn.inputVolume = ctNode
             pn.modelFolder, pn.calibrationFile = str(modelDir), str(calibration)
             pn.ensemble, pn.folds = "deep", ""
-            fitted = (json.loads(Path(calibration).read_text()).get("ensemble") or {}).get("tta")
+            from CalibUncertaintyLib.runner import calibration_tta
+
+            fitted = calibration_tta(calibration)
             if fitted is not None:  # the calibration is refused with the other TTA setting
-                pn.tta = bool(fitted)
+                pn.tta = fitted
             self.ui.statusLabel.text = _("Sample loaded: press Apply.")
 
     # ---------------------------------------------------------------- review

@@ -215,6 +215,18 @@ class PredictOptions:
         return self
 
 
+def calibration_tta(calibration) -> bool | None:
+    """The TTA setting a calibration file was fitted with (None: not recorded, or unreadable), so a
+    panel can preset it: the file is refused with the other setting."""
+    import json
+
+    try:
+        rec = json.loads(Path(calibration).read_text(encoding="utf-8")).get("ensemble") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return rec["tta"] if isinstance(rec.get("tta"), bool) else None
+
+
 def calibration_mismatch(calibration, model_dir, ensemble: str, folds, tta: bool, passes: int | None) -> str | None:
     """Why ``calibration`` does not fit these members (another ensemble kind, member set or TTA
     setting: ``CalibrationFile.check_ensemble``), or None. Reads only JSON files and file names.

@@ -20,8 +20,8 @@ DESCRIPTION = (
     "(cyclical-LR snapshots), fits the temperature on calibration cases, writes calibrated probabilities, "
     "uncertainty maps and error regions for the test cases, evaluates single model / deep ensemble / checkpoint "
     "ensemble before and after calibration, runs predict on one test image and writes REPORT.md. Training "
-    "dominates the time (minutes to tens of minutes on a laptop-class CPU); a rerun reuses every finished step "
-    "and keeps the record of the run that computed the numbers.")
+    "dominates the time (measured times, with their machine, in docs/BENCHMARKS.md); a rerun reuses every "
+    "finished step and keeps the record of the run that computed the numbers.")
 
 
 def register(subparsers) -> argparse.ArgumentParser:

@@ -396,6 +396,7 @@ def test_apply_check_refuses_a_calibration_of_other_members(tmp_path):
                           ensemble={"kind": "deep", "members": ["fold_0/checkpoint_final", "fold_1/checkpoint_final"],
                                     "tta": False}).save(tmp_path / "cal.json")
     assert PredictOptions(ct, model, calibration=cal, tta=False).problems() == []
+    assert runner.calibration_tta(cal) is False and runner.calibration_tta(tmp_path / "none.json") is None
     (p,) = PredictOptions(ct, model, calibration=cal, tta=True).problems()
     assert "TTA (nnU-Net's mirroring): off when fitted, on now" in p and "run with --no-tta" in p
     (p,) = PredictOptions(ct, model, calibration=cal, tta=False, ensemble="single", folds=("0",)).problems()
