@@ -206,11 +206,12 @@ def test_members_and_model_exclusive_and_model_needs_images(setup, tmp_path, cap
     assert e.value.code == 2 and "argument -m/--model: not allowed with argument --members" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(base)
-    assert e.value.code == 2 and "one of the arguments --members -m/--model is required" in capsys.readouterr().err
+    assert e.value.code == 2 and "one of the arguments --members -m/--model -d/--dataset is required" in \
+        capsys.readouterr().err
     assert main([*base, "--model", str(setup["model"])]) == 2
     assert _error(capsys).startswith("error: --model needs --images DIR")
     assert main([*base, "--members", str(setup["images"]), "--ensemble", "single", "--no-tta"]) == 2
-    assert "--ensemble, --tta/--no-tta only apply with --model" in _error(capsys)
+    assert "--ensemble, --tta/--no-tta only apply with --model or -d" in _error(capsys)
     assert not (tmp_path / "c.json").exists()
 
 
