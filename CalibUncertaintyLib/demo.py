@@ -149,14 +149,16 @@ class _Steps:
                 have = json.loads((self.dir / f"{name}.json").read_text())
             except (FileNotFoundError, json.JSONDecodeError):
                 continue
-            out[name] = {"seconds": have.get("seconds"), "finished_utc": have.get("finished_utc")}
+            out[name] = {"seconds": have.get("seconds"),
+                         "finished_utc": have.get("finished_utc") or _utc((self.dir / f"{name}.json").stat().st_mtime)}
         return out
 
 
-def _utc() -> str:
+def _utc(timestamp: float | None = None) -> str:
     from datetime import datetime, timezone
 
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    when = datetime.now(timezone.utc) if timestamp is None else datetime.fromtimestamp(timestamp, timezone.utc)
+    return when.isoformat(timespec="seconds")
 
 
 def _sig(obj) -> str:
@@ -404,7 +406,8 @@ def run_demo(workdir: str | os.PathLike = "demo_output", device: str = "auto",
 
 def _computed_by(workdir: Path, summary: dict) -> dict:
     """The record of the run that computed the numbers: this run when it ran any step, else the one
-    the previous demo_summary.json names (a warm rerun only reused them)."""
+    the previous demo_summary.json names (a warm rerun only reused them). A record written before
+    runs stored their finishing time gets it from its step records' modification times."""
     if summary["steps_run"]:
         return {"finished_utc": summary["finished_utc"], "seconds": summary["seconds"],
                 "steps_run": list(summary["steps_run"]), "reproducibility": summary["reproducibility"]}
@@ -412,12 +415,16 @@ def _computed_by(workdir: Path, summary: dict) -> dict:
         before = json.loads((workdir / "demo_summary.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         before = {}
-    if before.get("computed_by"):
-        return before["computed_by"]
-    if before.get("steps_run"):  # written before this record existed: its own fields are that run's
-        return {"finished_utc": before.get("finished_utc"), "seconds": before.get("seconds"),
-                "steps_run": before["steps_run"], "reproducibility": before.get("reproducibility")}
-    return {}
+    rec = before.get("computed_by")
+    if not rec and before.get("steps_run"):  # written before this record existed: its own fields are that run's
+        rec = {"finished_utc": before.get("finished_utc"), "seconds": before.get("seconds"),
+               "steps_run": before["steps_run"], "reproducibility": before.get("reproducibility")}
+    if rec and not rec.get("finished_utc"):
+        stamps = [(workdir / STEP_DIR / f"{name}.json").stat().st_mtime for name in rec.get("steps_run", [])
+                  if (workdir / STEP_DIR / f"{name}.json").is_file()]
+        if stamps:
+            rec = {**rec, "finished_utc": _utc(max(stamps))}
+    return rec or {}
 
 
 def _member_steps(members, steps, deep_dir, snap_dir, all_cases, workdir, device, s) -> None:
