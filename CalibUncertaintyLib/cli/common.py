@@ -163,6 +163,7 @@ def add_model_run_options(parser: argparse.ArgumentParser) -> None:
     """How a --model is run: --ensemble, --folds, --checkpoint, --device, --tta, --member-cache."""
     from ..device import CHOICES
     from ..nnunet.model_folder import DEFAULT_CHECKPOINT, ENSEMBLE_KINDS
+    from .nnunet_flags import add_disable_tta
 
     g = parser.add_argument_group("running a model (with --model or -d only)")
     g.add_argument("--ensemble", choices=ENSEMBLE_KINDS, default=None,
@@ -181,8 +182,7 @@ def add_model_run_options(parser: argparse.ArgumentParser) -> None:
                    help="nnU-Net's mirroring test-time augmentation (default on; --no-tta is up to 8x "
                         "faster). Use the same setting as 'predict' will: a calibration is refused by a run "
                         "with the other setting")
-    g.add_argument("--disable_tta", dest="tta", action="store_const", const=False,
-                   help="nnU-Net's spelling of --no-tta")
+    add_disable_tta(g)
     g.add_argument("--member-cache", type=Path, metavar="DIR", default=None,
                    help="folder keeping every member's probabilities per case (nnU-Net "
                         "--save_probabilities layout, under <model>-<hash>/<tta|notta>/<member>/), "

@@ -70,6 +70,9 @@ def run(args) -> int:
     from ..pipeline.evaluate import EvalOptions, evaluate_cases, write_evaluation
     from .common import ensemble_record, executor_options, member_inputs
 
+    from .nnunet_flags import apply_nnunet_flags
+
+    apply_nnunet_flags(args)  # --disable_tta, -d/-c/-tr/-p
     executor = executor_options(args)
     cal, fingerprint = None, None
     if args.model is not None:  # refuse another model's calibration file before any inference

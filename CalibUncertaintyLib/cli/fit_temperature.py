@@ -103,6 +103,9 @@ def run(args) -> int:
 
     from ..pipeline.fit import DEFAULT_METHOD
 
+    from .nnunet_flags import apply_nnunet_flags
+
+    apply_nnunet_flags(args)  # --disable_tta, -d/-c/-tr/-p
     if args.method is None:  # the local calibrator is pool-then-calibrate only
         args.method = DEFAULT_METHOD if args.ensemble_mode == "pool_then_calibrate" else "temperature"
     if args.local_open_bin and args.method != "local_temperature":

@@ -11,7 +11,7 @@ Bad command-line values are reported by argparse, also with exit code 2. Ctrl-C 
 The output location (-o/--output, --member-cache) is checked (kind, writable) before any work.
 ``--progress`` (or CALIBU_PROGRESS=1) turns on the machine-readable progress lines.
 An unknown flag gets argparse's error with the closest known option ("did you mean ...?",
-``nnunet_flags``); ``-d/-c/-tr/-p`` are resolved to the model folder before any work.
+``nnunet_flags``); the commands fold nnU-Net's spellings in first (``nnunet_flags.apply_nnunet_flags``).
 """
 
 from __future__ import annotations
@@ -111,10 +111,7 @@ def main(argv=None) -> int:
     if getattr(args, "progress", False):
         os.environ[ENV_VAR] = "1"  # also reaches child processes (e.g. Ray workers)
     try:
-        from .nnunet_flags import resolve_model_location
-
         with _display():
-            resolve_model_location(args)  # -d/-c/-tr/-p -> args.model, as nnUNetv2_predict finds it
             check_outputs(args)
             rc = args.func(args)
     except CalibUncertaintyError as e:

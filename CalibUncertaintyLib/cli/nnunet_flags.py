@@ -43,7 +43,7 @@ NOT_NEEDED = {
 
 def add_dataset_option(group) -> None:
     """``-d/--dataset`` (in the caller's group, e.g. mutually exclusive with ``-m``)."""
-    group.add_argument("-d", "--dataset", metavar="DATASET",
+    group.add_argument("-d", "--dataset", dest="nnunet_dataset", metavar="DATASET",
                        help="instead of -m, as nnUNetv2_predict -d: a dataset id (501) or name (Dataset501_Name); "
                             "the model folder is $nnUNet_results/DatasetXXX_Name/<TRAINER>__<PLANS>__<CONFIG> "
                             "(-tr, -p, -c)")
@@ -62,23 +62,36 @@ def add_location_options(parser: argparse.ArgumentParser) -> None:
                    help=f"plans identifier (default {DEFAULT_PLANS})")
 
 
-def resolve_model_location(args) -> None:
-    """Turn ``-d/-c/-tr/-p`` into ``args.model`` (the model folder); refuse ``-c/-tr/-p`` without
-    ``-d``. A no-op for commands without these options. Raises ModelFolderError / InputError."""
-    if not hasattr(args, "dataset"):
-        return
+def add_disable_tta(group) -> None:
+    """``--disable_tta``: nnU-Net's spelling of ``--no-tta`` (its own dest, so that option lists
+    built from the parser keep ``--tta/--no-tta`` as one option; ``apply_nnunet_flags`` folds it in)."""
+    group.add_argument("--disable_tta", action="store_true", help="nnU-Net's spelling of --no-tta")
+
+
+def apply_nnunet_flags(args) -> None:
+    """Fold nnU-Net's spellings into the project's options, in place: ``--disable_tta`` ->
+    ``args.tta = False``; ``-d/-c/-tr/-p`` -> ``args.model`` (the model folder, resolved as
+    ``nnUNetv2_predict`` does); ``-c/-tr/-p`` without ``-d`` are refused. Idempotent; a no-op for
+    commands without these options. Every command that has them calls it first. Raises
+    ModelFolderError / InputError."""
     from ..errors import InputError
 
+    if getattr(args, "disable_tta", False):
+        if getattr(args, "tta", None) is True:
+            raise InputError("--disable_tta and --tta contradict each other; give one of them")
+        args.tta = False
+    if not hasattr(args, "nnunet_dataset"):
+        return
     given = [flag for flag, attr in (("-c", "configuration"), ("-tr", "trainer"), ("-p", "plans"))
              if getattr(args, attr, None) is not None]
-    if args.dataset is None:
+    if args.nnunet_dataset is None:
         if given:
             raise InputError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with -d DATASET "
                              "(nnU-Net's way to name a model under $nnUNet_results); with -m give the model folder")
         return
     from ..nnunet.results_folder import resolve_model_folder
 
-    args.model = resolve_model_folder(args.dataset, args.configuration, args.trainer, args.plans)
+    args.model = resolve_model_folder(args.nnunet_dataset, args.configuration, args.trainer, args.plans)
 
 
 def _spellings(parser: argparse.ArgumentParser) -> dict[str, str]:

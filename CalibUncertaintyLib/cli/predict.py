@@ -23,7 +23,8 @@ from pathlib import Path
 
 from .common import (ENSEMBLE_HELP, PASSES_HELP, add_apply_calibration_options, add_executor_options, add_map_options,
                      add_output_option, fold, positive_int, probability_classes, say)
-from .nnunet_flags import SYNONYMS_HELP, add_dataset_option, add_location_options
+from .nnunet_flags import (SYNONYMS_HELP, add_dataset_option, add_disable_tta, add_location_options,
+                           apply_nnunet_flags)
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="nnU-Net's mirroring test-time augmentation (default on; --no-tta is up to 8x faster). "
                         "A calibration file fitted with the other setting is refused")
-    g.add_argument("--disable_tta", dest="tta", action="store_const", const=False,
-                   help="nnU-Net's spelling of --no-tta")
+    add_disable_tta(g)
     g.add_argument("-step_size", "--step-size", type=_step_size, default=0.5, metavar="F",
                    help="sliding-window step as a fraction of the patch size (nnU-Net default 0.5)")
     add_apply_calibration_options(p, "THIS model")
@@ -132,6 +132,7 @@ def run(args) -> int:
     from ..pipeline.predict_job import PredictOptions, make_predict_job, run_predict
     from .common import case_finished, executor_options, finish_cohort_run, resolve_tta
 
+    apply_nnunet_flags(args)  # --disable_tta, -d/-c/-tr/-p (also when the command function is called directly)
     executor = executor_options(args)
     model = ModelFolder.open(args.model)
     args.tta = resolve_tta(args.ensemble, args.tta)

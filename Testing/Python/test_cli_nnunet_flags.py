@@ -24,13 +24,21 @@ def _results(tmp_path):
     return res
 
 
-def test_predict_accepts_nnunet_flags_as_synonyms():
-    args = build_parser().parse_args(["predict", "-i", "ct.nii.gz", "-d", "42", "-c", "3d_fullres", "-tr", "T", "-p",
-                                      "P", "-f", "0", "1", "-chk", "checkpoint_best.pth", "-device", "cpu",
-                                      "-step_size", "0.75", "--disable_tta", "-o", "out"])
-    assert (args.dataset, args.configuration, args.trainer, args.plans) == ("42", "3d_fullres", "T", "P")
+def test_predict_accepts_nnunet_flags_as_synonyms(tmp_path, monkeypatch):
+    from CalibUncertaintyLib.cli.nnunet_flags import apply_nnunet_flags
+
+    res = _results(tmp_path)
+    monkeypatch.setenv("nnUNet_results", str(res))
+    args = build_parser().parse_args(["predict", "-i", "ct.nii.gz", "-d", "42", "-c", "3d_fullres", "-tr",
+                                      "nnUNetTrainer", "-p", "nnUNetPlans", "-f", "0", "1", "-chk",
+                                      "checkpoint_best.pth", "-device", "cpu", "-step_size", "0.75", "--disable_tta",
+                                      "-o", "out"])
+    assert (args.nnunet_dataset, args.configuration, args.trainer, args.plans) == \
+        ("42", "3d_fullres", "nnUNetTrainer", "nnUNetPlans")
     assert args.folds == ["0", "1"] and args.checkpoint == "checkpoint_best.pth" and args.device == "cpu"
-    assert args.step_size == 0.75 and args.tta is False and args.model is None
+    assert args.step_size == 0.75 and args.disable_tta and args.model is None
+    apply_nnunet_flags(args)  # what every command does first
+    assert args.tta is False and args.model == res / "Dataset042_Liver" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
     same = build_parser().parse_args(["predict", "-i", "x", "-m", "M", "--folds", "0", "1", "--checkpoint",
                                       "checkpoint_best.pth", "--device", "cpu", "--step-size", "0.75", "--no-tta",
                                       "-o", "out"])
@@ -40,7 +48,7 @@ def test_predict_accepts_nnunet_flags_as_synonyms():
         extra = ["--calibration", "c.json"] if command == "evaluate" else []
         a = build_parser().parse_args([command, "-d", "Dataset042_Liver", "-c", "2d", "-f", "all", "-device", "cpu",
                                        "--disable_tta", "--images", ".", "--labels", ".", *extra, "-o", "o.json"])
-        assert a.dataset == "Dataset042_Liver" and a.folds == ["all"] and a.tta is False
+        assert a.nnunet_dataset == "Dataset042_Liver" and a.folds == ["all"] and a.disable_tta
 
 
 def test_help_lists_the_synonyms_and_is_plain(capsys):
@@ -99,6 +107,8 @@ def test_cli_errors_name_the_path(tmp_path, monkeypatch, capsys):
     assert f"no trained model at {res}/Dataset042_Liver/nnUNetTrainer__nnUNetPlans__3d_lowres" in error_line(capsys)
     assert main(["predict", "-i", str(ct), "-m", str(res), "-c", "3d_fullres", "-o", str(tmp_path / "o")]) == 2
     assert "-c only applies with -d DATASET" in error_line(capsys)
+    assert main(["predict", "-i", str(ct), "-m", str(res), "--tta", "--disable_tta", "-o", str(tmp_path / "o")]) == 2
+    assert "--disable_tta and --tta contradict each other" in error_line(capsys)
     # -d resolved to a folder that is not a trained model (empty): predict's own check speaks next
     assert main(["predict", "-i", str(ct), "-d", "42", "-c", "3d_fullres", "-o", str(tmp_path / "o")]) == 2
     assert "nnUNetTrainer__nnUNetPlans__3d_fullres" in error_line(capsys)
