@@ -61,6 +61,7 @@ class LiveProgress:
         self._last_line = 0.0
         self._t0 = time.monotonic()
         self.n_cases = None
+        self.job = None  # the cohort's name ("predict", "fit: thresholds", ...)
         self.cases_finished = 0
         self.case_index = 0
         self.case = None
@@ -116,6 +117,7 @@ class LiveProgress:
             stage = event.get("stage")
             if stage == "cohort":
                 self.n_cases = event.get("n_cases", self.n_cases)
+                self.job = event.get("message") or self.job
                 self.cases_finished = int(event.get("done", 0)) + int(event.get("failed", 0))
                 if event.get("event") == "started" and event.get("case"):
                     self._start_case(event["case"])
@@ -159,7 +161,7 @@ class LiveProgress:
     # --- text ------------------------------------------------------------------------------
     def status(self) -> str:
         """The status text (without a prefix)."""
-        parts = []
+        parts = [self.job] if self.job else []
         if self.case:
             n = self.n_cases
             parts.append(f"case {self.case_index}/{n} {self.case}" if n and n > 1 else f"case {self.case}")
@@ -207,8 +209,9 @@ class LiveProgress:
         self._inference_t0 = None
         if not self.tty:
             n = self.n_cases
-            self._print(f"progress: case {self.case_index}/{n} {case} started" if n and n > 1 else
-                        f"progress: case {case} started", always=True)
+            job = f"{self.job} · " if self.job else ""
+            self._print(f"progress: {job}case {self.case_index}/{n} {case} started" if n and n > 1 else
+                        f"progress: {job}case {case} started", always=True)
 
     def _passes_per_patch(self) -> int:
         est = self.estimate

@@ -18,7 +18,8 @@ ESTIMATE = {"stage": "estimate", "case": "c1", "n_members": 2, "n_patches": 10, 
 
 def _drive(display, pause: float = 0.0):
     with progress.reporting(display):
-        progress.emit_progress("cohort", 0.0, event="started", case="c1", n_cases=2, done=0, failed=0)
+        progress.emit_progress("cohort", 0.0, event="started", case="c1", n_cases=2, done=0, failed=0,
+                               message="predict")
         progress.emit_progress("estimate", 0.0, **{k: v for k, v in ESTIMATE.items() if k != "stage"})
         progress.emit_progress("inference", 0.0, case="c1", member=1, n_members=2, message="fold_0", span_end=0.3)
         for i in range(4):
@@ -32,8 +33,8 @@ def test_piped_output_gets_plain_lines_at_least_every_interval():
     with LiveProgress(stream=out, tty=False, interval=0.3) as display:
         _drive(display, pause=1.3)  # no event for 1.3 s: the heartbeat still prints
     lines = out.getvalue().splitlines()
-    assert lines[0] == "progress: case 1/2 c1 started" and lines[1].startswith("c1: CT 300×512×512 voxels")
-    periodic = [ln for ln in lines if ln.startswith("progress: case 1/2 c1 · inference")]
+    assert lines[0] == "progress: predict · case 1/2 c1 started" and lines[1].startswith("c1: CT 300×512×512 voxels")
+    periodic = [ln for ln in lines if ln.startswith("progress: predict · case 1/2 c1 · inference")]
     assert len(periodic) >= 3, lines  # at least one per 0.3 s interval while the stage runs
     assert " · member 1/2 · patch 3/10 · " in periodic[0] and " · ETA " in periodic[0]
     assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()  # no terminal codes in a log
@@ -46,7 +47,7 @@ def test_terminal_gets_one_live_line_cleared_before_other_output(capsys):
         display.before_output()
         text = out.getvalue()
     drawn = [part for part in text.split("\r\x1b[2K") if part]
-    assert any(d.startswith("case 1/2 c1 · inference · member 1/2 · patch") and "ETA" in d for d in drawn), drawn
+    assert any(d.startswith("predict · case 1/2 c1 · inference · member 1/2 · patch") and "ETA" in d for d in drawn), drawn
     assert text.endswith("\r\x1b[2K")  # cleared, so the next printed line starts clean
     assert "c1: CT 300×512×512" in text  # the estimate is a line of its own
 
