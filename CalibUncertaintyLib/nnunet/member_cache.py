@@ -40,6 +40,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -329,13 +330,22 @@ def predict_case_members(job: _MembersJob, item) -> dict:
     case = predictor.prepare(files, case_id)
     from .inference_estimate import announce_estimate
 
-    announce_estimate(predictor, case, [job.members[j] for j in slots])
+    est = announce_estimate(predictor, case, [job.members[j] for j in slots])
+    inference_s = 0.0
     for j in slots:
         emit_progress("members", None, case=case_id, member=j + 1, n_members=len(job.members),
                       message=job.members[j].name)
-        probs = predictor.logits_to_probabilities(predictor.member_logits(case, j), case)
+        t0 = time.perf_counter()
+        logits = predictor.member_logits(case, j)
+        inference_s += time.perf_counter() - t0
+        probs = predictor.logits_to_probabilities(logits, case)
+        del logits
         write_member_probs(job.dirs[j], case_id, probs, case.geometry)
         del probs
+    if est is not None and inference_s > 0:  # the next case's estimate uses this device's measured time
+        from .inference_estimate import record_pass_time
+
+        record_pass_time(predictor, inference_s / max(est.n_network_passes, 1))
     return {"case": case_id, "slots": list(slots), "device": predictor.device_name}
 
 

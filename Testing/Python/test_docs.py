@@ -117,6 +117,13 @@ def test_links_stay_in_the_repository_and_exist():
     assert set(missing) <= set(PENDING), f"links to files that do not exist: {missing}"
 
 
+@pytest.fixture(scope="module")
+def doc_env(tmp_path_factory) -> dict:
+    """The environment the blocks run in, one cache folder for the module (the time per network pass
+    one block measures serves the next block's estimate, as on a user's machine)."""
+    return _env(tmp_path_factory.mktemp("doc_env"))
+
+
 def _env(tmp_path: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("nnUNet_", "CALIBU_PROGRESS"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -150,10 +157,10 @@ def run_page(page: Path, workdir: Path, demo: Path, env: dict) -> list[tuple[Blo
     return out
 
 
-def test_readme_journeys_run_on_the_quick_demo(quick_demo, tmp_path):
+def test_readme_journeys_run_on_the_quick_demo(quick_demo, doc_env, tmp_path):
     demo, _ = quick_demo
     work = tmp_path / "readme"
-    results = run_page(REPO / "README.md", work, demo, _env(tmp_path))
+    results = run_page(REPO / "README.md", work, demo, doc_env)
     text = "\n".join(t for _, t in results)
     # journey 1: review sheets without Slicer, and the scripted review in a real MRML scene
     assert sorted(p.name for p in (work / "sheets").glob("*.png")) == ["phantom_007_review.png", "phantom_008_review.png"]
@@ -172,9 +179,9 @@ def test_readme_journeys_run_on_the_quick_demo(quick_demo, tmp_path):
     assert "**Every guarantee below is the trivial one**" in report
 
 
-def test_docs_pages_run_on_the_quick_demo(quick_demo, tmp_path):
+def test_docs_pages_run_on_the_quick_demo(quick_demo, doc_env, tmp_path):
     demo, _ = quick_demo
-    env = _env(tmp_path)
+    env = doc_env
     ran = 0
     for page in PAGES[1:]:
         if runnable(page):
