@@ -522,6 +522,11 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             pn.inputVolume = ctNode
             pn.modelFolder, pn.calibrationFile = str(modelDir), str(calibration)
             pn.ensemble, pn.folds = "deep", ""
+            from CalibUncertaintyLib.runner import calibration_tta
+
+            fitted = calibration_tta(calibration)
+            if fitted is not None:  # the calibration is refused with the other TTA setting
+                pn.tta = fitted
             self.ui.statusLabel.text = _("Sample loaded: press Apply.")
 
     # ---------------------------------------------------------------- review

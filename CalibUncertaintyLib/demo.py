@@ -137,9 +137,28 @@ class _Steps:
         t0 = time.time()
         result = fn()
         self.seconds[name] = round(time.time() - t0, 1)
-        write_json(rec_path, {"inputs": want, "result": result, "seconds": self.seconds[name]})
+        write_json(rec_path, {"inputs": want, "result": result, "seconds": self.seconds[name], "finished_utc": _utc()})
         self.ran.append(name)
         return result
+
+    def records(self) -> dict:
+        """{step: {"seconds", "finished_utc"}} of every step as the run that computed it recorded it."""
+        out = {}
+        for name in self.ran + self.skipped:
+            try:
+                have = json.loads((self.dir / f"{name}.json").read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue
+            out[name] = {"seconds": have.get("seconds"),
+                         "finished_utc": have.get("finished_utc") or _utc((self.dir / f"{name}.json").stat().st_mtime)}
+        return out
+
+
+def _utc(timestamp: float | None = None) -> str:
+    from datetime import datetime, timezone
+
+    when = datetime.now(timezone.utc) if timestamp is None else datetime.fromtimestamp(timestamp, timezone.utc)
+    return when.isoformat(timespec="seconds")
 
 
 def _sig(obj) -> str:
@@ -205,6 +224,10 @@ def comparison_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def _seconds(v) -> str:
+    return "–" if v is None else f"{float(v):.1f}"
+
+
 def _fmt(v) -> str:
     if v is None:
         return "–"
@@ -213,7 +236,25 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def render_report(summary: dict) -> str:
+def methods_link(workdir: Path) -> str:
+    """A Markdown link to the repository's docs/METHODS.md relative to ``workdir`` when that file
+    exists (a clone), else its name in plain text (an installed package has no docs folder)."""
+    methods = Path(__file__).resolve().parent.parent / "docs" / "METHODS.md"
+    if methods.is_file():
+        return f"[docs/METHODS.md]({Path(os.path.relpath(methods, workdir)).as_posix()})"
+    return "docs/METHODS.md in the CalibUncertainty repository"
+
+
+def _link(workdir: Path, path: str | Path) -> str:
+    """A relative Markdown link from REPORT.md to ``path`` (which exists), shown as that relative path."""
+    rel = Path(os.path.relpath(Path(path), workdir)).as_posix()
+    return f"[{rel}]({rel})"
+
+
+def render_report(summary: dict, workdir: Path | None = None) -> str:
+    """REPORT.md: the comparison table, where the outputs are (links to files that exist) and the
+    record of the run that computed the numbers (kept on a rerun that only reused them)."""
+    workdir = Path(workdir) if workdir is not None else Path(summary["paths"]["calibration files"]).parent
     rows = summary["comparison"]
     present = {k for r in rows for k in r}
     dice_cols = sorted(k for k in present if k.startswith("dice_"))
@@ -229,22 +270,37 @@ def render_report(summary: dict) -> str:
              "Means over the test cases, inside the ROI (15 mm around the predicted foreground) for NLL, ECE "
              "(top-label, 15 bins) and Brier (multi-class); `_before` = averaged member probabilities, `_after` = "
              "with the temperature fitted on the calibration cases. `auroc_<map>`: voxel AUROC of the map for the "
-             "errors (prediction ≠ reference) in the ROI. Definitions: docs/METHODS.md.", "",
+             f"errors (prediction ≠ reference) in the ROI. Definitions: {methods_link(workdir)}.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
-    rep = summary.get("reproducibility") or {}
+    rep = (summary.get("computed_by") or {}).get("reproducibility") or summary.get("reproducibility") or {}
     if rep:
-        lines += ["", f"Run with {rep['torch_threads']} torch thread(s) on {rep['device']} ({rep['machine']}, "
+        lines += ["", f"Computed with {rep['torch_threads']} torch thread(s) on {rep['device']} ({rep['machine']}, "
                       f"{rep['cpu_count']} CPUs), torch {rep['torch']}, numpy {rep['numpy']}: {rep['note']}."]
     lines += ["", "## Where things are", ""]
     for k, v in summary["paths"].items():
-        lines.append(f"- {k}: `{v}`")
-    lines += ["", "Open a test case in 3D Slicer with the CalibUncertainty module (load the image from "
-              "`nnUNet_raw/.../imagesTs` and the case folder under `maps/<ensemble>/`), or read "
-              "`evaluation/<ensemble>/report.md`.", "",
-              f"Steps run this time: {', '.join(summary['steps_run']) or 'none'}; reused: "
-              f"{', '.join(summary['steps_skipped']) or 'none'}. Total {summary['seconds']:.0f} s.", ""]
+        lines.append(f"- {k}: {_link(workdir, v) if Path(v).exists() else '`' + str(v) + '` (missing)'}")
+    reports = [workdir / "evaluation" / e / "report.md" for e in ENSEMBLES]
+    lines += ["", "Evaluation reports: " + ", ".join(_link(workdir, r) for r in reports if r.is_file()) + ".", "",
+              "Open a test case in 3D Slicer with the CalibUncertainty module (load the image from the raw "
+              "dataset's `imagesTs` and the case folder under `maps/<ensemble>/`), or review it without Slicer: "
+              "`calib-uncertainty review --outputs maps/deep -o sheets`.", ""]
+    lines += ["## The run that computed these numbers", ""]
+    computed = summary.get("computed_by") or {}
+    if computed:
+        lines += [f"Computed by the run that finished {computed.get('finished_utc', '?')} in "
+                  f"{computed.get('seconds', 0):.0f} s (steps run then: {', '.join(computed.get('steps_run', []))}; "
+                  "nnU-Net planning and training are not counted per step).", ""]
+    steps = summary.get("step_records") or {}
+    if steps:
+        lines += ["| step | computed (UTC) | seconds |", "|---|---|---|"]
+        lines += [f"| {name} | {rec.get('finished_utc') or '–'} | {_seconds(rec.get('seconds'))} |"
+                  for name, rec in steps.items()]
+        lines.append("")
+    if not summary["steps_run"]:
+        lines += [f"The latest invocation ({summary.get('finished_utc', '?')}, {summary['seconds']:.0f} s) reused "
+                  "every step; the numbers above are those of the run recorded here.", ""]
     return "\n".join(lines)
 
 
@@ -338,13 +394,37 @@ def run_demo(workdir: str | os.PathLike = "demo_output", device: str = "auto",
                   "evaluation reports": str(workdir / "evaluation"),
                   "predict example": str(pred_out / example)},
         "steps_run": steps.ran, "steps_skipped": steps.skipped, "step_seconds": steps.seconds,
-        "seconds": round(time.time() - t_start, 1),
+        "step_records": steps.records(), "seconds": round(time.time() - t_start, 1), "finished_utc": _utc(),
         "reproducibility": reproducibility(num_threads, device),
     }
+    summary["computed_by"] = _computed_by(workdir, summary)
     write_json(workdir / "demo_summary.json", summary)
-    report = write_text(workdir / "REPORT.md", render_report(summary))
+    report = write_text(workdir / "REPORT.md", render_report(summary, workdir))
     emit_progress("demo", 1.0, message="done")
     return DemoResult(workdir, summary, report, steps.ran, steps.skipped)
+
+
+def _computed_by(workdir: Path, summary: dict) -> dict:
+    """The record of the run that computed the numbers: this run when it ran any step, else the one
+    the previous demo_summary.json names (a warm rerun only reused them). A record written before
+    runs stored their finishing time gets it from its step records' modification times."""
+    if summary["steps_run"]:
+        return {"finished_utc": summary["finished_utc"], "seconds": summary["seconds"],
+                "steps_run": list(summary["steps_run"]), "reproducibility": summary["reproducibility"]}
+    try:
+        before = json.loads((workdir / "demo_summary.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        before = {}
+    rec = before.get("computed_by")
+    if not rec and before.get("steps_run"):  # written before this record existed: its own fields are that run's
+        rec = {"finished_utc": before.get("finished_utc"), "seconds": before.get("seconds"),
+               "steps_run": before["steps_run"], "reproducibility": before.get("reproducibility")}
+    if rec and not rec.get("finished_utc"):
+        stamps = [(workdir / STEP_DIR / f"{name}.json").stat().st_mtime for name in rec.get("steps_run", [])
+                  if (workdir / STEP_DIR / f"{name}.json").is_file()]
+        if stamps:
+            rec = {**rec, "finished_utc": _utc(max(stamps))}
+    return rec or {}
 
 
 def _member_steps(members, steps, deep_dir, snap_dir, all_cases, workdir, device, s) -> None:

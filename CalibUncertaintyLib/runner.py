@@ -197,6 +197,11 @@ class PredictOptions:
         cal = as_optional_path(self.calibration)
         if cal is not None and not cal.is_file():
             out.append(f"The calibration file {cal} does not exist.")
+        elif cal is not None and not problem and self.ensemble in ENSEMBLE_CHOICES:
+            mismatch = calibration_mismatch(cal, self.model_dir, self.ensemble, self.folds, self.tta,
+                                            self.dropout_passes)
+            if mismatch:
+                out.append(mismatch)
         if self.device not in DEVICE_CHOICES:
             out.append(f"Unknown device {self.device!r}; choose one of {', '.join(DEVICE_CHOICES)}.")
         return out
@@ -212,6 +217,35 @@ class PredictOptions:
         if problems:
             raise InputError(" ".join(problems))
         return self
+
+
+def calibration_tta(calibration) -> bool | None:
+    """The TTA setting a calibration file was fitted with (None: not recorded, or unreadable), so a
+    panel can preset it: the file is refused with the other setting."""
+    import json
+
+    try:
+        rec = json.loads(Path(calibration).read_text(encoding="utf-8")).get("ensemble") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return rec["tta"] if isinstance(rec.get("tta"), bool) else None
+
+
+def calibration_mismatch(calibration, model_dir, ensemble: str, folds, tta: bool, passes: int | None) -> str | None:
+    """Why ``calibration`` does not fit these members (another ensemble kind, member set or TTA
+    setting: ``CalibrationFile.check_ensemble``), or None. Reads only JSON files and file names.
+    An unreadable file is left to ``predict`` (which reports it)."""
+    from .calibration.calibration_file import CalibrationFile
+    from .errors import CalibUncertaintyError
+    from .nnunet.model_folder import ModelFolder
+
+    try:
+        cal = CalibrationFile.load(calibration)
+        members = ModelFolder.open(as_optional_path(model_dir)).members(ensemble, folds, passes=passes)
+        cal.check_ensemble(ensemble, [m.name for m in members], True if ensemble == "tta" else bool(tta))
+    except CalibUncertaintyError as exc:
+        return str(exc)
+    return None
 
 
 def build_predict_command(options: PredictOptions, output: str = OUTPUT_PLACEHOLDER,
@@ -280,6 +314,9 @@ def describe_progress(event: dict) -> tuple[int | None, str]:
     if event.get("member") is not None:
         n = event.get("n_members")
         parts.append(f"member {event['member']}/{n}" if n else f"member {event['member']}")
+    for unit, total in (("patch", "n_patches"), ("slab", "n_slabs")):  # progress.tick lines
+        if event.get(unit) is not None and event.get(total):
+            parts.append(f"{unit} {event[unit]}/{event[total]}")
     for key in ("case", "message"):
         if event.get(key):
             parts.append(str(event[key]))

@@ -193,36 +193,40 @@ class CalibrationFile:
             raise InputError(f"{where}: {exc}; {REFIT_HINT}") from None
         return self
 
-    def check_ensemble(self, kind: str | None = None, members=None, tta: bool | None = None) -> str | None:
-        """Compare the ensemble this file was fitted on with the one it is applied to.
+    def check_ensemble(self, kind: str | None = None, members=None, tta: bool | None = None) -> None:
+        """Refuse (CalibrationMismatchError) to apply this file to other members than it was fitted on.
 
         ``kind``: the model's ensemble kind (None for member folders, whose names are then
-        compared with member folder names only). Another member count, member set or ensemble
-        kind: CalibrationMismatchError (a temperature fitted on
-        five folds is wrong for one, and the reverse). Another TTA setting: a warning, returned
-        (TTA shifts confidence a little; the file still comes from the same networks). Anything
-        not recorded on either side is not compared."""
+        compared with member folder names only). Another ensemble kind, member count (folds,
+        snapshots, dropout passes, mirrorings) or member set, or another TTA setting: a temperature
+        and thresholds fitted on five folds without mirroring are wrong for one fold, or with
+        mirroring (TTA makes the members more confident). The message names the fix: the options
+        that reproduce the fitted ensemble, or refitting. Anything not recorded on either side is
+        not compared. Returns None."""
         rec = self.ensemble or {}
         name = Path(self.source_path).name if self.source_path else "(unsaved)"
-        problems = []
+        problems, fixes = [], []
         if rec.get("kind") and kind and rec["kind"] != kind:
             problems.append(f"ensemble kind: fitted on {rec['kind']}, applied to {kind}")
+            fixes.append(f"--ensemble {rec['kind']}")
         if rec.get("members") and members:
             a, b = _member_set(rec["members"]), _member_set(members)
             if len(a) != len(b):
                 problems.append(f"{len(a)} member(s) ({', '.join(sorted(a))}) when fitted, {len(b)} "
                                 f"({', '.join(sorted(b))}) now")
+                fixes += _member_fixes(rec, a)
             elif a != b and (rec.get("kind") is None) == (kind is None):
                 # names are comparable when both sides name model members, or both name folders
                 problems.append(f"members: fitted on {', '.join(sorted(a))}; applied to {', '.join(sorted(b))}")
-        if problems:
-            raise CalibrationMismatchError(f"calibration file {name} was fitted on another ensemble ("
-                                           f"{'; '.join(problems)}); {REFIT_HINT} with the same ensemble")
+                fixes += _member_fixes(rec, a)
         if rec.get("tta") is not None and tta is not None and bool(rec["tta"]) != bool(tta):
-            msg = (f"calibration file {name} was fitted with TTA {'on' if rec['tta'] else 'off'}, applied with "
-                   f"TTA {'on' if tta else 'off'}: confidence may be slightly miscalibrated; use the same setting")
-            log.warning(msg)
-            return msg
+            problems.append(f"TTA (nnU-Net's mirroring): {'on' if rec['tta'] else 'off'} when fitted, "
+                            f"{'on' if tta else 'off'} now")
+            fixes.append("--tta" if rec["tta"] else "--no-tta")
+        if problems:
+            fix = (f"run with {' '.join(dict.fromkeys(fixes))} as when it was fitted, or " if fixes else "")
+            raise CalibrationMismatchError(f"calibration file {name} was fitted on another ensemble ("
+                                           f"{'; '.join(problems)}); {fix}{REFIT_HINT} with this ensemble")
         return None
 
     def check_fingerprint(self, fp: dict) -> None:
@@ -360,6 +364,21 @@ class CalibrationFile:
             raise InputError(f"calibration file {path} is not valid JSON ({exc.msg} at line {exc.lineno}, "
                              f"column {exc.colno}): it is corrupt or truncated; {REFIT_HINT}") from exc
         return cls.from_dict(data, source=str(path))
+
+
+def _member_fixes(rec: dict, fitted: set) -> list[str]:
+    """Options that reproduce the fitted members of a model's ensemble (none for member folders)."""
+    import re
+
+    if not rec.get("kind"):
+        return []
+    folds = sorted({m.group(1) for n in fitted if (m := re.match(r"fold_([^_/]+)", n))},
+                   key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0, f))
+    out = [f"--folds {' '.join(folds)}"] if folds else []
+    passes = {n for n in fitted if re.search(r"dropout_\d+$", n)}
+    if rec["kind"] == "dropout" and passes and folds:
+        out.append(f"--passes {len(passes) // len(folds)}")
+    return out
 
 
 def _member_set(names) -> set:

@@ -215,13 +215,61 @@ def case_margin_rates(prob_k, label_is_k, pred_is_k, outer: float, inner: float)
 
 # --- the calibration file's record -------------------------------------------------------------
 
-def guarantee_text(alpha: float, what: str = "flags") -> str:
+def guarantee_text(alpha: float, what: str = "flags", trivial: bool = False, n_cases: int | None = None) -> str:
+    """The guarantee as a sentence; ``trivial``: the trivial one, said so (``trivial_text``)."""
+    if trivial:
+        return trivial_text(alpha, n_cases, what)
     pct = f"{100 * (1 - float(alpha)):.0f} %"
     if what == "flags":
         return f"flags cover ≥ {pct} of errors in expectation"
     if what == "outer":
         return f"outer contour holds ≥ {pct} of the organ's voxels in expectation"
     return f"inner contour's voxels are organ with precision ≥ {pct} in expectation"
+
+
+def trivial_text(alpha: float, n_cases: int | None, what: str = "flags") -> str:
+    """What a trivial guarantee is, and how many calibration cases would make it a real one."""
+    need = min_cases(float(alpha))
+    if n_cases is not None and n_cases < need:
+        why = (f"fitted on {n_cases} calibration case(s); α = {float(alpha):g} needs at least {need} for a real "
+               "guarantee")
+    else:
+        why = "no smaller set met the bound on the calibration cases"
+    held = {"flags": "every ROI voxel is flagged", "outer": "the outer contour is the whole image",
+            "inner": "the inner contour is empty"}[what]
+    return f"trivial guarantee only: {held} ({why})"
+
+
+def outer_is_trivial(th: dict) -> bool:
+    """An outer threshold at 0 keeps every voxel (p ≥ 0): the whole image."""
+    return th.get("outer") is None or float(th["outer"]) <= 0.0
+
+
+def inner_is_trivial(th: dict) -> bool:
+    """An inner threshold at 1 keeps no voxel (p > 1): an empty contour."""
+    return th.get("inner") is None or float(th["inner"]) >= 1.0
+
+
+def margin_guarantees(rec: dict, alpha: float | None = None) -> dict | None:
+    """{"outer": sentence, "inner": sentence, "trivial_outer": [classes], "trivial_inner": [classes]}
+    for the record's margins at ``alpha`` (None = the record's α): a part that is trivial for every
+    class says so (``trivial_text``), one trivial for some classes names them. None without margins."""
+    if not rec or not rec.get("margins"):
+        return None
+    a = rec["alpha"] if alpha is None else float(alpha)
+    n = rec.get("n_cases")
+    out = {}
+    for part, test in (("outer", outer_is_trivial), ("inner", inner_is_trivial)):
+        stored = {c: at_alpha(rec, "margins", c, a) for c in rec["margins"]}
+        trivial = [c for c, th in stored.items() if th is None or test(th)]
+        if stored and len(trivial) == len(stored):
+            text = trivial_text(a, n, part)
+        else:
+            text = guarantee_text(a, part)
+            if trivial:
+                text += f" (trivial for {', '.join(trivial)}: {trivial_text(a, n, part)})"
+        out[part], out[f"trivial_{part}"] = text, trivial
+    return out
 
 
 def build_record(alpha: float, flag_scores: dict, margin_curves: dict, alphas=ALPHA_GRID) -> dict:
@@ -276,23 +324,28 @@ def at_alpha(rec: dict, part: str, name: str, alpha: float | None = None) -> dic
 
 
 def describe_record(rec: dict, maps=None) -> list[str]:
-    """Readable lines for the CLI and reports ([] when there is no record)."""
+    """Readable lines for the CLI and reports ([] when there is no record). A trivial guarantee
+    is called trivial, with the number of calibration cases a real one needs."""
     if not rec:
         return []
     a, n = rec["alpha"], rec.get("n_cases", 0)
+    need = rec.get("min_cases") or min_cases(a)
     lines = [f"conformal risk control (α = {a:g}, {n} calibration cases; {SOURCE})"]
-    if n < rec.get("min_cases", 0):
-        lines.append(f"  only {n} cases: α = {a:g} needs ≥ {rec['min_cases']}; every guarantee is the trivial "
-                     "one (flag the whole ROI, outer = whole image, inner = empty)")
+    if n < need:
+        lines.append(f"  TRIVIAL GUARANTEE ONLY: {n} calibration case(s), α = {a:g} needs at least {need}: the flags "
+                     "cover the errors only by flagging the whole ROI, the outer margins are the whole image and "
+                     f"the inner margins empty; fit on {need} or more calibration cases for a real guarantee")
     flags = rec.get("flags") or {}
     shown = [m for m in (maps or flags) if m in flags]
-    if shown:
-        parts = []
-        for m in shown:
-            parts.append(_flag_rule(m, at_alpha(rec, "flags", m)))
-        lines.append(f"  {guarantee_text(a)} at: " + ", ".join(parts))
-    if rec.get("margins"):
-        lines.append(f"  organ margins: {guarantee_text(a, 'outer')}; {guarantee_text(a, 'inner')}:")
+    real = [m for m in shown if not _flag_is_trivial(at_alpha(rec, "flags", m))]
+    trivial = [m for m in shown if m not in real]
+    if real:
+        lines.append(f"  {guarantee_text(a)} at: " + ", ".join(_flag_rule(m, at_alpha(rec, "flags", m)) for m in real))
+    if trivial:
+        lines.append(f"  whole ROI flagged (trivial guarantee) for: {', '.join(trivial)}")
+    mg = margin_guarantees(rec)
+    if mg:
+        lines.append(f"  organ margins: {mg['outer']}; {mg['inner']}:")
     for cname in rec.get("margins") or {}:
         th = at_alpha(rec, "margins", cname)
         if th:
@@ -300,12 +353,17 @@ def describe_record(rec: dict, maps=None) -> list[str]:
     return lines
 
 
+def _flag_is_trivial(th: dict | None) -> bool:
+    """No threshold, or one at or below 0 (every score is >= 0): the whole ROI is flagged."""
+    return not th or th["tau"] is None or th["c"] is None or th["c"] <= 0
+
+
 def _flag_rule(name: str, th: dict | None) -> str:
     """How a stored flag threshold reads in the map's own units (every score is >= 0, so a
     threshold at or below 0 flags the whole ROI: the map is 0 at some calibration errors)."""
     from .thresholds import LOWER_IS_UNCERTAIN
 
-    if not th or th["tau"] is None or th["c"] <= 0:
+    if _flag_is_trivial(th):
         return f"{name}: whole ROI"
     if name in LOWER_IS_UNCERTAIN:
         return f"{name} < {1.0 - th['tau']:.4g}"
@@ -313,15 +371,17 @@ def _flag_rule(name: str, th: dict | None) -> str:
 
 
 def case_guarantees(calibration, regions_map: str) -> dict | None:
-    """summary.json's ``conformal`` block: α, the guarantee sentences and the thresholds used."""
+    """summary.json's ``conformal`` block: α, the guarantee sentences (a trivial one said so, with
+    ``min_cases``, the calibration cases a real one needs) and the thresholds used."""
     rec = getattr(calibration, "conformal", None) if calibration is not None else None
     if not rec:
         return None
-    a = rec["alpha"]
+    a, n = rec["alpha"], rec.get("n_cases")
     flag = at_alpha(rec, "flags", regions_map)
-    return {"alpha": a, "n_cases": rec.get("n_cases"), "source": rec.get("source"),
-            "trivial": bool(flag["trivial"]) if flag else None,
+    trivial = _flag_is_trivial(flag) if flag else None
+    mg = margin_guarantees(rec)
+    return {"alpha": a, "n_cases": n, "min_cases": rec.get("min_cases") or min_cases(a), "source": rec.get("source"),
+            "trivial": trivial,
             "flags": {"map": regions_map, "tau_score": flag["tau"], "rule": _flag_rule(regions_map, flag),
-                      "guarantee": guarantee_text(a)} if flag else None,
-            "margins": {"outer": guarantee_text(a, "outer"), "inner": guarantee_text(a, "inner")}
-            if rec.get("margins") else None}
+                      "guarantee": guarantee_text(a, "flags", bool(trivial), n)} if flag else None,
+            "margins": {"outer": mg["outer"], "inner": mg["inner"]} if mg else None}

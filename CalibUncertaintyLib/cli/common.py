@@ -70,6 +70,15 @@ def nonnegative_int(text: str) -> int:
     return v
 
 
+def fold(text: str) -> str:
+    """A fold number or 'all' (kept as text, as nnU-Net's -f takes it)."""
+    t = text.strip()
+    if t.isdigit() or t == "all":
+        return t
+    hint = f" (-f{t} is read as -f {t}: write -f 0 or --folds 0)" if t.isalpha() else ""
+    raise argparse.ArgumentTypeError(f"expected a fold number (0, 1, ...) or 'all', got {text!r}{hint}")
+
+
 def existing_dir(text: str) -> Path:
     p = Path(text)
     if not p.is_dir():
@@ -118,6 +127,9 @@ def add_member_options(parser: argparse.ArgumentParser, images_required: bool = 
                             "fold_<k>/checkpoint_*.pth); every member is run on the --images "
                             "(required then) and its outputs are kept in --member-cache for reuse. "
                             "The calibration fingerprint is then the model's, checkpoints included")
+        from .nnunet_flags import add_dataset_option
+
+        add_dataset_option(x)
     else:
         g.add_argument("--members", nargs="+", required=True, type=existing_dir, metavar="DIR",
                        help=members_help)
@@ -141,6 +153,9 @@ def add_member_options(parser: argparse.ArgumentParser, images_required: bool = 
                    help="case ids to use (default: every case present in all member folders"
                         + (", or with --model every image in --images)" if model_alternative else ")"))
     if model_alternative:
+        from .nnunet_flags import add_location_options
+
+        add_location_options(parser)
         add_model_run_options(parser)
 
 
@@ -148,23 +163,26 @@ def add_model_run_options(parser: argparse.ArgumentParser) -> None:
     """How a --model is run: --ensemble, --folds, --checkpoint, --device, --tta, --member-cache."""
     from ..device import CHOICES
     from ..nnunet.model_folder import DEFAULT_CHECKPOINT, ENSEMBLE_KINDS
+    from .nnunet_flags import add_disable_tta
 
-    g = parser.add_argument_group("running a model (with --model only)")
+    g = parser.add_argument_group("running a model (with --model or -d only)")
     g.add_argument("--ensemble", choices=ENSEMBLE_KINDS, default=None,
                    help=ENSEMBLE_HELP)
-    g.add_argument("--folds", nargs="+", metavar="FOLD",
+    g.add_argument("-f", "--folds", nargs="+", type=fold, metavar="FOLD",
                    help="folds to use (numbers or 'all'; default: every fold holding the checkpoint, "
                         "for single: fold 0)")
-    g.add_argument("--checkpoint", default=None, metavar="NAME",
+    g.add_argument("-chk", "--checkpoint", default=None, metavar="NAME",
                    help=f"checkpoint file of each fold for deep/single (default {DEFAULT_CHECKPOINT})")
     g.add_argument("--passes", type=positive_int, default=None, metavar="N",
                    help=PASSES_HELP)
-    g.add_argument("--device", choices=CHOICES, default=None,
+    g.add_argument("-device", "--device", choices=CHOICES, default=None,
                    help="auto: CUDA, else Apple MPS, else the CPU; an unavailable device falls back to "
                         "the CPU with a warning (default auto)")
     g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="nnU-Net's mirroring test-time augmentation (default on; --no-tta is up to 8x "
-                        "faster). Use the same setting as 'predict' will, so the calibration fits it")
+                        "faster). Use the same setting as 'predict' will: a calibration is refused by a run "
+                        "with the other setting")
+    add_disable_tta(g)
     g.add_argument("--member-cache", type=Path, metavar="DIR", default=None,
                    help="folder keeping every member's probabilities per case (nnU-Net "
                         "--save_probabilities layout, under <model>-<hash>/<tta|notta>/<member>/), "
@@ -220,7 +238,7 @@ def member_inputs(args, default_cache: Path | None = None, fingerprint: dict | N
     if getattr(args, "model", None) is None:
         given = [opt for opt, attr in run_opts.items() if getattr(args, attr, None) is not None]
         if given:
-            raise InputError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --model "
+            raise InputError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --model or -d "
                              "(running a model folder); with --members the members are already computed")
         return MemberInputs(list(args.members), args.cases, None,
                             {"members": [str(d) for d in args.members]})
@@ -285,12 +303,15 @@ def add_identity_option(parser: argparse.ArgumentParser, what: str) -> None:
 
 def ensemble_record(args, pairing) -> dict:
     """What the members are, for the calibration file's ``ensemble`` record and its check:
-    with --model the ensemble kind, member names and TTA; with --members the folder names."""
+    with --model the ensemble kind, member names and TTA; with --members the folder names and
+    the TTA setting their markers record (None for folders without one, e.g. nnUNetv2_predict's)."""
     from ..io.nnunet_outputs import member_name
+    from ..nnunet.member_cache import recorded_tta
 
-    names = [member_name(d) for d in (pairing.cases[0].member_dirs if pairing.cases else [])]
+    dirs = pairing.cases[0].member_dirs if pairing.cases else []
+    names = [member_name(d) for d in dirs]
     if getattr(args, "model", None) is None:
-        return {"kind": None, "members": names, "tta": None}
+        return {"kind": None, "members": names, "tta": recorded_tta(dirs)}
     return {"kind": args.ensemble, "members": names, "tta": bool(args.tta)}
 
 
@@ -417,6 +438,12 @@ class _CurrentStderrHandler(logging.StreamHandler):
     def stream(self, value):  # StreamHandler assigns it; the current sys.stderr is always used
         pass
 
+    def emit(self, record):
+        from ..progress import before_output
+
+        before_output()  # a live status line is cleared first
+        super().emit(record)
+
 
 def setup_logging(verbose: int = 0) -> None:
     """Log to stderr: warnings by default, info with -v, debug with -vv."""
@@ -439,8 +466,29 @@ def progress_bar(iterable, total: int | None = None, desc: str = ""):
 
 
 def say(message: str) -> None:
-    """One line of result for the person at the terminal (stdout)."""
+    """One line of result for the person at the terminal (stdout); a live status line is cleared first."""
+    from ..progress import before_output
+
+    before_output()
     print(message, flush=True)
+
+
+def case_finished(out_dir, extra=None):
+    """An ``on_done(case_id, record)`` for ``run_maps`` / ``run_predict``: says the case's verdict
+    (``report.verdict``: what to look at) as soon as the case is finished. ``extra(record)``: more
+    text for the line (e.g. predict's timings)."""
+    from pathlib import Path
+
+    from ..report.verdict import folder_verdict
+
+    def on_done(case_id, record) -> None:
+        try:
+            line = folder_verdict(Path(out_dir) / case_id)
+        except (OSError, ValueError):  # the folder is complete when on_done runs; never fail the run for a line
+            line = f"{case_id}: done"
+        say(line + (f" ({extra(record)})" if extra else ""))
+
+    return on_done
 
 
 def finish_cohort_run(out_dir, summaries: list, run: dict, result) -> int:

@@ -4,8 +4,7 @@ Generates CT-like phantoms, plans and preprocesses them with nnU-Net, trains a s
 ensemble (5 folds) and a checkpoint ensemble (cyclical-LR snapshots), fits the temperature on
 calibration cases, writes calibrated probabilities, uncertainty maps and error regions for the
 test cases, evaluates single model / deep ensemble / checkpoint ensemble before and after
-calibration, and writes REPORT.md. About 10 minutes on two CPU cores the first time; a rerun
-reuses every finished step (see ``CalibUncertaintyLib/demo.py``).
+calibration, and writes REPORT.md. A rerun reuses every finished step (see ``CalibUncertaintyLib/demo.py``).
 """
 
 from __future__ import annotations
@@ -15,12 +14,22 @@ from pathlib import Path
 
 from .common import positive_int, say
 
+DESCRIPTION = (
+    "The whole pipeline on a generated phantom dataset, on the CPU: generates CT-like phantoms, plans and "
+    "preprocesses them with nnU-Net, trains a small deep ensemble (5 folds) and a checkpoint ensemble "
+    "(cyclical-LR snapshots), fits the temperature on calibration cases, writes calibrated probabilities, "
+    "uncertainty maps and error regions for the test cases, evaluates single model / deep ensemble / checkpoint "
+    "ensemble before and after calibration, runs predict on one test image and writes REPORT.md. Training "
+    "dominates the time (measured times, with their machine, in docs/BENCHMARKS.md); a rerun reuses every "
+    "finished step and keeps the record of the run that computed the numbers.")
+
 
 def register(subparsers) -> argparse.ArgumentParser:
     from ..device import CHOICES
 
-    p = subparsers.add_parser("demo", help="end-to-end demo on a generated phantom dataset (CPU, ~10 min)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("demo", help="the whole pipeline on a generated phantom dataset, on the CPU "
+                                           "(what scripts/demo.sh runs)",
+                              description=DESCRIPTION)
     p.add_argument("--workdir", type=Path, default=Path("demo_output"),
                    help="folder for everything the demo writes (default ./demo_output; reused on rerun)")
     p.add_argument("--device", choices=CHOICES, default="auto",
@@ -52,6 +61,10 @@ def run(args) -> int:
         "settings on the same CPU repeat it; other thread counts or CPUs give other numbers)")
     say(f"report: {result.report}")
     say(f"done in {result.summary['seconds']:.0f} s (reused: {', '.join(result.steps_skipped) or 'nothing'})")
+    computed = result.summary.get("computed_by") or {}
+    if not result.steps_run and computed:
+        say(f"every step was reused: these numbers are those of the run that finished {computed.get('finished_utc')} "
+            f"in {computed.get('seconds', 0):.0f} s (its record stays in REPORT.md)")
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 
+from .nnunet_flags import SYNONYMS_HELP
 from .common import (ROI_RULES, add_executor_options, add_identity_option, add_member_options, add_output_option,
                      nonnegative_mm, positive_mm, say)
 
@@ -31,7 +32,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "inside the ROI and over the whole image, Dice, error detection of every map at its "
                     "τ*, case-level quality; tables (CSV, JSON), figures (PNG) and report.md. The members are "
                     "given as --save_probabilities folders (--members) or computed here from an nnU-Net "
-                    "model folder (--model; outputs cached for later runs).")
+                    "model folder (--model or nnU-Net's -d/-c/-tr/-p; outputs cached for later runs). "
+                    + SYNONYMS_HELP + ".")
     add_member_options(p, images_required=True, labels="required", model_alternative=True)
     p.add_argument("--calibration", required=True, metavar="FILE",
                    help="calibration file from 'fit-temperature' for these members' model (with --model: "
@@ -68,6 +70,9 @@ def run(args) -> int:
     from ..pipeline.evaluate import EvalOptions, evaluate_cases, write_evaluation
     from .common import ensemble_record, executor_options, member_inputs
 
+    from .nnunet_flags import apply_nnunet_flags
+
+    apply_nnunet_flags(args)  # --disable_tta, -d/-c/-tr/-p
     executor = executor_options(args)
     cal, fingerprint = None, None
     if args.model is not None:  # refuse another model's calibration file before any inference

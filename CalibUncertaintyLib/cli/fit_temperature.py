@@ -1,9 +1,11 @@
 """``calib-uncertainty fit-temperature``: fit the calibration file on calibration cases.
 
-Thin wrapper over ``pipeline.fit.fit_calibration`` (see there for every definition): fits T
-(or vector scaling) by NLL inside the ROI, then τ* per map by mean UEO and the EBCU threshold
-(0.95 quantile of the calibrated entropy in the ROI) on the same cases, and records the
-model's fingerprint. The output file is written atomically.
+Thin wrapper over ``pipeline.fit.fit_calibration`` (see there for every definition): fits the
+calibrator (default ``pipeline.fit.DEFAULT_METHOD``, the local temperature T(x); the global T,
+per-class T or vector scaling with ``--method``) by NLL, then τ* per map by mean UEO, the EBCU
+threshold (0.95 quantile of the calibrated entropy in the ROI) and the conformal thresholds on the
+same cases, and records the model's fingerprint and the ensemble. The output file is written
+atomically.
 
 Inputs: ``--members DIR...`` (nnU-Net --save_probabilities folders; fingerprint of those folders:
 plans + dataset.json) or ``-m/--model MODEL_DIR --images DIR`` (the command runs every member on
@@ -19,20 +21,28 @@ from __future__ import annotations
 
 import argparse
 
+from .nnunet_flags import SYNONYMS_HELP
 from .common import (ENSEMBLE_MODES, add_executor_options, add_identity_option, add_member_options, add_output_option,
                      add_roi_options, positive_int, positive_mm, say)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "fit-temperature", help="fit temperature (or vector) scaling, τ* per map and the EBCU threshold",
-        description="Fit post-hoc calibration of an ensemble on calibration cases with reference labels: "
-                    "one temperature T minimising the NLL of the ROI voxels (bounded search on log T), "
-                    "then, with T applied, the flagging threshold τ* of every uncertainty map (maximum "
-                    "mean UEO) and the EBCU threshold. Writes a JSON calibration file that 'maps', "
-                    "'evaluate' and 'predict' apply; it refuses to be applied to other members. The members "
-                    "are given as --save_probabilities folders (--members) or computed here from an nnU-Net "
-                    "model folder (--model with --images; outputs cached for later runs).")
+        "fit-temperature", help="fit the calibration (default: local temperature T(x)), τ* per map, the EBCU "
+                                "threshold and the conformal flag and margin thresholds",
+        description="Fit post-hoc calibration of an ensemble on calibration cases with reference labels. By "
+                    "default the local temperature T(x): one temperature per predicted class and distance in mm to "
+                    "the predicted contour (bins 0-15 mm and an open bin beyond the ROI), each fitted by minimising "
+                    "the NLL with pooling towards its parent, which never changes the segmentation; the global T is "
+                    "fitted and stored too (--method temperature makes it the calibrator). Then, with the "
+                    "calibration applied, the flagging threshold τ* of every uncertainty map (maximum mean UEO), "
+                    "the EBCU threshold and, by conformal risk control, flag and organ-margin thresholds at "
+                    "--conformal-alpha (a real guarantee needs at least 1/α − 1 calibration cases: 9 for α = 0.1; "
+                    "with fewer, the command says the guarantee is the trivial one). Writes a JSON calibration "
+                    "file that 'maps', 'evaluate' and 'predict' apply; it is refused for other members, another "
+                    "ensemble kind or another TTA setting. The members are given as --save_probabilities folders "
+                    "(--members) or computed here from an nnU-Net model folder (--model or nnU-Net's -d/-c/-tr/-p, "
+                    "with --images; outputs cached for later runs). " + SYNONYMS_HELP + ".")
     add_member_options(p, images_required=False, labels="required", model_alternative=True)
     add_roi_options(p)
     g = p.add_argument_group("fitting")
@@ -66,7 +76,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="α of conformal risk control (default 0.1): flags that miss at most a fraction α "
                         "of the ROI errors and organ margins (outer: holds ≥ 1 − α of the organ; inner: "
                         "precision ≥ 1 − α), in expectation over cases; needs ≥ 1/α − 1 calibration cases "
-                        "(9 for 0.1), else the guarantee is the trivial one")
+                        "(9 for 0.1), else the guarantee is the trivial one (flag the whole ROI) and every "
+                        "statement of it says so")
     add_identity_option(p, "member outputs")
     add_executor_options(p)
     add_output_option(p, "calibration file to write (JSON), e.g. calibration.json", metavar="FILE")
@@ -92,6 +103,9 @@ def run(args) -> int:
 
     from ..pipeline.fit import DEFAULT_METHOD
 
+    from .nnunet_flags import apply_nnunet_flags
+
+    apply_nnunet_flags(args)  # --disable_tta, -d/-c/-tr/-p
     if args.method is None:  # the local calibrator is pool-then-calibrate only
         args.method = DEFAULT_METHOD if args.ensemble_mode == "pool_then_calibrate" else "temperature"
     if args.local_open_bin and args.method != "local_temperature":

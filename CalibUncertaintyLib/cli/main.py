@@ -10,6 +10,8 @@ Errors raised on purpose by the library (``errors.CalibUncertaintyError`` and su
 Bad command-line values are reported by argparse, also with exit code 2. Ctrl-C exits with 130.
 The output location (-o/--output, --member-cache) is checked (kind, writable) before any work.
 ``--progress`` (or CALIBU_PROGRESS=1) turns on the machine-readable progress lines.
+An unknown flag gets argparse's error with the closest known option ("did you mean ...?",
+``nnunet_flags``); the commands fold nnU-Net's spellings in first (``nnunet_flags.apply_nnunet_flags``).
 """
 
 from __future__ import annotations
@@ -56,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def sub_parser(parser: argparse.ArgumentParser, command: str | None):
+    """The parser of ``command`` (None when there is none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return None
+
+
 def check_outputs(args) -> None:
     """Refuse a bad -o/--output (wrong kind, not writable) and --member-cache before any work."""
     from ..io.output_paths import check_output_path
@@ -66,10 +76,31 @@ def check_outputs(args) -> None:
         check_output_path(args.member_cache, "dir", "member cache folder")
 
 
+def _display():
+    """The live progress display for a person (``live_progress.LiveProgress``), installed for the
+    command; none when the machine-readable lines are on (a GUI draws them) or when a display is
+    already installed (a command run by another, e.g. the demo's steps)."""
+    import contextlib
+
+    from ..progress import has_display, progress_enabled, reporting
+    from .live_progress import LiveProgress
+
+    if progress_enabled() or has_display():
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(reporting(stack.enter_context(LiveProgress())))
+    return stack
+
+
 def main(argv=None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # argparse's error path (usage, message, exit 2), with "did you mean"
+        from .nnunet_flags import unknown_arguments_message
+
+        command = sub_parser(parser, getattr(args, "command", None)) or parser
+        command.error(unknown_arguments_message(extras, command))
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
@@ -80,8 +111,9 @@ def main(argv=None) -> int:
     if getattr(args, "progress", False):
         os.environ[ENV_VAR] = "1"  # also reaches child processes (e.g. Ray workers)
     try:
-        check_outputs(args)
-        rc = args.func(args)
+        with _display():
+            check_outputs(args)
+            rc = args.func(args)
     except CalibUncertaintyError as e:
         if getattr(args, "debug", False):
             traceback.print_exc()

@@ -39,14 +39,16 @@ def run(args) -> int:
     from ..pipeline.case import CaseOptions, probability_labels
     from ..pipeline.dataset import check_member_inputs, load_checked_calibration
     from ..pipeline.maps_job import complete_record, run_maps
-    from .common import executor_options, finish_cohort_run
+    from .common import case_finished, executor_options, finish_cohort_run
 
     executor = executor_options(args)
     pairing = pair_cases(args.members, args.images, None, args.cases)
     check_member_inputs(pairing, args.allow_identity_mismatch)
     cal = load_checked_calibration(args.calibration, pairing) if args.calibration else None
     if cal is not None:
-        cal.check_ensemble(None, [member_name(d) for d in args.members], None)
+        from ..nnunet.member_cache import recorded_tta
+
+        cal.check_ensemble(None, [member_name(d) for d in args.members], recorded_tta(args.members))
     for cf in pairing.cases:  # every image read (intact, finite) before any case is computed
         for path in cf.image_paths[:1]:
             read_image(path)
@@ -60,13 +62,12 @@ def run(args) -> int:
                        n_members=len(names), member_names=names,
                        probability_classes=probability_classes(args.probabilities))
     probability_labels(opts.probability_classes, pairing.class_names)  # an unknown class: refused up front
-    result = run_maps(pairing, cal, opts, args.output, executor)
+    result = run_maps(pairing, cal, opts, args.output, executor,
+                      on_done=case_finished(args.output, lambda s: f"{s['timings_s']['total_s']:.1f} s"))
     summaries = []
     for cf in pairing.cases:
         if cf.case in result.results:
-            s = result.results[cf.case]
-            summaries.append(s)
-            say(f"{cf.case}: {s['n_regions']} region(s) on {s['regions_map']}, {s['timings_s']['total_s']:.1f} s")
+            summaries.append(result.results[cf.case])
         elif cf.case in result.skipped:
             summaries.append(complete_record(args.output, cf.case))
     return finish_cohort_run(args.output, summaries,

@@ -22,7 +22,9 @@ import logging
 from pathlib import Path
 
 from .common import (ENSEMBLE_HELP, PASSES_HELP, add_apply_calibration_options, add_executor_options, add_map_options,
-                     add_output_option, positive_int, probability_classes, region_max_extent, say)
+                     add_output_option, fold, positive_int, probability_classes, region_max_extent, say)
+from .nnunet_flags import (SYNONYMS_HELP, add_dataset_option, add_disable_tta, add_location_options,
+                           apply_nnunet_flags)
 
 log = logging.getLogger(__name__)
 
@@ -36,28 +38,33 @@ def register(subparsers) -> argparse.ArgumentParser:
         description="Predict CT images with an nnU-Net v2 trained model folder, keeping every ensemble "
                     "member (folds, snapshot checkpoints or a single model), and write calibrated "
                     "probabilities, a segmentation, all uncertainty maps and ranked error regions per "
-                    "case on the input image's grid (the outputs of 'maps').")
+                    "case on the input image's grid (the outputs of 'maps'). " + SYNONYMS_HELP + ".")
     g = p.add_argument_group("inputs")
     g.add_argument("-i", "--input", required=True, type=Path, metavar="FILE_OR_DIR",
                    help="one image (case id = file name without _0000 and extension) or an nnU-Net raw "
                         "images folder (<case>_0000.nii.gz, <case>_0001... for multi-channel models)")
-    g.add_argument("-m", "--model", required=True, type=Path, metavar="MODEL_DIR",
-                   help="nnU-Net v2 trained model folder <Trainer>__<Plans>__<Configuration> (holding "
-                        "plans.json, dataset.json and fold_<k>/checkpoint_*.pth)")
+    where = g.add_mutually_exclusive_group(required=True)
+    where.add_argument("-m", "--model", type=Path, metavar="MODEL_DIR",
+                       help="nnU-Net v2 trained model folder <Trainer>__<Plans>__<Configuration> (holding "
+                            "plans.json, dataset.json and fold_<k>/checkpoint_*.pth)")
+    add_dataset_option(where)
+    add_location_options(p)
     g = p.add_argument_group("ensemble")
     g.add_argument("--ensemble", choices=ENSEMBLE_KINDS, default="deep", help=ENSEMBLE_HELP)
     g.add_argument("--passes", type=positive_int, default=None, metavar="N", help=PASSES_HELP)
-    g.add_argument("--folds", nargs="+", metavar="FOLD",
+    g.add_argument("-f", "--folds", nargs="+", type=fold, metavar="FOLD",
                    help="folds to use (numbers or 'all'; default: every fold holding the checkpoint, "
                         "for single: fold 0)")
-    g.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, metavar="NAME",
+    g.add_argument("-chk", "--checkpoint", default=DEFAULT_CHECKPOINT, metavar="NAME",
                    help=f"checkpoint file of each fold for deep/single (default {DEFAULT_CHECKPOINT})")
-    g.add_argument("--device", choices=CHOICES, default="auto",
+    g.add_argument("-device", "--device", choices=CHOICES, default="auto",
                    help="auto: CUDA, else Apple MPS, else the CPU; an unavailable device falls back to "
                         "the CPU with a warning (default auto)")
     g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="nnU-Net's mirroring test-time augmentation (default on; --no-tta is up to 8x faster)")
-    g.add_argument("--step-size", type=_step_size, default=0.5, metavar="F",
+                   help="nnU-Net's mirroring test-time augmentation (default on; --no-tta is up to 8x faster). "
+                        "A calibration file fitted with the other setting is refused")
+    add_disable_tta(g)
+    g.add_argument("-step_size", "--step-size", type=_step_size, default=0.5, metavar="F",
                    help="sliding-window step as a fraction of the patch size (nnU-Net default 0.5)")
     add_apply_calibration_options(p, "THIS model")
     add_map_options(p)
@@ -100,6 +107,12 @@ def load_calibration_for_model(path, model):
     return cal
 
 
+def _timing(record: dict) -> str:
+    t = record["prediction_timings_s"]
+    return (f"inference {t.get('inference_s', 0.0):.1f} s on {record['device']}, "
+            f"case {t['case_total_s']:.1f} s")
+
+
 def check_inputs(cases: dict) -> None:
     """Read every channel file of every case, so that a truncated or corrupt file or a NaN/inf
     voxel is refused before any inference (each case's identity is recorded by ``predict_case``)."""
@@ -117,8 +130,9 @@ def run(args) -> int:
     from ..pipeline.case import CaseOptions, probability_labels
     from ..pipeline.maps_job import complete_record
     from ..pipeline.predict_job import PredictOptions, make_predict_job, run_predict
-    from .common import executor_options, finish_cohort_run, resolve_tta
+    from .common import case_finished, executor_options, finish_cohort_run, resolve_tta
 
+    apply_nnunet_flags(args)  # --disable_tta, -d/-c/-tr/-p (also when the command function is called directly)
     executor = executor_options(args)
     model = ModelFolder.open(args.model)
     args.tta = resolve_tta(args.ensemble, args.tta)
@@ -143,16 +157,13 @@ def run(args) -> int:
     job = make_predict_job(model, members, popts, cal, opts, args.output)
     say(f"{len(cases)} case(s), {len(members)} member(s) ({args.ensemble}: {', '.join(names)}), "
         f"TTA {'on' if args.tta else 'off'}, executor {executor.kind}")
-    result = run_predict(job, cases, executor)
+    result = run_predict(job, cases, executor, on_done=case_finished(args.output, _timing))
     summaries, devices = [], []
     for case_id in cases:
         if case_id in result.results:
             s = result.results[case_id]
             summaries.append(s)
             devices.append(s["device"])
-            t = s["prediction_timings_s"]
-            say(f"{case_id}: {s['n_regions']} region(s) on {s['regions_map']}; inference {t['inference_s']:.1f} s "
-                f"on {s['device']}, total {t['case_total_s']:.1f} s")
         elif case_id in result.skipped:
             summaries.append(complete_record(args.output, case_id))
     return finish_cohort_run(args.output, summaries,

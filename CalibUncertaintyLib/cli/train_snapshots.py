@@ -24,6 +24,18 @@ from .common import positive_int, say
 
 TRAINER_CHOICES = {"snapshot": "CalibuSnapshotTrainer", "tiny": "CalibuTinyTrainer"}
 
+#: what --help says (plain text: argparse re-wraps it)
+DESCRIPTION = (
+    "Train this project's nnU-Net v2 trainers without nnU-Net's trainer discovery. Default: a checkpoint "
+    "ensemble, one fold trained with Adam and a cyclical cosine learning rate, saving one snapshot "
+    "checkpoint_snapshot_<cycle>.pth per cycle (predict --ensemble checkpoint uses them). With --trainer tiny "
+    "and several --fold values: a short deep ensemble, one Adam + poly model per fold. DATASET is an nnU-Net "
+    "raw dataset folder (DatasetXXX_Name with imagesTr/, labelsTr/, dataset.json) or its id, found in --raw or "
+    "$nnUNet_raw. When the plans file --plans does not exist yet (or was derived by this command before), the "
+    "dataset is fingerprinted and planned by nnU-Net and a small plan is derived from it and preprocessed (the "
+    "options under 'small plan'); any other existing plans file is used as it is and must already be "
+    "preprocessed. The model folder is <results>/<DatasetXXX_Name>/<Trainer>__<Plans>__<Config>.")
+
 
 def _fold(text: str):
     if text == "all":
@@ -50,11 +62,11 @@ def _positive_float(text: str) -> float:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train-snapshots", help="train a checkpoint ensemble (cyclical LR snapshots) or a short deep ensemble",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", help="nnU-Net raw dataset folder (DatasetXXX_Name) or its id (with --raw / $nnUNet_raw)")
-    p.add_argument("--raw", type=Path, help="folder holding raw datasets (default $nnUNet_raw); only with an id")
-    p.add_argument("--preprocessed", type=Path, help="nnU-Net preprocessed folder (default $nnUNet_preprocessed)")
-    p.add_argument("--results", type=Path, help="nnU-Net results folder (default $nnUNet_results); the model "
+        description=DESCRIPTION)
+    p.add_argument("dataset", metavar="DATASET", help="nnU-Net raw dataset folder (DatasetXXX_Name) or its id (with --raw / $nnUNet_raw)")
+    p.add_argument("--raw", type=Path, metavar="DIR", help="folder holding raw datasets (default $nnUNet_raw); only with an id")
+    p.add_argument("--preprocessed", type=Path, metavar="DIR", help="nnU-Net preprocessed folder (default $nnUNet_preprocessed)")
+    p.add_argument("--results", type=Path, metavar="DIR", help="nnU-Net results folder (default $nnUNet_results); the model "
                    "folder is <results>/<dataset>/<Trainer>__<Plans>__<Config>")
     p.add_argument("--plans", default="nnUNetPlans_tiny", help="plans name (default nnUNetPlans_tiny, derived "
                    "from nnU-Net's plan when missing)")
@@ -64,23 +76,30 @@ def register(subparsers) -> None:
                         "tiny: Adam + poly decay, one model per fold (deep ensemble)")
     p.add_argument("--fold", "--folds", dest="folds", nargs="+", type=_fold, default=[0], metavar="FOLD",
                    help="fold(s) of nnU-Net's 5-fold split, or 'all' (default 0)")
-    p.add_argument("--cycles", type=positive_int, default=3, help="learning-rate cycles = snapshots (default 3)")
-    p.add_argument("--epochs-per-cycle", type=positive_int, default=3,
+    p.add_argument("--cycles", type=positive_int, default=3, metavar="N",
+                   help="learning-rate cycles = snapshots (default 3)")
+    p.add_argument("--epochs-per-cycle", type=positive_int, default=3, metavar="N",
                    help="epochs per cycle (snapshot) or in all (tiny: cycles x epochs-per-cycle) (default 3)")
-    p.add_argument("--iterations-per-epoch", type=positive_int, default=25, help="training iterations per epoch "
+    p.add_argument("--iterations-per-epoch", type=positive_int, default=25, metavar="N",
+                   help="training iterations per epoch "
                    "(default 25)")
-    p.add_argument("--lr", type=_positive_float, default=3e-3, help="peak Adam learning rate (default 3e-3)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--lr", type=_positive_float, default=3e-3, metavar="LR",
+                   help="peak Adam learning rate (default 3e-3)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
                    help="auto: CUDA, then MPS, then CPU (default)")
     g = p.add_argument_group("small plan (only when it is derived)")
-    g.add_argument("--n-stages", type=positive_int, default=4)
-    g.add_argument("--base-features", type=positive_int, default=8)
-    g.add_argument("--max-features", type=positive_int, default=64)
-    g.add_argument("--batch-size", type=positive_int, default=2)
-    g.add_argument("--num-processes", type=positive_int, default=2, help="processes for nnU-Net's "
+    g.add_argument("--n-stages", type=positive_int, default=4, metavar="N",
+                   help="resolution stages of the derived U-Net (default 4)")
+    g.add_argument("--base-features", type=positive_int, default=8, metavar="N",
+                   help="feature maps of the first stage, doubled per stage (default 8)")
+    g.add_argument("--max-features", type=positive_int, default=64, metavar="N",
+                   help="cap on the feature maps of any stage (default 64)")
+    g.add_argument("--batch-size", type=positive_int, default=2, metavar="N",
+                   help="training batch size of the derived plan (default 2)")
+    g.add_argument("--num-processes", type=positive_int, default=2, metavar="N", help="processes for nnU-Net's "
                    "fingerprint and preprocessing (default 2)")
-    p.add_argument("--threads", type=positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="torch CPU threads (default $CALIBU_TORCH_THREADS, else half the logical CPUs)")
     p.add_argument("--overwrite", action="store_true", help="retrain folds that were trained with other settings")
     p.set_defaults(func=run)

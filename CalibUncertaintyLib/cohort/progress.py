@@ -1,4 +1,5 @@
-"""Cohort progress for a person (a tqdm bar: done, running, failed, ETA) and for programs
+"""Cohort progress for a person (a tqdm bar: done, running, failed, ETA; or, under the command
+line, its live display, which follows the ``cohort`` events) and for programs
 (``progress.emit_progress`` lines with stage ``cohort``)."""
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ class CohortProgress:
     def __enter__(self):
         from tqdm import tqdm
 
+        from ..progress import has_display
+
+        if has_display():  # the command line's live display shows the cohort (cli.live_progress)
+            self._show(None)
+            return self
         self._bar = tqdm(total=self.total, desc=self.desc, file=sys.stderr, disable=None, unit="case",
                          dynamic_ncols=True, leave=False)
         self._show(None)

@@ -60,14 +60,18 @@ def summarise(calibration, case_checks: list) -> dict | None:
     checks = [c for c in case_checks if c is not None]
     if not rec or not checks:
         return None
+    from ..calibration.conformal import margin_guarantees, min_cases
+
     out = {"alpha": rec["alpha"], "n_cases": len(checks), "n_calibration_cases": rec.get("n_cases"),
-           "source": rec.get("source"), "flags": {}, "margins": {}}
+           "min_cases": rec.get("min_cases") or min_cases(rec["alpha"]),
+           "source": rec.get("source"), "flags": {}, "margins": {}, "margin_guarantees": margin_guarantees(rec)}
     for name, by_alpha in (rec.get("flags") or {}).items():
         rows = []
         for key, th in by_alpha.items():
             m, se = _mean_se([c["flags"].get(name, {}).get(key) for c in checks])
             if m is not None:
-                rows.append({"alpha": float(key), "tau": th["tau"], "trivial": th["trivial"],
+                rows.append({"alpha": float(key), "tau": th["tau"],
+                             "trivial": th["trivial"] or th["tau"] is None or (th.get("c") or 0.0) <= 0,
                              "mean_miss": m, "se": se, "met": m <= float(key) + (se or 0.0)})
         out["flags"][name] = rows
     for cname, by_alpha in (rec.get("margins") or {}).items():
@@ -86,25 +90,36 @@ def summarise(calibration, case_checks: list) -> dict | None:
 
 
 def report_lines(summary: dict | None, regions_map: str) -> list[str]:
-    """Markdown lines for report.md."""
+    """Markdown lines for report.md. A trivial guarantee is stated as trivial, in bold, with the
+    number of calibration cases a real one needs."""
     from ..calibration.conformal import guarantee_text
 
     if not summary:
         return []
     a = summary["alpha"]
+    n_cal, need = summary["n_calibration_cases"], summary.get("min_cases")
+    row = next((r for r in summary["flags"].get(regions_map, []) if abs(r["alpha"] - a) < 1e-12), None)
+    trivial = bool(row and row["trivial"])
     lines = ["## Conformal guarantees (held-out check)", "",
-             f"Thresholds fitted by {summary['source']} on {summary['n_calibration_cases']} calibration cases; "
-             f"checked on {summary['n_cases']} held-out cases. The guarantee is on the mean over cases.", "",
-             f"Regions map {regions_map} at α = {a:g}: **{guarantee_text(a)}**.", "",
-             "| map | α | τ (score) | mean miss rate | SE | mean ≤ α + SE |", "|---|---|---|---|---|---|"]
+             f"Thresholds fitted by {summary['source']} on {n_cal} calibration cases; "
+             f"checked on {summary['n_cases']} held-out cases. The guarantee is on the mean over cases.", ""]
+    if need and n_cal is not None and n_cal < need:
+        lines += [f"**Every guarantee below is the trivial one**: {n_cal} calibration case(s), and α = {a:g} needs at "
+                  f"least {need}; the flags then cover the errors only by flagging the whole ROI (miss rate 0 by "
+                  f"construction), the outer margins are the whole image, the inner margins empty. Fit on {need} or "
+                  "more calibration cases for a real guarantee.", ""]
+    lines += [f"Regions map {regions_map} at α = {a:g}: **{guarantee_text(a, 'flags', trivial, n_cal)}**.", "",
+              "| map | α | τ (score) | mean miss rate | SE | mean ≤ α + SE |", "|---|---|---|---|---|---|"]
     for name, rows in summary["flags"].items():
         for r in rows:
-            tau = "whole ROI" if r["tau"] is None or r["tau"] <= 0 else f"{r['tau']:.4g}"
+            tau = "whole ROI (trivial)" if r["trivial"] else f"{r['tau']:.4g}"
             se = "n/a" if r["se"] is None else f"{r['se']:.4f}"
             lines.append(f"| {name} | {r['alpha']:g} | {tau} | {r['mean_miss']:.4f} | {se} | "
                          f"{'yes' if r['met'] else 'NO'} |")
     if summary["margins"]:
-        lines += ["", f"Organ margins: {guarantee_text(a, 'outer')}; {guarantee_text(a, 'inner')}.", "",
+        mg = summary.get("margin_guarantees") or {"outer": guarantee_text(a, "outer"),
+                                                  "inner": guarantee_text(a, "inner")}
+        lines += ["", f"Organ margins: {mg['outer']}; {mg['inner']}.", "",
                   "| class | α | outer p ≥ | mean outer miss | inner p > | mean inner 1 − precision |",
                   "|---|---|---|---|---|---|"]
         for cname, rows in summary["margins"].items():

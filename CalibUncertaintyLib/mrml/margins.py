@@ -62,17 +62,28 @@ def margin_box(levels: np.ndarray):
 
 
 def guarantee_lines(summary: dict) -> list[str]:
-    """The guarantees of a case, as the panel shows them ([] without a conformal calibration)."""
+    """The guarantees of a case, as the panel shows them ([] without a conformal calibration). A
+    trivial guarantee is called trivial, with the calibration cases a real one needs (also for
+    case folders written before summary.json said so)."""
+    from ..calibration.conformal import guarantee_text, min_cases, trivial_text
+
     conf = (summary or {}).get("conformal") or {}
     lines = []
     flags = conf.get("flags") or {}
+    a, n = conf.get("alpha"), conf.get("n_cases")
     if flags:
-        what = "the whole ROI (too few calibration cases for α)" if conf.get("trivial") else \
-            flags.get("rule") or f"{flags['map']} > {flags['tau_score']:.4g}"
-        lines.append(f"Conformal flags ({what}): {flags['guarantee']}.")
+        if conf.get("trivial"):
+            text = flags["guarantee"] if "trivial" in flags.get("guarantee", "") else trivial_text(a, n, "flags")
+            lines.append(f"Conformal flags: {text}.")
+        else:
+            what = flags.get("rule") or f"{flags['map']} > {flags['tau_score']:.4g}"
+            lines.append(f"Conformal flags ({what}): {flags.get('guarantee') or guarantee_text(a)}.")
     margins = conf.get("margins") or {}
     if margins:
-        lines.append(f"Organ margins: {margins['outer']}; {margins['inner']}.")
+        outer, inner = margins["outer"], margins["inner"]
+        if a is not None and n is not None and n < min_cases(a) and "trivial" not in outer + inner:  # older folders
+            outer, inner = trivial_text(a, n, "outer"), trivial_text(a, n, "inner")
+        lines.append(f"Organ margins: {outer}; {inner}.")
     return lines
 
 

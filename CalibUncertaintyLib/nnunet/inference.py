@@ -432,7 +432,7 @@ class EnsemblePredictor:
             if progress is not None:
                 lo, hi = progress
                 emit_progress("inference", lo + (hi - lo) * i / n, case=case.case_id, member=i + 1,
-                              n_members=n, message=member.name)
+                              n_members=n, message=member.name, span_end=lo + (hi - lo) * (i + 1) / n)
             t0 = time.perf_counter()
             kept = None
             if keep_logits:

@@ -40,6 +40,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,6 +160,19 @@ def _read_marker(d: Path) -> dict | None:
     except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     return obj if isinstance(obj, dict) else None
+
+
+def recorded_tta(member_dirs) -> bool | None:
+    """The TTA setting the member folders were computed with, from their ``.calibu_member.json``
+    (member cache or the demo's writer); None when a folder has no marker (e.g. written by
+    ``nnUNetv2_predict``) or the folders disagree."""
+    values = set()
+    for d in member_dirs:
+        marker = _read_marker(Path(d))
+        if marker is None or not isinstance(marker.get("tta"), bool):
+            return None
+        values.add(marker["tta"])
+    return values.pop() if len(values) == 1 else None
 
 
 def _write_if_changed(path: Path, data: bytes) -> None:
@@ -312,13 +326,26 @@ def predict_case_members(job: _MembersJob, item) -> dict:
 
     case_id, files, slots = item
     predictor = _job_predictor(job)
+    emit_progress("preprocess", None, case=case_id, message="nnU-Net preprocessing (crop, resample)")
     case = predictor.prepare(files, case_id)
+    from .inference_estimate import announce_estimate
+
+    est = announce_estimate(predictor, case, [job.members[j] for j in slots])
+    inference_s = 0.0
     for j in slots:
         emit_progress("members", None, case=case_id, member=j + 1, n_members=len(job.members),
                       message=job.members[j].name)
-        probs = predictor.logits_to_probabilities(predictor.member_logits(case, j), case)
+        t0 = time.perf_counter()
+        logits = predictor.member_logits(case, j)
+        inference_s += time.perf_counter() - t0
+        probs = predictor.logits_to_probabilities(logits, case)
+        del logits
         write_member_probs(job.dirs[j], case_id, probs, case.geometry)
         del probs
+    if est is not None and inference_s > 0:  # the next case's estimate uses this device's measured time
+        from .inference_estimate import record_pass_time
+
+        record_pass_time(predictor, inference_s / max(est.n_network_passes, 1))
     return {"case": case_id, "slots": list(slots), "device": predictor.device_name}
 
 

@@ -31,6 +31,7 @@ import logging
 import numpy as np
 
 from .. import memory
+from ..progress import tick
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,8 @@ def _accumulate(network, data, slicers, patch_size, n_outputs, device, results_d
         weights = torch.zeros(data.shape[1:], dtype=torch.half, device=results_device)
     gaussian = compute_gaussian(tuple(int(p) for p in patch_size), sigma_scale=GAUSSIAN_SIGMA_SCALE,
                                 value_scaling_factor=GAUSSIAN_PEAK, device=results_device)
-    for sl in slicers:
+    for i, sl in enumerate(slicers):
+        tick("patch", i, len(slicers))  # progress.tick: the patch about to run (a live display's ETA)
         x = torch.clone(data[sl][None], memory_format=torch.contiguous_format).to(device)
         prediction = predict_tile(network, x, mirror_axes, flip)[0].to(results_device)
         del x
@@ -143,6 +145,7 @@ def _accumulate(network, data, slicers, patch_size, n_outputs, device, results_d
         logits[sl] += prediction
         weights[sl[1:]] += gaussian
         del prediction
+    tick("patch", len(slicers), len(slicers))
     torch.div(logits, weights, out=logits)
     if torch.any(torch.isinf(logits)):
         raise LogitOverflowError("infinite logits in the sliding-window sums (float16 overflow); the network's "

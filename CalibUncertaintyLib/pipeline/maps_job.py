@@ -75,10 +75,12 @@ def complete_record(out_dir, case: str) -> dict:
             "timings_s": s.get("timings_s"), "case_aggregates": s.get("case_aggregates"), "skipped": True}
 
 
-def run_maps(pairing, calibration, options: CaseOptions, out_dir, executor: ExecutorOptions | None = None):
-    """Every case of ``pairing`` not yet complete -> its output folder. Returns the ``CohortResult``."""
+def run_maps(pairing, calibration, options: CaseOptions, out_dir, executor: ExecutorOptions | None = None,
+             on_done=None):
+    """Every case of ``pairing`` not yet complete -> its output folder. Returns the ``CohortResult``.
+    ``on_done(case_id, record)``: called in this process as each case is finished (``run_cohort``)."""
     job = make_maps_job(pairing, calibration, options, out_dir)
     skipped = [cf.case for cf in pairing.cases if case_is_complete(out_dir, cf.case, case_key(job, cf))]
     items = [(cf.case, cf) for cf in pairing.cases if cf.case not in skipped]
     return run_cohort(maps_case, job, items, executor, desc="maps", resources=TaskResources(num_cpus=1),
-                      skipped=skipped)
+                      skipped=skipped, on_done=on_done)

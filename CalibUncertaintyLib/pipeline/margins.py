@@ -64,7 +64,7 @@ class MarginsWriter:
             w.write(lv)
 
     def close(self) -> dict | None:
-        from ..calibration.conformal import guarantee_text
+        from ..calibration.conformal import inner_is_trivial, margin_guarantees, outer_is_trivial
 
         if self.rec is None:
             return None
@@ -72,14 +72,15 @@ class MarginsWriter:
             self._writers.pop(c).close()
         a = self.rec["alpha"]
         voxel = self.geometry.voxel_volume_mm3
-        out = {"alpha": a, "levels": dict(LEVELS),
-               "guarantee": {"outer": guarantee_text(a, "outer"), "inner": guarantee_text(a, "inner")},
+        mg = margin_guarantees(self.rec)  # a trivial guarantee says so, with the cases a real one needs
+        out = {"alpha": a, "levels": dict(LEVELS), "guarantee": {"outer": mg["outer"], "inner": mg["inner"]},
                "classes": {}}
         for c, info in self.classes.items():
             th, counts = info["th"], self._counts[c]
             out["classes"][self.class_names[c]] = {
                 "file": info["file"], "class_index": c, "outer_threshold": th["outer"],
                 "inner_threshold": th["inner"], "trivial": th["trivial"],
+                "trivial_outer": outer_is_trivial(th), "trivial_inner": inner_is_trivial(th),
                 "volumes_mm3": {k: float(counts[v:].sum() * voxel) for k, v in LEVELS.items()}}
         return out
 

@@ -20,6 +20,8 @@ from ..cohort.completeness import case_is_complete, file_identity, job_key
 from ..cohort.executor import ExecutorOptions, TaskResources, run_cohort
 from ..io.identity import SUMMARY_KEY as IDENTITY_KEY
 from ..io.identity import file_identity as input_identity
+from ..nnunet.inference_estimate import announce_estimate
+from ..progress import emit_progress, tick
 from .case import CaseOptions, process_case
 from .maps_job import calibration_identity
 
@@ -87,7 +89,9 @@ def predict_case(job: PredictJob, item) -> dict:
     case_id, files = item
     model, members, predictor, load_s = _predictor(job)
     t0 = time.perf_counter()
+    emit_progress("preprocess", 0.0, case=case_id, message="nnU-Net preprocessing (crop, resample)")
     case = predictor.prepare(files, case_id)
+    estimate = announce_estimate(predictor, case)
     p = job.predict
     record = {
         "model_folder": str(model.path), "configuration": predictor.configuration,
@@ -95,6 +99,7 @@ def predict_case(job: PredictJob, item) -> dict:
         "members": [m.name for m in members], "device": predictor.device_name, "tta": bool(p.tta), "passes": p.passes,
         "tile_step_size": p.step_size, "input_files": [str(f) for f in files],
         "timings_s": {"load_model_s": round(load_s, 4), "preprocess_s": round(case.seconds, 4)},
+        "estimate": estimate.record() if estimate is not None else None,
     }
     extra = {**job.options.extra_summary, "prediction": record, "cohort": {"job_key": case_key(job, files)}}
     extra[IDENTITY_KEY] = input_identity(files[0], case_id)  # for the wrong-patient check of review and Slicer
@@ -111,10 +116,37 @@ def predict_case(job: PredictJob, item) -> dict:
                          job.out_dir, job.calibration, model.class_names, replace(job.options, extra_summary=extra),
                          ct_path=files[0])
     total = time.perf_counter() - t0
+    if estimate is not None and record["timings_s"].get("inference_s"):  # refine the next estimate
+        from ..nnunet.inference_estimate import record_pass_time
+
+        record_pass_time(predictor, record["timings_s"]["inference_s"] / max(estimate.n_network_passes, 1))
     del case
     return {"case": case_id, "n_regions": s["n_regions"], "regions_map": s["regions_map"],
             "timings_s": s["timings_s"], "case_aggregates": s.get("case_aggregates"), "device": predictor.device_name,
             "prediction_timings_s": {**record["timings_s"], "case_total_s": round(total, 4)}}
+
+
+class _SlabsShown:
+    """A member computed slab by slab (``MemberProbabilities``) whose slab reads are shown as
+    progress ticks (``progress.tick("slab", ...)``): the export of a member to the image grid is
+    long for a large CT. Everything else is the member's own."""
+
+    def __init__(self, member):
+        from ..uncertainty.streaming import z_slabs
+
+        self._member = member
+        n = len(list(z_slabs(tuple(member.shape[1:]))))
+        self._total = n if getattr(member, "valid_probabilities", False) else 2 * n  # read once, or twice
+        self._done = 0
+
+    def __getattr__(self, name):
+        return getattr(self._member, name)
+
+    def slab(self, sl):
+        out = self._member.slab(sl)
+        self._done += 1
+        tick("slab", min(self._done, self._total), self._total)
+        return out
 
 
 def _timed_members(predictor, case, timings: dict):
@@ -126,24 +158,30 @@ def _timed_members(predictor, case, timings: dict):
     the preprocessed image is dropped once the last member is done (the maps that follow do not
     need it)."""
     per_member = []
+    n = len(predictor.members)
     for pred in predictor.iter_members(case, progress=(0.0, 0.6), lazy=True):
         per_member.append(round(pred.seconds, 4))
+        # the member's export to the image grid runs as the accumulator reads it (slab ticks)
+        emit_progress("export", 0.6 * (pred.index + 1) / n, case=case.case_id, member=pred.index + 1, n_members=n,
+                      message=pred.member.name)
         timings["members_s"] = per_member
         timings["inference_s"] = round(sum(per_member), 4)
         probs = pred.probabilities
         del pred
-        yield probs
+        yield _SlabsShown(probs) if hasattr(probs, "slab") else probs
         del probs
     case.data = None
     gc.collect()
 
 
-def run_predict(job: PredictJob, cases: dict, executor: ExecutorOptions | None = None):
-    """Every case of ``cases`` ({case: [channel files]}) not yet complete. Returns the ``CohortResult``."""
+def run_predict(job: PredictJob, cases: dict, executor: ExecutorOptions | None = None, on_done=None):
+    """Every case of ``cases`` ({case: [channel files]}) not yet complete. Returns the ``CohortResult``.
+    ``on_done(case_id, record)``: called in this process as each case is finished (``run_cohort``)."""
     skipped = [c for c, files in cases.items() if case_is_complete(job.out_dir, c, case_key(job, files))]
     items = [(c, (c, list(files))) for c, files in cases.items() if c not in skipped]
     try:
         return run_cohort(predict_case, job, items, executor, desc="predict",
-                          resources=TaskResources(num_cpus=1, gpu_if_available=True), skipped=skipped)
+                          resources=TaskResources(num_cpus=1, gpu_if_available=True), skipped=skipped,
+                          on_done=on_done)
     finally:
         _PREDICTORS.clear()  # the local executor's network is not kept after the run

@@ -150,11 +150,22 @@ def conformal_plot(path: str | os.PathLike, summary: dict, title: str = "") -> P
         ax.plot([0, top], [0, top], color="0.4", ls="--", lw=1, label="miss = α")
         ax.set_xlim(0, top)
         ax.set_xlabel("α (target)")
+    trivial_alphas = set()
     for name, rows in summary["flags"].items():
         rows = [r for r in rows if r["mean_miss"] is not None]
         if rows:
             left.errorbar([r["alpha"] for r in rows], [r["mean_miss"] for r in rows],
                           yerr=[r["se"] or 0.0 for r in rows], marker="o", ms=3, lw=1.2, capsize=2, label=name)
+            trivial_alphas.update(r["alpha"] for r in rows if r.get("trivial"))
+    if trivial_alphas:  # a trivial guarantee (whole ROI flagged) is shown as such, not as a result
+        xs = sorted(trivial_alphas)
+        left.scatter(xs, [0.0] * len(xs), marker="x", s=60, color="crimson", zorder=5,
+                     label="trivial: whole ROI flagged")
+        n, need = summary.get("n_calibration_cases"), summary.get("min_cases")
+        note = f"trivial guarantee at α = {', '.join(f'{a:g}' for a in xs)}:\n{n} calibration case(s)"
+        if need and n is not None and n < need:
+            note += f"; α = {summary['alpha']:g} needs ≥ {need}"
+        left.text(0.03, 0.6, note, transform=left.transAxes, fontsize=8, color="crimson", va="top")
     left.set_ylabel("held-out mean fraction of errors not flagged")
     left.set_title("error flags")
     left.legend(loc="upper left", ncol=2)
@@ -167,6 +178,10 @@ def conformal_plot(path: str | os.PathLike, summary: dict, title: str = "") -> P
                            ("mean_inner_fdp", "inner: 1 − precision")):
             vals = [np.mean([r[key] for rows in margins.values() for r in rows if r["alpha"] == a]) for a in alphas]
             right.plot(alphas, vals, marker="o", ms=3, lw=1.2, label=label)
+        trivial_m = sorted({r["alpha"] for rows in margins.values() for r in rows if r.get("trivial")})
+        if trivial_m:
+            right.scatter(trivial_m, [0.0] * len(trivial_m), marker="x", s=60, color="crimson", zorder=5,
+                          label="trivial: outer = image / inner empty")
         right.set_title(f"organ margins (mean over {len(margins)} classes)")
         right.set_ylabel("held-out mean rate")
         right.legend(loc="upper left")

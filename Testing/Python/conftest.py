@@ -50,14 +50,18 @@ def sample_case_files(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory):
-    """(workdir, DemoResult) of ``calib-uncertainty demo --quick`` run once per session: the demo's
-    own tests and the pixel tests of Slicer's views (test_slice_views.py) read it."""
+    """(workdir, DemoResult) of the quick demo (``calib-uncertainty demo --quick``: phantoms, tiny
+    deep and checkpoint ensembles, calibration, maps, evaluation, predict), run once per session;
+    test_demo.py checks it, test_docs.py runs the documentation's blocks on its outputs and the
+    pixel tests of Slicer's views (test_slice_views.py) render its case; they only read it
+    (test_demo's rerun leaves it as it is)."""
     pytest.importorskip("torch", reason="the quick demo trains tiny nnU-Net models (torch is not in the "
                                         "slicer-core wheel venvs)")
     from CalibUncertaintyLib.demo import DemoSettings, run_demo
 
     workdir = tmp_path_factory.mktemp("demo")
-    return workdir, run_demo(workdir, device="cpu", settings=DemoSettings.quick())
+    first = run_demo(workdir, device="cpu", settings=DemoSettings.quick())
+    return workdir, first
 
 
 # Fixtures that build tiny REAL nnU-Net models live in their own modules; import them here so

@@ -179,6 +179,7 @@ def test_predict_options_become_predict_arguments():
                                                         "dae_sigma_mm": 3.0, "calibration": None})
     assert argv == ["predict", "-i", "imgs", "-m", "model", "-o", "out", "--no-tta", "--folds", "0", "1",
                     "--device", "cpu", "--dae-sigma-mm", "3.0"]
+    assert batch._predict_argv("imgs", "model", "out", {"tta": True})[-1] == "--tta"
     with pytest.raises(InputError, match="unknown predict option.*tta"):
         batch._predict_argv("imgs", "model", "out", {"tta_on": True})
     with pytest.raises(InputError, match="step size"):

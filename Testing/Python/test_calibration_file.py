@@ -180,12 +180,16 @@ def test_temperature_range_empty_labels_and_ensemble_record(tmp_path):
     path = good.save(tmp_path / "cal.json")
     cal = CalibrationFile.load(path)
     assert cal.check_ensemble("deep", ["fold_0_checkpoint_final", "fold_1_checkpoint_final"], True) is None
-    assert "TTA on, applied with TTA off" in cal.check_ensemble("deep", ["fold_0/checkpoint_final",
-                                                                          "fold_1/checkpoint_final"], False)
-    with pytest.raises(CalibrationMismatchError, match="fitted on deep, applied to checkpoint"):
+    # another TTA setting is refused, naming the option that matches the fit
+    with pytest.raises(CalibrationMismatchError, match=r"TTA \(nnU-Net's mirroring\): on when fitted, off now\); "
+                                                       r"run with --tta as when it was fitted"):
+        cal.check_ensemble("deep", ["fold_0/checkpoint_final", "fold_1/checkpoint_final"], False)
+    with pytest.raises(CalibrationMismatchError, match="fitted on deep, applied to checkpoint.*run with --ensemble deep"):
         cal.check_ensemble("checkpoint", ["fold_0/snapshot_1", "fold_0/snapshot_2"], True)
-    with pytest.raises(CalibrationMismatchError, match="members: fitted on fold_0_checkpoint_final"):
+    with pytest.raises(CalibrationMismatchError, match="members: fitted on fold_0_checkpoint_final.*--folds 0 1"):
         cal.check_ensemble("deep", ["fold_0/checkpoint_final", "fold_2/checkpoint_final"], True)
+    with pytest.raises(CalibrationMismatchError, match=r"2 member\(s\) .* 1 \(fold_0_checkpoint_final\) now.*--folds 0 1"):
+        cal.check_ensemble("deep", ["fold_0/checkpoint_final"], True)
     assert cal.check_ensemble(None, ["a", "b"], None) is None  # folder names vs model members: not comparable
     doc = json.loads(path.read_text())
     for t in (1e-30, 0.04, 25.0):
@@ -198,3 +202,21 @@ def test_temperature_range_empty_labels_and_ensemble_record(tmp_path):
     old = {k: v for k, v in doc.items() if k not in ("label_foreground_voxels", "ensemble")}
     path.write_text(json.dumps(old))  # a file from before these fields: accepted, nothing to compare
     assert CalibrationFile.load(path).check_ensemble("single", ["fold_0/checkpoint_final"], False) is None
+
+
+def test_dropout_passes_and_member_folder_tta_must_match(tmp_path):
+    """A calibration fitted on 10 MC-dropout passes is refused for 5, naming --passes 10; one fitted
+    on member folders computed without TTA (their markers say so) is refused with TTA on."""
+    scaler, _, _ = fitted_scaler()
+    names = [f"fold_0/checkpoint_final/dropout_{i}" for i in range(1, 11)]
+    cal = CalibrationFile.from_scaler(scaler, case_ids=["c"], fingerprint={"n_classes": 3}, label_foreground_voxels=10,
+                                      ensemble={"kind": "dropout", "members": names, "tta": False})
+    cal.check_ensemble("dropout", [n.replace("/", "_") for n in names], False)  # the same members: accepted
+    with pytest.raises(CalibrationMismatchError, match=r"10 member\(s\).*5 .*now.*run with --folds 0 --passes 10"):
+        cal.check_ensemble("dropout", names[:5], False)
+    folders = CalibrationFile.from_scaler(scaler, case_ids=["c"], fingerprint={"n_classes": 3},
+                                          label_foreground_voxels=10,
+                                          ensemble={"kind": None, "members": ["m0", "m1"], "tta": False})
+    with pytest.raises(CalibrationMismatchError, match="off when fitted, on now.*--no-tta"):
+        folders.check_ensemble(None, ["m0", "m1"], True)
+    assert folders.check_ensemble(None, ["m0", "m1"], None) is None  # folders without a marker: not compared

@@ -206,11 +206,12 @@ def test_members_and_model_exclusive_and_model_needs_images(setup, tmp_path, cap
     assert e.value.code == 2 and "argument -m/--model: not allowed with argument --members" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(base)
-    assert e.value.code == 2 and "one of the arguments --members -m/--model is required" in capsys.readouterr().err
+    assert e.value.code == 2 and "one of the arguments --members -m/--model -d/--dataset is required" in \
+        capsys.readouterr().err
     assert main([*base, "--model", str(setup["model"])]) == 2
     assert _error(capsys).startswith("error: --model needs --images DIR")
     assert main([*base, "--members", str(setup["images"]), "--ensemble", "single", "--no-tta"]) == 2
-    assert "--ensemble, --tta/--no-tta only apply with --model" in _error(capsys)
+    assert "--ensemble, --tta/--no-tta only apply with --model or -d" in _error(capsys)
     assert not (tmp_path / "c.json").exists()
 
 
@@ -275,7 +276,7 @@ def test_member_outputs_of_another_image_are_refused(setup, tmp_path, capsys):
     assert main([*base, "--allow-identity-mismatch", "-o", str(tmp_path / "ev2")]) == 0
 
 
-def test_calibration_of_another_ensemble_is_refused_and_tta_warned(setup, tmp_path, capsys, caplog):
+def test_calibration_of_another_ensemble_or_tta_is_refused(setup, tmp_path, capsys):
     """setup["cal"] was fitted on the deep ensemble (folds 0, 1) without TTA."""
     cal = json.loads(setup["cal"].read_text())
     assert cal["ensemble"] == {"kind": "deep", "members": ["fold_0_checkpoint_final", "fold_1_checkpoint_final"],
@@ -289,6 +290,8 @@ def test_calibration_of_another_ensemble_is_refused_and_tta_warned(setup, tmp_pa
     assert "fitted on another ensemble" in msg and "ensemble kind: fitted on deep, applied to single" in msg
     assert "2 member(s)" in msg and "1 (fold_0_checkpoint_final) now" in msg
     assert not (tmp_path / "single").exists()
-    with caplog.at_level("WARNING"):
-        assert main([*base, "--tta", "-o", str(tmp_path / "tta")]) == 0
-    assert any("fitted with TTA off, applied with TTA on" in r.getMessage() for r in caplog.records)
+    # TTA on with a calibration fitted without it: refused before any inference, naming the fix
+    assert main([*base, "--tta", "-o", str(tmp_path / "tta")]) == 2
+    msg = _error(capsys)
+    assert "TTA (nnU-Net's mirroring): off when fitted, on now" in msg and "run with --no-tta" in msg
+    assert not (tmp_path / "tta").exists()

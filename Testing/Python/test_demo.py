@@ -12,7 +12,8 @@ from CalibUncertaintyLib.demo import ENSEMBLES, DemoSettings, run_demo
 from CalibUncertaintyLib.errors import InputError
 
 
-# quick_demo: the session fixture in conftest.py (the pixel tests of the views read its outputs too)
+# the quick demo itself is the session fixture ``quick_demo`` (conftest.py), shared with test_docs.py and
+# the pixel tests of Slicer's views
 
 
 def test_quick_demo_writes_every_output(quick_demo):
@@ -59,6 +60,24 @@ def test_rerun_reuses_every_step(quick_demo):
     assert (workdir / "calibration" / "deep.json").stat().st_mtime_ns == stamp
     assert again.summary["comparison"] == first.summary["comparison"]
     assert again.summary["seconds"] < 30
+    # the rerun keeps the record of the run that computed the numbers (issue 17)
+    report = (workdir / "REPORT.md").read_text()
+    computed = again.summary["computed_by"]
+    assert computed["finished_utc"] == first.summary["finished_utc"] and computed["steps_run"] == first.steps_run
+    assert f"Computed by the run that finished {first.summary['finished_utc']}" in report
+    assert "Steps run this time: none" not in report and "reused every step" in report
+    assert again.summary["step_records"]["fit_deep"] == first.summary["step_records"]["fit_deep"]
+
+
+def test_report_links_only_files_that_exist(quick_demo):
+    import re
+
+    workdir, first = quick_demo
+    text = first.report.read_text()
+    links = re.findall(r"\]\(([^)#\s]+)[^)]*\)", text)
+    assert len(links) >= 8 and any(t.endswith("METHODS.md") for t in links)
+    for target in links:
+        assert (workdir / target).resolve().exists(), target
 
 
 def test_cli_demo_reuses_and_reports(quick_demo, capsys):

@@ -384,6 +384,25 @@ def test_option_problems_name_what_to_fix(tmp_path):
     assert PredictOptions(ct, _model_folder(tmp_path / "snap", snapshots=True), ensemble="checkpoint").validate()
 
 
+def test_apply_check_refuses_a_calibration_of_other_members(tmp_path):
+    """The Slicer panel's Apply check names the mismatch and the fix before anything runs (issue 17):
+    a calibration fitted without TTA on folds 0 and 1 fits only those members without TTA."""
+    from CalibUncertaintyLib.calibration.calibration_file import CalibrationFile
+
+    model = _model_folder(tmp_path / "models")
+    ct = tmp_path / "ct.nii.gz"
+    ct.write_bytes(b"x")
+    cal = CalibrationFile(temperature=1.2, class_names=[], fingerprint={},
+                          ensemble={"kind": "deep", "members": ["fold_0/checkpoint_final", "fold_1/checkpoint_final"],
+                                    "tta": False}).save(tmp_path / "cal.json")
+    assert PredictOptions(ct, model, calibration=cal, tta=False).problems() == []
+    assert runner.calibration_tta(cal) is False and runner.calibration_tta(tmp_path / "none.json") is None
+    (p,) = PredictOptions(ct, model, calibration=cal, tta=True).problems()
+    assert "TTA (nnU-Net's mirroring): off when fitted, on now" in p and "run with --no-tta" in p
+    (p,) = PredictOptions(ct, model, calibration=cal, tta=False, ensemble="single", folds=("0",)).problems()
+    assert "fitted on deep, applied to single" in p and "--ensemble deep --folds 0 1" in p
+
+
 def test_as_optional_path_treats_empty_widgets_as_unset():
     assert runner.as_optional_path("") is None
     assert runner.as_optional_path(".") is None
