@@ -88,6 +88,8 @@ def test_snapshot_run_lr_restarts_snapshots_reuse_and_progress(tiny_prepared_dat
         assert (fold_dir.parent / f).is_file()
 
     events = [e for e in map(parse_progress_line, err.getvalue().splitlines()) if e]
+    assert events[0]["stage"] == "device"  # the run first says where it trains
+    events = [e for e in events if e["stage"] != "device"]
     assert events and all(e["stage"] == "training" and e["member"] == 2 and e["n_members"] == 2 for e in events)
     fractions = [e["fraction"] for e in events]
     assert fractions == sorted(fractions) and fractions[0] == 0.5 and fractions[-1] == 1.0
