@@ -247,8 +247,10 @@ def test_worker_killed_mid_case_is_retried(cohort, ray_local, tmp_path):
 
 def test_cli_starts_and_stops_its_own_runtime(cohort, tmp_path):
     """The console entry point with no terminal: it starts its own Ray runtime, Ctrl-C (SIGINT)
-    after the first finished case stops it with exit code 130, only complete cases are left, and
-    no process of its runtime survives."""
+    while the first case runs stops it with exit code 130, only complete cases are left, and
+    no process of its runtime survives. (The signal goes at the first case's start, not after its
+    end: on a loaded machine this reader lags the command, which could finish every case before a
+    later signal arrived.)"""
     env = {**os.environ, "CALIBU_PROGRESS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "CalibUncertaintyLib.cli.main", "maps", "--members", *cohort["members"],
@@ -261,7 +263,6 @@ def test_cli_starts_and_stops_its_own_runtime(cohort, tmp_path):
             lines.append(line)
             if '"stage": "cohort"' in line and '"event": "started"' in line:
                 seen_runtime = seen_runtime or len(_session_pids(proc.pid)) >= 3  # GCS, raylet, worker ...
-            if '"stage": "cohort"' in line and '"event": "done"' in line:
                 proc.send_signal(signal.SIGINT)
                 break
         rest_err = proc.communicate(timeout=120)[1]
@@ -271,10 +272,11 @@ def test_cli_starts_and_stops_its_own_runtime(cohort, tmp_path):
     assert proc.returncode == 130, "".join(lines) + rest_err
     assert seen_runtime, "the command's Ray processes were not found while it ran"
     assert "interrupted" in rest_err
-    for case in (p.name for p in out.iterdir() if not p.name.startswith(".")):
+    left = [p.name for p in out.iterdir() if not p.name.startswith(".")] if out.exists() else []
+    for case in left:
         summary = json.loads((out / case / "summary.json").read_text())
         assert all((out / case / f).is_file() for f in summary["files"])
-    assert len([p for p in out.iterdir() if not p.name.startswith(".")]) < len(EVAL)
+    assert len(left) < len(EVAL)
     deadline = time.time() + 20
     while _session_pids(proc.pid) and time.time() < deadline:
         time.sleep(0.2)
