@@ -37,7 +37,8 @@ def resolve_mode(calibration, ensemble_mode: str | None) -> str:
 def accumulate(members: Iterable[np.ndarray], calibration=None, ensemble_mode: str = "pool_then_calibrate",
                member_names: list[str] | None = None,
                on_member: Callable[[int, str | None], None] | None = None):
-    """Add every member to a new ``EnsembleAccumulator``; returns it.
+    """Add every member to a new ``EnsembleAccumulator``; returns it, complete
+    (``reduce_log_gap()``: no member can be added afterwards).
 
     In ``per_member`` mode with a calibration, each member is scaled with the calibration's
     temperature before ``add``. ``on_member(i, name)`` is called after member i (0-based) was
@@ -49,7 +50,9 @@ def accumulate(members: Iterable[np.ndarray], calibration=None, ensemble_mode: s
     scale = calibration is not None and ensemble_mode == "per_member"
     if scale and calibration.method != "temperature":
         raise InputError("per-member calibration is only defined for temperature scaling")
-    for i, probs in enumerate(members):
+    i = -1
+    for probs in members:  # not enumerate(): its reused result tuple would keep the previous
+        i += 1             # member alive while the next one is being made
         name = member_names[i] if member_names and i < len(member_names) else None
         if not hasattr(probs, "slab"):  # else computed slab by slab as the accumulator reads it
             probs = np.asarray(probs)
@@ -60,6 +63,7 @@ def accumulate(members: Iterable[np.ndarray], calibration=None, ensemble_mode: s
         if scale:
             probs = (_ScaledSlabs(probs, calibration) if hasattr(probs, "slab")
                      else calibration.transform_probs(probs))
+        memory.release_heap()
         acc.add(probs, name=name)
         del probs
         memory.release_heap()  # the member's slab temporaries, before the next member is made
@@ -67,6 +71,7 @@ def accumulate(members: Iterable[np.ndarray], calibration=None, ensemble_mode: s
             on_member(i, name)
     if acc is None:
         raise InputError("no ensemble member given")
+    acc.reduce_log_gap()  # the K log-gap volumes become EPKL's one: every member is in
     return acc
 
 

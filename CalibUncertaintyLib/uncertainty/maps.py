@@ -229,6 +229,8 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
 
     n = acc.n_members
     k = acc.n_classes
+    if release_sums:  # the accumulator is complete: its K log-gap volumes become EPKL's one
+        acc.reduce_log_gap()
     inv = np.float32(1.0 / n)
     log_k = np.float32(math.log(k))
     single = (("mutual_information" in wanted or "epkl" in wanted) and acc.note_single_member())

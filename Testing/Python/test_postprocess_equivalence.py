@@ -59,7 +59,7 @@ def test_log_gap_update_is_the_straightforward_float32_formula(m):
     acc = EnsembleAccumulator(k, shape, slab_voxels=40)  # several slabs
     eps = np.float32(EPS)
     s = np.zeros((k,) + shape, np.float32)
-    gap = np.zeros((k,) + shape, np.float16)
+    gap = np.zeros((k,) + shape, np.float32)
     for n_old, p in enumerate(members):
         acc.add(p)
         if n_old:
