@@ -10,7 +10,7 @@ stays bounded by one case's accumulator plus the sampled voxels and ROI crops):
    cases, split evenly). The rows are log p̄ (pool then calibrate) and, for temperature scaling,
    also each member's log p_m at the same voxels (per member), so both ensemble modes are
    fitted on identical voxels and both are reported; the requested mode is the one stored.
-   (A case's members are kept in memory for this up to ``MEMBER_CACHE_BYTES``, else re-read.)
+   (The members are read again for those rows, one z slab at a time.)
 2. Fit: T by a bounded 1-D search on log T minimising the NLL (``TemperatureScaler``), or
    per-class scale and bias (``VectorScaler``, pooled ensemble only), or a per-class / local
    temperature table (``calibration.local_temperature``, pooled ensemble only; the global T is
@@ -49,7 +49,7 @@ from ..errors import InputError
 from ..io.nnunet_outputs import Pairing
 from ..cohort.executor import run_cohort
 from .dataset import prediction_fingerprint, read_label
-from .ensemble import accumulate, calibrated_probs, case_maps
+from .ensemble import accumulate, calibrated_probs, case_maps, mean_argmax
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,6 @@ OPEN_BIN_CHOICES = ("identity", "nearest", "fitted")
 #: the calibrator fit-temperature stores unless told otherwise (bench/results/openkbp_local.md)
 DEFAULT_METHOD = "local_temperature"
 CV_MAX_ROWS = 300_000  # rows used for the leave-one-case-out NLL of the local calibrators
-MEMBER_CACHE_BYTES = 1 << 30  # members of one case kept in memory in pass 1 up to this size, else re-read
 
 
 @dataclass
@@ -138,34 +137,29 @@ def sample_case(job: FitJob, item) -> tuple:
 
     ci, cf = item
     opts = job.opts
-    labels = read_label(cf, job.n_classes)
-    kept: list[np.ndarray] = []
-
-    def members_once():  # keep the members for the per-member rows if they fit the budget
-        for p in cf.load_members(job.n_classes):
-            if job.want_members and (len(kept) + 1) * p.nbytes <= MEMBER_CACHE_BYTES:
-                kept.append(p)
-            yield p
-
-    acc = accumulate(members_once())
-    pbar = acc.mean_probs()
-    del acc
-    seg = np.argmax(pbar, axis=0)
+    k = job.n_classes
+    labels = read_label(cf, k)
+    acc = accumulate(cf.load_members(k))  # members read one z slab at a time (io.npz_stream)
+    seg = mean_argmax(acc)  # argmax of p̄ = acc.mean_probs(), by slabs
     roi = roi_mask(seg, cf.geometry.spacing_zyx, opts.roi_radius_mm, reference=labels,
                    rule=opts.roi_rule, allow_empty=True)
-    k = job.n_classes
     if not roi.any():
         log.warning("case %s: empty ROI (no predicted%s foreground), no calibration voxels",
                     cf.case, "" if opts.roi_rule == "prediction" else " or reference")
         xm = np.zeros((job.n_members, 0, k), np.float32) if job.want_members else None
         feats = (np.zeros(0, np.int64), np.zeros(0, np.float32), None) if job.want_local else None
         return np.zeros((0, k), np.float32), xm, np.zeros(0, np.int64), feats
-    x, y = collect_calibration_samples([(pbar, labels, roi)], kind="probs", ensemble_mode="pool_then_calibrate",
-                                       max_voxels_per_case=job.per_case, seed=opts.seed + ci)
-    xm = feats = None
     vox = np.flatnonzero(roi.ravel())
     keep = stratified_sample_indices(labels.reshape(-1)[vox], job.per_case, seed=opts.seed + ci)
-    vox = vox[keep]  # the same voxels as collect_calibration_samples took (same selector and seed)
+    vox = vox[keep]  # the voxels collect_calibration_samples takes (same selector and seed)
+    n = np.float32(acc.n_members)
+    sums = acc.sum_probs.reshape(k, -1)
+    # p̄ at those voxels only (as acc.mean_probs() computes it), through the same checks and logs
+    x, y = collect_calibration_samples([(np.divide(sums[:, vox], n)[:, None, None, :],
+                                         labels.reshape(-1)[vox][None, None, :], None)],
+                                       kind="probs", ensemble_mode="pool_then_calibrate",
+                                       max_voxels_per_case=vox.size, seed=opts.seed + ci)
+    xm = feats = None
     if job.want_local:
         from ..calibration.local_temperature import contour_distance_mm
 
@@ -176,15 +170,34 @@ def sample_case(job: FitJob, item) -> tuple:
             if out.size > job.per_case:
                 out = np.sort(np.random.default_rng(opts.seed + ci + BEYOND_SEED).choice(out, job.per_case,
                                                                                            replace=False))
-            xb = safe_log(pbar.reshape(k, -1)[:, out].T).astype(np.float32)
+            xb = safe_log(np.divide(sums[:, out], n).T).astype(np.float32)
             feats = (*feats[:2], (xb, labels.reshape(-1)[out].astype(np.int64),
                                   seg.reshape(-1)[out].astype(np.int64), dist[out]))
-    if job.want_members:
-        source = kept if len(kept) == len(cf.member_dirs) else cf.load_members(job.n_classes)
-        xm = np.stack([safe_log(p.reshape(p.shape[0], -1)[:, vox].T).astype(np.float32) for p in source])
+    del acc, sums
+    if job.want_members:  # a second read of the members: their values at the sampled voxels
+        xm = np.stack([safe_log(member_rows(p, vox).T).astype(np.float32) for p in cf.load_members(k)])
         if xm.shape[1] != x.shape[0]:
             raise RuntimeError("pooled and per-member calibration samples differ in size")  # same selector
     return x, xm, y, feats
+
+
+def member_rows(member, vox: np.ndarray) -> np.ndarray:
+    """(K, n) float32 values of a member at flat voxel indices ``vox`` (sorted), read one z slab
+    at a time (``slab()``) when the member is computed on demand, else from the array."""
+    if not hasattr(member, "slab"):
+        a = np.asarray(member)
+        return a.reshape(a.shape[0], -1)[:, vox]
+    from ..uncertainty.streaming import z_slabs
+
+    k, nz, ny, nx = member.shape
+    plane = ny * nx
+    out = np.empty((k, vox.size), np.float32)
+    for sl in z_slabs((nz, ny, nx)):
+        a, b = np.searchsorted(vox, [sl.start * plane, sl.stop * plane])
+        if a == b:
+            continue
+        out[:, a:b] = member.slab(sl).reshape(k, -1)[:, vox[a:b] - sl.start * plane]
+    return out
 
 
 def _cases(pairing: Pairing) -> list:
