@@ -36,9 +36,11 @@ def resolve_mode(calibration, ensemble_mode: str | None) -> str:
 
 def accumulate(members: Iterable[np.ndarray], calibration=None, ensemble_mode: str = "pool_then_calibrate",
                member_names: list[str] | None = None,
-               on_member: Callable[[int, str | None], None] | None = None):
+               on_member: Callable[[int, str | None], None] | None = None, backend=None):
     """Add every member to a new ``EnsembleAccumulator``; returns it, complete
-    (``reduce_log_gap()``: no member can be added afterwards).
+    (``reduce_log_gap()``: no member can be added afterwards). ``backend``: where the arithmetic
+    runs (``uncertainty.backend``); default the first member's (a member computed on a device
+    carries its torch backend), else numpy.
 
     In ``per_member`` mode with a calibration, each member is scaled with the calibration's
     temperature before ``add``. ``on_member(i, name)`` is called after member i (0-based) was
@@ -59,9 +61,11 @@ def accumulate(members: Iterable[np.ndarray], calibration=None, ensemble_mode: s
         if probs.ndim != 4:
             raise InputError(f"member {name or i + 1}: probabilities must be (K, z, y, x), got {probs.shape}")
         if acc is None:
-            acc = EnsembleAccumulator(probs.shape[0], probs.shape[1:])
+            from ..uncertainty.backend import backend_of
+
+            acc = EnsembleAccumulator(probs.shape[0], probs.shape[1:], backend=backend or backend_of(probs))
         if scale:
-            probs = (_ScaledSlabs(probs, calibration) if hasattr(probs, "slab")
+            probs = (_ScaledSlabs(probs, calibration, acc.backend) if hasattr(probs, "slab")
                      else calibration.transform_probs(probs))
         memory.release_heap()
         acc.add(probs, name=name)
@@ -81,12 +85,20 @@ class _ScaledSlabs:
 
     ndim = 4
 
-    def __init__(self, source, calibration):
+    def __init__(self, source, calibration, backend=None):
+        from ..uncertainty.backend import NUMPY
+
         self.source, self.calibration = source, calibration
         self.shape, self.dtype = source.shape, np.dtype(np.float32)
         self.valid_probabilities = getattr(source, "valid_probabilities", False)
+        self.backend = backend or NUMPY
 
     def slab(self, sl: slice) -> np.ndarray:
+        if self.backend.is_torch:  # softmax(log p / T) on the device (calibration.temperature.apply_temperature)
+            from ..uncertainty.torch_kernels import temperature
+
+            return temperature(self.backend, self.backend.put(self.source.slab(sl)), float(self.calibration.temperature),
+                               divide=True)
         return np.asarray(self.calibration.transform_probs(self.source.slab(sl)), dtype=np.float32)
 
 
@@ -162,8 +174,13 @@ class CalibratedSlabs:
         return self._kind != "transform"
 
     def slab(self, sl: slice) -> np.ndarray:
+        """The calibrated slab (K, dz, y, x) as a host float32 array (on a device: computed there,
+        ``device_slab``, then copied)."""
         from ..uncertainty.maps import _temperature_slab
 
+        be = self.acc.backend
+        if be.is_torch:
+            return be.get(self.device_slab(sl))
         if self._kind == "temperature":
             pbar = self.acc.sum_probs[:, sl] * np.float32(1.0 / self.acc.n_members)
             return pbar if self._t is None else _temperature_slab(pbar, self._t)
@@ -175,6 +192,22 @@ class CalibratedSlabs:
 
             return np.asarray(apply_temperature_map(pbar, self._tmap[sl], axis=0), dtype=np.float32)
         return np.asarray(self.calibration.transform_probs(pbar), dtype=np.float32)
+
+    def device_slab(self, sl: slice):
+        """``slab`` as a tensor on the accumulator's torch device, computed there (vector scaling:
+        on the host, then moved)."""
+        from ..uncertainty import torch_kernels as tk
+
+        be = self.acc.backend
+        if self._kind == "temperature":
+            pbar = tk.pbar_slab(self.acc, sl)
+            return pbar if self._t is None else tk.temperature(be, pbar, self._t)
+        pbar = tk.mean_slab(self.acc, sl)
+        if self._kind == "mean":
+            return pbar
+        if self._kind == "tmap":
+            return tk.temperature_map(be, pbar, be.put(self._tmap[sl]))
+        return be.put(np.asarray(self.calibration.transform_probs(be.get(pbar)), dtype=np.float32))
 
     def to_array(self) -> np.ndarray:
         from .. import memory
@@ -194,7 +227,13 @@ def mean_argmax(acc) -> np.ndarray:
     acc.require_members("the segmentation")
     seg = memory.empty(acc.shape_zyx, np.uint8 if acc.n_classes <= 256 else np.uint16)
     n = np.float32(acc.n_members)
+    be = acc.backend
     for sl in acc.slabs():  # of p̄ itself: rounding Σ/M can tie two classes that Σ orders
+        if be.is_torch:
+            from ..uncertainty import torch_kernels as tk
+
+            tk.calibrated_pass(be, tk.mean_slab(acc, sl), None, None, seg[sl])
+            continue
         argmax_classes(acc.sum_probs[:, sl] / n, out=seg[sl])
     return seg
 

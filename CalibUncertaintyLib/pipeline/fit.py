@@ -299,44 +299,119 @@ def fit_local(x, y, local: dict, opts: FitOptions) -> dict:
 def threshold_case(job: FitJob, item) -> tuple:
     """Pass 3 for one case ``(ci, CaseFiles)`` with ``job.calibration`` applied: every map but
     EBCU, the error mask and the ROI, cropped to the ROI's bounding box padded by the EBCU
-    radius, and the calibrated predictive entropy of the ROI voxels (for the pooled EBCU t)."""
+    radius, and the calibrated predictive entropy of the ROI voxels (for the pooled EBCU t).
+
+    Memory (issue 19): the members are read one z slab at a time, the calibrated probability is
+    never a (K, z, y, x) volume (``CalibratedSlabs``: one pass gives the segmentation, the argmax
+    of the calibrated probability as before, and each class's margin-curve voxels), and the maps
+    come one at a time (``iter_case_maps``), each kept only as its crop and samples."""
     from ..calibration.roi import roi_mask
     from ..metrics.error_detection import error_mask
     from ..uncertainty.ebcu import effective_radius_mm
-    from ..uncertainty.maps import MAP_NAMES, segmentation
+    from ..uncertainty.maps import MAP_NAMES
+    from .ensemble import calibrated_slabs, iter_case_maps
 
     ci, cf = item
     opts, calibration = job.opts, job.calibration
     mode = calibration.ensemble_mode
     names = [n for n in MAP_NAMES if n != "ebcu"]
-    labels = read_label(cf, job.n_classes)
-    acc = accumulate(cf.load_members(job.n_classes), calibration, mode)
-    probs = calibrated_probs(acc, calibration, mode, cf.geometry.spacing_zyx)
-    seg = segmentation(probs)
+    k = job.n_classes
+    labels = read_label(cf, k)
+    acc = accumulate(cf.load_members(k), calibration, mode)
+    probs = calibrated_slabs(acc, calibration, mode, cf.geometry.spacing_zyx)
+    seg, margins = _segmentation_and_margin_curves(probs, labels, acc.slabs())
     roi = roi_mask(seg, cf.geometry.spacing_zyx, opts.roi_radius_mm, reference=labels,
                    rule=opts.roi_rule, allow_empty=True)
-    maps = case_maps(acc, probs, cf.geometry, calibration, mode, names=names,
-                     dae_sigma_mm=opts.dae_sigma_mm, roi=roi)
-    margins = case_margin_curves(probs, labels, seg)
-    del acc, probs
     r_ebcu = effective_radius_mm(opts.ebcu_radius_mm, cf.geometry.spacing_zyx)
     pad = [int(math.ceil(r_ebcu / h)) + 1 for h in cf.geometry.spacing_zyx]
     box = _bbox(roi, pad, roi.shape)
     errors = error_mask(seg, labels, roi)
-    crop = ({n: maps[n][box].copy() for n in names}, errors[box].copy(), roi[box].copy(), cf.geometry.spacing_zyx)
-    return crop, maps["entropy"][roi], margins, reference_sample(cf, maps, opts.seed + ci, seg, job.n_classes)
+    sampler = _ReferenceSampler(cf, opts.seed + ci, seg, k)
+    crops, pe_roi = {}, None
+    for name, values in iter_case_maps(acc, probs, cf.geometry, calibration, mode, names=names,
+                                       dae_sigma_mm=opts.dae_sigma_mm, roi=roi, release_sums=True, seg=seg):
+        crops[name] = values[box].copy()
+        if name == "entropy":
+            pe_roi = values[roi]
+        sampler.add(name, values)
+        del values
+    del acc, probs
+    crop = ({n: crops[n] for n in names}, errors[box].copy(), roi[box].copy(), cf.geometry.spacing_zyx)
+    return crop, pe_roi, margins, sampler.result()
+
+
+def _segmentation_and_margin_curves(probs, labels, slabs) -> tuple:
+    """One pass over the calibrated probability's z slabs: the segmentation (argmax, ties to the
+    lower class, per slab as ``uncertainty.maps.segmentation`` takes it) and the per-class margin
+    loss curves (``case_margin_curves``). Each class's curve needs only its reference voxels, its
+    predicted voxels and the voxels above the inner-margin floor, in image order
+    (``calibration.conformal.margin_losses``), so only those are kept: the same curves as from the
+    whole volumes."""
+    from ..calibration.conformal import INNER_MIN, margin_losses
+    from .. import memory
+
+    k = probs.shape[0]
+    seg = memory.empty(probs.shape[1:], np.uint8 if k <= 256 else np.uint16)
+    parts = {c: ([], [], []) for c in range(1, k)}
+    floor = np.float32(INNER_MIN * 0.999)
+    for sl in slabs:
+        p = probs.slab(sl)
+        seg[sl] = np.argmax(p, axis=0)
+        lab, pred = labels[sl], seg[sl]
+        for c in range(1, k):
+            t, pr = lab == c, pred == c
+            keep = t | pr
+            keep |= p[c] > floor
+            if keep.any():
+                parts[c][0].append(p[c][keep])
+                parts[c][1].append(t[keep])
+                parts[c][2].append(pr[keep])
+        del p
+    curves = []
+    for c in range(1, k):
+        vals, t, pr = (np.concatenate(a) if a else np.zeros(0, dt)
+                       for a, dt in zip(parts.pop(c), (np.float32, bool, bool)))
+        curves.append(margin_losses(vals, t, pr))
+    return seg, curves
+
+
+class _ReferenceSampler:
+    """``reference_sample`` of one case from its maps as they stream by (each map seen once)."""
+
+    def __init__(self, cf, seed: int, seg, n_classes: int):
+        from ..metrics.atypicality import read_case_domain
+
+        self.kind = "body" if cf.image_paths else "whole_image"
+        self.dom = read_case_domain(cf.image_paths[0] if cf.image_paths else None, seg.shape, self.kind)
+        self.seed, self.samples = seed, {}
+        self.vols = (_label_counts(seg, n_classes)[1:] * cf.geometry.voxel_volume_mm3).tolist()
+
+    def add(self, name: str, values) -> None:
+        from ..metrics.atypicality import OOD_AGGREGATES, domain_sample
+
+        if name in OOD_AGGREGATES.values():
+            self.samples[name] = domain_sample(values, self.dom, seed=self.seed)
+
+    def result(self) -> tuple[str, dict, list]:
+        from ..metrics.atypicality import OOD_AGGREGATES
+
+        return self.kind, {m: self.samples[m] for m in OOD_AGGREGATES.values() if m in self.samples}, self.vols
+
+
+def _label_counts(seg, n_classes: int) -> np.ndarray:
+    from .case import _label_counts as counts
+
+    return counts(seg, n_classes)
 
 
 def reference_sample(cf, maps: dict, seed: int, seg, n_classes: int) -> tuple[str, dict, list]:
     """The case's part of the atypicality reference (``metrics.atypicality``): its domain kind
     (the body from its CT when there is one, else the whole image), a fixed-seed sample of the
     entropy and mutual information in that domain, and its predicted volume (mm³) per foreground class."""
-    from ..metrics.atypicality import OOD_AGGREGATES, domain_sample, read_case_domain
-
-    kind = "body" if cf.image_paths else "whole_image"
-    dom = read_case_domain(cf.image_paths[0] if cf.image_paths else None, maps["entropy"].shape, kind)
-    vols = (np.bincount(seg.ravel(), minlength=n_classes)[1:] * cf.geometry.voxel_volume_mm3).tolist()
-    return kind, {m: domain_sample(maps[m], dom, seed=seed) for m in OOD_AGGREGATES.values() if m in maps}, vols
+    sampler = _ReferenceSampler(cf, seed, seg, n_classes)
+    for name, values in maps.items():
+        sampler.add(name, values)
+    return sampler.result()
 
 
 def case_margin_curves(probs, labels, seg) -> list:

@@ -235,10 +235,21 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
     log_k = np.float32(math.log(k))
     single = (("mutual_information" in wanted or "epkl" in wanted) and acc.note_single_member())
 
+    be = acc.backend  # numpy, or torch on a device (uncertainty.backend): the same steps, other kernels
+    if be.is_torch:
+        from . import torch_kernels as tk
+
     def pbar_slab(sl):
         return acc.sum_probs[:, sl] * inv
 
     def pcal_slab(sl):
+        """The calibrated probability of slab ``sl``: host numpy, or a device tensor on a device."""
+        if be.is_torch:
+            if probs is not None:
+                return probs.device_slab(sl) if hasattr(probs, "device_slab") else be.put(
+                    np.asarray(probs.slab(sl) if hasattr(probs, "slab") else probs[:, sl], dtype=np.float32))
+            pbar = tk.pbar_slab(acc, sl)
+            return pbar if t_cal is None else tk.temperature(be, pbar, t_cal)
         if probs is not None:
             return np.asarray(probs.slab(sl) if hasattr(probs, "slab") else probs[:, sl], dtype=np.float32)
         pbar = pbar_slab(sl)
@@ -246,8 +257,9 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
 
     # 0. maps of the members' foreground variance and votes first: with ``release_sums`` their
     #    two sums (1.5 volumes) are freed before the entropy volume and the other maps exist
-    for name, fn, part in (("fg_variance", measures.fg_variance_slab, "fg_sq_dev"),
-                           ("vote_disagreement", measures.vote_disagreement_slab, "fg_votes")):
+    fns = ((tk.fg_variance_slab, tk.vote_disagreement_slab) if be.is_torch
+           else (measures.fg_variance_slab, measures.vote_disagreement_slab))
+    for name, fn, part in (("fg_variance", fns[0], "fg_sq_dev"), ("vote_disagreement", fns[1], "fg_votes")):
         if name in wanted:
             out = new_map()
             for sl in acc.slabs():
@@ -273,7 +285,11 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
         else:
             for sl in acc.slabs():
                 if name == "expected_entropy":  # Σ_m H(p_m) / M alone: no p̄, no H(p̄)
-                    out[sl] = measures.expected_entropy_slab(acc, sl)
+                    out[sl] = (tk if be.is_torch else measures).expected_entropy_slab(acc, sl)
+                    continue
+                if be.is_torch:
+                    mi, ep = tk.disagreement_slab(acc, sl, want_epkl=name == "epkl")
+                    out[sl] = mi if name == "mutual_information" else ep
                     continue
                 pbar = pbar_slab(sl)
                 ee, mi, ep = measures.disagreement_slab(acc, sl, pbar, measures.entropy(pbar),
@@ -299,6 +315,11 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
     if confidence is not None or need_h or need_seg:
         for sl in acc.slabs():
             pcal = pcal_slab(sl)
+            if be.is_torch:
+                tk.calibrated_pass(be, pcal, confidence[sl] if confidence is not None else None,
+                                   h_all[sl] if need_h else None, seg[sl] if need_seg else None)
+                del pcal
+                continue
             if confidence is not None:
                 confidence[sl] = pcal.max(axis=0)
             if need_h:
@@ -316,14 +337,17 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
     if "entropy_norm" in wanted:
         out = new_map()
         for sl in acc.slabs():
-            np.divide(h_all[sl], log_k, out=out[sl])
+            if be.is_torch:
+                tk.scale_slab(be, h_all[sl], float(log_k), out=out[sl])
+            else:
+                np.divide(h_all[sl], log_k, out=out[sl])
         yield "entropy_norm", out
         del out
 
     # 3. the spatial maps of the calibrated entropy
     spacing = geometry.spacing_zyx
     if "dae" in wanted:
-        yield "dae", distance_aware_entropy(h_all, seg, spacing, sigma_mm=dae_sigma_mm, out=new_map())
+        yield "dae", distance_aware_entropy(h_all, seg, spacing, sigma_mm=dae_sigma_mm, out=new_map(), backend=be)
     threshold, source = None, None
     if "ebcu" in wanted:
         if ebcu_threshold is not None:
@@ -342,7 +366,7 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
         if info is not None:
             info.update({"ebcu_threshold": threshold, "ebcu_threshold_source": source})
         yield "ebcu", ebcu(h_all, spacing, radius_mm=effective_radius_mm(ebcu_radius_mm, spacing),
-                           threshold=threshold, out=new_map())
+                           threshold=threshold, out=new_map(), backend=be)
     if info is not None:
         info.update({"n_members": n, "temperature": None if temperature is None else float(temperature),
                      "ebcu_threshold": threshold, "ebcu_threshold_source": source,

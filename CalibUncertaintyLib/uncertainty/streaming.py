@@ -76,14 +76,17 @@ class EnsembleAccumulator:
     """Running per-voxel sums over ensemble members, O(K) volumes of memory for any M.
 
     ``n_classes``: K >= 2 (class 0 is background). ``shape_zyx``: the volume shape (z, y, x).
-    ``slab_voxels``: how many voxels to process at a time (memory/temporaries trade-off).
+    ``slab_voxels``: how many voxels to process at a time (memory/temporaries trade-off; default
+    ``DEFAULT_SLAB_VOXELS``, ``backend.DEVICE_SLAB_VOXELS`` on a device). ``backend``: where each
+    slab's arithmetic runs (``uncertainty.backend``: numpy, or torch on a device, which also takes
+    members whose ``slab()`` gives device tensors).
 
     Use ``add(probs)`` once per member with a (K, z, y, x) array of probabilities (any float
     dtype; converted to float32 slab by slab). ``mean_probs()`` returns p̄; the measures in
     ``uncertainty.measures`` and ``uncertainty.maps`` read the sums.
     """
 
-    def __init__(self, n_classes: int, shape_zyx, slab_voxels: int = DEFAULT_SLAB_VOXELS):
+    def __init__(self, n_classes: int, shape_zyx, slab_voxels: int | None = None, *, backend=None):
         try:
             k = int(n_classes)
         except (TypeError, ValueError) as e:
@@ -97,6 +100,12 @@ class EnsembleAccumulator:
             raise InputError(f"shape_zyx must be three positive integers (z, y, x), got {shape_zyx!r}") from e
         if len(shape) != 3 or min(shape) < 1:
             raise InputError(f"shape_zyx must be three positive integers (z, y, x), got {shape_zyx!r}")
+        from .backend import NUMPY
+
+        #: where each slab's arithmetic runs (``uncertainty.backend``); the sums are host arrays either way
+        self.backend = backend or NUMPY
+        if slab_voxels is None:
+            slab_voxels = self.backend.slab_voxels if self.backend.is_torch else DEFAULT_SLAB_VOXELS
         if int(slab_voxels) < 1:
             raise InputError(f"slab_voxels must be >= 1, got {slab_voxels!r}")
         self.n_classes = k
@@ -184,7 +193,12 @@ class EnsembleAccumulator:
         if self._n > 1:
             inv = np.float32(1.0 / self._n)
             for sl in self.slabs():
-                g = _gap_from_log_gap(gaps, sl, self._sum_p[:, sl] * inv, self._n)
+                if self.backend.is_torch:
+                    from .torch_kernels import gap_slab
+
+                    g = gap_slab(self.backend, gaps, sl, self._sum_p[:, sl], self._n)
+                else:
+                    g = _gap_from_log_gap(gaps, sl, self._sum_p[:, sl] * inv, self._n)
                 out[sl] = g
         self._log_gap = None
         self._epkl_gap = out
@@ -318,11 +332,12 @@ class EnsembleAccumulator:
         if self._n >= np.iinfo(np.uint16).max:
             raise InputError(f"{member}: at most {np.iinfo(np.uint16).max} members are supported")
 
-        # a member computed on demand is read one slab ahead in a worker thread (``_read_ahead``)
-        ahead = hasattr(probs, "slab")
+        # a member computed on demand is read one slab ahead in a worker thread (``_read_ahead``);
+        # not on a device, whose kernels run asynchronously anyway
+        ahead = hasattr(probs, "slab") and not self.backend.is_torch
         if not getattr(probs, "valid_probabilities", False):
             for sl, p in _read_ahead(read, self.slabs(), ahead):  # pass 1: validate before touching the sums
-                self._validate_slab(np.asarray(p, dtype=np.float32), sl, member)
+                self._validate_slab(_host(p), sl, member)
             p = None
 
         n_old = self._n
@@ -339,6 +354,11 @@ class EnsembleAccumulator:
         eps = np.float32(EPS)
         n_new = np.float32(n_old + 1)
         for sl, p in _read_ahead(read, self.slabs(), ahead):  # pass 2: accumulate
+            if self.backend.is_torch:
+                from .torch_kernels import accumulate_slab
+
+                accumulate_slab(self, sl, p, n_old)
+                continue
             p = np.asarray(p, dtype=np.float32)
             h = np.zeros(p.shape[1:], dtype=np.float32)
             for c in range(self.n_classes):
@@ -448,6 +468,13 @@ def _read_ahead(read, slabs, ahead: bool):
     finally:
         for f in queue:  # the caller stopped early (an error): let pending reads end first
             f.cancel() or f.exception()
+
+
+def _host(p) -> np.ndarray:
+    """A member slab as a host float32 array (a device tensor is copied to the host)."""
+    if hasattr(p, "detach"):
+        p = p.detach().to("cpu").numpy()
+    return np.asarray(p, dtype=np.float32)
 
 
 def _gap_from_log_gap(gaps, sl: slice, pbar: np.ndarray, n: int) -> np.ndarray:
