@@ -63,7 +63,12 @@ MAP_DESCRIPTIONS = {
 
 YIELD_ORDER = ("fg_variance", "vote_disagreement", "expected_entropy", "mutual_information", "epkl",
                "confidence", "entropy", "entropy_norm", "dae", "ebcu")
-"""The order in which ``iter_maps`` yields the maps (``compute_maps`` returns ``MAP_NAMES`` order)."""
+"""The order in which ``iter_maps`` yields the maps (``compute_maps`` returns ``MAP_NAMES`` order)
+with a calibration (or on a device)."""
+YIELD_ORDER_UNCALIBRATED = ("fg_variance", "vote_disagreement", "confidence", "entropy", "expected_entropy",
+                            "mutual_information", "epkl", "entropy_norm", "dae", "ebcu")
+"""The order without a calibration (numpy path, M > 1): the entropy map H(p̄) comes before the maps of
+the members, which read it as their H(p̄) instead of computing it again."""
 
 _MEMBER_MAPS = {"expected_entropy", "mutual_information", "epkl"}
 
@@ -272,42 +277,66 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
             acc.release_part(part)
 
     member_wanted = [n for n in ("expected_entropy", "mutual_information", "epkl") if n in wanted]
-    # 1. maps of the members' disagreement, each in its own slab pass (one map held at a time),
-    #    before the entropy volume exists: with ``release_sums`` the sums only they read
-    #    (Σ H(p_m), the log gaps) are freed before it and the confidence are allocated. H(p̄) for
-    #    MI and EPKL is computed per slab (the same function on the same p̄ as the entropy map).
-    for name in ("expected_entropy", "mutual_information", "epkl"):
-        if name not in wanted:
-            continue
-        out = new_map()
-        if single and name != "expected_entropy":
-            out.fill(0.0)
-        else:
-            for sl in acc.slabs():
-                if name == "expected_entropy":  # Σ_m H(p_m) / M alone: no p̄, no H(p̄)
-                    out[sl] = (tk if be.is_torch else measures).expected_entropy_slab(acc, sl)
-                    continue
-                if be.is_torch:
-                    mi, ep = tk.disagreement_slab(acc, sl, want_epkl=name == "epkl")
-                    out[sl] = mi if name == "mutual_information" else ep
-                    continue
-                pbar = pbar_slab(sl)
-                ee, mi, ep = measures.disagreement_slab(acc, sl, pbar, measures.entropy(pbar),
-                                                        want_epkl=name == "epkl")
-                out[sl] = {"mutual_information": mi, "epkl": ep}[name]
-        if release_sums and name == member_wanted[-1]:
-            acc.release_part("log_gap")  # no later map reads these two:
-            acc.release_part("sum_entropy")  # freed before this map is handed over
-        yield name, out
-        del out
-    if release_sums:
-        acc.release_part("log_gap")
-        acc.release_part("sum_entropy")
+    need_h = bool({"entropy", "entropy_norm", "dae", "ebcu"} & set(wanted))
+    need_seg = seg is None and ("dae" in wanted or ("ebcu" in wanted and ebcu_threshold is None))
+    # Uncalibrated (numpy): the entropy map is H(p̄), the very H(p̄) that MI and EPKL need, so the
+    # calibrated pass comes first and the maps of the members read it instead of recomputing it
+    # (the same numbers; at most as many volumes at once as the other order: the entropy and the
+    # confidence exist while Σ H(p_m) and EPKL's gap do, where before MI and EPKL did).
+    entropy_first = (not be.is_torch and t_cal is None and probs is None and need_h
+                     and bool({"mutual_information", "epkl"} & set(wanted)) and not single)
+    h_all = None
+
+    def members_maps():
+        """1. maps of the members' disagreement, each in its own slab pass (one map held at a
+        time). EPKL = MI + G is read from the MI map when it was just computed (no H(p̄) again);
+        H(p̄) comes from the entropy volume when it exists, else is computed per slab (the same
+        function on the same p̄ as the entropy map)."""
+        mi_vol = None
+        for name in ("expected_entropy", "mutual_information", "epkl"):
+            if name not in wanted:
+                continue
+            out = new_map()
+            if single and name != "expected_entropy":
+                out.fill(0.0)
+            else:
+                for sl in acc.slabs():
+                    if name == "expected_entropy":  # Σ_m H(p_m) / M alone: no p̄, no H(p̄)
+                        out[sl] = (tk if be.is_torch else measures).expected_entropy_slab(acc, sl)
+                        continue
+                    if be.is_torch:
+                        mi, ep = tk.disagreement_slab(acc, sl, want_epkl=name == "epkl")
+                        out[sl] = mi if name == "mutual_information" else ep
+                        continue
+                    if name == "epkl" and mi_vol is not None:  # EPKL = MI + G (streaming)
+                        np.add(acc.epkl_gap_slab(sl), mi_vol[sl], out=out[sl])
+                        continue
+                    if h_all is not None:
+                        pe = h_all[sl]
+                    else:
+                        pbar = pbar_slab(sl)
+                        pe = measures.entropy(pbar)
+                    ee, mi, ep = measures.disagreement_slab(acc, sl, None if h_all is not None else pbar, pe,
+                                                            want_epkl=name == "epkl")
+                    out[sl] = {"mutual_information": mi, "epkl": ep}[name]
+            if name == "mutual_information":
+                mi_vol = out  # read by EPKL next (the caller holds it while its file is written)
+            if release_sums and name == member_wanted[-1]:
+                acc.release_part("log_gap")  # no later map reads these two:
+                acc.release_part("sum_entropy")  # freed before this map is handed over
+            yield name, out
+            del out
+        if release_sums:
+            acc.release_part("log_gap")
+            acc.release_part("sum_entropy")
+
+    if not entropy_first:
+        # before the entropy volume exists: with ``release_sums`` the sums only they read
+        # (Σ H(p_m), the log gaps) are freed before it and the confidence are allocated
+        yield from members_maps()
 
     # 2. maps of the calibrated probability: one slab pass for the entropy (kept for DAE and
     #    EBCU), the labels and the confidence; the normalised entropy is a rescaled entropy.
-    need_h = bool({"entropy", "entropy_norm", "dae", "ebcu"} & set(wanted))
-    need_seg = seg is None and ("dae" in wanted or ("ebcu" in wanted and ebcu_threshold is None))
     confidence = new_map() if "confidence" in wanted else None
     h_all = memory.empty(shape, np.float32) if need_h else None
     if need_seg:
@@ -327,13 +356,17 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
             if need_seg:
                 measures.argmax_classes(pcal, out=seg[sl])
             del pcal
-    if release_sums:
+    if release_sums and not entropy_first:
         acc.release()  # no later map reads the sums (the maps of the members came first)
     if confidence is not None:
         yield "confidence", confidence
         del confidence
     if "entropy" in wanted:
         yield "entropy", h_all
+    if entropy_first:
+        yield from members_maps()
+        if release_sums:
+            acc.release()
     if "entropy_norm" in wanted:
         out = new_map()
         for sl in acc.slabs():
