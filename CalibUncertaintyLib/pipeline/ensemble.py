@@ -36,11 +36,14 @@ def resolve_mode(calibration, ensemble_mode: str | None) -> str:
 
 def accumulate(members: Iterable[np.ndarray], calibration=None, ensemble_mode: str = "pool_then_calibrate",
                member_names: list[str] | None = None,
-               on_member: Callable[[int, str | None], None] | None = None, backend=None):
+               on_member: Callable[[int, str | None], None] | None = None, backend=None,
+               n_members: int | None = None):
     """Add every member to a new ``EnsembleAccumulator``; returns it, complete
     (``reduce_log_gap()``: no member can be added afterwards). ``backend``: where the arithmetic
     runs (``uncertainty.backend``); default the first member's (a member computed on a device
-    carries its torch backend), else numpy.
+    carries its torch backend), else numpy. ``n_members``: how many members come, when known: the
+    last one is added with ``last=True`` (EPKL's gap computed as it is added, the K gap volumes
+    never written by it; the same numbers).
 
     In ``per_member`` mode with a calibration, each member is scaled with the calibration's
     temperature before ``add``. ``on_member(i, name)`` is called after member i (0-based) was
@@ -68,7 +71,9 @@ def accumulate(members: Iterable[np.ndarray], calibration=None, ensemble_mode: s
             probs = (_ScaledSlabs(probs, calibration, acc.backend) if hasattr(probs, "slab")
                      else calibration.transform_probs(probs))
         memory.release_heap()
-        acc.add(probs, name=name)
+        if acc.reduced:
+            raise InputError(f"member {name or i + 1}: more members than the {n_members} announced")
+        acc.add(probs, name=name, last=n_members is not None and i == n_members - 1)
         del probs
         memory.release_heap()  # the member's slab temporaries, before the next member is made
         if on_member is not None:

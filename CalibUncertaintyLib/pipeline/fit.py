@@ -139,7 +139,7 @@ def sample_case(job: FitJob, item) -> tuple:
     opts = job.opts
     k = job.n_classes
     labels = read_label(cf, k)
-    acc = accumulate(cf.load_members(k))  # members read one z slab at a time (io.npz_stream)
+    acc = accumulate(cf.load_members(k), n_members=len(cf.member_dirs))  # read one z slab at a time (io.npz_stream)
     seg = mean_argmax(acc)  # argmax of p̄ = acc.mean_probs(), by slabs
     roi = roi_mask(seg, cf.geometry.spacing_zyx, opts.roi_radius_mm, reference=labels,
                    rule=opts.roi_rule, allow_empty=True)
@@ -317,7 +317,7 @@ def threshold_case(job: FitJob, item) -> tuple:
     names = [n for n in MAP_NAMES if n != "ebcu"]
     k = job.n_classes
     labels = read_label(cf, k)
-    acc = accumulate(cf.load_members(k), calibration, mode)
+    acc = accumulate(cf.load_members(k), calibration, mode, n_members=len(cf.member_dirs))
     probs = calibrated_slabs(acc, calibration, mode, cf.geometry.spacing_zyx)
     seg, margins = _segmentation_and_margin_curves(probs, labels, acc.slabs())
     roi = roi_mask(seg, cf.geometry.spacing_zyx, opts.roi_radius_mm, reference=labels,

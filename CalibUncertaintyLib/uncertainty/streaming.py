@@ -298,12 +298,17 @@ class EnsembleAccumulator:
         return out
 
     # --- accumulation ------------------------------------------------------------------
-    def add(self, probs, name: str | None = None) -> None:
+    def add(self, probs, name: str | None = None, last: bool = False) -> None:
         """Add one member's probabilities, (K, z, y, x), summing to one over K: an array, or an
         object with ``shape``, ``dtype`` and ``slab(z_slice) -> (K, dz, y, x)`` that computes
         them on demand (``nnunet.member_probabilities.MemberProbabilities``; it is read twice,
         once to validate, unless it has ``valid_probabilities = True``: a softmax of finite
         logits, valid by construction, is read once).
+
+        ``last``: no member follows, so this add also does ``reduce_log_gap``'s work: each slab's
+        updated gaps go straight into G (the same numbers) instead of being stored, so the
+        last member never writes the K gap volumes (for M = 2 they are never touched: their
+        memory is never used), and the accumulator is complete afterwards.
 
         Raises ``InputError`` (and accumulates nothing) for a wrong shape, a non-finite value,
         a negative probability or a voxel whose class sum is off by more than SUM_TOLERANCE;
@@ -353,6 +358,7 @@ class EnsembleAccumulator:
             self._fg_votes = votes
         eps = np.float32(EPS)
         n_new = np.float32(n_old + 1)
+        final = last and not self.backend.is_torch  # G straight from the updated gaps (numpy path)
         for sl, p in _read_ahead(read, self.slabs(), ahead):  # pass 2: accumulate
             if self.backend.is_torch:
                 from .torch_kernels import accumulate_slab
@@ -361,14 +367,24 @@ class EnsembleAccumulator:
                 continue
             p = np.asarray(p, dtype=np.float32)
             h = np.zeros(p.shape[1:], dtype=np.float32)
+            g = np.zeros(p.shape[1:], dtype=np.float32) if final and n_old else None
             for c in range(self.n_classes):
                 logp = np.maximum(p[c], eps)
                 np.log(logp, out=logp)
                 s_old = self._sum_p[c, sl]
                 if n_old:  # L_c += log p − (n+1) log p̄_new + n log p̄_old (module doc); 0 for the first member
-                    self._add_log_gap(c, sl, logp, s_old, p[c], n_old, inv_old, inv_new, n_new)
+                    gap = self._add_log_gap(c, sl, logp, s_old, p[c], n_old, inv_old, inv_new, n_new, store=g is None)
+                    if g is not None:  # G += p̄_c (−L_c / M), p̄ the final mean: _gap_from_log_gap's arithmetic
+                        gap *= -inv_new
+                        pbar_c = np.add(s_old, p[c])
+                        pbar_c *= inv_new
+                        gap *= pbar_c
+                        g += gap
                 logp *= p[c]
                 h -= logp
+            if g is not None:
+                np.maximum(g, 0, out=g)
+                self._log_gap[0][sl] = g
             self._sum_h[sl] += h
             # Welford on p_fg = 1 - p_0; the running mean is 1 - S0/n.
             x = np.float32(1.0) - p[0]
@@ -382,8 +398,11 @@ class EnsembleAccumulator:
             fg_best = p[1:].max(axis=0)
             self._fg_votes[sl] += fg_best > p[0]
         self._n = n_old + 1
+        if final:  # G is in class 0's volume (0 for one member: it was never written)
+            self._epkl_gap = self._log_gap[0]
+            self._log_gap = None
 
-    def _add_log_gap(self, c, sl, logp, s_old, p_c, n_old, inv_old, inv_new, n_new) -> None:
+    def _add_log_gap(self, c, sl, logp, s_old, p_c, n_old, inv_old, inv_new, n_new, store: bool = True):
         # the same float32 operations in the same order as
         #   gap = L_c + log p − n_new log max(p̄_new, EPS) + n_old log max(p̄_old, EPS)
         # written into two slab buffers; after the first member L_c is 0 and n_old = 1, and
@@ -408,7 +427,10 @@ class EnsembleAccumulator:
         if n_old != 1:
             old *= np.float32(n_old)
         gap += old
+        if not store:  # the caller uses it (the last member: G); L itself is no longer needed
+            return gap
         target[...] = gap
+        return None
 
     def _validate_slab(self, p: np.ndarray, sl: slice, member: str) -> None:
         finite = np.isfinite(p)
