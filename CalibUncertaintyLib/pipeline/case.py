@@ -192,7 +192,7 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
                       message=name)
 
     emit_progress("accumulate", 0.0, case=case_id, n_members=n_members_hint)
-    acc = accumulate(members, calibration, mode, opts.member_names, on_member)
+    acc = accumulate(members, calibration, mode, opts.member_names, on_member, n_members=n_members_hint)
     if acc.shape_zyx != geometry.shape_zyx:
         raise InputError(f"case {case_id}: members have shape {acc.shape_zyx}, the image "
                          f"{geometry.shape_zyx}")

@@ -110,10 +110,10 @@ def evaluate_case(cf, pairing: Pairing, calibration, opts: EvalOptions) -> tuple
     k, names = pairing.n_classes, pairing.class_names
     mode = calibration.ensemble_mode
     labels = read_label(cf, k)
-    acc = accumulate(cf.load_members(k))
+    acc = accumulate(cf.load_members(k), n_members=len(cf.member_dirs))
     p_before = acc.mean_probs()
     if mode == "per_member":
-        acc = accumulate(cf.load_members(k), calibration, mode)
+        acc = accumulate(cf.load_members(k), calibration, mode, n_members=len(cf.member_dirs))
     p_after = calibrated_probs(acc, calibration, mode, cf.geometry.spacing_zyx)
     seg_before, seg = segmentation(p_before), segmentation(p_after)
     rule = opts.roi_rule or calibration.roi["rule"]

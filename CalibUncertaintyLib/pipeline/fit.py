@@ -10,7 +10,7 @@ stays bounded by one case's accumulator plus the sampled voxels and ROI crops):
    cases, split evenly). The rows are log p̄ (pool then calibrate) and, for temperature scaling,
    also each member's log p_m at the same voxels (per member), so both ensemble modes are
    fitted on identical voxels and both are reported; the requested mode is the one stored.
-   (A case's members are kept in memory for this up to ``MEMBER_CACHE_BYTES``, else re-read.)
+   (The members are read again for those rows, one z slab at a time.)
 2. Fit: T by a bounded 1-D search on log T minimising the NLL (``TemperatureScaler``), or
    per-class scale and bias (``VectorScaler``, pooled ensemble only), or a per-class / local
    temperature table (``calibration.local_temperature``, pooled ensemble only; the global T is
@@ -49,7 +49,7 @@ from ..errors import InputError
 from ..io.nnunet_outputs import Pairing
 from ..cohort.executor import run_cohort
 from .dataset import prediction_fingerprint, read_label
-from .ensemble import accumulate, calibrated_probs, case_maps
+from .ensemble import accumulate, calibrated_probs, case_maps, mean_argmax
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,6 @@ OPEN_BIN_CHOICES = ("identity", "nearest", "fitted")
 #: the calibrator fit-temperature stores unless told otherwise (bench/results/openkbp_local.md)
 DEFAULT_METHOD = "local_temperature"
 CV_MAX_ROWS = 300_000  # rows used for the leave-one-case-out NLL of the local calibrators
-MEMBER_CACHE_BYTES = 1 << 30  # members of one case kept in memory in pass 1 up to this size, else re-read
 
 
 @dataclass
@@ -138,34 +137,29 @@ def sample_case(job: FitJob, item) -> tuple:
 
     ci, cf = item
     opts = job.opts
-    labels = read_label(cf, job.n_classes)
-    kept: list[np.ndarray] = []
-
-    def members_once():  # keep the members for the per-member rows if they fit the budget
-        for p in cf.load_members(job.n_classes):
-            if job.want_members and (len(kept) + 1) * p.nbytes <= MEMBER_CACHE_BYTES:
-                kept.append(p)
-            yield p
-
-    acc = accumulate(members_once())
-    pbar = acc.mean_probs()
-    del acc
-    seg = np.argmax(pbar, axis=0)
+    k = job.n_classes
+    labels = read_label(cf, k)
+    acc = accumulate(cf.load_members(k), n_members=len(cf.member_dirs))  # read one z slab at a time (io.npz_stream)
+    seg = mean_argmax(acc)  # argmax of p̄ = acc.mean_probs(), by slabs
     roi = roi_mask(seg, cf.geometry.spacing_zyx, opts.roi_radius_mm, reference=labels,
                    rule=opts.roi_rule, allow_empty=True)
-    k = job.n_classes
     if not roi.any():
         log.warning("case %s: empty ROI (no predicted%s foreground), no calibration voxels",
                     cf.case, "" if opts.roi_rule == "prediction" else " or reference")
         xm = np.zeros((job.n_members, 0, k), np.float32) if job.want_members else None
         feats = (np.zeros(0, np.int64), np.zeros(0, np.float32), None) if job.want_local else None
         return np.zeros((0, k), np.float32), xm, np.zeros(0, np.int64), feats
-    x, y = collect_calibration_samples([(pbar, labels, roi)], kind="probs", ensemble_mode="pool_then_calibrate",
-                                       max_voxels_per_case=job.per_case, seed=opts.seed + ci)
-    xm = feats = None
     vox = np.flatnonzero(roi.ravel())
     keep = stratified_sample_indices(labels.reshape(-1)[vox], job.per_case, seed=opts.seed + ci)
-    vox = vox[keep]  # the same voxels as collect_calibration_samples took (same selector and seed)
+    vox = vox[keep]  # the voxels collect_calibration_samples takes (same selector and seed)
+    n = np.float32(acc.n_members)
+    sums = acc.sum_probs.reshape(k, -1)
+    # p̄ at those voxels only (as acc.mean_probs() computes it), through the same checks and logs
+    x, y = collect_calibration_samples([(np.divide(sums[:, vox], n)[:, None, None, :],
+                                         labels.reshape(-1)[vox][None, None, :], None)],
+                                       kind="probs", ensemble_mode="pool_then_calibrate",
+                                       max_voxels_per_case=vox.size, seed=opts.seed + ci)
+    xm = feats = None
     if job.want_local:
         from ..calibration.local_temperature import contour_distance_mm
 
@@ -176,15 +170,34 @@ def sample_case(job: FitJob, item) -> tuple:
             if out.size > job.per_case:
                 out = np.sort(np.random.default_rng(opts.seed + ci + BEYOND_SEED).choice(out, job.per_case,
                                                                                            replace=False))
-            xb = safe_log(pbar.reshape(k, -1)[:, out].T).astype(np.float32)
+            xb = safe_log(np.divide(sums[:, out], n).T).astype(np.float32)
             feats = (*feats[:2], (xb, labels.reshape(-1)[out].astype(np.int64),
                                   seg.reshape(-1)[out].astype(np.int64), dist[out]))
-    if job.want_members:
-        source = kept if len(kept) == len(cf.member_dirs) else cf.load_members(job.n_classes)
-        xm = np.stack([safe_log(p.reshape(p.shape[0], -1)[:, vox].T).astype(np.float32) for p in source])
+    del acc, sums
+    if job.want_members:  # a second read of the members: their values at the sampled voxels
+        xm = np.stack([safe_log(member_rows(p, vox).T).astype(np.float32) for p in cf.load_members(k)])
         if xm.shape[1] != x.shape[0]:
             raise RuntimeError("pooled and per-member calibration samples differ in size")  # same selector
     return x, xm, y, feats
+
+
+def member_rows(member, vox: np.ndarray) -> np.ndarray:
+    """(K, n) float32 values of a member at flat voxel indices ``vox`` (sorted), read one z slab
+    at a time (``slab()``) when the member is computed on demand, else from the array."""
+    if not hasattr(member, "slab"):
+        a = np.asarray(member)
+        return a.reshape(a.shape[0], -1)[:, vox]
+    from ..uncertainty.streaming import z_slabs
+
+    k, nz, ny, nx = member.shape
+    plane = ny * nx
+    out = np.empty((k, vox.size), np.float32)
+    for sl in z_slabs((nz, ny, nx)):
+        a, b = np.searchsorted(vox, [sl.start * plane, sl.stop * plane])
+        if a == b:
+            continue
+        out[:, a:b] = member.slab(sl).reshape(k, -1)[:, vox[a:b] - sl.start * plane]
+    return out
 
 
 def _cases(pairing: Pairing) -> list:
@@ -286,44 +299,119 @@ def fit_local(x, y, local: dict, opts: FitOptions) -> dict:
 def threshold_case(job: FitJob, item) -> tuple:
     """Pass 3 for one case ``(ci, CaseFiles)`` with ``job.calibration`` applied: every map but
     EBCU, the error mask and the ROI, cropped to the ROI's bounding box padded by the EBCU
-    radius, and the calibrated predictive entropy of the ROI voxels (for the pooled EBCU t)."""
+    radius, and the calibrated predictive entropy of the ROI voxels (for the pooled EBCU t).
+
+    Memory (issue 19): the members are read one z slab at a time, the calibrated probability is
+    never a (K, z, y, x) volume (``CalibratedSlabs``: one pass gives the segmentation, the argmax
+    of the calibrated probability as before, and each class's margin-curve voxels), and the maps
+    come one at a time (``iter_case_maps``), each kept only as its crop and samples."""
     from ..calibration.roi import roi_mask
     from ..metrics.error_detection import error_mask
     from ..uncertainty.ebcu import effective_radius_mm
-    from ..uncertainty.maps import MAP_NAMES, segmentation
+    from ..uncertainty.maps import MAP_NAMES
+    from .ensemble import calibrated_slabs, iter_case_maps
 
     ci, cf = item
     opts, calibration = job.opts, job.calibration
     mode = calibration.ensemble_mode
     names = [n for n in MAP_NAMES if n != "ebcu"]
-    labels = read_label(cf, job.n_classes)
-    acc = accumulate(cf.load_members(job.n_classes), calibration, mode)
-    probs = calibrated_probs(acc, calibration, mode, cf.geometry.spacing_zyx)
-    seg = segmentation(probs)
+    k = job.n_classes
+    labels = read_label(cf, k)
+    acc = accumulate(cf.load_members(k), calibration, mode, n_members=len(cf.member_dirs))
+    probs = calibrated_slabs(acc, calibration, mode, cf.geometry.spacing_zyx)
+    seg, margins = _segmentation_and_margin_curves(probs, labels, acc.slabs())
     roi = roi_mask(seg, cf.geometry.spacing_zyx, opts.roi_radius_mm, reference=labels,
                    rule=opts.roi_rule, allow_empty=True)
-    maps = case_maps(acc, probs, cf.geometry, calibration, mode, names=names,
-                     dae_sigma_mm=opts.dae_sigma_mm, roi=roi)
-    margins = case_margin_curves(probs, labels, seg)
-    del acc, probs
     r_ebcu = effective_radius_mm(opts.ebcu_radius_mm, cf.geometry.spacing_zyx)
     pad = [int(math.ceil(r_ebcu / h)) + 1 for h in cf.geometry.spacing_zyx]
     box = _bbox(roi, pad, roi.shape)
     errors = error_mask(seg, labels, roi)
-    crop = ({n: maps[n][box].copy() for n in names}, errors[box].copy(), roi[box].copy(), cf.geometry.spacing_zyx)
-    return crop, maps["entropy"][roi], margins, reference_sample(cf, maps, opts.seed + ci, seg, job.n_classes)
+    sampler = _ReferenceSampler(cf, opts.seed + ci, seg, k)
+    crops, pe_roi = {}, None
+    for name, values in iter_case_maps(acc, probs, cf.geometry, calibration, mode, names=names,
+                                       dae_sigma_mm=opts.dae_sigma_mm, roi=roi, release_sums=True, seg=seg):
+        crops[name] = values[box].copy()
+        if name == "entropy":
+            pe_roi = values[roi]
+        sampler.add(name, values)
+        del values
+    del acc, probs
+    crop = ({n: crops[n] for n in names}, errors[box].copy(), roi[box].copy(), cf.geometry.spacing_zyx)
+    return crop, pe_roi, margins, sampler.result()
+
+
+def _segmentation_and_margin_curves(probs, labels, slabs) -> tuple:
+    """One pass over the calibrated probability's z slabs: the segmentation (argmax, ties to the
+    lower class, per slab as ``uncertainty.maps.segmentation`` takes it) and the per-class margin
+    loss curves (``case_margin_curves``). Each class's curve needs only its reference voxels, its
+    predicted voxels and the voxels above the inner-margin floor, in image order
+    (``calibration.conformal.margin_losses``), so only those are kept: the same curves as from the
+    whole volumes."""
+    from ..calibration.conformal import INNER_MIN, margin_losses
+    from .. import memory
+
+    k = probs.shape[0]
+    seg = memory.empty(probs.shape[1:], np.uint8 if k <= 256 else np.uint16)
+    parts = {c: ([], [], []) for c in range(1, k)}
+    floor = np.float32(INNER_MIN * 0.999)
+    for sl in slabs:
+        p = probs.slab(sl)
+        seg[sl] = np.argmax(p, axis=0)
+        lab, pred = labels[sl], seg[sl]
+        for c in range(1, k):
+            t, pr = lab == c, pred == c
+            keep = t | pr
+            keep |= p[c] > floor
+            if keep.any():
+                parts[c][0].append(p[c][keep])
+                parts[c][1].append(t[keep])
+                parts[c][2].append(pr[keep])
+        del p
+    curves = []
+    for c in range(1, k):
+        vals, t, pr = (np.concatenate(a) if a else np.zeros(0, dt)
+                       for a, dt in zip(parts.pop(c), (np.float32, bool, bool)))
+        curves.append(margin_losses(vals, t, pr))
+    return seg, curves
+
+
+class _ReferenceSampler:
+    """``reference_sample`` of one case from its maps as they stream by (each map seen once)."""
+
+    def __init__(self, cf, seed: int, seg, n_classes: int):
+        from ..metrics.atypicality import read_case_domain
+
+        self.kind = "body" if cf.image_paths else "whole_image"
+        self.dom = read_case_domain(cf.image_paths[0] if cf.image_paths else None, seg.shape, self.kind)
+        self.seed, self.samples = seed, {}
+        self.vols = (_label_counts(seg, n_classes)[1:] * cf.geometry.voxel_volume_mm3).tolist()
+
+    def add(self, name: str, values) -> None:
+        from ..metrics.atypicality import OOD_AGGREGATES, domain_sample
+
+        if name in OOD_AGGREGATES.values():
+            self.samples[name] = domain_sample(values, self.dom, seed=self.seed)
+
+    def result(self) -> tuple[str, dict, list]:
+        from ..metrics.atypicality import OOD_AGGREGATES
+
+        return self.kind, {m: self.samples[m] for m in OOD_AGGREGATES.values() if m in self.samples}, self.vols
+
+
+def _label_counts(seg, n_classes: int) -> np.ndarray:
+    from .case import _label_counts as counts
+
+    return counts(seg, n_classes)
 
 
 def reference_sample(cf, maps: dict, seed: int, seg, n_classes: int) -> tuple[str, dict, list]:
     """The case's part of the atypicality reference (``metrics.atypicality``): its domain kind
     (the body from its CT when there is one, else the whole image), a fixed-seed sample of the
     entropy and mutual information in that domain, and its predicted volume (mm³) per foreground class."""
-    from ..metrics.atypicality import OOD_AGGREGATES, domain_sample, read_case_domain
-
-    kind = "body" if cf.image_paths else "whole_image"
-    dom = read_case_domain(cf.image_paths[0] if cf.image_paths else None, maps["entropy"].shape, kind)
-    vols = (np.bincount(seg.ravel(), minlength=n_classes)[1:] * cf.geometry.voxel_volume_mm3).tolist()
-    return kind, {m: domain_sample(maps[m], dom, seed=seed) for m in OOD_AGGREGATES.values() if m in maps}, vols
+    sampler = _ReferenceSampler(cf, seed, seg, n_classes)
+    for name, values in maps.items():
+        sampler.add(name, values)
+    return sampler.result()
 
 
 def case_margin_curves(probs, labels, seg) -> list:
