@@ -16,7 +16,7 @@ sha256). Options (``add_model_arguments``):
 - ``--ood``: out-of-distribution CT file(s), predicted too (case id = file name without
   ``.nii.gz`` and ``_0000``);
 - ``--tta`` (default off: nnU-Net's mirroring multiplies CPU time by the number of mirrorings),
-  ``--device`` (default cpu), ``--folds`` (default all: the deep ensemble; "single" = its first).
+  ``--device`` (default cpu), ``--model-folds`` (default all: the deep ensemble; "single" = its first).
 
 Splits (``random_splits``, ``shifted_split``): repeated random calibration / test splits of the
 held-out cases, and a *shifted* split that calibrates on the lowest case ids and tests on the
@@ -43,7 +43,8 @@ def add_model_arguments(p, required: bool = False) -> None:
                         "beside the model folder)")
     g.add_argument("--member-cache", type=Path, default=DEFAULT_CACHE,
                    help=f"member cache folder (the product's --member-cache; default {DEFAULT_CACHE})")
-    g.add_argument("--folds", type=int, nargs="+", default=None, help="folds of the deep ensemble (default all)")
+    g.add_argument("--model-folds", type=int, nargs="+", default=None,
+                   help="folds of the deep ensemble (default all; 'single' = the first)")
     g.add_argument("--tta", action="store_true", help="nnU-Net's mirroring TTA inside each member (default off)")
     g.add_argument("--device", default="cpu", help="inference device for missing members (default cpu)")
 
@@ -96,13 +97,13 @@ def model_members(args, images_dir: Path, cases: list[str], ood_files=(), work: 
 
     t0 = time.time()
     common = dict(device=args.device, tta=bool(args.tta))
-    cm = cached_member_dirs(args.model_folder, "deep", args.folds, images_dir, args.member_cache, cases=cases,
+    cm = cached_member_dirs(args.model_folder, "deep", args.model_folds, images_dir, args.member_cache, cases=cases,
                             **common)
     ood_ids, ood_dir = [], None
     if ood_files:
         ood_dir = (work or Path(args.member_cache)) / "ood_images"
         linked = link_ood_images(ood_files, ood_dir)
-        co = cached_member_dirs(args.model_folder, "deep", args.folds, ood_dir, args.member_cache,
+        co = cached_member_dirs(args.model_folder, "deep", args.model_folds, ood_dir, args.member_cache,
                                 cases=list(linked), fingerprint=cm.fingerprint, **common)
         if [str(d) for d in co.member_dirs] != [str(d) for d in cm.member_dirs]:
             raise RuntimeError("the OOD members landed in other member folders than the cases'")
