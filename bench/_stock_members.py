@@ -45,8 +45,11 @@ def add_model_arguments(p, required: bool = False) -> None:
                    help=f"member cache folder (the product's --member-cache; default {DEFAULT_CACHE})")
     g.add_argument("--model-folds", type=int, nargs="+", default=None,
                    help="folds of the deep ensemble (default all; 'single' = the first)")
-    g.add_argument("--tta", action="store_true", help="nnU-Net's mirroring TTA inside each member (default off)")
-    g.add_argument("--device", default="cpu", help="inference device for missing members (default cpu)")
+    have = p._option_string_actions  # a bench that has its own --tta / --device keeps it
+    if "--tta" not in have:
+        g.add_argument("--tta", action="store_true", help="nnU-Net's mirroring TTA inside each member (default off)")
+    if "--device" not in have:
+        g.add_argument("--device", default="cpu", help="inference device for missing members (default cpu)")
 
 
 def model_cases(args) -> list[str]:
@@ -96,7 +99,7 @@ def model_members(args, images_dir: Path, cases: list[str], ood_files=(), work: 
     from CalibUncertaintyLib.nnunet.member_cache import cached_member_dirs
 
     t0 = time.time()
-    common = dict(device=args.device, tta=bool(args.tta))
+    common = dict(device=getattr(args, "device", "cpu"), tta=bool(args.tta))
     cm = cached_member_dirs(args.model_folder, "deep", args.model_folds, images_dir, args.member_cache, cases=cases,
                             **common)
     ood_ids, ood_dir = [], None
