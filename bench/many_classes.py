@@ -127,6 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--folds", nargs="+", default=["0", "1"])
     ap.add_argument("--ct", type=Path, help="source CT (default: the first OpenKBP training CT)")
     ap.add_argument("--skip-full", action="store_true", help="only the post-processing comparison")
+    ap.add_argument("--inplane", type=int, default=512, help="in-plane size of the CT (default 512; smaller for a "
+                                                             "smoke run)")
     ap.add_argument("--work", type=Path)
     ap.add_argument("--_post", choices=("nnunet", "ours"), help=argparse.SUPPRESS)
     ap.add_argument("--_model", type=Path, help=argparse.SUPPRESS)
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
     try:
         inp = work / "input"
         ct = inp / "case_0000.nii.gz"
-        size, spacing = make_ct((args.ct or default_ct()).resolve(), ct, args.slices)
+        size, spacing = make_ct((args.ct or default_ct()).resolve(), ct, args.slices, args.inplane)
         pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
         base_env = dict(os.environ, PYTHONPATH=pythonpath, nnUNet_raw=str(work / "raw"),
                         nnUNet_preprocessed=str(work / "pre"))
