@@ -171,7 +171,8 @@ def _flagged_ml(roi_scores, c, voxel_ml) -> float:
     return float((roi_scores.size - np.searchsorted(roi_scores, np.float32(c), side="left")) * voxel_ml)
 
 
-def resample(data: list, organs: list, n_cal: int, alphas, splits: int, seed: int, maps) -> dict:
+def resample(data: list, organs: list, n_cal: int, alphas, splits: int, seed: int, maps,
+             detection_splits: int = 20) -> dict:
     """Module docstring, step 3. Returns {part: {name: {alpha: {stat: mean over splits}}}} + detection."""
     from CalibUncertaintyLib.calibration import conformal as cf
     from CalibUncertaintyLib.calibration.thresholds import calibrate_thresholds, uncertainty_score
@@ -219,7 +220,7 @@ def resample(data: list, organs: list, n_cal: int, alphas, splits: int, seed: in
                 rec["plugin_band_ml"].append(np.mean([data[i]["bands"][k][jp] * data[i]["voxel_ml"] for i in ti]))
                 rec["inner_fdp"].append(np.mean([data[i]["margins"][k]["inner_fdp_raw"][ji] for i in ti]))
         cal_crops = [data[i]["crop"] for i in ci if data[i]["crop"] is not None]
-        if cal_crops and det_maps:
+        if cal_crops and det_maps and len(detect[det_maps[0]]["ueo"]) < detection_splits:
             taus = calibrate_thresholds([{m: c[0][m] for m in det_maps} for c in cal_crops],
                                         [c[1] for c in cal_crops], [c[2] for c in cal_crops])
             for m in det_maps:
@@ -328,6 +329,8 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=None, choices=("temperature", "local_temperature"),
                    help="calibration methods (default: temperature; with --model-folder also local_temperature)")
     p.add_argument("--no-shift", action="store_true", help="--model-folder: skip the shifted split")
+    p.add_argument("--detection-splits", type=int, default=20,
+                   help="error detection (τ* search per split) on the first N splits only (default 20)")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--name", default=None, help="report file stem (default conformal_openkbp / conformal_stock)")
     add_model_arguments(p)
@@ -382,7 +385,8 @@ def main(argv=None) -> int:
             if not stock and cfg == "synthetic" and method == a.methods[0]:  # ebcu_study.py reads these
                 (work / "calibration.json").write_text(Path(run["random"]["calibration"]).read_text())
             losses, organs = all_case_losses(members, data, cases, Path(run["random"]["calibration"]), maps)
-            run["resampled"] = resample(losses, organs, a.n_cal, alphas, a.splits, a.seed + 1, maps)
+            run["resampled"] = resample(losses, organs, a.n_cal, alphas, a.splits, a.seed + 1, maps,
+                                        a.detection_splits)
             run["tighter"] = [tighter(losses, m, alphas) for m in maps if m in ("entropy", "dae")]
             run["cases"] = [{k: d[k] for k in ("case", "roi_voxels", "n_errors", "voxel_ml")} for d in losses]
             if stock and not a.no_shift:
@@ -394,7 +398,7 @@ def main(argv=None) -> int:
     command = "PYTHONPATH=. .venv/bin/python bench/conformal_openkbp.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     record = {"command": command.strip(), "wall_s": round(time.time() - t0, 1), "members_s": round(t_members, 1),
               "stock": stock, "members": members_record, "cases": cases, "n_cal": a.n_cal, "alpha": a.alpha,
-              "alphas": alphas, "splits": a.splits, "runs": runs,
+              "alphas": alphas, "splits": a.splits, "detection_splits": min(a.detection_splits, a.splits), "runs": runs,
               "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, load average "
                          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end"}
     a.results.mkdir(parents=True, exist_ok=True)
@@ -462,7 +466,8 @@ def render(r) -> str:
                          f"{_v(s['band_ml'], 2)} | {_v(s['plugin_band_ml'], 2)} | {_m(s['inner_fdp'])} |")
         det = run["resampled"].get("detection") or {}
         if det:
-            L += ["", "### Error detection per map (τ* by mean UEO on each split's calibration cases)", "",
+            L += ["", f"### Error detection per map (τ* by mean UEO on each split's calibration cases; the first "
+                      f"{r.get('detection_splits', r['splits'])} splits)", "",
                   "| map | UEO at τ* | recall | precision | flagged share of ROI | voxel AUROC | product `evaluate`, "
                   "first split: UEO / AUROC |", "|---|---|---|---|---|---|---|"]
             for m, s in det.items():

@@ -407,8 +407,9 @@ def main_model_folder(args, ds: Path, command: str, t0: float) -> int:
             r["seconds_total"] = round(time.time() - t1, 1)
             per_split.append(r)
             log.info("%s: split %d of %d done in %.0f s", cfg, i + 1, len(splits), time.time() - t1)
+        ok = [r for r in per_split if not r.get("skipped")]
         configs[cfg] = {"members": [Path(d).name for d in mem[cfg]], "splits": per_split,
-                        "summary": summarise_splits([r for r in per_split if not r.get("skipped")])}
+                        "summary": summarise_splits(ok), "naming": naming_rates(ok) if ok else None}
     args.workdir = work_root
     run = {"command": command, "model_folder": str(args.model_folder), "member_cache": mem["record"],
            "cases": cases, "n_cal": args.n_cal, "n_splits": len(splits), "seed": args.seed, "ood": str(args.ood),
@@ -459,6 +460,36 @@ def _ms(x, d=3) -> str:
     return "–" if x is None else f"{x['mean']:.{d}f} ± {x['sd']:.{d}f}"
 
 
+def naming_rates(per_split: list) -> dict:
+    """How often ``metrics.atypicality`` names a case atypical (a p-value ≤ ATYPICAL_P): per aggregate and
+    for any of them, the share of test cases (like the calibration cases) named and whether the OOD CT is."""
+    from CalibUncertaintyLib.metrics.atypicality import ATYPICAL_P, ATYPICALITY_AGGREGATES
+
+    test_named = {a: [] for a in (*ATYPICALITY_AGGREGATES, "any")}
+    ood_named = {a: [] for a in (*ATYPICALITY_AGGREGATES, "any")}
+    for r in per_split:
+        cands = r["candidates"]
+        have = [a for a in ATYPICALITY_AGGREGATES if a in cands and cands[a].get("test_p") is not None]
+        if not have:
+            continue
+        tests = list(cands[have[0]]["test_p"])
+        anyt = {c: False for c in tests}
+        anyo = False
+        for a in have:
+            named = {c: (p is not None and p <= ATYPICAL_P) for c, p in cands[a]["test_p"].items()}
+            test_named[a].append(sum(named.values()) / max(len(named), 1))
+            o = cands[a].get("ood_p")
+            ood_named[a].append(bool(o is not None and o <= ATYPICAL_P))
+            anyo = anyo or ood_named[a][-1]
+            for c, v in named.items():
+                anyt[c] = anyt[c] or v
+        test_named["any"].append(sum(anyt.values()) / max(len(anyt), 1))
+        ood_named["any"].append(anyo)
+    return {"level": ATYPICAL_P,
+            "test_share": {a: (sum(v) / len(v) if v else None) for a, v in test_named.items()},
+            "ood_share": {a: (sum(v) / len(v) if v else None) for a, v in ood_named.items()}}
+
+
 def render_model_folder(run: dict) -> str:
     n_test = len(run["cases"]) - run["n_cal"]
     s = ["# Case triage and the out-of-distribution CT on a model folder's held-out cases", "",
@@ -501,6 +532,14 @@ def render_model_folder(run: dict) -> str:
             p_ood = "–" if v["ood_p_mean"] is None else f"{v['ood_p_mean']:.3f}"
             s.append(f"| {c} | {_ms(v['aurc'])} | {_ms(v['excess_aurc'])} | {_ms(v['spearman'], 2)} | "
                      f"{v['best_aurc_splits']} of {len(ok)} | {rank} | {v['ood_first_share']:.2f} | {p_ood} |")
+        nm = r.get("naming")
+        if nm:
+            f = lambda x: "–" if x is None else f"{x:.2f}"
+            s += ["", f"Named atypical (`metrics.atypicality`: a p-value ≤ {nm['level']:g} against the split's "
+                  "calibration cases), share over splits:", "",
+                  "| aggregate | test cases named (like the calibration cases) | OOD CT named |", "|---|---|---|"]
+            for a in nm["test_share"]:
+                s.append(f"| {a} | {f(nm['test_share'][a])} | {f(nm['ood_share'][a])} |")
         s.append("")
     return "\n".join(s) + "\n"
 
