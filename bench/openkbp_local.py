@@ -135,6 +135,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fail when the mean organ Dice of a configuration on the calibration cases is below this "
                         "(the models did not learn)")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--loco", action=argparse.BooleanOptionalAction, default=True,
+                   help="--model-folder: leave-one-case-out selection evidence on the first split (default on)")
     p.add_argument("--splits", type=int, default=5, help="--model-folder: random calibration / test splits of its "
                                                          "held-out cases (default 5; --n-cal of them calibrate)")
     p.add_argument("--name", default=None, help="report file stem (default openkbp_local; openkbp_local_stock with "
@@ -243,7 +245,7 @@ def main_model_folder(args, command: str, t_start: float) -> int:
             t0 = time.time()
             res = ev.evaluate_configuration(dirs, labels, split["calibration"], split["test"], ood,
                                             args.max_voxels_per_case, args.default_calibrator, seed=args.seed,
-                                            loco=(i == 0))
+                                            loco=(i == 0 and args.loco))
             res.pop("fitted_records", None)
             res["split"] = split
             res["seconds"] = round(time.time() - t0, 1)

@@ -75,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--n-cal", type=int, default=10, help="--model-folder: calibration cases per split (default 10)")
     p.add_argument("--splits", type=int, default=5, help="--model-folder: random splits (default 5)")
     p.add_argument("--seed", type=int, default=0, help="--model-folder: seed of the splits (default 0)")
+    p.add_argument("--method", default=None, help="calibration method of the fit (default: the product's "
+                                                   "fit-temperature default, pipeline.fit.DEFAULT_METHOD)")
     p.add_argument("--data", type=Path, default=default_data(), help="OpenKBP folder (labels and CT)")
     p.add_argument("--ood", type=Path, default=default_data().parent / "ood_ct" / "abdomen_ct_3mm.nii.gz")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/calibu_triage_openkbp"))
@@ -178,7 +180,8 @@ def _work_key(dirs, split, args) -> dict:
     """What a configuration's calibration and evaluation depend on: member files (size, mtime), split, OOD."""
     files = sorted(p for d in dirs for p in Path(d).glob("*.np[z]"))
     return {"members": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
-            "split": {k: split[k] for k in ("calibration", "test")}, "ood": str(args.ood), "script": 1}
+            "split": {k: split[k] for k in ("calibration", "test")}, "ood": str(args.ood), "script": 1,
+            "method": args.method}
 
 
 def run_config(cfg: str, dirs: list, args, ds: Path, split: dict) -> dict:
@@ -206,7 +209,7 @@ def run_config(cfg: str, dirs: list, args, ds: Path, split: dict) -> dict:
         cal = CalibrationFile.load(work / "calibration.json")
     else:
         (work / "key.json").unlink(missing_ok=True)
-        cal = fit_calibration(pairing, FitOptions())
+        cal = fit_calibration(pairing, FitOptions(method=args.method) if args.method else FitOptions())
         cal.save(work / "calibration.json")
         write_json(work / "key.json", key)
     t_fit = time.time() - t0

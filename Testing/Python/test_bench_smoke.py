@@ -105,16 +105,16 @@ def test_model_folder_benches(tiny):
     common = ["--model-folder", str(tiny.model), "--data", str(tiny.data), "--member-cache", str(tiny.cache),
               "--cases", *tiny.cases, "--results", str(tiny.results)]
     _run(triage_openkbp.main, [*common, "--ood", str(tiny.ood), "--n-cal", "3", "--splits", "1", "--configs",
-                               "deep", "--workdir", str(tiny.root / "triage")])
+                               "deep", "--method", "temperature", "--workdir", str(tiny.root / "triage")])
     text = (tiny.results / "triage_stock.md").read_text()
     assert "## deep (2 member(s)" in text and "| organ_volume_atypicality |" in text and "| mean_u_roi[dae] |" in text
     _run(conformal_openkbp.main, [*common, "--n-cal", "3", "--splits", "2", "--configs", "deep", "--methods",
-                                  "temperature", "--workdir", str(tiny.root / "conformal")])
+                                  "temperature", "--no-shift", "--workdir", str(tiny.root / "conformal")])
     text = (tiny.results / "conformal_stock.md").read_text()
-    assert "## deep/temperature" in text and "### Product path, shifted split" in text
+    assert "## deep/temperature" in text and "### Product path, first random split" in text
     assert "### What a tighter guarantee needs (dae flags" in text
     _run(openkbp_local.main, [*common, "--ood", str(tiny.ood), "--n-cal", "3", "--splits", "1", "--configurations",
-                              "deep", "--max-voxels-per-case", "3000", "--workdir", str(tiny.root / "local")])
+                              "deep", "--max-voxels-per-case", "3000", "--no-loco", "--workdir", str(tiny.root / "local")])
     text = (tiny.results / "openkbp_local_stock.md").read_text()
     assert "| local T(x), open bin fitted beyond the ROI **(default)** |" in text and "beats global T" in text
     _run(openkbp.main, [*common, "--n-cal", "3", "--configs", "deep", "--workdir", str(tiny.root / "openkbp")])
@@ -132,10 +132,10 @@ def test_cohort_and_many_classes(tiny, capsys):
     _run(cohort.main, ["--data", str(tiny.data), "--cases", "2", "--members", "2", "--executors", "local",
                        "--work", str(tiny.root / "cohort")])
     assert "Estimate for 1,000 CTs" in capsys.readouterr().out
-    _run(many_classes.main, ["--k", "3", "--slices", "8", "--inplane", "64", "--folds", "0",
+    _run(many_classes.main, ["--k", "3", "--slices", "8", "--inplane", "64", "--folds", "0", "--skip-full",
                              "--work", str(tiny.root / "many"), "--ct", str(next((tiny.data / "imagesTr").iterdir()))])
     out = capsys.readouterr().out
-    assert "nnU-Net MiB" in out and "\n  3 " in out
+    assert "export cpu s" in out and "\n  3 " in out
 
 
 def test_predict_vs_nnunet_and_gpu_equivalence_on_cpu(tiny, capsys):
