@@ -294,18 +294,28 @@ def tighter(data: list, m: str, alphas, organs=None) -> dict:
 # the run
 # ----------------------------------------------------------------------------------------------
 def product_path(members, data: Path, split: dict, method: str, alpha: float, work: Path, tag: str) -> dict:
-    """fit-temperature on the split's calibration cases, evaluate on its test cases (module docstring, 1)."""
+    """``calib-uncertainty fit-temperature`` on the split's calibration cases, then what ``calib-uncertainty
+    evaluate`` computes on its test cases (``pipeline.evaluate.evaluate_cases``; its tables, not its
+    figures) (module docstring, 1)."""
     from openkbp import cli
+
+    from CalibUncertaintyLib.calibration.calibration_file import CalibrationFile
+    from CalibUncertaintyLib.io.nnunet_outputs import pair_cases
+    from CalibUncertaintyLib.pipeline.evaluate import EvalOptions, detection_rows, evaluate_cases
+    from CalibUncertaintyLib.report.tables import aggregate_rows
 
     common = ["--members", *[str(d) for d in members], "--images", str(data / "imagesTr"),
               "--labels", str(data / "labelsTr")]
     cal_path = work / f"calibration_{tag}.json"
     cli(["fit-temperature", *common, "--cases", *split["calibration"], "--method", method, "--conformal-alpha",
          str(alpha), "-o", str(cal_path)])
-    cli(["evaluate", *common, "--calibration", str(cal_path), "--cases", *split["test"], "-o", str(work / f"eval_{tag}")])
-    ev = json.loads((work / f"eval_{tag}" / "evaluation.json").read_text())
+    pairing = pair_cases([str(d) for d in members], str(data / "imagesTr"), str(data / "labelsTr"), split["test"],
+                         require_labels=True)
+    ev = evaluate_cases(pairing, CalibrationFile.load(cal_path), EvalOptions())
+    (work / f"evaluation_{tag}.json").write_text(json.dumps(ev, indent=1, default=str))
     det = {}
-    for row in ev["aggregate"].get("error_detection", []):
+    for row in aggregate_rows(detection_rows(ev), ("map",), skip=("case", "kind", "source", "flag", "applicable",
+                                                                   "not_applicable")):
         det[row["map"]] = {k: row.get(f"{k}.mean") for k in ("ueo", "recall", "precision", "auroc",
                                                              "non_boundary_recall")}
     calf = json.loads(cal_path.read_text())

@@ -9,12 +9,20 @@ member cache (the product's ``--member-cache``), computed once. Each bench write
 temporary folder (never ``bench/results``) and the test checks the report's key lines.
 
 Benches run in this process through their ``main(argv)`` (the imports are shared) except those
-whose design is a process per variant (they start their own). Not run here: ``bench/gpu_check.sh``
-(needs an NVIDIA GPU; its CPU dry run is ``gpu_equivalence.py --device cpu``, run below) and the
-training steps of ``bench/openkbp.py`` / ``openkbp_local.py`` (nnU-Net training on the CPU takes
-minutes; the same ``nnunet.training`` functions are exercised by ``test_snapshot_training.py`` and
-the ``tiny_trained_model`` fixture): their smoke runs take ``--model-folder`` and run every step after
-training.
+whose design is a process per variant (they start their own). Smoke options that leave something
+out, and why (suite time, each part tested elsewhere or pinned):
+
+- ``bench/gpu_check.sh`` is not run (needs an NVIDIA GPU); its comparison script runs as
+  ``gpu_equivalence.py --device cpu`` (the CPU dry run of the same comparisons).
+- the training steps of ``bench/openkbp.py`` / ``openkbp_local.py`` are not run (nnU-Net training on
+  the CPU takes minutes; the same ``nnunet.training`` functions are exercised by
+  ``test_snapshot_training.py`` and the ``tiny_trained_model`` fixture): their smoke runs take
+  ``--model-folder`` and run every step after training.
+- ``predict_vs_nnunet.py --skip-nnunet``: predict's process only; ``nnUNetv2_predict`` and its worker
+  processes would cost about 30 s of imports (nnunetv2 is pinned; its command line does not change).
+- ``many_classes.py --skip-full --smoke``: the post-processing comparison in this process rather
+  than in fresh ones (no memory numbers), no whole runs (``predict_vs_nnunet.py`` covers one).
+- ``cohort.py --executors local``: no Ray runtime (``test_cohort_ray.py`` starts one).
 """
 
 from __future__ import annotations
@@ -109,9 +117,9 @@ def test_model_folder_benches(tiny):
     text = (tiny.results / "triage_stock.md").read_text()
     assert "## deep (2 member(s)" in text and "| organ_volume_atypicality |" in text and "| mean_u_roi[dae] |" in text
     _run(conformal_openkbp.main, [*common, "--n-cal", "3", "--splits", "2", "--configs", "deep", "--methods",
-                                  "temperature", "--no-shift", "--workdir", str(tiny.root / "conformal")])
+                                  "temperature", "--workdir", str(tiny.root / "conformal")])
     text = (tiny.results / "conformal_stock.md").read_text()
-    assert "## deep/temperature" in text and "### Product path, first random split" in text
+    assert "## deep/temperature" in text and "### Product path, shifted split" in text
     assert "### What a tighter guarantee needs (dae flags" in text
     _run(openkbp_local.main, [*common, "--ood", str(tiny.ood), "--n-cal", "3", "--splits", "1", "--configurations",
                               "deep", "--max-voxels-per-case", "3000", "--no-loco", "--workdir", str(tiny.root / "local")])
@@ -132,7 +140,7 @@ def test_cohort_and_many_classes(tiny, capsys):
     _run(cohort.main, ["--data", str(tiny.data), "--cases", "2", "--members", "2", "--executors", "local",
                        "--work", str(tiny.root / "cohort")])
     assert "Estimate for 1,000 CTs" in capsys.readouterr().out
-    _run(many_classes.main, ["--k", "3", "--slices", "8", "--inplane", "64", "--folds", "0", "--skip-full",
+    _run(many_classes.main, ["--k", "3", "--slices", "8", "--inplane", "64", "--folds", "0", "--skip-full", "--smoke",
                              "--work", str(tiny.root / "many"), "--ct", str(next((tiny.data / "imagesTr").iterdir()))])
     out = capsys.readouterr().out
     assert "export cpu s" in out and "\n  3 " in out
@@ -145,9 +153,10 @@ def test_predict_vs_nnunet_and_gpu_equivalence_on_cpu(tiny, capsys):
     import predict_vs_nnunet
 
     ct = next((tiny.data / "imagesTr").iterdir())
-    _run(predict_vs_nnunet.main, ["--ct", str(ct), "--tiny-folds", "1", "--no-tta", "--json",
+    _run(predict_vs_nnunet.main, ["--ct", str(ct), "--tiny-folds", "1", "--no-tta", "--skip-nnunet", "--json",
                                   str(tiny.root / "pvn.json")])
-    assert "ratio predict / nnU-Net" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "calib-uncertainty predict" in out and "predict's own timings (summary.json)" in out
     _run(gpu_equivalence.main, ["--device", "cpu", "--ct", str(ct), "--shape", "16", "32", "32",
                                 "--fallback-shape", "16", "32", "32"])
     assert "all equal" in capsys.readouterr().out
