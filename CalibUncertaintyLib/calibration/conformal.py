@@ -264,6 +264,16 @@ def validate_record(rec, where: str = "calibration") -> None:
                 nums = [th.get("tau")] if part == "flags" else [th.get("outer"), th.get("inner")]
                 if any(v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)) for v in nums):
                     raise InputError(f"{where}: conformal.{part}.{name}.{key} holds a non-finite threshold")
+    if rec.get("error", "voxel") not in ("voxel", "contour"):
+        raise InputError(f"{where}: conformal.error must be 'voxel' or 'contour', got {rec.get('error')!r}")
+    contour = rec.get("contour")
+    if contour is not None:  # contour-level flags and margins (calibration.contour_conformal)
+        if not isinstance(contour, dict) or not isinstance(contour.get("tolerance_mm"), (int, float)):
+            raise InputError(f"{where}: conformal.contour must be an object with tolerance_mm")
+        validate_record({"alpha": rec["alpha"], "flags": contour.get("flags", {}),
+                         "margins": contour.get("margins", {})}, f"{where} (contour)")
+    elif rec.get("error") == "contour":
+        raise InputError(f"{where}: conformal.error is 'contour' but the record has no contour thresholds")
 
 
 def at_alpha(rec: dict, part: str, name: str, alpha: float | None = None) -> dict | None:

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 EBCU_QUANTILE = 0.95
 BEYOND_SEED = 1_000_003  # seed offset of the beyond-ROI sample (local_open_bin "fitted")
 OPEN_BIN_CHOICES = ("identity", "nearest", "fitted")
+CONFORMAL_ERRORS = ("voxel", "contour")  # the errors the conformal flags and margins can cover
 #: the calibrator fit-temperature stores unless told otherwise (bench/results/openkbp_local.md)
 DEFAULT_METHOD = "local_temperature"
 CV_MAX_ROWS = 300_000  # rows used for the leave-one-case-out NLL of the local calibrators
@@ -83,6 +84,12 @@ class FitOptions:
     #: chosen by leave-one-case-out NLL on whole calibration images (bench/results/openkbp_local.md).
     local_open_bin: str = "fitted"
     conformal_alpha: float = 0.1  # α of the conformal flags and margins (METHODS.md §7)
+    #: tolerance in mm of the contour-level errors and of the surface Dice (docs/METHODS.md "Per-organ quality")
+    tolerance_mm: float = 3.0
+    #: which error the maps' margins and guarantee lines use by default: "voxel" or "contour" (both are fitted)
+    conformal_error: str = "voxel"
+    #: level δ of the per-case exchangeability check (metrics.exchangeability)
+    exchangeability_delta: float = 0.1
 
 
 def _bbox(mask: np.ndarray, pad_vox, shape) -> tuple[slice, ...]:
@@ -283,10 +290,56 @@ def fit_local(x, y, local: dict, opts: FitOptions) -> dict:
     return rec
 
 
-def threshold_case(job: FitJob, item) -> tuple:
+@dataclass
+class CaseFitParts:
+    """What pass 3 returns for one case. It unpacks (and indexes) as the 4-tuple earlier versions
+    returned, ``crop, roi_entropy, margin_curves, reference = threshold_case(...)``; ``quality`` holds
+    the organ-quality rows and the contour-level losses (``case_quality_parts``)."""
+
+    crop: tuple
+    roi_entropy: np.ndarray
+    margin_curves: list
+    reference: tuple
+    quality: dict | None = None
+
+    def _legacy(self) -> tuple:
+        return (self.crop, self.roi_entropy, self.margin_curves, self.reference)
+
+    def __iter__(self):
+        return iter(self._legacy())
+
+    def __getitem__(self, i):
+        return self._legacy()[i]
+
+    def __len__(self) -> int:
+        return 4
+
+
+def case_quality_parts(probs, labels, seg, roi, box, spacing_zyx, opts: FitOptions) -> dict:
+    """Pass-3 extras of one case: its per-organ quality rows (``calibration.organ_quality``), its
+    contour-error mask (``metrics.contour``, within the ROI) cropped to ``box``, and its per-class
+    contour margin loss curves (``calibration.contour_conformal``)."""
+    from ..calibration.contour_conformal import contour_margin_losses
+    from ..calibration.organ_quality import case_organ_rows
+    from ..metrics.contour import class_contour_errors
+
+    contour = np.zeros(seg.shape, bool)
+    curves = []
+    for c in range(1, probs.shape[0]):
+        fn, fp = class_contour_errors(seg == c, labels == c, spacing_zyx, opts.tolerance_mm)
+        curves.append(contour_margin_losses(probs[c], fn, fp))
+        contour |= fn
+        contour |= fp
+    contour &= roi
+    return {"organ_rows": case_organ_rows(probs, seg, labels, spacing_zyx, opts.tolerance_mm, opts.roi_radius_mm),
+            "contour_errors": contour[box].copy(), "contour_curves": curves}
+
+
+def threshold_case(job: FitJob, item) -> CaseFitParts:
     """Pass 3 for one case ``(ci, CaseFiles)`` with ``job.calibration`` applied: every map but
     EBCU, the error mask and the ROI, cropped to the ROI's bounding box padded by the EBCU
-    radius, and the calibrated predictive entropy of the ROI voxels (for the pooled EBCU t)."""
+    radius, and the calibrated predictive entropy of the ROI voxels (for the pooled EBCU t);
+    also the organ-quality rows and contour-level losses (``case_quality_parts``)."""
     from ..calibration.roi import roi_mask
     from ..metrics.error_detection import error_mask
     from ..uncertainty.ebcu import effective_radius_mm
@@ -305,13 +358,15 @@ def threshold_case(job: FitJob, item) -> tuple:
     maps = case_maps(acc, probs, cf.geometry, calibration, mode, names=names,
                      dae_sigma_mm=opts.dae_sigma_mm, roi=roi)
     margins = case_margin_curves(probs, labels, seg)
-    del acc, probs
     r_ebcu = effective_radius_mm(opts.ebcu_radius_mm, cf.geometry.spacing_zyx)
     pad = [int(math.ceil(r_ebcu / h)) + 1 for h in cf.geometry.spacing_zyx]
     box = _bbox(roi, pad, roi.shape)
+    quality = case_quality_parts(probs, labels, seg, roi, box, cf.geometry.spacing_zyx, opts)
+    del acc, probs
     errors = error_mask(seg, labels, roi)
     crop = ({n: maps[n][box].copy() for n in names}, errors[box].copy(), roi[box].copy(), cf.geometry.spacing_zyx)
-    return crop, maps["entropy"][roi], margins, reference_sample(cf, maps, opts.seed + ci, seg, job.n_classes)
+    return CaseFitParts(crop, maps["entropy"][roi], margins,
+                        reference_sample(cf, maps, opts.seed + ci, seg, job.n_classes), quality)
 
 
 def reference_sample(cf, maps: dict, seed: int, seg, n_classes: int) -> tuple[str, dict, list]:
@@ -355,6 +410,12 @@ def fit_thresholds(pairing: Pairing, calibration, opts: FitOptions, executor=Non
     thresholds = calibrate_thresholds([c[0] for c in crops], [c[1] for c in crops], [c[2] for c in crops],
                                       seed=opts.seed)
     conformal = conformal_record(crops, [p[2] for p in parts], calibration.class_names, opts.conformal_alpha)
+    organ_quality = None
+    if all(getattr(p, "quality", None) is not None for p in parts):
+        conformal["contour"], organ_quality = quality_records(crops, [p.quality for p in parts],
+                                                              calibration.class_names, opts)
+    conformal["error"] = opts.conformal_error
+    conformal["exchangeability_delta"] = float(opts.exchangeability_delta)
     from ..metrics.atypicality import fit_reference
 
     domains = {p[3][0] for p in parts}
@@ -365,8 +426,32 @@ def fit_thresholds(pairing: Pairing, calibration, opts: FitOptions, executor=Non
                                    f"the ROI, pooled over {pooled.size} voxels of {n_cases} cases",
             "n_roi_voxels": int(pooled.size),
             "n_error_voxels": int(sum(int(c[1].sum()) for c in crops)),
-            "conformal": conformal, "case_reference": reference}
+            "conformal": conformal, "case_reference": reference, "organ_quality": organ_quality}
     return thresholds, t_ebcu, info
+
+
+def _foreground_names(class_names, n_fg: int) -> list:
+    names = list(class_names) if class_names else [f"class_{i}" for i in range(1, n_fg + 1)]
+    return names[1:] if len(names) == n_fg + 1 else names
+
+
+def quality_records(crops, quality_parts: list, class_names, opts: FitOptions) -> tuple[dict, dict]:
+    """The contour-level conformal record (``conformal["contour"]``) and the ``organ_quality``
+    record, from the pass-3 crops (every map's scores at each case's ROI contour errors) and the
+    cases' ``case_quality_parts``."""
+    from ..calibration.conformal import ALPHA_GRID
+    from ..calibration.contour_conformal import build_contour_record
+    from ..calibration.organ_quality import build_record
+    from ..calibration.thresholds import uncertainty_score
+
+    names = _foreground_names(class_names, len(quality_parts[0]["contour_curves"]))
+    flag_scores = {name: [uncertainty_score(name, c_maps[name])[q["contour_errors"] & roi]
+                          for (c_maps, _, roi, _), q in zip(crops, quality_parts)] for name in crops[0][0]}
+    curves = {names[i]: [q["contour_curves"][i] for q in quality_parts] for i in range(len(names))}
+    contour = build_contour_record(opts.conformal_alpha, opts.tolerance_mm, flag_scores, curves)
+    organ = build_record([q["organ_rows"] for q in quality_parts], names, opts.conformal_alpha, ALPHA_GRID,
+                         opts.tolerance_mm, opts.roi_radius_mm)
+    return contour, organ
 
 
 def conformal_record(crops, margin_curves, class_names, alpha) -> dict:
@@ -413,6 +498,13 @@ def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, fingerprin
     n_foreground = label_foreground_voxels(pairing)
     want_members = opts.method == "temperature"
     want_local = opts.method in ("class_temperature", "local_temperature")
+    from ..calibration.conformal import check_alpha
+    from ..metrics.contour import check_tolerance
+
+    if opts.conformal_error not in CONFORMAL_ERRORS:
+        raise InputError(f"conformal error must be one of {', '.join(CONFORMAL_ERRORS)}, got {opts.conformal_error!r}")
+    opts.tolerance_mm = check_tolerance(opts.tolerance_mm)
+    opts.exchangeability_delta = check_alpha(opts.exchangeability_delta)
     if opts.local_open_bin not in OPEN_BIN_CHOICES:
         raise InputError(f"local_open_bin must be one of {', '.join(OPEN_BIN_CHOICES)}, got {opts.local_open_bin!r}")
     if want_local and opts.ensemble_mode != "pool_then_calibrate":
@@ -446,6 +538,7 @@ def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, fingerprin
     cal.ebcu_threshold = t_ebcu
     cal.conformal = info.pop("conformal")
     cal.case_reference = info.pop("case_reference")
+    cal.organ_quality = info.pop("organ_quality")
     cal.extra.update(info)
     cal.extra["timings_s"] = {"collect_s": round(t1 - t0, 3), "fit_s": round(t2 - t1, 3),
                               "thresholds_s": round(time.perf_counter() - t2, 3)}

@@ -1,0 +1,273 @@
+"""Per-organ quality with a guarantee: a predicted Dice and surface Dice for each predicted organ of a
+case, with a conformal interval (docs/METHODS.md "Per-organ quality").
+
+**Feature: the model's own expected Dice.** For organ k with predicted mask P_k and calibrated
+probability p_k, the reference is modelled as a level set of p_k at a uniform random level,
+G_U = {p_k ≥ U}, U ~ Uniform(0, 1) (every voxel's marginal P(x ∈ G) = p_k(x), as calibration says;
+the voxels move together, as real contour errors do, instead of the salt-and-pepper of
+independent voxels). The features are
+
+    x_dice = E_U[Dice(P_k, G_U)],   x_sd = E_U[SD_τ(P_k, G_U)]       (SD_τ: ``metrics.contour``)
+
+evaluated at the ``LEVELS`` 0.05, 0.15, …, 0.95 (the midpoint rule on U), inside the organ's box:
+the bounding box of P_k padded by ``crop_mm`` (the ROI radius, 15 mm). They are computed from the
+calibrated probability only, so they exist at deployment; the same function runs at fit time (on
+the calibration cases) and per case (``pipeline.organ_case``, on level indices streamed slab by slab).
+
+**Predictor: one feature, shrunk to the identity.** Per organ and target (Dice, surface Dice),
+ŷ = a + b·x, ridge-fitted with the penalty λ·(a² + (b − 1)²), λ = ``RIDGE_LAMBDA`` = 1: with few
+cases the data move the intercept (a bias: e.g. a model that believes its parotid more than it
+should) and the slope moves away from 1 only as far as the spread of x over the cases supports.
+Two parameters per organ and target is what 10–25 calibration cases can carry.
+
+**Interval: full conformal prediction** (Vovk, Gammerman & Shafer, "Algorithmic Learning in a
+Random World", 2005; with ridge regression as in Nouretdinov, Melluish & Vovk 2001), the case as the
+exchangeable unit. For a candidate value y of the new case, the ridge fit is done on the n
+calibration cases *and* (x_new, y); every case i of the n + 1 gets the normalised residual
+s_i(y) = |y_i − ŷ_i| / σ(x_i), σ(x) = (1 − x) + ``SIGMA_FLOOR`` (0.05; a confident organ gets a
+narrow interval, a doubtful one a wide one); y is kept when its conformal p-value
+#{i ≤ n + 1 : s_i(y) ≥ s_{n+1}(y)} / (n + 1) exceeds α. The interval is the hull of the kept y in
+[0, 1], found exactly (every residual is linear in y, so p(y) changes only where two normalised
+residuals cross: at most 2n points, each evaluated). Because the fit treats all n + 1 cases alike,
+P(y_true ∈ interval) ≥ 1 − α over the calibration cases and the new case, for exchangeable cases,
+whatever the model's quality — calibration cases are not spent on a separate fit. With
+(n + 1)·α < 1, i.e. n < ``min_cases(α)`` = ⌈1/α⌉ − 1 (9 for α = 0.1, 19 for 0.05), every y is kept:
+the interval is [0, 1] and flagged ``trivial``. The guarantee is per organ (marginal over cases),
+not simultaneous over the organs of a case; it holds for cases where the organ is predicted (the
+calibration pairs are those cases too: selection by the case's own prediction keeps exchangeability).
+The point prediction shown is the ridge fit on the calibration cases alone, at x_new.
+
+Caveat stated in the docs: T (the calibration) is fitted on the same calibration cases; its single
+scalar (or table) enters x, as it enters every conformal threshold of this project.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import InputError
+from .conformal import check_alpha, min_cases
+
+LEVELS = tuple(float(v) for v in np.round(np.arange(0.05, 1.0, 0.1), 2))
+_LEVELS32 = np.asarray(LEVELS, dtype=np.float32)
+DEFAULT_TOLERANCE_MM = 3.0
+DEFAULT_CROP_MM = 15.0
+RIDGE_LAMBDA = 1.0
+SIGMA_FLOOR = 0.05
+TARGETS = ("dice", "surface_dice")
+TARGET_LABEL = {"dice": "Dice", "surface_dice": "surface Dice"}
+SOURCE = ("full conformal prediction (Vovk, Gammerman & Shafer 2005) with ridge regression toward the "
+          "identity on the model's expected Dice, normalised residuals; the case is the exchangeable unit")
+
+
+# --- features ----------------------------------------------------------------------------------
+
+def level_index(p) -> np.ndarray:
+    """uint8 number of ``LEVELS`` at or below p (0..10): G_{LEVELS[j]} = {level_index > j}."""
+    return np.searchsorted(_LEVELS32, np.asarray(p, dtype=np.float32), side="right").astype(np.uint8)
+
+
+def organ_box(pred_box, spacing_zyx, shape, crop_mm: float = DEFAULT_CROP_MM) -> tuple:
+    """The organ's box: ``pred_box`` (slices of P_k's bounding box) padded by ``crop_mm`` (in voxels per axis)."""
+    pad = [int(math.ceil(float(crop_mm) / h)) for h in spacing_zyx]
+    return tuple(slice(max(s.start - p, 0), min(s.stop + p, n)) for s, p, n in zip(pred_box, pad, shape))
+
+
+def organ_features(levels, pred, spacing_zyx, tolerance_mm: float) -> dict:
+    """{"expected_dice", "expected_surface_dice"} of one organ from its level indices and predicted
+    mask on the organ's box (module docstring); P must not be empty."""
+    from ..metrics.contour import border, check_tolerance, distance_to_mm, surface_dice_from_border
+
+    lv = np.asarray(levels)
+    p = np.asarray(pred, dtype=bool)
+    n_p = int(p.sum())
+    if n_p == 0:
+        raise InputError("organ features need a predicted organ (empty prediction)")
+    tol = check_tolerance(tolerance_mm)
+    sp = tuple(float(h) for h in spacing_zyx)
+    bp = border(p)
+    d_bp = distance_to_mm(bp, sp, tol + max(sp))
+    dices, sds = [], []
+    for j in range(len(LEVELS)):
+        g = lv > j
+        n_g = int(g.sum())
+        dices.append(2.0 * np.count_nonzero(p & g) / (n_p + n_g))
+        sds.append(surface_dice_from_border(bp, g, sp, tol, d_bp=d_bp) if n_g else 0.0)
+    return {"expected_dice": float(np.mean(dices)), "expected_surface_dice": float(np.mean(sds))}
+
+
+def case_organ_rows(probs, seg, labels, spacing_zyx, tolerance_mm: float, crop_mm: float = DEFAULT_CROP_MM) -> list:
+    """Fit-time rows of one calibration case, one per foreground class: None when the class is not
+    predicted, else {"expected_dice", "expected_surface_dice", "dice", "surface_dice"} (true values
+    against ``labels``: Dice over the whole image, surface Dice at ``tolerance_mm``)."""
+    from scipy import ndimage
+
+    from ..metrics.contour import surface_dice
+
+    s, y = np.asarray(seg), np.asarray(labels)
+    boxes = ndimage.find_objects(s.astype(np.int32, copy=False), max_label=probs.shape[0] - 1)
+    rows = []
+    for c in range(1, probs.shape[0]):
+        if boxes[c - 1] is None:
+            rows.append(None)
+            continue
+        box = organ_box(boxes[c - 1], spacing_zyx, s.shape, crop_mm)
+        pred = s == c
+        feats = organ_features(level_index(probs[c][box]), pred[box], spacing_zyx, tolerance_mm)
+        ref = y == c
+        n = int(pred.sum()) + int(ref.sum())
+        feats["dice"] = 2.0 * np.count_nonzero(pred & ref) / n
+        feats["surface_dice"] = surface_dice(pred, ref, spacing_zyx, tolerance_mm)
+        rows.append(feats)
+    return rows
+
+
+# --- the conformal interval --------------------------------------------------------------------
+
+def sigma(x) -> np.ndarray:
+    return (1.0 - np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)) + SIGMA_FLOOR
+
+
+def _ridge_matrices(x: np.ndarray, lam: float):
+    """(H, c): fitted values = H @ y + c for ridge toward (a, b) = (0, 1) with design [1, x]."""
+    X = np.stack([np.ones_like(x), x], axis=1)
+    A = np.linalg.inv(X.T @ X + lam * np.eye(2))
+    return X @ A @ X.T, X @ A @ np.array([0.0, lam])
+
+
+def point_prediction(x_cal, y_cal, x_new: float, lam: float = RIDGE_LAMBDA) -> float:
+    """ŷ(x_new) of the ridge fit on the calibration pairs alone, clipped to [0, 1]."""
+    x = np.asarray(x_cal, dtype=np.float64)
+    y = np.asarray(y_cal, dtype=np.float64)
+    X = np.stack([np.ones_like(x), x], axis=1)
+    theta = np.linalg.solve(X.T @ X + lam * np.eye(2), X.T @ y + lam * np.array([0.0, 1.0]))
+    return float(np.clip(theta[0] + theta[1] * float(x_new), 0.0, 1.0))
+
+
+def conformal_interval(x_cal, y_cal, x_new: float, alpha: float, lam: float = RIDGE_LAMBDA) -> dict:
+    """Full conformal interval of y at ``x_new`` (module docstring): {"lower", "upper", "predicted",
+    "trivial", "n_cases"}; y ∈ [0, 1]."""
+    a = check_alpha(alpha)
+    x = np.asarray(x_cal, dtype=np.float64).ravel()
+    y = np.asarray(y_cal, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise InputError(f"need one feature per calibration value, got {x.size} and {y.size}")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and math.isfinite(float(x_new))):
+        raise InputError("organ quality: non-finite calibration values or feature")
+    n = x.size
+    pred = point_prediction(x, y, x_new, lam) if n else float(np.clip(x_new, 0, 1))
+    if (n + 1) * a < 1.0 - 1e-12:
+        return {"lower": 0.0, "upper": 1.0, "predicted": pred, "trivial": True, "n_cases": n}
+    xa = np.append(x, float(x_new))
+    H, c = _ridge_matrices(xa, lam)
+    # residuals r(y) = (I − H) [y_cal; t] − c = A + B t
+    I_H = np.eye(n + 1) - H
+    A = I_H[:, :n] @ y - c
+    B = I_H[:, n]
+    sg = sigma(xa)
+    a_n, b_n = A / sg, B / sg  # normalised residuals s_i(t) = |a_n[i] + b_n[i] t|
+    # candidate points: where |s_i| = |s_new| (a_i + b_i t = ±(a_0 + b_0 t)), and the ends 0, 1
+    cands = [0.0, 1.0]
+    for i in range(n):
+        for sgn in (1.0, -1.0):
+            den = b_n[i] - sgn * b_n[n]
+            if abs(den) > 1e-15:
+                t = -(a_n[i] - sgn * a_n[n]) / den
+                if 0.0 <= t <= 1.0:
+                    cands.append(float(t))
+    t = np.unique(np.asarray(cands))
+    s = np.abs(a_n[:, None] + b_n[:, None] * t[None, :])  # (n + 1, C)
+    p = np.count_nonzero(s >= s[n][None, :] - 1e-12 * (1.0 + s[n][None, :]), axis=0) / (n + 1)
+    kept = t[p > a]
+    if kept.size == 0:  # no y in [0, 1] conforms (the fit's own value lies outside): the point alone
+        return {"lower": pred, "upper": pred, "predicted": pred, "trivial": False, "n_cases": n}
+    lo, hi = float(kept.min()), float(kept.max())
+    return {"lower": lo, "upper": hi, "predicted": float(np.clip(pred, lo, hi)), "trivial": False, "n_cases": n}
+
+
+# --- the calibration file's record -------------------------------------------------------------
+
+def build_record(rows_per_case: list, class_names, alpha: float, alphas, tolerance_mm: float,
+                 crop_mm: float = DEFAULT_CROP_MM) -> dict:
+    """The calibration file's ``organ_quality`` record from ``case_organ_rows`` of every calibration
+    case: per class the calibration pairs (feature, true value) of the cases where it was predicted."""
+    a = check_alpha(alpha)
+    names = list(class_names)
+    classes = {}
+    for ci, name in enumerate(names):
+        rows = [r[ci] for r in rows_per_case if r[ci] is not None]
+        classes[name] = {"n_predicted": len(rows),
+                         **{f"x_{t}": [round(r[f"expected_{t}"], 6) for r in rows] for t in TARGETS},
+                         **{f"y_{t}": [round(r[t], 6) for r in rows] for t in TARGETS}}
+    return {"method": "full_conformal_ridge", "source": SOURCE, "alpha": a,
+            "alphas": sorted({a, *[check_alpha(v) for v in alphas]}), "n_cases": len(rows_per_case),
+            "min_cases": min_cases(a), "tolerance_mm": float(tolerance_mm), "crop_mm": float(crop_mm),
+            "levels": list(LEVELS), "ridge_lambda": RIDGE_LAMBDA, "sigma_floor": SIGMA_FLOOR, "classes": classes}
+
+
+def validate_record(rec, where: str = "calibration") -> None:
+    """InputError naming what is wrong with an ``organ_quality`` record (None passes)."""
+    if rec is None:
+        return
+    if not isinstance(rec, dict) or not isinstance(rec.get("classes"), dict):
+        raise InputError(f"{where}: organ_quality must be an object with 'classes'")
+    try:
+        check_alpha(rec.get("alpha"))
+    except InputError as exc:
+        raise InputError(f"{where}: organ_quality.{exc}") from None
+    tol = rec.get("tolerance_mm")
+    if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+        raise InputError(f"{where}: organ_quality.tolerance_mm must be a distance in mm >= 0")
+    if list(rec.get("levels") or []) != list(LEVELS):
+        raise InputError(f"{where}: organ_quality was fitted with other levels than this version uses; refit")
+    for name, c in rec["classes"].items():
+        lens = {len(c.get(f"{p}_{t}") or []) for p in ("x", "y") for t in TARGETS}
+        if lens != {int(c.get("n_predicted", -1))}:
+            raise InputError(f"{where}: organ_quality.classes.{name} needs n_predicted values per list")
+        vals = [v for p in ("x", "y") for t in TARGETS for v in c[f"{p}_{t}"]]
+        if not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in vals):
+            raise InputError(f"{where}: organ_quality.classes.{name} holds values outside [0, 1]")
+
+
+def case_intervals(rec: dict, features: dict, alpha: float | None = None) -> dict:
+    """Per organ of a case: {name: {"predicted": bool, "features": {...}, target: {"predicted",
+    "lower", "upper", "trivial", "n_cases"}, "by_alpha": {α: {target: [lower, upper]}}}}.
+    ``features[name]``: ``organ_features`` of the organ, or None when the case does not predict it."""
+    a = rec["alpha"] if alpha is None else check_alpha(alpha)
+    out = {}
+    for name, feats in features.items():
+        c = (rec.get("classes") or {}).get(name)
+        if feats is None or c is None:
+            out[name] = {"predicted": feats is not None, "features": feats,
+                         "note": "not predicted in this case" if feats is None else "no calibration pairs"}
+            continue
+        entry = {"predicted": True, "features": feats, "by_alpha": {}}
+        for t in TARGETS:
+            entry[t] = conformal_interval(c[f"x_{t}"], c[f"y_{t}"], feats[f"expected_{t}"], a,
+                                          rec.get("ridge_lambda", RIDGE_LAMBDA))
+        for level in rec.get("alphas", [a]):
+            iv = {t: conformal_interval(c[f"x_{t}"], c[f"y_{t}"], feats[f"expected_{t}"], level,
+                                        rec.get("ridge_lambda", RIDGE_LAMBDA)) for t in TARGETS}
+            entry["by_alpha"][f"{level:g}"] = {t: [round(iv[t]["lower"], 4), round(iv[t]["upper"], 4)]
+                                               for t in TARGETS}
+        out[name] = entry
+    return out
+
+
+def organ_line(name: str, entry: dict, alpha: float, tolerance_mm: float, void: str | None = None) -> str:
+    """"Mandible: Dice 0.81 [0.72, 0.88], surface Dice (3 mm) 0.90 [0.80, 0.97], 90 %" (+ why void/trivial)."""
+    if not entry.get("predicted"):
+        return f"{name}: not predicted in this case (no interval)"
+    if "dice" not in entry:
+        return f"{name}: {entry.get('note', 'no interval')}"
+    d, s = entry["dice"], entry["surface_dice"]
+    pct = f"{100 * (1 - alpha):.0f} %"
+    text = (f"{name}: Dice {d['predicted']:.2f} [{d['lower']:.2f}, {d['upper']:.2f}], surface Dice "
+            f"({tolerance_mm:g} mm) {s['predicted']:.2f} [{s['lower']:.2f}, {s['upper']:.2f}], {pct}")
+    if d.get("trivial"):
+        text += f" (trivial interval: {d['n_cases']} calibration cases, {pct} needs ≥ {min_cases(alpha)})"
+    if void:
+        text += f" — VOID: {void}"
+    return text
