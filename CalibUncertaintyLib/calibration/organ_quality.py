@@ -271,3 +271,22 @@ def organ_line(name: str, entry: dict, alpha: float, tolerance_mm: float, void: 
     if void:
         text += f" — VOID: {void}"
     return text
+
+
+def describe_record(rec: dict | None) -> list[str]:
+    """Readable lines for fit-temperature ([] without a record)."""
+    if not rec:
+        return []
+    a, n, need = rec["alpha"], rec.get("n_cases", 0), rec.get("min_cases", min_cases(rec["alpha"]))
+    pct = f"{100 * (1 - a):.0f} %"
+    lines = [f"per-organ quality: predicted Dice and surface Dice ({rec['tolerance_mm']:g} mm) with {pct} full-conformal "
+             f"intervals from {n} calibration cases"]
+    short = {name: c["n_predicted"] for name, c in rec["classes"].items() if c["n_predicted"] < need}
+    if short:
+        lines.append(f"  trivial intervals [0, 1] for {', '.join(f'{k} ({v} cases)' for k, v in short.items())}: "
+                     f"{pct} needs ≥ {need} calibration cases where the organ is predicted")
+    for level in sorted(rec.get("alphas", [])):
+        if level < a:
+            lines.append(f"  a {100 * (1 - level):.0f} % interval needs ≥ {min_cases(level)} cases (have {n})")
+            break
+    return lines

@@ -38,18 +38,27 @@ def read_margins(case_dir, summary: dict, geometry) -> dict:
 
 
 def guarantee_lines(summary: dict) -> list[str]:
-    """The guarantees of a case, as the panel shows them ([] without a conformal calibration)."""
+    """The guarantees of a case, as the panel shows them ([] without a conformal calibration):
+    voxel flags and margins, then (``report.guarantees.case_lines``) exchangeability, contour
+    flags, per-organ Dice intervals and the review burden; each marked VOID when the case is not
+    exchangeable with the calibration cases."""
+    from ..report.guarantees import case_lines, void_reason
+
     conf = (summary or {}).get("conformal") or {}
+    void = " VOID for this case." if void_reason(summary) else ""
     lines = []
     flags = conf.get("flags") or {}
     if flags:
         what = "the whole ROI (too few calibration cases for α)" if conf.get("trivial") else \
             flags.get("rule") or f"{flags['map']} > {flags['tau_score']:.4g}"
-        lines.append(f"Conformal flags ({what}): {flags['guarantee']}.")
-    margins = conf.get("margins") or {}
-    if margins:
-        lines.append(f"Organ margins: {margins['outer']}; {margins['inner']}.")
-    return lines
+        lines.append(f"Conformal flags ({what}): {flags['guarantee']}.{void}")
+    margins = (summary or {}).get("margins") or {}
+    if margins.get("guarantee"):  # the margins the files hold (voxel or contour errors)
+        g = margins["guarantee"]
+        lines.append(f"Organ margins: {g['outer']}; {g['inner']}.{void}")
+    elif conf.get("margins"):
+        lines.append(f"Organ margins: {conf['margins']['outer']}; {conf['margins']['inner']}.{void}")
+    return lines + case_lines(summary)
 
 
 def add_margins_node(scene, case_dir, summary: dict, geometry, name: str):

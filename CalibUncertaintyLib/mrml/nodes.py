@@ -32,6 +32,7 @@ from ..io.geometry import Geometry
 from ..io.images import read_image
 from .identity_check import check_case_on_volume
 from .margins import add_margins_node
+from .organ_table import add_organ_table
 from . import colors
 from .case_folder import CaseData, Region, read_case_folder, threshold_for_map
 from .volumes import (display_ct, display_overlay, export_volume_node,  # noqa: F401 (re-exported)
@@ -71,6 +72,7 @@ class CaseNodes:
     probability_files: dict = field(default_factory=dict)  # class name -> prob file (loaded on demand)
     name_prefix: str = ""
     margins: object = None                       # vtkMRMLSegmentationNode of the organ margins, or None
+    organ_table: object = None                   # vtkMRMLTableNode of the per-organ quality (mrml.organ_table), or None
 
     def layers(self) -> dict:
         """Overlay layers that are nodes now, by name: map names first, then ``prob_<Class>``."""
@@ -106,7 +108,7 @@ class CaseNodes:
 
     def output_nodes(self) -> list:
         nodes = [self.segmentation, *self.probabilities.values(), *self.maps.values(),
-                 self.regions_markups, self.regions_table, self.margins]
+                 self.regions_markups, self.regions_table, self.margins, self.organ_table]
         if self.owns_input and self.input_volume is not None:
             nodes.append(self.input_volume)
         return [n for n in nodes if n is not None]
@@ -368,7 +370,8 @@ def _add_case_nodes(scene, data: CaseData, input_volume_node, input_array, prefi
                      value_ranges=ranges,
                      regions_doc=data.regions_doc, summary=data.summary, owns_input=owns_input,
                      probability_files=dict(data.probability_files), name_prefix=prefix,
-                     margins=add_margins_node(scene, data.case_dir, data.summary, data.geometry, f"{prefix} margins"))
+                     margins=add_margins_node(scene, data.case_dir, data.summary, data.geometry, f"{prefix} margins"),
+                     organ_table=add_organ_table(scene, data.summary, f"{prefix} organ quality"))
     # outputs follow the input volume's parent transform, so they stay on its voxels
     transform_id = input_volume_node.GetTransformNodeID() if input_volume_node is not None else None
     if transform_id:

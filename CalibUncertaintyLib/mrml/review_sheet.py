@@ -158,7 +158,20 @@ def _header(case_nodes, layer, thr) -> tuple[str, str]:
     sub = (f"overlay: {layer} ({thr_txt}; τ: {src})\n"
            f"{_calibration_text(case_nodes.summary)} · members: {n_members if n_members else '?'} · "
            f"{len(case_nodes.regions)} regions\n{_regions_text(case_nodes)}")
-    return title, sub
+    organs = _organ_lines(case_nodes)
+    return title, sub + ("\n" + "\n".join(organs) if organs else "")
+
+
+def _organ_lines(case_nodes) -> list[str]:
+    """One line per organ (predicted Dice, surface Dice, intervals, coverage) and whether the
+    case's guarantees apply (``report.guarantees``); [] without per-organ quality."""
+    from ..report.guarantees import organ_rows, void_reason
+
+    rows = organ_rows(case_nodes.summary)
+    if not rows:
+        return []
+    void = void_reason(case_nodes.summary)
+    return ([f"GUARANTEES VOID: {void}"] if void else []) + [r["text"] for r in rows]
 
 
 def _more_text(case_nodes, max_table_rows: int) -> str | None:
@@ -291,7 +304,7 @@ def _write_png(path: Path, case_nodes, rows, layer, thr, max_table_rows: int, wi
     table = _table_rows(case_nodes.regions[:max_table_rows])
     more = _more_text(case_nodes, max_table_rows)
     # vertical layout in inches, top to bottom: header, table (+ note), one block per region
-    head_h, row_h, block_h = 1.45, 0.21, 3.3
+    head_h, row_h, block_h = 1.45 + 0.15 * len(_organ_lines(case_nodes)), 0.21, 3.3
     table_h = row_h * (len(table) + 1) if table else 0.4
     note_h = 0.25 if more else 0.0
     total = head_h + table_h + note_h + 0.25 + block_h * len(rows) + 0.1
@@ -302,7 +315,7 @@ def _write_png(path: Path, case_nodes, rows, layer, thr, max_table_rows: int, wi
         return 1 - inches_from_top / total
 
     fig.text(0.5, y(0.32), title, ha="center", va="center", fontsize=15, weight="bold")
-    fig.text(0.5, y(0.95), sub, ha="center", va="center", fontsize=8.5, linespacing=1.5)
+    fig.text(0.5, y(0.95 + (head_h - 1.45) / 2), sub, ha="center", va="center", fontsize=8.5, linespacing=1.5)
     ax_t = fig.add_axes([0.04, y(head_h + table_h), 0.92, table_h / total])
     ax_t.axis("off")
     if table:
