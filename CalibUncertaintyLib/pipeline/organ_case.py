@@ -141,8 +141,12 @@ class OrganCaseCollector:
         from .. import memory
         from ..metrics.contour import distance_to_mm
 
-        if not any(_flag_source(self.conf, k) for k in KINDS) or not roi.any() or self.boxes is None:
+        if not any(_flag_source(self.conf, k) for k in KINDS) or not roi.any():
             return
+        if self.boxes is None:  # vector scaling: the segmentation exists only now
+            from scipy import ndimage
+
+            self.boxes = ndimage.find_objects(np.asarray(seg), max_label=self.k - 1)
         sp = self.geometry.spacing_zyx
         pad = [int(np.ceil(self.radius / h)) + 1 for h in sp]
         best = memory.full(seg.shape, np.inf, np.float32)
