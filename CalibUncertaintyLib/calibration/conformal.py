@@ -112,6 +112,34 @@ def flag_threshold(error_scores: list, alpha: float) -> dict:
             "trivial": True}
 
 
+def flag_thresholds(error_scores: list, alphas) -> dict:
+    """``flag_threshold`` at every α of ``alphas`` from one pass over the calibration scores:
+    {α: the same dict ``flag_threshold(error_scores, α)`` returns}."""
+    levels = [check_alpha(a) for a in alphas]
+    n = len(error_scores)
+    if n == 0:
+        raise InputError("conformal flag threshold needs at least one calibration case")
+    cases = [np.sort(np.asarray(s, dtype=np.float32).ravel()) for s in error_scores]
+    pooled = np.unique(np.concatenate(cases)) if any(c.size for c in cases) else np.zeros(0, np.float32)
+    miss = np.zeros(pooled.size)
+    for s in cases:
+        if s.size:
+            miss += np.searchsorted(s, pooled, side="left") / s.size
+    miss /= n
+    out = {}
+    for a in levels:
+        ok = (n * miss + 1.0) / (n + 1) <= a + 1e-12
+        if ok.any():
+            j = int(np.flatnonzero(ok)[-1])
+            c = np.float32(pooled[j])
+            out[a] = {"alpha": a, "tau": float(np.nextafter(c, np.float32(-np.inf))), "c": float(c), "n_cases": n,
+                      "mean_miss": float(miss[j]), "bound": crc_bound(miss[j], n), "trivial": False}
+        else:
+            out[a] = {"alpha": a, "tau": None, "c": None, "n_cases": n, "mean_miss": 0.0, "bound": crc_bound(0.0, n),
+                      "trivial": True}
+    return out
+
+
 def case_miss_rate(score, errors, tau) -> float | None:
     """Fraction of the error voxels (``errors`` True) not flagged by ``score > tau``
     (tau None = everything flagged). None when the case has no error voxel."""

@@ -340,3 +340,14 @@ def test_the_slicer_organ_table_and_panel_lines(journey):
     ood = nodes.load_case_outputs(scene, journey["out"] / journey["ood"], name_prefix="ood")
     assert all("VOID" in line for line in guarantee_lines(ood.summary)[:2])
     assert ood.organ_table.GetTable().GetValue(0, 8).ToString() == "VOID"
+
+
+def test_flag_thresholds_at_every_alpha_equal_one_alpha_at_a_time():
+    from CalibUncertaintyLib.calibration import conformal
+
+    rng = np.random.default_rng(8)
+    scores = [rng.gamma(2.0, size=rng.integers(0, 300)).astype(np.float32) for _ in range(12)]
+    many = conformal.flag_thresholds(scores, (0.05, 0.1, 0.2, 0.3))
+    for a, th in many.items():
+        assert th == conformal.flag_threshold(scores, a)
+    assert many[0.05]["trivial"] and not many[0.1]["trivial"]
