@@ -109,12 +109,14 @@ class OrganCaseCollector:
         for c, entries in by_class.items():
             pred = seg_slab == c
             n_pred = int(np.count_nonzero(pred))
-            lo = min([e[2][0] for e in entries] + [INNER_MIN])
+            # every band is counted on the voxels with p ≥ the lowest positive level (few, but for a
+            # trivial outer contour p ≥ 0: the whole image outside the prediction, counted directly)
+            lo = min([e[2][0] for e in entries if e[2][0] > 0] + [INNER_MIN])
             pc = probs_slab[c]
             sel = pc >= np.float32(lo)
             v, pr = pc[sel], pred[sel]
             for kind, key, (outer, inner) in entries:
-                out_band = int(np.count_nonzero((v >= np.float32(outer)) & ~pr))
+                out_band = (pc.size - n_pred) if outer <= 0 else int(np.count_nonzero((v >= np.float32(outer)) & ~pr))
                 kept = int(np.count_nonzero((v > np.float32(inner)) & pr))
                 self.margin_counts[(kind, key, c)] += (out_band, n_pred - kept)
 
