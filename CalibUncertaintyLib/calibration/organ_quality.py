@@ -77,25 +77,76 @@ def organ_box(pred_box, spacing_zyx, shape, crop_mm: float = DEFAULT_CROP_MM) ->
 
 def organ_features(levels, pred, spacing_zyx, tolerance_mm: float) -> dict:
     """{"expected_dice", "expected_surface_dice"} of one organ from its level indices and predicted
-    mask on the organ's box (module docstring); P must not be empty."""
-    from ..metrics.contour import border, check_tolerance, distance_to_mm, surface_dice_from_border
+    mask on the organ's box (module docstring); P must not be empty.
 
-    lv = np.asarray(levels)
+    All ten levels at once, touching the box a fixed number of times whatever the organ's size: each
+    voxel y gets the bit set B(y) of the levels j whose border B(G_j) it lies on (L(y) > j ≥ the
+    smallest level index of its face neighbours, outside the box counting as 0); a border voxel x of P
+    is within τ of B(G_j) when bit j is set at some x + Δ, Δ in the offsets of box distance ≤ τ
+    (``metrics.contour``'s distance); a voxel of B(G_j) is within τ of B(P) by one distance transform.
+    Equal to ``metrics.contour.surface_dice`` level by level on the box (tested)."""
+    from ..metrics.contour import ROUND_MM, border, check_tolerance, distance_to_mm
+
+    lv = np.asarray(levels, dtype=np.uint8)
     p = np.asarray(pred, dtype=bool)
     n_p = int(p.sum())
     if n_p == 0:
         raise InputError("organ features need a predicted organ (empty prediction)")
+    if lv.shape != p.shape or lv.ndim != 3:
+        raise InputError(f"organ features need levels and prediction on one 3-D box, got {lv.shape} and {p.shape}")
     tol = check_tolerance(tolerance_mm)
-    sp = tuple(float(h) for h in spacing_zyx)
+    sp = np.asarray([float(h) for h in spacing_zyx])
+    j_n = len(LEVELS)
+    # Dice per level: |P ∩ G_j| and |G_j| from the level histograms inside and outside P
+    hist_p = np.bincount(lv[p], minlength=j_n + 1)
+    hist = np.bincount(lv.ravel(), minlength=j_n + 1)
+    above_p = np.cumsum(hist_p[::-1])[::-1]  # above_p[j] = #{x ∈ P : L(x) ≥ j}
+    above = np.cumsum(hist[::-1])[::-1]
+    inter, size_g = above_p[1:j_n + 1], above[1:j_n + 1]  # G_j = {L > j} = {L ≥ j + 1}
+    dice = 2.0 * inter / (n_p + size_g)
+    # border bits: y ∈ B(G_j) ⇔ minnb(y) ≤ j < L(y)
+    minnb = lv.copy()
+    for a in range(3):
+        lo, hi = [slice(None)] * 3, [slice(None)] * 3
+        lo[a], hi[a] = slice(1, None), slice(None, -1)
+        np.minimum(minnb[tuple(lo)], lv[tuple(hi)], out=minnb[tuple(lo)])
+        np.minimum(minnb[tuple(hi)], lv[tuple(lo)], out=minnb[tuple(hi)])
+        for i in (0, -1):
+            edge = [slice(None)] * 3
+            edge[a] = i
+            minnb[tuple(edge)] = 0
+    one = np.uint16(1)
+    bits = np.where(minnb < lv, (one << lv.astype(np.uint16)) - (one << minnb.astype(np.uint16)),
+                    np.uint16(0)).astype(np.uint16)
+    del minnb
+    n_bg = np.array([int(np.count_nonzero(bits & (one << np.uint16(j)))) for j in range(j_n)])
     bp = border(p)
-    d_bp = distance_to_mm(bp, sp, tol + max(sp))
-    dices, sds = [], []
-    for j in range(len(LEVELS)):
-        g = lv > j
-        n_g = int(g.sum())
-        dices.append(2.0 * np.count_nonzero(p & g) / (n_p + n_g))
-        sds.append(surface_dice_from_border(bp, g, sp, tol, d_bp=d_bp) if n_g else 0.0)
-    return {"expected_dice": float(np.mean(dices)), "expected_surface_dice": float(np.mean(sds))}
+    n_bp = int(bp.sum())
+    # B(G_j) within τ of B(P): one distance transform of B(P)
+    near_p = distance_to_mm(bp, sp, tol + float(sp.max())) <= tol + ROUND_MM
+    b_near = bits[near_p]
+    to_p = np.array([int(np.count_nonzero(b_near & (one << np.uint16(j)))) for j in range(j_n)])
+    # B(P) within τ of B(G_j): OR of the bits over the offsets of box distance ≤ τ (on a copy of the
+    # bits padded by the reach, so every offset is one flat shift)
+    reach = [int(np.floor((tol + ROUND_MM) / h + 0.5)) for h in sp]
+    padded = np.pad(bits, [(r, r) for r in reach])
+    flat = padded.ravel()
+    strides = np.array(padded.strides) // padded.itemsize
+    idx = np.ravel_multi_index(tuple(np.add(np.nonzero(bp), np.array(reach)[:, None])), padded.shape)
+    acc = np.zeros(n_bp, np.uint16)
+    lim2 = (tol + ROUND_MM) ** 2
+    for dz in range(-reach[0], reach[0] + 1):
+        for dy in range(-reach[1], reach[1] + 1):
+            for dx in range(-reach[2], reach[2] + 1):
+                gap = np.maximum(np.abs([dz, dy, dx]) * sp - sp / 2, 0.0)
+                if float((gap ** 2).sum()) <= lim2:
+                    acc |= flat[idx + int(dz * strides[0] + dy * strides[1] + dx * strides[2])]
+    del padded, flat
+    from_p = np.array([int(np.count_nonzero(acc & (one << np.uint16(j)))) for j in range(j_n)])
+    denom = n_bp + n_bg
+    sd = np.where(denom > 0, (from_p + to_p) / np.maximum(denom, 1), 1.0)
+    sd = np.where(n_bg == 0, 0.0, sd)  # G_j empty (or without border): surface Dice 0 against a non-empty P
+    return {"expected_dice": float(np.mean(dice)), "expected_surface_dice": float(np.mean(sd))}
 
 
 def case_organ_rows(probs, seg, labels, spacing_zyx, tolerance_mm: float, crop_mm: float = DEFAULT_CROP_MM) -> list:

@@ -34,12 +34,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage
 
 from ..errors import InputError
 
 ROUND_MM = 1e-4
-_FACES = ndimage.generate_binary_structure(3, 1)
 
 
 def _spacing(spacing_zyx) -> tuple:
@@ -80,7 +78,18 @@ def distance_to_mm(target, spacing_zyx, max_mm: float | None = None) -> np.ndarr
 def border(mask) -> np.ndarray:
     """B(S): voxels of ``mask`` with a face neighbour outside it (the image border is outside)."""
     m = np.asarray(mask, dtype=bool)
-    return m & ~ndimage.binary_erosion(m, structure=_FACES, border_value=0)
+    inner = m.copy()  # erosion by the 6 face neighbours, by slicing (several times faster than ndimage's)
+    for a in range(m.ndim):
+        lo = [slice(None)] * m.ndim
+        hi = [slice(None)] * m.ndim
+        lo[a], hi[a] = slice(1, None), slice(None, -1)
+        inner[tuple(lo)] &= m[tuple(hi)]
+        inner[tuple(hi)] &= m[tuple(lo)]
+        edge = [slice(None)] * m.ndim
+        for i in (0, -1):
+            edge[a] = i
+            inner[tuple(edge)] = False
+    return m & ~inner
 
 
 def _box(mask, pad, shape):
@@ -120,10 +129,12 @@ def surface_dice_from_border(bp, g, spacing, tol: float, d_bp=None) -> float:
     if not bp.any() or not bg.any():
         return 0.0
     lim = tol + ROUND_MM
-    d_bg = distance_to_mm(bg, spacing, tol + max(spacing))
     if d_bp is None:
         d_bp = distance_to_mm(bp, spacing, tol + max(spacing))
-    return float((np.count_nonzero(d_bg[bp] <= lim) + np.count_nonzero(d_bp[bg] <= lim)) / n)
+    # d(·, B(G)) is needed at B(P) only, within the tolerance: on the box of B(P) padded by it
+    box = _box(bp, _pad_vox(tol, spacing), bp.shape)
+    d_bg = distance_to_mm(bg[box], spacing, tol + max(spacing))
+    return float((np.count_nonzero(d_bg[bp[box]] <= lim) + np.count_nonzero(d_bp[bg] <= lim)) / n)
 
 
 def class_contour_errors(pred_k, ref_k, spacing_zyx, tolerance_mm: float) -> tuple[np.ndarray, np.ndarray]:

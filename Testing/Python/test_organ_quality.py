@@ -83,6 +83,18 @@ def test_expected_dice_of_the_model_itself():
     softer = oq.organ_features(oq.level_index(1 / (1 + np.exp((r - 6) / 3))), pred, (2.0, 1.0, 1.0), 2.0)
     assert 1.0 > soft["expected_dice"] > softer["expected_dice"] > 0.3
     assert soft["expected_surface_dice"] > softer["expected_surface_dice"]
+    # the all-levels-at-once computation equals surface Dice level by level (metrics.contour), anisotropic grid
+    rng = np.random.default_rng(6)
+    for sp, tol in (((2.5, 0.8, 1.3), 3.0), ((1.0, 1.0, 1.0), 1.5), ((3.0, 3.9, 3.9), 3.0)):
+        noisy = np.clip(1 / (1 + np.exp((r - 6) / 2)) + 0.15 * rng.standard_normal(shape), 0, 1).astype(np.float32)
+        pred_n = noisy > 0.5
+        lv = oq.level_index(noisy)
+        want_sd = np.mean([contour.surface_dice_from_border(contour.border(pred_n), lv > j, sp, tol) if (lv > j).any()
+                           else 0.0 for j in range(len(oq.LEVELS))])
+        want_d = np.mean([2 * (pred_n & (lv > j)).sum() / (pred_n.sum() + (lv > j).sum()) for j in range(len(oq.LEVELS))])
+        got = oq.organ_features(lv, pred_n, sp, tol)
+        assert got["expected_surface_dice"] == pytest.approx(want_sd, abs=1e-12)
+        assert got["expected_dice"] == pytest.approx(want_d, abs=1e-12)
     with pytest.raises(InputError, match="empty prediction"):
         oq.organ_features(oq.level_index(np.zeros(shape)), np.zeros(shape, bool), (1, 1, 1), 2.0)
 
