@@ -23,7 +23,10 @@ stays bounded by one case's accumulator plus the sampled voxels and ROI crops):
    cases; then every map is computed (EBCU with that t) and τ* per map maximises the mean UEO
    over cases (``calibration.thresholds.calibrate_thresholds``). The error mask is
    prediction ≠ reference inside the ROI. Maps, errors and ROIs are kept cropped to the ROI
-   bounding box (padded by the EBCU radius, so EBCU inside the ROI is exact).
+   bounding box (padded by the EBCU radius, so EBCU inside the ROI is exact). The same pass
+   gives the conformal records: voxel-error flags and margins, contour-level flags and margins
+   (errors beyond ``tolerance_mm``), and the per-organ quality pairs (expected and true Dice /
+   surface Dice, ``calibration.organ_quality``) stored as ``CalibrationFile.organ_quality``.
 
 Passes 1 and 3 are per-case functions (``sample_case``, ``threshold_case``) mapped over the
 cases by ``cohort.executor.run_cohort`` (local loop or Ray tasks); only their small results (the
