@@ -23,7 +23,10 @@ stays bounded by one case's accumulator plus the sampled voxels and ROI crops):
    cases; then every map is computed (EBCU with that t) and τ* per map maximises the mean UEO
    over cases (``calibration.thresholds.calibrate_thresholds``). The error mask is
    prediction ≠ reference inside the ROI. Maps, errors and ROIs are kept cropped to the ROI
-   bounding box (padded by the EBCU radius, so EBCU inside the ROI is exact).
+   bounding box (padded by the EBCU radius, so EBCU inside the ROI is exact). The same pass
+   gives the conformal records: voxel-error flags and margins, contour-level flags and margins
+   (errors beyond ``tolerance_mm``), and the per-organ quality pairs (expected and true Dice /
+   surface Dice, ``calibration.organ_quality``) stored as ``CalibrationFile.organ_quality``.
 
 Passes 1 and 3 are per-case functions (``sample_case``, ``threshold_case``) mapped over the
 cases by ``cohort.executor.run_cohort`` (local loop or Ray tasks); only their small results (the
@@ -56,6 +59,7 @@ log = logging.getLogger(__name__)
 EBCU_QUANTILE = 0.95
 BEYOND_SEED = 1_000_003  # seed offset of the beyond-ROI sample (local_open_bin "fitted")
 OPEN_BIN_CHOICES = ("identity", "nearest", "fitted")
+CONFORMAL_ERRORS = ("voxel", "contour")  # the errors the conformal flags and margins can cover
 #: the calibrator fit-temperature stores unless told otherwise (bench/results/openkbp_local.md)
 DEFAULT_METHOD = "local_temperature"
 CV_MAX_ROWS = 300_000  # rows used for the leave-one-case-out NLL of the local calibrators
@@ -82,6 +86,12 @@ class FitOptions:
     #: chosen by leave-one-case-out NLL on whole calibration images (bench/results/openkbp_local.md).
     local_open_bin: str = "fitted"
     conformal_alpha: float = 0.1  # α of the conformal flags and margins (METHODS.md §7)
+    #: tolerance in mm of the contour-level errors and of the surface Dice (docs/METHODS.md "Per-organ quality")
+    tolerance_mm: float = 3.0
+    #: which error the maps' margins and guarantee lines use by default: "voxel" or "contour" (both are fitted)
+    conformal_error: str = "voxel"
+    #: level δ of the per-case exchangeability check (metrics.exchangeability)
+    exchangeability_delta: float = 0.1
 
 
 def _bbox(mask: np.ndarray, pad_vox, shape) -> tuple[slice, ...]:
@@ -296,7 +306,75 @@ def fit_local(x, y, local: dict, opts: FitOptions) -> dict:
     return rec
 
 
-def threshold_case(job: FitJob, item) -> tuple:
+@dataclass
+class CaseFitParts:
+    """What pass 3 returns for one case. It unpacks (and indexes) as the 4-tuple earlier versions
+    returned, ``crop, roi_entropy, margin_curves, reference = threshold_case(...)``; ``quality`` holds
+    the organ-quality rows and the contour-level losses (``case_quality_parts``)."""
+
+    crop: tuple
+    roi_entropy: np.ndarray
+    margin_curves: list
+    reference: tuple
+    quality: dict | None = None
+
+    def _legacy(self) -> tuple:
+        return (self.crop, self.roi_entropy, self.margin_curves, self.reference)
+
+    def __iter__(self):
+        return iter(self._legacy())
+
+    def __getitem__(self, i):
+        return self._legacy()[i]
+
+    def __len__(self) -> int:
+        return 4
+
+
+def case_quality_parts(probs, labels, seg, roi, box, spacing_zyx, opts: FitOptions, slabs=None) -> dict:
+    """Pass-3 extras of one case: its per-organ quality rows (``calibration.organ_quality``), its
+    contour-error mask (``metrics.contour``, within the ROI) cropped to ``box``, and its per-class
+    contour margin loss curves (``calibration.contour_conformal``).
+
+    ``probs``: the calibrated probability as a (K, z, y, x) array or a ``CalibratedSlabs`` read
+    once more over ``slabs`` (its z slabs): only each organ's level indices on its box and the
+    class probability at its far contour errors are kept, never a class volume."""
+    from ..calibration.contour_conformal import contour_margin_losses_at
+    from ..calibration.organ_quality import fill_level_crops, organ_level_crops, organ_rows_from_levels
+    from ..metrics.contour import class_contour_errors
+
+    k = probs.shape[0]
+    plane = int(np.prod(seg.shape[1:]))
+    contour = np.zeros(seg.shape, bool)
+    far = []  # per class: flat indices (sorted) of its far false negatives and far false positives
+    for c in range(1, k):
+        fn, fp = class_contour_errors(seg == c, labels == c, spacing_zyx, opts.tolerance_mm)
+        far.append((np.flatnonzero(fn), np.flatnonzero(fp)))
+        contour |= fn
+        contour |= fp
+        del fn, fp
+    contour &= roi
+    crops = organ_level_crops(seg, k, spacing_zyx, opts.roi_radius_mm)
+    values = [([], []) for _ in range(1, k)]
+    if slabs is None:
+        slabs = [slice(0, seg.shape[0])]
+    for sl in slabs:
+        p = probs.slab(sl) if hasattr(probs, "slab") else np.asarray(probs[:, sl])
+        fill_level_crops(crops, sl, p)
+        lo, hi = sl.start * plane, sl.stop * plane
+        for c in range(1, k):
+            for idx, out in zip(far[c - 1], values[c - 1]):
+                i, j = np.searchsorted(idx, (lo, hi))
+                if j > i:
+                    out.append(p[c].reshape(-1)[idx[i:j] - lo])
+        del p
+    curves = [contour_margin_losses_at(*(np.concatenate(v) if v else np.zeros(0, np.float32) for v in pair))
+              for pair in values]
+    return {"organ_rows": organ_rows_from_levels(crops, seg, labels, spacing_zyx, opts.tolerance_mm, k),
+            "contour_errors": contour[box].copy(), "contour_curves": curves}
+
+
+def threshold_case(job: FitJob, item) -> CaseFitParts:
     """Pass 3 for one case ``(ci, CaseFiles)`` with ``job.calibration`` applied: every map but
     EBCU, the error mask and the ROI, cropped to the ROI's bounding box padded by the EBCU
     radius, and the calibrated predictive entropy of the ROI voxels (for the pooled EBCU t).
@@ -304,7 +382,8 @@ def threshold_case(job: FitJob, item) -> tuple:
     Memory (issue 19): the members are read one z slab at a time, the calibrated probability is
     never a (K, z, y, x) volume (``CalibratedSlabs``: one pass gives the segmentation, the argmax
     of the calibrated probability as before, and each class's margin-curve voxels), and the maps
-    come one at a time (``iter_case_maps``), each kept only as its crop and samples."""
+    come one at a time (``iter_case_maps``), each kept only as its crop and samples. Also the
+    organ-quality rows and contour-level losses (``case_quality_parts``: one more slab pass)."""
     from ..calibration.roi import roi_mask
     from ..metrics.error_detection import error_mask
     from ..uncertainty.ebcu import effective_radius_mm
@@ -325,6 +404,7 @@ def threshold_case(job: FitJob, item) -> tuple:
     r_ebcu = effective_radius_mm(opts.ebcu_radius_mm, cf.geometry.spacing_zyx)
     pad = [int(math.ceil(r_ebcu / h)) + 1 for h in cf.geometry.spacing_zyx]
     box = _bbox(roi, pad, roi.shape)
+    quality = case_quality_parts(probs, labels, seg, roi, box, cf.geometry.spacing_zyx, opts, acc.slabs())
     errors = error_mask(seg, labels, roi)
     sampler = _ReferenceSampler(cf, opts.seed + ci, seg, k)
     crops, pe_roi = {}, None
@@ -337,7 +417,7 @@ def threshold_case(job: FitJob, item) -> tuple:
         del values
     del acc, probs
     crop = ({n: crops[n] for n in names}, errors[box].copy(), roi[box].copy(), cf.geometry.spacing_zyx)
-    return crop, pe_roi, margins, sampler.result()
+    return CaseFitParts(crop, pe_roi, margins, sampler.result(), quality)
 
 
 def _segmentation_and_margin_curves(probs, labels, slabs) -> tuple:
@@ -443,6 +523,12 @@ def fit_thresholds(pairing: Pairing, calibration, opts: FitOptions, executor=Non
     thresholds = calibrate_thresholds([c[0] for c in crops], [c[1] for c in crops], [c[2] for c in crops],
                                       seed=opts.seed)
     conformal = conformal_record(crops, [p[2] for p in parts], calibration.class_names, opts.conformal_alpha)
+    organ_quality = None
+    if all(getattr(p, "quality", None) is not None for p in parts):
+        conformal["contour"], organ_quality = quality_records(crops, [p.quality for p in parts],
+                                                              calibration.class_names, opts)
+    conformal["error"] = opts.conformal_error
+    conformal["exchangeability_delta"] = float(opts.exchangeability_delta)
     from ..metrics.atypicality import fit_reference
 
     domains = {p[3][0] for p in parts}
@@ -453,8 +539,32 @@ def fit_thresholds(pairing: Pairing, calibration, opts: FitOptions, executor=Non
                                    f"the ROI, pooled over {pooled.size} voxels of {n_cases} cases",
             "n_roi_voxels": int(pooled.size),
             "n_error_voxels": int(sum(int(c[1].sum()) for c in crops)),
-            "conformal": conformal, "case_reference": reference}
+            "conformal": conformal, "case_reference": reference, "organ_quality": organ_quality}
     return thresholds, t_ebcu, info
+
+
+def _foreground_names(class_names, n_fg: int) -> list:
+    names = list(class_names) if class_names else [f"class_{i}" for i in range(1, n_fg + 1)]
+    return names[1:] if len(names) == n_fg + 1 else names
+
+
+def quality_records(crops, quality_parts: list, class_names, opts: FitOptions) -> tuple[dict, dict]:
+    """The contour-level conformal record (``conformal["contour"]``) and the ``organ_quality``
+    record, from the pass-3 crops (every map's scores at each case's ROI contour errors) and the
+    cases' ``case_quality_parts``."""
+    from ..calibration.conformal import ALPHA_GRID
+    from ..calibration.contour_conformal import build_contour_record
+    from ..calibration.organ_quality import build_record
+    from ..calibration.thresholds import uncertainty_score
+
+    names = _foreground_names(class_names, len(quality_parts[0]["contour_curves"]))
+    flag_scores = {name: [uncertainty_score(name, c_maps[name])[q["contour_errors"] & roi]
+                          for (c_maps, _, roi, _), q in zip(crops, quality_parts)] for name in crops[0][0]}
+    curves = {names[i]: [q["contour_curves"][i] for q in quality_parts] for i in range(len(names))}
+    contour = build_contour_record(opts.conformal_alpha, opts.tolerance_mm, flag_scores, curves)
+    organ = build_record([q["organ_rows"] for q in quality_parts], names, opts.conformal_alpha, ALPHA_GRID,
+                         opts.tolerance_mm, opts.roi_radius_mm)
+    return contour, organ
 
 
 def conformal_record(crops, margin_curves, class_names, alpha) -> dict:
@@ -501,6 +611,13 @@ def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, fingerprin
     n_foreground = label_foreground_voxels(pairing)
     want_members = opts.method == "temperature"
     want_local = opts.method in ("class_temperature", "local_temperature")
+    from ..calibration.conformal import check_alpha
+    from ..metrics.contour import check_tolerance
+
+    if opts.conformal_error not in CONFORMAL_ERRORS:
+        raise InputError(f"conformal error must be one of {', '.join(CONFORMAL_ERRORS)}, got {opts.conformal_error!r}")
+    opts.tolerance_mm = check_tolerance(opts.tolerance_mm)
+    opts.exchangeability_delta = check_alpha(opts.exchangeability_delta)
     if opts.local_open_bin not in OPEN_BIN_CHOICES:
         raise InputError(f"local_open_bin must be one of {', '.join(OPEN_BIN_CHOICES)}, got {opts.local_open_bin!r}")
     if want_local and opts.ensemble_mode != "pool_then_calibrate":
@@ -534,6 +651,7 @@ def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, fingerprin
     cal.ebcu_threshold = t_ebcu
     cal.conformal = info.pop("conformal")
     cal.case_reference = info.pop("case_reference")
+    cal.organ_quality = info.pop("organ_quality")
     cal.extra.update(info)
     cal.extra["timings_s"] = {"collect_s": round(t1 - t0, 3), "fit_s": round(t2 - t1, 3),
                               "thresholds_s": round(time.perf_counter() - t2, 3)}

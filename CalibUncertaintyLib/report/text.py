@@ -143,6 +143,9 @@ def render_report(evaluation: dict) -> str:
     from ..metrics.conformal_check import report_lines as conformal_lines
 
     lines += conformal_lines(ev.get("conformal"), (ev.get("options") or {}).get("regions_map", "dae"))
+    from ..metrics.guarantee_check import report_lines as guarantee_lines
+
+    lines += guarantee_lines(ev.get("guarantees"))  # per-organ intervals, contour-level guarantees
     lines += ["## Figures and tables", "",
               *(["- `conformal_miss_vs_alpha.png`: held-out miss rate of the conformal flags and margins "
                  "against α"] if ev.get("conformal") else []),
