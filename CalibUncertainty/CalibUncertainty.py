@@ -604,11 +604,13 @@ class CalibUncertaintyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         rangeWidget.setValues(current[0], current[1])
         rangeWidget.blockSignals(wasBlocked)
         legend = self._controller.legend(name)
+        from CalibUncertaintyLib.mrml.atypical import warning_lines
         from CalibUncertaintyLib.mrml.margins import guarantee_lines
 
         # the conformal guarantees of the case (flags and organ margins), when its calibration has them
         self.ui.legendLabel.text = "\n".join([legend.text(), _("Threshold source: {source}").format(
-            source=self._controller.threshold_source(name)), *guarantee_lines(self._controller.case.summary)])
+            source=self._controller.threshold_source(name)), *warning_lines(self._controller.case.summary),
+            *guarantee_lines(self._controller.case.summary)])
         with slicer.util.NodeModify(self._parameterNode.parameterNode):  # one Modified event
             self._parameterNode.foregroundMap = name
             self._parameterNode.thresholdLower, self._parameterNode.thresholdUpper = current

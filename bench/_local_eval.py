@@ -32,11 +32,33 @@ FLAG_QUANTILE = 0.95
 
 
 _EXPECTED_ENTROPY: dict = {}
+#: ``keep_in_memory``: (member folders, case) -> (p̄, spacing, mean member entropy), so repeated splits
+#: of the same cases read each case's members once
+_MEMORY: dict | None = None
+
+
+def keep_in_memory(on: bool) -> None:
+    """Keep every loaded case in memory (on) or not, emptying what is kept either way."""
+    global _MEMORY
+    _MEMORY = {} if on else None
 
 
 def load_case(dirs, case: str):
     """Pooled p̄ (K, z, y, x) float32 of the members and the spacing (z, y, x) in mm. The members'
     mean entropy (for the mutual information) is kept in ``_EXPECTED_ENTROPY[case]``."""
+    key = (tuple(str(d) for d in dirs), case)
+    if _MEMORY is not None and key in _MEMORY:
+        pbar, spacing, eh = _MEMORY[key]
+        _EXPECTED_ENTROPY.clear()
+        _EXPECTED_ENTROPY[case] = eh
+        return pbar, spacing
+    pbar, spacing = _load_case(dirs, case)
+    if _MEMORY is not None:
+        _MEMORY[key] = (pbar, spacing, _EXPECTED_ENTROPY[case])
+    return pbar, spacing
+
+
+def _load_case(dirs, case: str):
     acc = None
     eh = 0.0
     for d in dirs:
@@ -115,7 +137,7 @@ def _fit_variants(roi_rows, beyond_rows):
     return {"global": TemperatureScaler().fit(x, y), "local": ident, "local_nearest": near, "local_beyond": beyond}
 
 
-def fit_all(dirs, labels_dir, cal_ids, max_vox, seed):
+def fit_all(dirs, labels_dir, cal_ids, max_vox, seed, loco: bool = True):
     rows, kept = [], []
     for ci, case in enumerate(cal_ids):
         pbar, spacing = load_case(dirs, case)
@@ -134,7 +156,7 @@ def fit_all(dirs, labels_dir, cal_ids, max_vox, seed):
           for name, kind in (("global", "global"), ("class", "class_temperature"), ("local", "local_temperature"))}
     cv["uncalibrated"] = {"nll": float(np.mean(-x[np.arange(y.size), y]))}
     info = {"n_voxels": int(y.size), "n_beyond_voxels": int(beyond[1].size), "cv_nll": cv,
-            "cv_volumes": loco_volumes(dirs, labels_dir, kept, rows),
+            "cv_volumes": loco_volumes(dirs, labels_dir, kept, rows) if loco else {},
             "global_T": float(fitted["global"].temperature_),
             "class_T": fitted["class"].table_[:, 0].tolist(),
             "local_T": fitted["local"].table_.tolist(), "local_counts": fitted["local"].counts_.tolist(),
@@ -216,8 +238,9 @@ def _aggregates(q, spacing, tau, pbar=None, case=None):
     return out
 
 
-def evaluate_configuration(dirs, labels_dir, cal_ids, test_ids, ood_id, max_vox, default, seed=0) -> dict:
-    fitted, info = fit_all(dirs, labels_dir, cal_ids, max_vox, seed)
+def evaluate_configuration(dirs, labels_dir, cal_ids, test_ids, ood_id, max_vox, default, seed=0,
+                           loco: bool = True) -> dict:
+    fitted, info = fit_all(dirs, labels_dir, cal_ids, max_vox, seed, loco)
     if fitted is None:
         return {"skipped": "the ensemble predicts no organ on any calibration case (no ROI, nothing to calibrate): "
                            "the model learned nothing"}

@@ -157,3 +157,104 @@ def render(out: dict) -> str:
             s += ["", "Risk–coverage (mean_u_roi): " + ", ".join(
                 f"{cv:.1f}→{r:.3f}" for cv, r in zip(first.get("coverage", []), first.get("risk", []))), ""]
     return "\n".join(s) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# --model-folder: repeated splits of a model's held-out cases
+# ----------------------------------------------------------------------------------------------
+SPLIT_KEYS = ("roi_nll", "roi_ece", "roi_ece_class", "roi_brier", "image_nll", "image_ece", "image_ece_class",
+              "image_brier", "dice")
+
+
+def summarise_splits(per_split: list, default: str) -> dict:
+    """Per calibrator over the splits: mean and SD of each split's test mean (``SPLIT_KEYS``), the
+    segmentation changes, and in how many splits the default calibrator beats global T on each of
+    ROI / image NLL and ECE."""
+    ok = [r for r in per_split if "mean" in r]
+    if not ok:
+        return {}
+    out = {"n_splits": len(ok), "calibrators": {}, "beats_global": {k: 0 for k in KEYS}}
+    for cal in CALS:
+        row = {}
+        for k in SPLIT_KEYS:
+            v = [r["mean"][cal][k] for r in ok if r["mean"][cal].get(k) is not None]
+            row[k] = {"mean": float(sum(v) / len(v)), "sd": _sd(v)} if v else None
+        row["seg_changed_voxels"] = int(sum(r["mean"][cal]["seg_changed_voxels"] for r in ok))
+        row["cases_unchanged"] = int(sum(r["mean"][cal]["cases_unchanged"] for r in ok))
+        row["n_test_cases"] = int(sum(r["n_test"] for r in ok))
+        out["calibrators"][cal] = row
+    for r in ok:
+        for k, won in beats_global(r["mean"], default).items():
+            out["beats_global"][k] += int(won)
+    temps = [r["fit"]["global_T"] for r in ok]
+    out["global_T"] = {"min": min(temps), "max": max(temps), "mean": sum(temps) / len(temps)}
+    dice = {}
+    for r in ok:
+        for c, v in r["test_organ_dice"].items():
+            dice.setdefault(str(c), []).append(v)
+    out["organ_dice"] = {c: sum(v) / len(v) for c, v in sorted(dice.items())}
+    return out
+
+
+def _sd(v):
+    if len(v) < 2:
+        return 0.0
+    m = sum(v) / len(v)
+    return (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5
+
+
+def render_model_folder(out: dict) -> str:
+    run, cfgs = out["run"], out["configurations"]
+    default = run["default_calibrator"]
+    n_test = len(run["cases"]) - run["n_cal"]
+    mc = run["member_cache"]
+    s = ["# Global, per-class and local temperature, vector scaling on a model folder's held-out cases", "",
+         "Produced by", "", "```", f"PYTHONPATH=. {run['command']}", "```", "",
+         f"- Model: `{run['model_folder']}` (members from the product's member cache `{mc.get('member_cache')}`, "
+         f"TTA {'on' if mc.get('tta') else 'off'}); no training in this bench.",
+         f"- {len(run['cases'])} held-out cases; {run['n_splits']} random splits (seed {run['seed']}) into "
+         f"{run['n_cal']} calibration and {n_test} test cases. Every calibrator is fitted on the same stratified ROI "
+         f"voxels of the split's calibration cases (≤ {run['max_voxels_per_case']} per case; ROI = 15 mm around the "
+         "uncalibrated prediction), pool then calibrate, and measured on its test cases: **ROI** = the uncalibrated "
+         "prediction's ROI (the same voxels for every calibrator), **image** = every voxel. ECE: top-label, 15 "
+         "bins; class ECE: foreground ECE averaged over the organs; Brier multi-class. Values: mean ± SD over "
+         "splits of the test-case means.",
+         f"- Default calibrator (the library's `fit-temperature` default): **{LABEL[default]}**.",
+         f"- Wall time {run['wall_s'] / 60:.1f} min on {run['machine']}.", ""]
+    for cfg, c in cfgs.items():
+        summ = c["summary"]
+        if not summ:
+            s += [f"## {CONFIG.get(cfg, cfg)}", "", "No split evaluated.", ""]
+            continue
+        t = summ["global_T"]
+        s += [f"## {CONFIG.get(cfg, cfg)} ({len(c['members'])} member(s))", "",
+              f"Global T over splits {t['min']:.3f}–{t['max']:.3f} (mean {t['mean']:.3f}). Organ Dice on the test "
+              "cases (mean over splits): " + ", ".join(
+                  f"{run['class_names'][int(k)] if int(k) < len(run['class_names']) else k} {v:.3f}"
+                  for k, v in summ["organ_dice"].items()) + ".", "",
+              "| calibrator | ROI NLL | ROI ECE | ROI class ECE | ROI Brier | image NLL | image ECE | image class ECE "
+              "| mean Dice | segmentation changed (voxels; test cases unchanged) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        for cal in CALS:
+            r = summ["calibrators"][cal]
+
+            def f(k, d=4):
+                return "n/a" if r[k] is None else f"{r[k]['mean']:.{d}f} ± {r[k]['sd']:.{d}f}"
+
+            s.append(f"| {_label(cal, default)} | {f('roi_nll')} | {f('roi_ece')} | {f('roi_ece_class')} | "
+                     f"{f('roi_brier')} | {f('image_nll')} | {f('image_ece')} | {f('image_ece_class')} | "
+                     f"{f('dice', 3)} | {r['seg_changed_voxels']} ({r['cases_unchanged']}/{r['n_test_cases']}) |")
+        b = summ["beats_global"]
+        s += ["", f"{SHORT.get(default, LABEL[default])} beats global T, splits out of {summ['n_splits']}: "
+              + ", ".join(f"{k} {b[k]}" for k in KEYS) + ".", ""]
+        first = c["splits"][0].get("fit", {}) if c["splits"] else {}
+        cv = first.get("cv_volumes") or {}
+        if cv:
+            s += [f"Selection evidence, first split's {cv.get('n_cases')} calibration cases only (leave one case out, "
+                  "each left-out case measured on its whole volume):", "",
+                  "| calibrator | ROI NLL | ROI ECE | image NLL | image ECE |", "|---|---|---|---|---|"]
+            for n in ("uncalibrated", "global", "local", "local_nearest", "local_beyond"):
+                if n in cv:
+                    s.append(f"| {LABEL[n]} | " + " | ".join(_f(cv[n][k]) for k in KEYS) + " |")
+            s.append("")
+    return "\n".join(s) + "\n"

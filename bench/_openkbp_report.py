@@ -104,12 +104,51 @@ def _minutes(s) -> str:
     return f"{s / 60:.1f} min"
 
 
+def _training_bullets(r: dict, sp: dict, tr: dict) -> list[str]:
+    """The split, plan and training bullets of a run that trained its own models."""
+    return [
+        f"- Split (seed {sp['seed']}, {sp['n_available']} cases): {len(sp['train'])} training, "
+        f"{len(sp['calibration'])} calibration ({', '.join(sp['calibration'])}), {len(sp['test'])} test "
+        f"({', '.join(sp['test'])}). Training cases: {', '.join(sp['train'])}.",
+        f"- Small nnU-Net plan derived from nnU-Net's 3d_fullres plan: {r['plan']['n_stages']} stages, "
+        f"{r['plan']['base_features']}→{r['plan']['max_features']} features, patch "
+        f"{'×'.join(map(str, r['plan']['patch_size']))} voxels, batch {r['plan']['batch_size']}. **Downsampled**: "
+        f"nnU-Net resamples every CT to {r['plan']['target_spacing_mm']:g} mm isotropic (native 3.75–5.4 mm "
+        "in-plane, 2–3.3 mm slices) for training and inference, to fit the CPU budget; its export resamples "
+        "the logits back, so every probability and metric is on the native grid against the original labels. "
+        "No cropping.",
+        f"- Training (CPU, Adam, lr {tr['deep']['initial_lr']:g}): deep ensemble = {len(tr['records']['deep'])} "
+        f"folds × {tr['deep']['num_epochs']} epochs × {tr['deep']['iterations_per_epoch']} iterations (poly LR); "
+        f"checkpoint ensemble = fold 0, {tr['checkpoint']['num_epochs']} epochs × "
+        f"{tr['checkpoint']['iterations_per_epoch']} iterations in {tr['checkpoint']['cycles']} cosine cycles, one "
+        "snapshot per cycle; single model = fold 0 of the deep ensemble. Inference: nnU-Net sliding window "
+        f"with step {r['tile_step']:g} × patch, " + ("mirroring TTA on." if r["tta"] else "no mirroring TTA.")
+        + _inference_seconds(r)]
+
+
+def _model_folder_bullets(r: dict) -> list[str]:
+    """``--model-folder``: what replaces the plan and training bullets (nothing was trained here)."""
+    sp, mc = r["split"], r.get("member_cache") or {}
+    return [f"- Model: the trained nnU-Net model folder `{r['model_folder']}` (not trained by this bench); members "
+            f"from the product's member cache `{mc.get('member_cache')}` (`nnunet.member_cache`, nnU-Net's sliding "
+            f"window step {r['tile_step']:g}, " + ("mirroring TTA on" if r["tta"] else "no mirroring TTA") + ").",
+            f"- Split (seed {sp['seed']}) of the model's {sp['n_available']} held-out cases: {len(sp['calibration'])} "
+            f"calibration ({', '.join(sp['calibration'])}), {len(sp['test'])} test ({', '.join(sp['test'])})."]
+
+
 def render(r: dict) -> str:
     cfgs = r["configs"]
     m = r["machine"]
     sp = r["split"]
-    tr = r["training"]
-    lines = ["# OpenKBP benchmark: calibration and uncertainty of tiny CPU nnU-Net ensembles", "",
+    if r.get("model_folder"):
+        return _render_lines(r, cfgs, m, sp, None, _model_folder_bullets(r))
+    return _render_lines(r, cfgs, m, sp, r["training"], None)
+
+
+def _render_lines(r, cfgs, m, sp, tr, model_bullets) -> str:
+    title = ("# OpenKBP benchmark: temperature scaling and uncertainty of a trained model folder" if model_bullets
+             else "# OpenKBP benchmark: calibration and uncertainty of tiny CPU nnU-Net ensembles")
+    lines = [title, "",
              "Produced by", "", "```", r["command"], "```", "",
              f"- Machine: {m['cpu_cores']} CPU cores ({m['processor']}, {m['platform']}), no GPU, shared with "
              f"other jobs (load average at the end {', '.join(f'{x:.1f}' for x in m['load_average_at_end'])}); "
@@ -119,23 +158,7 @@ def render(r: dict) -> str:
              f"took {_minutes(r['wall_s'])}"
              + (f", reusing {', '.join(r['steps_reused'])} from the cache." if r["steps_reused"] else "."),
              f"- Data: {r['data']} (real planning CTs, 128³, one clinical rater), read in place.",
-             f"- Split (seed {sp['seed']}, {sp['n_available']} cases): {len(sp['train'])} training, "
-             f"{len(sp['calibration'])} calibration ({', '.join(sp['calibration'])}), {len(sp['test'])} test "
-             f"({', '.join(sp['test'])}). Training cases: {', '.join(sp['train'])}.",
-             f"- Small nnU-Net plan derived from nnU-Net's 3d_fullres plan: {r['plan']['n_stages']} stages, "
-             f"{r['plan']['base_features']}→{r['plan']['max_features']} features, patch "
-             f"{'×'.join(map(str, r['plan']['patch_size']))} voxels, batch {r['plan']['batch_size']}. **Downsampled**: "
-             f"nnU-Net resamples every CT to {r['plan']['target_spacing_mm']:g} mm isotropic (native 3.75–5.4 mm "
-             "in-plane, 2–3.3 mm slices) for training and inference, to fit the CPU budget; its export resamples "
-             "the logits back, so every probability and metric is on the native grid against the original labels. "
-             "No cropping.",
-             f"- Training (CPU, Adam, lr {tr['deep']['initial_lr']:g}): deep ensemble = {len(tr['records']['deep'])} "
-             f"folds × {tr['deep']['num_epochs']} epochs × {tr['deep']['iterations_per_epoch']} iterations (poly LR); "
-             f"checkpoint ensemble = fold 0, {tr['checkpoint']['num_epochs']} epochs × "
-             f"{tr['checkpoint']['iterations_per_epoch']} iterations in {tr['checkpoint']['cycles']} cosine cycles, one "
-             "snapshot per cycle; single model = fold 0 of the deep ensemble. Inference: nnU-Net sliding window "
-             f"with step {r['tile_step']:g} × patch, " + ("mirroring TTA on." if r["tta"] else "no mirroring TTA.")
-             + _inference_seconds(r),
+             *(model_bullets or _training_bullets(r, sp, tr)),
              f"- Calibration: temperature scaling, pool then calibrate, fitted on the calibration cases inside the ROI "
              f"(voxels within {r['roi_radius_mm']:g} mm of the predicted foreground); τ* per map fitted there too. "
              "Every number below is the mean over the test cases; ROI as above; Brier is the multi-class Brier; "
@@ -225,8 +248,6 @@ def thesis_paragraph(r: dict) -> str:
                    if (c["calibration_whole_image"]["nll"]["relative_change_pct"] or 0) > 0]
     best_nll = min((g for g in gains_nll if g is not None), default=None)
     best_ece = min((g for g in gains_ece if g is not None), default=None)
-    tr = r["training"]
-    iters = tr["deep"]["num_epochs"] * tr["deep"]["iterations_per_epoch"]
     text = [f"The seed thesis reports up to {THESIS['nll_reduction_pct']:.0f} % lower NLL and "
             f"{THESIS['ece_reduction_pct']:.0f} % lower ECE after temperature scaling, with unchanged segmentations. "
             f"Here, on {len(r['split']['test'])} held-out CTs: {'; '.join(parts)}. The largest reductions measured "
@@ -252,6 +273,14 @@ def thesis_paragraph(r: dict) -> str:
         text.append(f"Over the whole image the NLL rises after scaling ({', '.join(worse_whole)}): T is fitted in the "
                     "ROI, and softening the far background, which these models already get right with near-certain "
                     "probabilities, costs more there than it gains.")
+    tr = r.get("training")
+    if tr is None:  # --model-folder: a model trained elsewhere
+        text.append(f"This model folder ({r['model_folder']}) was trained elsewhere; with "
+                    f"{len(r['split']['calibration'])} calibration and {len(r['split']['test'])} test cases the "
+                    "numbers carry a large case-to-case spread (per-case values are in the JSON); "
+                    "bench/openkbp_local.py --model-folder repeats the comparison over random splits.")
+        return " ".join(text)
+    iters = tr["deep"]["num_epochs"] * tr["deep"]["iterations_per_epoch"]
     text.append(
         "Why the numbers differ from the thesis: (1) the models are tiny CPU networks "
         f"({r['plan']['base_features']}→{r['plan']['max_features']} features, {r['plan']['n_stages']} stages) trained "

@@ -4,14 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def make_ct(src: Path, dst: Path, slices: int) -> tuple:
-    """``src`` resampled (linear) to 512x512x``slices`` over the same physical extent; returns the
-    new size (x, y, z) and spacing (mm)."""
+def make_ct(src: Path, dst: Path, slices: int, inplane: int = 512) -> tuple:
+    """``src`` resampled (linear) to ``inplane`` x ``inplane`` x ``slices`` (default 512 in-plane) over
+    the same physical extent; returns the new size (x, y, z) and spacing (mm)."""
     import SimpleITK as sitk
 
     img = sitk.ReadImage(str(src))
     size = img.GetSize()
-    new_size = (512, 512, int(slices))
+    new_size = (int(inplane), int(inplane), int(slices))
     spacing = tuple(img.GetSpacing()[i] * size[i] / new_size[i] for i in range(3))
     out = sitk.Resample(img, new_size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), spacing,
                         img.GetDirection(), -1000.0, sitk.sitkInt16)

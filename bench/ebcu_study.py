@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _p in (REPO, REPO / "bench"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 QUANTILES = (0.5, 0.8, 0.9, 0.95)
 RADII_MM = (4.0, 6.0, 8.0)
@@ -81,6 +82,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/calibu_conformal"))
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--data", type=Path, default=None,
+                   help="the OpenKBP dataset folder conformal_openkbp.py read (default ../shared/data/openkbp)")
     a = p.parse_args(argv)
     from CalibUncertaintyLib.calibration.calibration_file import CalibrationFile
     from CalibUncertaintyLib.calibration.thresholds import calibrate_thresholds
@@ -88,13 +91,13 @@ def main(argv=None) -> int:
     from CalibUncertaintyLib.uncertainty.ebcu import ebcu
 
     t0 = time.time()
-    rec = json.loads((REPO / "bench" / "results" / "conformal_openkbp.json").read_text())
+    from conformal_openkbp import _data
+
+    rec = json.loads((a.workdir / "split.json").read_text())  # written by conformal_openkbp.py
     cal = CalibrationFile.load(a.workdir / "calibration.json")
     members = sorted(str(d) for d in (a.workdir / "members").iterdir() if d.is_dir())
-    import os
-
-    data = Path(os.environ.get("CALIBU_SHARED", REPO.parent / "shared")) / "data" / "openkbp" / "Dataset501_OpenKBP_HN_OAR"
-    split = {"calibration": rec["calibration_cases"], "held_out": rec["test_cases"]}
+    data = _data(a.data)
+    split = {"calibration": rec["calibration"], "held_out": rec["test"]}
     cases = {}
     for part, ids in split.items():
         pairing = pair_cases(members, str(data / "imagesTr"), str(data / "labelsTr"), ids, require_labels=True)
@@ -126,6 +129,7 @@ def main(argv=None) -> int:
     command = "PYTHONPATH=. .venv/bin/python bench/ebcu_study.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     out = {"command": command.strip(), "wall_s": round(time.time() - t0, 1), "rows": rows, "chosen": best,
            "n_calibration": len(cases["calibration"]), "n_held_out": len(cases["held_out"]), "budget": BUDGET}
+    a.results.mkdir(parents=True, exist_ok=True)
     (a.results / "ebcu_study.json").write_text(json.dumps(out, indent=1))
     L = ["# EBCU parameters: non-boundary error recall (synthetic members on real OpenKBP labels)", "",
          "Produced by (after `bench/conformal_openkbp.py`, whose members and calibration file it reuses)", "",

@@ -12,12 +12,18 @@ On one real CT crop and a random-weight nnU-Net model, compares on the given dev
    (``torch.cuda.set_per_process_memory_fraction``) below what the on-device sums need, so the
    allocation fails, and the result must still equal nnU-Net's.
 
+4. the maps on the device (issue 19): one case's members (float16 logits on a coarser network
+   grid, K = 14 classes, nnU-Net's resampling per slab) through ``process_case`` with the torch
+   backend on the device against the numpy path on the CPU: the resampled logits bit for bit, and
+   every output file (probabilities, segmentation, each map) to float32 precision.
+
 Prints the largest absolute difference and whether the float16 logits are equal bit for bit.
 Exit code 1 if a comparison differs beyond bit equality (nnU-Net and this project accumulate in the
-same order and dtype, so equality is expected on the same device).
+same order and dtype, so equality is expected on the same device), or beyond float32 precision for 4.
 
     python bench/gpu_equivalence.py --device cuda [--ct FILE]
-    python bench/gpu_equivalence.py --device cpu     # dry run of the same comparisons (1-3 skip 3)
+    python bench/gpu_equivalence.py --device cpu     # dry run of the same comparisons (1-3 skip 3;
+                                                     # 4 runs the torch backend on the CPU)
 """
 
 from __future__ import annotations
@@ -130,8 +136,68 @@ def main(argv=None) -> int:
                 compare("3. real out-of-memory fallback vs nnU-Net's CPU-sums path", big, ref)
             else:
                 print("3. skipped: the sums are too small to cap the device below them")
+        failures += maps_on_device(device, tmp)
     print("all equal" if failures == 0 else f"{failures} comparison(s) differ")
     return 1 if failures else 0
+
+
+def maps_on_device(device, tmp: Path, k: int = 14) -> int:
+    """Comparison 4 (module doc); returns the number of failures."""
+    from functools import partial
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+    from scipy import ndimage
+
+    from CalibUncertaintyLib.io.geometry import Geometry
+    from CalibUncertaintyLib.io.images import read_image
+    from CalibUncertaintyLib.nnunet.member_probabilities import MemberProbabilities
+    from CalibUncertaintyLib.nnunet.slab_resampling import block_device
+    from CalibUncertaintyLib.pipeline.case import CaseOptions, process_case
+    from CalibUncertaintyLib.uncertainty.backend import NUMPY, TorchBackend
+
+    shape, net = (40, 192, 160), (40, 96, 80)
+    geo = Geometry(shape, (1.0, 1.0, 3.5))
+    props = {"spacing": [3.5, 1.0, 1.0], "shape_after_cropping_and_before_resampling": shape,
+             "shape_before_cropping": shape, "bbox_used_for_cropping": [[0, s] for s in shape]}
+    pm = SimpleNamespace(transpose_forward=[0, 1, 2], transpose_backward=[0, 1, 2])
+    cm = SimpleNamespace(spacing=[3.5, 2.0, 2.0], resampling_fn_probabilities=partial(
+        resample_data_or_seg_to_shape, is_seg=False, order=1, order_z=0, force_separate_z=None))
+    lm = SimpleNamespace(inference_nonlin=lambda x: torch.softmax(x, 0), has_regions=False)
+    rng = np.random.default_rng(0)
+    base = ndimage.gaussian_filter(rng.normal(size=(k,) + net), (0, 1, 3, 3)) * 12
+    logits = [(base + rng.normal(0, 0.8, base.shape)).astype(np.float16) for _ in range(3)]
+    be = TorchBackend(device)
+
+    def members(backend):
+        return (MemberProbabilities(torch.from_numpy(z), pm, cm, lm, props, shape, backend=backend) for z in logits)
+
+    failures = 0
+    host, dev = next(members(NUMPY)), next(members(be))
+    same = all(np.array_equal(host._resampler.block(host._logits.numpy(), lo, lo + 8),
+                              block_device(dev._resampler, be, dev._logits, lo, lo + 8).cpu().numpy())
+               for lo in range(0, shape[0], 8))
+    print(f"{'4. resampled logits on ' + device.type + ' vs the host path':58s} bit-equal {same}")
+    failures += 0 if same else 1
+    names = ["background"] + [f"S{c}" for c in range(1, k)]
+    for key, backend in (("cpu", NUMPY), ("device", be)):
+        process_case("c", members(backend), geo, tmp / f"maps_{key}", None, names, CaseOptions(n_members=3))
+    h_max = float(read_image(tmp / "maps_cpu" / "c" / "map_entropy.nii.gz")[0].max())
+    worst = {}
+    for f in sorted(p.name for p in (tmp / "maps_cpu" / "c").glob("*.nii.gz")):
+        a = read_image(tmp / "maps_device" / "c" / f)[0].astype(np.float64)
+        b = read_image(tmp / "maps_cpu" / "c" / f)[0].astype(np.float64)
+        scale = h_max if ("mutual_information" in f or "ebcu" in f) else max(float(np.abs(b).max()), 1e-30)
+        worst[f] = float(np.abs(a - b).max()) / scale
+    bad = {f: v for f, v in worst.items() if v > (0 if f == "seg.nii.gz" else 1e-5)}
+    print(f"{'4. every output of process_case, torch on ' + device.type + ' vs numpy':58s} "
+          f"within float32 precision {not bad}  worst relative {max(worst.values()):.3g} "
+          f"({max(worst, key=worst.get)})")
+    for f, v in bad.items():
+        print(f"   {f}: {v:.3g}")
+    return failures + (1 if bad else 0)
 
 
 class _null:

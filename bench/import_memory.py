@@ -34,7 +34,21 @@ def rss_after(modules) -> float:
     return int(out.stdout.strip().splitlines()[-1]) / 1024.0
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+    import importlib.util
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="check that every module of every variant exists and "
+                                                        "measure one light import only (the test suite's smoke run)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        missing = [m for mods in VARIANTS.values() for m in mods if importlib.util.find_spec(m) is None]
+        if missing:
+            print(f"modules not found: {', '.join(missing)}", file=sys.stderr)
+            return 1
+        print(f"{'numpy alone (smoke)':48s} {rss_after(('numpy',)):7.0f} MiB")
+        return 0
     rows = {name: rss_after(mods) for name, mods in VARIANTS.items()}
     for name, mb in rows.items():
         print(f"{name:48s} {mb:7.0f} MiB")

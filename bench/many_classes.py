@@ -127,6 +127,10 @@ def main(argv=None) -> int:
     ap.add_argument("--folds", nargs="+", default=["0", "1"])
     ap.add_argument("--ct", type=Path, help="source CT (default: the first OpenKBP training CT)")
     ap.add_argument("--skip-full", action="store_true", help="only the post-processing comparison")
+    ap.add_argument("--smoke", action="store_true", help="post-processing in this process instead of a fresh one "
+                                                         "(no memory numbers; the test suite's smoke run)")
+    ap.add_argument("--inplane", type=int, default=512, help="in-plane size of the CT (default 512; smaller for a "
+                                                             "smoke run)")
     ap.add_argument("--work", type=Path)
     ap.add_argument("--_post", choices=("nnunet", "ours"), help=argparse.SUPPRESS)
     ap.add_argument("--_model", type=Path, help=argparse.SUPPRESS)
@@ -143,7 +147,7 @@ def main(argv=None) -> int:
     try:
         inp = work / "input"
         ct = inp / "case_0000.nii.gz"
-        size, spacing = make_ct((args.ct or default_ct()).resolve(), ct, args.slices)
+        size, spacing = make_ct((args.ct or default_ct()).resolve(), ct, args.slices, args.inplane)
         pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
         base_env = dict(os.environ, PYTHONPATH=pythonpath, nnUNet_raw=str(work / "raw"),
                         nnUNet_preprocessed=str(work / "pre"))
@@ -182,6 +186,12 @@ def main(argv=None) -> int:
                     row[name] = r
                     shutil.rmtree(work / f"out_{'calibu' if name == 'predict' else 'nnunet'}_{k}", ignore_errors=True)
             for kind in ("nnunet", "ours"):
+                if args.smoke:
+                    r = {"wall_s": 0.0, "cpu_s": 0.0, "peak_rss_mib": float("nan"), "rc": 0,
+                         **post_process(kind, model, ct, work / f"post_{kind}_{k}")}
+                    row[f"post_{kind}"] = r
+                    shutil.rmtree(work / f"post_{kind}_{k}", ignore_errors=True)
+                    continue
                 cmd = [sys.executable, __file__, "--_post", kind, "--_model", str(model), "--ct", str(ct),
                        "--_out", str(work / f"post_{kind}_{k}")]
                 log = work / f"post_{kind}_{k}.log"

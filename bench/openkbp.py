@@ -131,7 +131,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("outputs")
     g.add_argument("--results", type=Path, default=REPO / "bench" / "results",
                    help="folder for openkbp.md and openkbp.json (default bench/results)")
+    g.add_argument("--name", default=None, help="report file stem under --results (default openkbp; openkbp_stock "
+                                                "with --model-folder)")
+    g.add_argument("--configs", nargs="+", default=["single", "deep"], choices=("single", "deep"),
+                   help="--model-folder: configurations (default single deep)")
+    from _stock_members import add_model_arguments
+
+    add_model_arguments(p)
     a = p.parse_args(argv)
+    a.name = a.name or ("openkbp_stock" if a.model_folder else "openkbp")
     for name in ("n_train", "n_cal", "n_test", "folds", "deep_epochs", "snapshot_epochs", "cycles", "iterations"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -278,18 +286,20 @@ def cli(argv: list[str]) -> None:
 # ----------------------------------------------------------------------------------------------
 # the steps
 # ----------------------------------------------------------------------------------------------
-def main(argv=None) -> int:
-    import _openkbp_data as data
-    import _openkbp_report as report
+def _member_record(d: Path) -> dict:
+    """What a member folder's outputs depend on: the bench's own record or the member cache's marker."""
+    from _openkbp_members import RECORD
 
-    args = parse_args(argv)
-    setup_logging("bench.openkbp")
-    t_start = time.time()
-    import torch
+    from CalibUncertaintyLib.nnunet.member_cache import MARKER
 
-    torch.set_num_threads(args.threads)  # inference; training sets it per fold as well
-    command = " ".join(shlex.quote(x) for x in [".venv/bin/python", "bench/openkbp.py", *(sys.argv[1:]
-                                                                                        if argv is None else argv)])
+    return json.loads(((d / RECORD) if (d / RECORD).is_file() else (d / MARKER)).read_text())
+
+
+def train_and_predict(args, data):
+    """Steps 1-4: the training dataset (links) and the small plan, training, the members' predictions
+    for the calibration and test cases, each a resumable step. Returns (source, split, root, steps,
+    images folder, {config: member folders}, inference timing, (prepared plan, plan keywords, deep
+    config, snapshot config, deep model folder, snapshot model folder, training records))."""
     # 1-2: training dataset (links) and the small plan
     source, split, root, steps, pre, res, prepared, plan_kw = prepare_run(args, DATASET_ID, DATASET_NAME)
 
@@ -298,7 +308,7 @@ def main(argv=None) -> int:
     training = data.training_records(deep_dir, snap_dir)
 
     # 4: member predictions for the calibration and test cases
-    from _openkbp_members import RECORD, predict_members
+    from _openkbp_members import predict_members
 
     held_out = split["calibration"] + split["test"]
     images = source / "imagesTr"
@@ -316,13 +326,48 @@ def main(argv=None) -> int:
         out = steps.run(f"members_{ens}", inputs, [root / "members" / ens], predict)
         members[ens], inference[ens] = out["dirs"], out["timing"]
     members["single"] = members["deep"][:1]
+    return (source, split, root, steps, images, members, inference,
+            (prepared, plan_kw, deep_cfg, snap_cfg, deep_dir, snap_dir, training))
+
+
+def main(argv=None) -> int:
+    import _openkbp_data as data
+    import _openkbp_report as report
+
+    args = parse_args(argv)
+    setup_logging("bench.openkbp")
+    t_start = time.time()
+    import torch
+
+    torch.set_num_threads(args.threads)  # inference; training sets it per fold as well
+    command = " ".join(shlex.quote(x) for x in [".venv/bin/python", "bench/openkbp.py", *(sys.argv[1:]
+                                                                                        if argv is None else argv)])
+    if args.model_folder is not None:  # a model folder a user has: no plan, no training
+        from _stock_members import model_cases, model_members, random_splits
+
+        source = data.find_dataset(args.data)
+        held_out = model_cases(args)
+        split = {**random_splits(held_out, args.n_cal, 1, args.seed)[0], "seed": args.seed,
+                 "n_available": len(held_out), "train": []}
+        mem = model_members(args, source / "imagesTr", held_out)
+        root = args.workdir / f"model_{signature([str(args.model_folder), split, str(source)])}"
+        root.mkdir(parents=True, exist_ok=True)
+        steps = Steps(root)
+        members = {"single": [str(d) for d in mem["single"]], "deep": [str(d) for d in mem["deep"]]}
+        inference = {}
+        images = source / "imagesTr"
+        configs = tuple(args.configs)
+    else:
+        # 1-4: training dataset (links), small plan, training, member predictions
+        source, split, root, steps, images, members, inference, trained = train_and_predict(args, data)
+        configs = CONFIGS
 
     # 5: fit on the calibration cases, evaluate on the test cases
     labels = source / "labelsTr"
     evaluations = {}
-    for ens in CONFIGS:
+    for ens in configs:
         dirs = members[ens]
-        msig = signature([json.loads((Path(d) / RECORD).read_text()) for d in dirs])
+        msig = signature([_member_record(Path(d)) for d in dirs])
         cal = root / "calibration" / f"{ens}.json"
         steps.run(f"fit_{ens}", {"members": msig, "cases": split["calibration"], "roi": args.roi_radius_mm},
                   [cal], lambda dirs=dirs, cal=cal: cli(
@@ -348,19 +393,24 @@ def main(argv=None) -> int:
                     "torch_threads": args.threads, "load_average_at_end": list(os.getloadavg())},
         "steps_run": steps.ran, "steps_reused": steps.reused, "step_seconds": steps.seconds,
         "workdir": str(root), "data": _display_path(source), "split": split,
-        "plan": {**plan_kw, "target_spacing_mm": args.spacing_mm, "plans_file": str(prepared.plans_file),
-                 "spacing_zyx": data.plan_spacing(prepared.plans_file)},
-        "training": {"deep": deep_cfg.record(), "checkpoint": snap_cfg.record(), "records": training,
-                     "deep_model": str(deep_dir), "checkpoint_model": str(snap_dir)},
         "tta": args.tta, "tile_step": args.tile_step, "inference": inference, "roi_radius_mm": args.roi_radius_mm,
     }
+    if args.model_folder is not None:
+        run_info.update(model_folder=str(args.model_folder), member_cache=mem["record"], tile_step=0.5)
+    else:
+        prepared, plan_kw, deep_cfg, snap_cfg, deep_dir, snap_dir, training = trained
+        run_info.update(
+            plan={**plan_kw, "target_spacing_mm": args.spacing_mm, "plans_file": str(prepared.plans_file),
+                  "spacing_zyx": data.plan_spacing(prepared.plans_file)},
+            training={"deep": deep_cfg.record(), "checkpoint": snap_cfg.record(), "records": training,
+                      "deep_model": str(deep_dir), "checkpoint_model": str(snap_dir)})
     result = report.build(run_info, evaluations)
     args.results.mkdir(parents=True, exist_ok=True)
-    write_json(args.results / "openkbp.json", result)
+    write_json(args.results / f"{args.name}.json", result)
     from CalibUncertaintyLib.io.atomic import write_text
 
-    write_text(args.results / "openkbp.md", report.render(result))
-    log.info("wrote %s and %s (%.0f s)", args.results / "openkbp.md", args.results / "openkbp.json",
+    write_text(args.results / f"{args.name}.md", report.render(result))
+    log.info("wrote %s and %s (%.0f s)", args.results / f"{args.name}.md", args.results / f"{args.name}.json",
              time.time() - t_start)
     if not result["learned"]["ok"]:
         log.error("a model did not learn (mandible Dice 0): %s", result["learned"])

@@ -135,7 +135,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fail when the mean organ Dice of a configuration on the calibration cases is below this "
                         "(the models did not learn)")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--loco", action=argparse.BooleanOptionalAction, default=True,
+                   help="--model-folder: leave-one-case-out selection evidence on the first split (default on)")
+    p.add_argument("--splits", type=int, default=5, help="--model-folder: random calibration / test splits of its "
+                                                         "held-out cases (default 5; --n-cal of them calibrate)")
+    p.add_argument("--name", default=None, help="report file stem (default openkbp_local; openkbp_local_stock with "
+                                                "--model-folder)")
+    from _stock_members import add_model_arguments
+
+    add_model_arguments(p)
     a = p.parse_args(argv)
+    a.name = a.name or ("openkbp_local_stock" if a.model_folder else "openkbp_local")
     a.workdir = a.workdir.expanduser().resolve()
     if a.workdir == REPO or REPO in a.workdir.parents:
         p.error(f"--workdir {a.workdir} lies inside the repository")
@@ -155,6 +165,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     command = " ".join(shlex.quote(x) for x in [".venv/bin/python", "bench/openkbp_local.py",
                                                 *(sys.argv[1:] if argv is None else argv)])
+    if args.model_folder is not None:
+        return main_model_folder(args, command, t_start)
     source, split, root, steps, pre, res, prepared, plan_kw = prepare_run(args, DATASET_ID, DATASET_NAME, "2d")
 
     deep_cfg, snap_cfg, deep_dir, snap_dir = train_ensembles(steps, args, prepared, res, split)
@@ -202,6 +214,56 @@ def main(argv=None) -> int:
             results[cfg]["learned"] = learned[cfg]
             write_outputs(args, results, steps, command, t_start, source, split, plan_kw, prepared, deep_cfg,
                           snap_cfg, training, inference, class_names)
+    return 0
+
+
+def main_model_folder(args, command: str, t_start: float) -> int:
+    """``--model-folder``: no training; the model's members (product member cache) on its held-out
+    cases and the OOD CT; every calibrator fitted and measured on ``--splits`` random splits
+    (``--n-cal`` calibration cases, the rest test); leave-one-case-out selection evidence on the
+    first split's calibration cases only."""
+    import _local_eval as ev
+    import _local_report as report
+    import _openkbp_data as data
+    from _stock_members import machine, model_cases, model_members, ood_id, random_splits
+
+    source = data.find_dataset(args.data)
+    cases = model_cases(args)
+    ood_files = [args.ood] if args.ood and Path(args.ood).is_file() else []
+    mem = model_members(args, source / "imagesTr", cases, ood_files=ood_files, work=args.workdir)
+    ood = ood_id(args.ood) if ood_files else None
+    splits = random_splits(cases, args.n_cal, args.splits, args.seed)
+    labels = source / "labelsTr"
+    class_names = [n for n, _ in sorted(json.loads((source / "dataset.json").read_text())["labels"].items(),
+                                        key=lambda kv: kv[1])]
+    results = {}
+    for cfg in [c for c in ("single", "deep") if c in args.configurations]:
+        dirs = [Path(d) for d in mem[cfg]]
+        ev.keep_in_memory(True)
+        per_split = []
+        for i, split in enumerate(splits):
+            t0 = time.time()
+            res = ev.evaluate_configuration(dirs, labels, split["calibration"], split["test"], ood,
+                                            args.max_voxels_per_case, args.default_calibrator, seed=args.seed,
+                                            loco=(i == 0 and args.loco))
+            res.pop("fitted_records", None)
+            res["split"] = split
+            res["seconds"] = round(time.time() - t0, 1)
+            per_split.append(res)
+            log.info("%s: split %d of %d evaluated in %.0f s", cfg, i + 1, len(splits), time.time() - t0)
+        ev.keep_in_memory(False)
+        results[cfg] = {"members": [d.name for d in dirs], "splits": per_split,
+                        "summary": report.summarise_splits(per_split, args.default_calibrator)}
+    out = {"run": {"command": command, "wall_s": round(time.time() - t_start, 1), "machine": machine(),
+                   "model_folder": str(args.model_folder), "member_cache": mem["record"], "cases": cases,
+                   "n_cal": args.n_cal, "n_splits": len(splits), "seed": args.seed, "ood": ood,
+                   "default_calibrator": args.default_calibrator, "class_names": class_names,
+                   "max_voxels_per_case": args.max_voxels_per_case},
+           "configurations": results}
+    args.results.mkdir(parents=True, exist_ok=True)
+    write_json(args.results / f"{args.name}.json", out)
+    write_text(args.results / f"{args.name}.md", report.render_model_folder(out))
+    log.info("wrote %s (%.0f s)", args.results / f"{args.name}.md", time.time() - t_start)
     return 0
 
 
@@ -257,9 +319,9 @@ def write_outputs(args, results, steps, command, t_start, source, split, plan_kw
     }
     out = {"run": run_info, "configurations": results}
     args.results.mkdir(parents=True, exist_ok=True)
-    write_json(args.results / "openkbp_local.json", out)
-    write_text(args.results / "openkbp_local.md", report.render(out))
-    log.info("wrote %s (%.0f s)", args.results / "openkbp_local.md", time.time() - t_start)
+    write_json(args.results / f"{args.name}.json", out)
+    write_text(args.results / f"{args.name}.md", report.render(out))
+    log.info("wrote %s (%.0f s)", args.results / f"{args.name}.md", time.time() - t_start)
 
 
 if __name__ == "__main__":

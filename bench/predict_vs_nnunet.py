@@ -101,6 +101,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     ap.add_argument("--gpu-memory", action="store_true",
                     help="also sample the GPU's used memory with nvidia-smi during each run (bench/gpu_check.sh)")
+    ap.add_argument("--nnunet-workers", type=int, default=None, metavar="N",
+                    help="nnUNetv2_predict's -npp and -nps (preprocessing and export processes; default nnU-Net's "
+                         "own, 3 each)")
+    ap.add_argument("--skip-nnunet", action="store_true",
+                    help="run predict only, no baseline and no ratios (the test suite's smoke run: nnUNetv2_predict "
+                         "and its worker processes cost about 30 s of imports)")
     ap.add_argument("--trace", action="store_true",
                     help="afterwards run predict once more with a per-stage memory trace (bench/_memory_trace.py; "
                          "Linux) and print it")
@@ -142,10 +148,12 @@ def main(argv=None) -> int:
         theirs = [str(BIN / "nnUNetv2_predict"), "-i", str(inp), "-o", str(work / "out_nnunet"),
                   "-d", plans["dataset_name"], "-tr", trainer, "-p", plans_name, "-c", config,
                   "-f", *folds, "-chk", args.checkpoint, "-device", args.device, "--save_probabilities",
-                  "--disable_progress_bar"] + ([] if args.tta else ["--disable_tta"])
+                  "--disable_progress_bar"] + ([] if args.tta else ["--disable_tta"]) \
+            + ([] if args.nnunet_workers is None else ["-npp", str(args.nnunet_workers), "-nps", str(args.nnunet_workers)])
 
         rows = {}
-        for name, cmd in (("nnUNetv2_predict", theirs), ("calib-uncertainty predict", ours)):
+        tools = (("nnUNetv2_predict", theirs), ("calib-uncertainty predict", ours))
+        for name, cmd in tools[1:] if args.skip_nnunet else tools:
             if args.gpu_memory:
                 with GpuMemorySampler() as gpu:
                     r = run_measured(cmd, env, work / f"{name.split()[0]}.log")
@@ -174,11 +182,13 @@ def main(argv=None) -> int:
         print(f"{'tool':28s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS MiB':>13s}")
         for name, r in rows.items():
             print(f"{name:28s} {r['wall_s']:8.1f} {r['cpu_s']:8.1f} {r['peak_rss_mib']:13.0f}")
-        a, b = rows["calib-uncertainty predict"], rows["nnUNetv2_predict"]
-        ratios = {"wall": a["wall_s"] / b["wall_s"], "cpu": a["cpu_s"] / b["cpu_s"],
-                  "peak_rss": a["peak_rss_mib"] / b["peak_rss_mib"]}
-        print(f"{'ratio predict / nnU-Net':28s} {ratios['wall']:8.2f} {ratios['cpu']:8.2f} {ratios['peak_rss']:13.2f}")
-        if args.gpu_memory:
+        a, b = rows["calib-uncertainty predict"], rows.get("nnUNetv2_predict")
+        ratios = {} if b is None else {"wall": a["wall_s"] / b["wall_s"], "cpu": a["cpu_s"] / b["cpu_s"],
+                                       "peak_rss": a["peak_rss_mib"] / b["peak_rss_mib"]}
+        if ratios:
+            print(f"{'ratio predict / nnU-Net':28s} {ratios['wall']:8.2f} {ratios['cpu']:8.2f} "
+                  f"{ratios['peak_rss']:13.2f}")
+        if args.gpu_memory and ratios:
             for name, r in rows.items():
                 print(f"{name:28s} peak GPU memory used {r['peak_gpu_mib']:8.0f} MiB (nvidia-smi, above idle)")
             ratios["peak_gpu"] = a["peak_gpu_mib"] / max(b["peak_gpu_mib"], 1.0)

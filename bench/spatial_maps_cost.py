@@ -21,9 +21,10 @@ from CalibUncertaintyLib.uncertainty.distance_aware import distance_aware_entrop
 from CalibUncertaintyLib.uncertainty.ebcu import ebcu, effective_radius_mm  # noqa: E402
 
 
-def main() -> None:
-    nz = int(sys.argv[1]) if len(sys.argv) > 1 else 64
-    sz = float(sys.argv[2]) if len(sys.argv) > 2 else 5.0
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    nz = int(argv[0]) if len(argv) > 0 else 64
+    sz = float(argv[1]) if len(argv) > 1 else 5.0
     rng = np.random.default_rng(0)
     n = ndimage.gaussian_filter(rng.standard_normal((nz, 256, 256)).astype(np.float32), 2)
     n = ndimage.zoom(n, (1, 2, 2), order=1)

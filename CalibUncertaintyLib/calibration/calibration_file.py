@@ -6,7 +6,9 @@ the ensemble mode, the ROI rule and radius in mm, the fitting cases (count and i
 of voxels, NLL before/after, the error-detection thresholds τ* per map (METHODS.md §4), the EBCU
 threshold t (METHODS.md §1), the conformal risk control record (α and the flag and margin
 thresholds, METHODS.md §7; absent in older files, which still load), the atypicality reference of
-the calibration cases (``case_reference``, ``metrics.atypicality``; absent in older files), the class names
+the calibration cases (``case_reference``, ``metrics.atypicality``; absent in older files), the
+per-organ quality record (``organ_quality``: the calibration pairs of the per-organ Dice intervals,
+``calibration.organ_quality``; absent in older files), the class names
 and the model fingerprint (``fingerprint.py``).
 Applying it to a model with another fingerprint raises ``CalibrationMismatchError``.
 
@@ -90,6 +92,9 @@ class CalibrationFile:
     #: the calibration cases' atypicality reference (``metrics.atypicality.fit_reference``): domain, q,
     #: u_ref per map and each aggregate's per-case values; None in older files (no OOD aggregates then)
     case_reference: dict | None = None
+    #: per-organ quality (``organ_quality.build_record``): calibration pairs of expected and true Dice /
+    #: surface Dice per class, α, tolerance in mm; None in older files (no per-organ intervals then)
+    organ_quality: dict | None = None
     source_path: str | None = field(default=None, compare=False, repr=False)
 
     # --- construction ------------------------------------------------------------------------
@@ -185,6 +190,9 @@ class CalibrationFile:
         if self.conformal is None:
             self.conformal = {}
         validate_record(self.conformal, where)
+        from .organ_quality import validate_record as validate_organ_quality
+
+        validate_organ_quality(self.organ_quality, where)
         from ..metrics.atypicality import check_reference
 
         try:
@@ -312,7 +320,7 @@ class CalibrationFile:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("source_path")
-        for key in ("local", "case_reference"):  # files without them stay byte-compatible with older readers
+        for key in ("local", "case_reference", "organ_quality"):  # files without them stay byte-compatible with older readers
             if d.get(key) is None:
                 d.pop(key, None)
         return {"format": FORMAT_NAME, **d}

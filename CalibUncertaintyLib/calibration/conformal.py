@@ -112,6 +112,34 @@ def flag_threshold(error_scores: list, alpha: float) -> dict:
             "trivial": True}
 
 
+def flag_thresholds(error_scores: list, alphas) -> dict:
+    """``flag_threshold`` at every α of ``alphas`` from one pass over the calibration scores:
+    {α: the same dict ``flag_threshold(error_scores, α)`` returns}."""
+    levels = [check_alpha(a) for a in alphas]
+    n = len(error_scores)
+    if n == 0:
+        raise InputError("conformal flag threshold needs at least one calibration case")
+    cases = [np.sort(np.asarray(s, dtype=np.float32).ravel()) for s in error_scores]
+    pooled = np.unique(np.concatenate(cases)) if any(c.size for c in cases) else np.zeros(0, np.float32)
+    miss = np.zeros(pooled.size)
+    for s in cases:
+        if s.size:
+            miss += np.searchsorted(s, pooled, side="left") / s.size
+    miss /= n
+    out = {}
+    for a in levels:
+        ok = (n * miss + 1.0) / (n + 1) <= a + 1e-12
+        if ok.any():
+            j = int(np.flatnonzero(ok)[-1])
+            c = np.float32(pooled[j])
+            out[a] = {"alpha": a, "tau": float(np.nextafter(c, np.float32(-np.inf))), "c": float(c), "n_cases": n,
+                      "mean_miss": float(miss[j]), "bound": crc_bound(miss[j], n), "trivial": False}
+        else:
+            out[a] = {"alpha": a, "tau": None, "c": None, "n_cases": n, "mean_miss": 0.0, "bound": crc_bound(0.0, n),
+                      "trivial": True}
+    return out
+
+
 def case_miss_rate(score, errors, tau) -> float | None:
     """Fraction of the error voxels (``errors`` True) not flagged by ``score > tau``
     (tau None = everything flagged). None when the case has no error voxel."""
@@ -312,6 +340,16 @@ def validate_record(rec, where: str = "calibration") -> None:
                 nums = [th.get("tau")] if part == "flags" else [th.get("outer"), th.get("inner")]
                 if any(v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)) for v in nums):
                     raise InputError(f"{where}: conformal.{part}.{name}.{key} holds a non-finite threshold")
+    if rec.get("error", "voxel") not in ("voxel", "contour"):
+        raise InputError(f"{where}: conformal.error must be 'voxel' or 'contour', got {rec.get('error')!r}")
+    contour = rec.get("contour")
+    if contour is not None:  # contour-level flags and margins (calibration.contour_conformal)
+        if not isinstance(contour, dict) or not isinstance(contour.get("tolerance_mm"), (int, float)):
+            raise InputError(f"{where}: conformal.contour must be an object with tolerance_mm")
+        validate_record({"alpha": rec["alpha"], "flags": contour.get("flags", {}),
+                         "margins": contour.get("margins", {})}, f"{where} (contour)")
+    elif rec.get("error") == "contour":
+        raise InputError(f"{where}: conformal.error is 'contour' but the record has no contour thresholds")
 
 
 def at_alpha(rec: dict, part: str, name: str, alpha: float | None = None) -> dict | None:

@@ -261,7 +261,7 @@ class TemperatureScaler:
     probabilities) in ``"pool_then_calibrate"`` mode, or (M, N, K) member log-probabilities in
     ``"per_member"`` mode; ``labels`` (N,) integer classes in [0, K).
     After fitting: ``temperature_``, ``log_temperature_``, ``nll_before_`` (T = 1),
-    ``nll_after_``, ``n_samples_``, ``n_members_`` and ``at_bound_`` (None, "lower" or "upper").
+    ``nll_after_`` (both exactly ``temperature_nll`` / ``per_member_nll`` at that T), ``n_samples_``, ``n_members_`` and ``at_bound_`` (None, "lower" or "upper").
     ``transform(x)`` returns calibrated probabilities (N, K) (members pooled after scaling in
     per-member mode). See the module docstring for the definitions.
     """
@@ -290,8 +290,10 @@ class TemperatureScaler:
         else:
             data, y = _check_pooled(x, labels)
             self.n_members_ = None
-            s, best, nll_one = _fit_pooled_newton(data, y, self.log_t_bounds)
-            s = min(max(s, lo), hi)
+            s = min(max(_fit_pooled_newton(data, y, self.log_t_bounds)[0], lo), hi)
+            # the NLLs reported are temperature_nll's own (float64) at the fitted T and at T = 1,
+            # not the float32 Newton passes' values (which differ in the 6th digit)
+            best, nll_one = _nll_pooled(data, y, math.exp(s)), _nll_pooled(data, y, 1.0)
 
         self.log_temperature_ = s
         self.temperature_ = math.exp(s)

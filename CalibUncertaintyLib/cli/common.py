@@ -501,6 +501,11 @@ def finish_cohort_run(out_dir, summaries: list, run: dict, result) -> int:
     if replaced:
         say(f"replaced the earlier outputs of {len(replaced)} case(s): {', '.join(replaced)}")
     say(f"{len(summaries)} case(s) in {out_dir}: {result.describe()}")
+    from ..metrics.atypicality import atypical_summary_line
+
+    atypical = atypical_summary_line(summaries)  # the cases unlike the calibration cases, with p-values
+    if atypical:
+        say(atypical)
     if result.failed:
         raise result.error()
     return 0

@@ -78,6 +78,17 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "precision ≥ 1 − α), in expectation over cases; needs ≥ 1/α − 1 calibration cases "
                         "(9 for 0.1), else the guarantee is the trivial one (flag the whole ROI) and every "
                         "statement of it says so")
+    g.add_argument("--tolerance-mm", type=_non_negative_mm, default=3.0, metavar="MM",
+                   help="tolerance in millimetres of the contour-level errors (voxels of prediction ≠ reference "
+                        "whose centre lies farther than this from the other contour) and of the per-organ surface "
+                        "Dice (default 3 mm)")
+    g.add_argument("--conformal-error", choices=("voxel", "contour"), default="voxel",
+                   help="the error the organ margins written by maps/predict cover: 'voxel' (every voxel of "
+                        "prediction ≠ reference, default) or 'contour' (contour deviations beyond --tolerance-mm); "
+                        "both are fitted and reported")
+    g.add_argument("--exchangeability-delta", type=_alpha, default=0.1, metavar="D",
+                   help="level of the per-case exchangeability check (default 0.1): a case whose combined "
+                        "atypicality p-value against the calibration cases is ≤ D gets every guarantee shown as void")
     add_identity_option(p, "member outputs")
     add_executor_options(p)
     add_output_option(p, "calibration file to write (JSON), e.g. calibration.json", metavar="FILE")
@@ -92,6 +103,16 @@ def _alpha(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
     if not 0.0 < v < 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1) (e.g. 0.1), got {text!r}")
+    return v
+
+
+def _non_negative_mm(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a distance in mm, got {text!r}") from None
+    if not (v >= 0.0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a distance in mm >= 0 (e.g. 3), got {text!r}")
     return v
 
 
@@ -119,7 +140,8 @@ def run(args) -> int:
     opts = FitOptions(method=args.method, ensemble_mode=args.ensemble_mode, roi_radius_mm=args.roi_radius_mm,
                       roi_rule=args.roi_rule, max_voxels=args.max_voxels, seed=args.seed,
                       dae_sigma_mm=args.dae_sigma_mm, ebcu_radius_mm=args.ebcu_radius_mm,
-                      conformal_alpha=args.conformal_alpha,
+                      conformal_alpha=args.conformal_alpha, tolerance_mm=args.tolerance_mm,
+                      conformal_error=args.conformal_error, exchangeability_delta=args.exchangeability_delta,
                       **({"local_open_bin": args.local_open_bin} if args.local_open_bin else {}))
     cal = fit_calibration(pairing, opts, fingerprint=inputs.fingerprint, executor=executor)
     cal.extra["inputs"] = inputs.record
@@ -136,6 +158,14 @@ def run(args) -> int:
             + ("; organ volume medians" if "volume_median_mm3" in ref else ""))
     from ..calibration.conformal import describe_record
     for line in describe_record(cal.conformal):
+        say(line)
+    from ..calibration.organ_quality import describe_record as describe_organ_quality
+
+    contour = (cal.conformal or {}).get("contour")
+    if contour:
+        say(f"  contour-level flags and margins (deviations beyond {contour['tolerance_mm']:g} mm) fitted too; "
+            f"the margins maps/predict write cover {cal.conformal.get('error', 'voxel')} errors")
+    for line in describe_organ_quality(cal.organ_quality):
         say(line)
     say(f"calibration file written: {path}")
     return 0

@@ -170,6 +170,37 @@ def load_member_probs(member_dir: str | os.PathLike, case: str,
     return probs, geometry
 
 
+def open_member_probs(member_dir: str | os.PathLike, case: str, n_classes: int | None = None):
+    """One member's probabilities for ``case`` as an ``npz_stream.NpzProbabilities`` (read one z
+    slab at a time, validated by one pass over the file: never a whole (K, z, y, x) array), and
+    its Geometry. An archive that cannot be streamed (another compression method, Fortran
+    order) is loaded whole by ``load_member_probs``. Errors name the member folder, the case and
+    the file."""
+    from .npz_stream import NpzLayoutError, NpzProbabilities
+
+    member_dir = Path(member_dir)
+    npz, pkl = _member_files(member_dir, case)
+    what = f"member {member_name(member_dir)} case {case} ({npz.name})"
+    try:
+        probs = NpzProbabilities(npz, what)
+    except NpzLayoutError as e:
+        log.info("%s: %s; loading the whole array", what, e)
+        return load_member_probs(member_dir, case, n_classes)
+    try:
+        k = probs.shape[0]
+        if k < 2:
+            raise InputError(f"{what}: {k} class channel(s); need background plus at least one class")
+        if n_classes is not None and k != n_classes:
+            raise InputError(f"{what}: {k} class channels, but the other members / dataset.json have "
+                             f"{n_classes}; all members must be predictions of the same label set")
+        geometry = _geometry_from_pkl(pkl, probs.shape[1:], what)
+        probs.validate()
+    except BaseException:
+        probs.close()
+        raise
+    return probs, geometry
+
+
 def write_member_probs(member_dir: str | os.PathLike, case: str, probs: np.ndarray,
                        geometry: Geometry, extra_properties: dict | None = None) -> Path:
     """Write ``<case>.npz`` + ``<case>.pkl`` as nnU-Net ``--save_probabilities`` does, atomically.
@@ -323,14 +354,18 @@ class CaseFiles:
     label_path: Path | None = None
 
     def load_members(self, n_classes: int | None = None):
-        """Yield each member's validated probabilities (one member in memory at a time)."""
+        """Yield each member's validated probabilities, one at a time: an
+        ``npz_stream.NpzProbabilities`` read one z slab at a time (``open_member_probs``; never
+        the whole array), so a member costs no volume while the accumulator adds it. The
+        generator holds no member while it opens the next."""
         for d in self.member_dirs:
-            probs, geom = load_member_probs(d, self.case, n_classes)
+            probs, geom = open_member_probs(d, self.case, n_classes)
             diff = geom.mismatch(self.geometry)
             if diff is not None:
                 raise GeometryMismatchError(f"member {member_name(d)} case {self.case}: {diff} "
                                             "(reference grid of this case)")
             yield probs
+            del probs
 
 
 @dataclass

@@ -200,3 +200,66 @@ def check_reference(rec) -> dict | None:
         if not np.isfinite(float(v)):
             raise InputError(f"case_reference u_ref of {name} is not finite")
     return rec
+
+
+# --- naming the atypical case ------------------------------------------------------------------
+#: a case is *named* atypical when one of its atypicality p-values is at most this level (per
+#: aggregate, a case exchangeable with the calibration cases gets p ≤ ATYPICAL_P with probability
+#: at most ATYPICAL_P; with n calibration cases no p-value is below 1/(n + 1), so n ≥ 9 is needed
+#: to name any case at 0.1)
+ATYPICAL_P = 0.1
+#: how the product words each aggregate for a reader
+AGGREGATE_LABELS = {VOLUME_AGGREGATE: "organ volumes",
+                    "high_entropy_body_fraction": "high-entropy body fraction",
+                    "high_mi_body_fraction": "high-MI body fraction"}
+
+
+def atypical_evidence(aggregates: dict | None, level: float = ATYPICAL_P) -> list[dict]:
+    """The atypicality aggregates of one case (its ``case_aggregates``) whose p-value is ≤ ``level``,
+    smallest p first: ``[{"aggregate", "label", "value", "p"}]``; [] when none is (or none was computed)."""
+    out = []
+    for agg in ATYPICALITY_AGGREGATES:
+        p = (aggregates or {}).get(f"{agg}_p")
+        if p is None or not np.isfinite(float(p)) or float(p) > level:
+            continue
+        out.append({"aggregate": agg, "label": AGGREGATE_LABELS[agg], "value": aggregates.get(agg), "p": float(p)})
+    return sorted(out, key=lambda e: e["p"])
+
+
+def describe_atypical(aggregates: dict | None, level: float = ATYPICAL_P) -> str | None:
+    """One case's atypicality in words ("organ volumes p = 0.04, high-entropy body fraction p = 0.09"),
+    or None when no aggregate's p-value is ≤ ``level``. For the per-case verdict and the summaries."""
+    ev = atypical_evidence(aggregates, level)
+    if not ev:
+        return None
+    return ", ".join(f"{e['label']} p = {e['p']:.2g}" for e in ev)
+
+
+def atypical_cases(records, level: float = ATYPICAL_P) -> list[tuple[str, str]]:
+    """``[(case, description)]`` of the records (each ``{"case", "case_aggregates"}``, as ``maps`` /
+    ``predict`` return them and the folder index keeps them) named atypical, most atypical first."""
+    named = []
+    for r in records or []:
+        ev = atypical_evidence((r or {}).get("case_aggregates"), level)
+        if ev:
+            named.append((ev[0]["p"], str(r.get("case")), describe_atypical(r.get("case_aggregates"), level)))
+    return [(c, d) for _, c, d in sorted(named, key=lambda t: t[0])]
+
+
+def atypical_summary_line(records, level: float = ATYPICAL_P) -> str | None:
+    """The end-of-run line of ``maps`` / ``predict``: the cases unlike the calibration cases, with
+    their p-values; None when no case is (or no calibration reference was used)."""
+    named = atypical_cases(records, level)
+    if not named:
+        return None
+    return (f"Atypical case(s), unlike the calibration cases (p ≤ {level:g}; calibration and guarantees assume "
+            f"cases like them, review these first): " + "; ".join(f"{c} ({d})" for c, d in named))
+
+
+def atypicality_warning(aggregates: dict | None, level: float = ATYPICAL_P) -> str | None:
+    """The warning a viewer shows for one case (the Slicer panel, the review sheet), or None."""
+    text = describe_atypical(aggregates, level)
+    if text is None:
+        return None
+    return (f"Warning: this case is unlike the calibration cases ({text}). The calibration, the flags' and "
+            "margins' guarantees assume cases like them: review the whole case, not only the flagged regions.")

@@ -319,6 +319,7 @@ class CaseLoader:
 
         from .case_record import record_case
         from .margins import add_organ_margins, new_margins_node
+        from .organ_table import add_organ_table
         from .nodes import (ROLE_ATTRIBUTE, CaseNodes, _markups_node, _place_in_hierarchy, _table_node)
         from .segments import add_mask_segment, set_reference_geometry
         from .overlay_display import overlay_window
@@ -377,7 +378,8 @@ class CaseLoader:
                          regions_table=table, regions=regions, default_thresholds=thresholds, default_shown=shown,
                          value_ranges=ranges, regions_doc=files.regions_doc, summary=files.summary,
                          owns_input=owns_input, probability_files=dict(probability_files), name_prefix=prefix,
-                         margins=margins_node, probability_stamps=stamps)
+                         margins=margins_node, probability_stamps=stamps,
+                         organ_table=add_organ_table(scene, files.summary, f"{prefix} organ quality"))
         # outputs follow the input volume's parent transform, so they stay on its voxels
         transform_id = input_node.GetTransformNodeID() if input_node is not None else None
         if transform_id:

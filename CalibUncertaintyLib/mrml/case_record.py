@@ -9,7 +9,7 @@ A loaded case (nodes.load_case_outputs) is recorded on its segmentation node, th
   name), and the voxel grid;
 - node references (kept by Slicer when a scene is saved, loaded or imported, even when node IDs
   change): ``CalibU.input`` (the CT), ``CalibU.layer`` (every map and probability node; each
-  carries its name in ``CalibU.Role``), ``CalibU.regionsMarkups`` and ``CalibU.regionsTable``;
+  carries its name in ``CalibU.Role``), ``CalibU.regionsMarkups``, ``CalibU.regionsTable`` and ``CalibU.organTable`` (per-organ quality);
 - attribute ``CalibU.Review``: JSON of the review (shown layer, opacity, threshold per layer,
   current region), rewritten by ReviewController on every change.
 
@@ -32,6 +32,7 @@ INPUT_REF = "CalibU.input"
 LAYER_REF = "CalibU.layer"
 MARKUPS_REF = "CalibU.regionsMarkups"
 TABLE_REF = "CalibU.regionsTable"
+ORGAN_TABLE_REF = "CalibU.organTable"
 RECORD_VERSION = 1
 
 
@@ -64,6 +65,8 @@ def record_case(case) -> None:
         hub.AddNodeReferenceID(LAYER_REF, node.GetID())
     hub.SetNodeReferenceID(MARKUPS_REF, case.regions_markups.GetID() if case.regions_markups is not None else None)
     hub.SetNodeReferenceID(TABLE_REF, case.regions_table.GetID() if case.regions_table is not None else None)
+    organ_table = getattr(case, "organ_table", None)
+    hub.SetNodeReferenceID(ORGAN_TABLE_REF, organ_table.GetID() if organ_table is not None else None)
 
 
 def add_layer_reference(case, node) -> None:
@@ -151,7 +154,7 @@ def restore_case_nodes(scene, hub=None):
         regions_doc=regions_doc, summary=summary, folder_item=folder, owns_input=bool(doc.get("owns_input")),
         probability_files={c: Path(p) for c, p in doc.get("probability_files", {}).items()},
         probability_stamps={c: list(v) for c, v in (doc.get("probability_stamps") or {}).items()},
-        name_prefix=doc.get("name_prefix") or doc["case_id"])
+        name_prefix=doc.get("name_prefix") or doc["case_id"], organ_table=hub.GetNodeReference(ORGAN_TABLE_REF))
 
 
 def _refill_markups(markups, regions) -> None:

@@ -62,29 +62,38 @@ def margin_box(levels: np.ndarray):
 
 
 def guarantee_lines(summary: dict) -> list[str]:
-    """The guarantees of a case, as the panel shows them ([] without a conformal calibration). A
-    trivial guarantee is called trivial, with the calibration cases a real one needs (also for
-    case folders written before summary.json said so)."""
+    """The guarantees of a case, as the panel shows them ([] without a conformal calibration):
+    voxel flags and margins, then (``report.guarantees.case_lines``) exchangeability, contour
+    flags, per-organ Dice intervals and the review burden; each marked VOID when the case is not
+    exchangeable with the calibration cases. A trivial guarantee is called trivial, with the
+    calibration cases a real one needs (also for case folders written before summary.json said so)."""
     from ..calibration.conformal import guarantee_text, min_cases, trivial_text
+    from ..report.guarantees import case_lines, void_reason
 
     conf = (summary or {}).get("conformal") or {}
+    void = " VOID for this case." if void_reason(summary) else ""
     lines = []
     flags = conf.get("flags") or {}
     a, n = conf.get("alpha"), conf.get("n_cases")
     if flags:
         if conf.get("trivial"):
             text = flags["guarantee"] if "trivial" in flags.get("guarantee", "") else trivial_text(a, n, "flags")
-            lines.append(f"Conformal flags: {text}.")
+            lines.append(f"Conformal flags: {text}.{void}")
         else:
             what = flags.get("rule") or f"{flags['map']} > {flags['tau_score']:.4g}"
-            lines.append(f"Conformal flags ({what}): {flags.get('guarantee') or guarantee_text(a)}.")
-    margins = conf.get("margins") or {}
-    if margins:
-        outer, inner = margins["outer"], margins["inner"]
+            lines.append(f"Conformal flags ({what}): {flags.get('guarantee') or guarantee_text(a)}.{void}")
+    margins = (summary or {}).get("margins") or {}
+    if margins.get("guarantee"):  # the margins the files hold (voxel or contour errors)
+        outer, inner = margins["guarantee"]["outer"], margins["guarantee"]["inner"]
+    elif conf.get("margins"):
+        outer, inner = conf["margins"]["outer"], conf["margins"]["inner"]
+    else:
+        outer = inner = None
+    if outer is not None:
         if a is not None and n is not None and n < min_cases(a) and "trivial" not in outer + inner:  # older folders
             outer, inner = trivial_text(a, n, "outer"), trivial_text(a, n, "inner")
-        lines.append(f"Organ margins: {outer}; {inner}.")
-    return lines
+        lines.append(f"Organ margins: {outer}; {inner}.{void}")
+    return lines + case_lines(summary)
 
 
 def new_margins_node(scene, name: str, geometry, reference_volume=None):

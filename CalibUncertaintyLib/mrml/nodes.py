@@ -71,6 +71,7 @@ class CaseNodes:
     name_prefix: str = ""
     margins: object = None                       # vtkMRMLSegmentationNode of the organ margins, or None
     probability_stamps: dict = field(default_factory=dict)  # class name -> [size, mtime_ns] of its file at load
+    organ_table: object = None                   # vtkMRMLTableNode of the per-organ quality (mrml.organ_table), or None
 
     def layers(self) -> dict:
         """Overlay layers that are nodes now, by name: map names first, then ``prob_<Class>``."""
@@ -106,7 +107,7 @@ class CaseNodes:
 
     def output_nodes(self) -> list:
         nodes = [self.segmentation, *self.probabilities.values(), *self.maps.values(),
-                 self.regions_markups, self.regions_table, self.margins]
+                 self.regions_markups, self.regions_table, self.margins, self.organ_table]
         if self.owns_input and self.input_volume is not None:
             nodes.append(self.input_volume)
         return [n for n in nodes if n is not None]

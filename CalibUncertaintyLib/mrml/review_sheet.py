@@ -305,6 +305,18 @@ TABLE_COLUMNS = [
 TABLE_HEADER = [c[0] for c in TABLE_COLUMNS]
 
 
+def _organ_lines(case_nodes) -> list[str]:
+    """One line per organ (predicted Dice, surface Dice, intervals, coverage) and whether the
+    case's guarantees apply (``report.guarantees``); [] without per-organ quality."""
+    from ..report.guarantees import organ_rows, void_reason
+
+    rows = organ_rows(case_nodes.summary)
+    if not rows:
+        return []
+    void = void_reason(case_nodes.summary)
+    return ([f"WARNING: guarantees VOID for this case: {void}"] if void else []) + [r["text"] for r in rows]
+
+
 def _table_rows(regions):
     return [[fn(r) for _h, _w, fn in TABLE_COLUMNS] for r in regions]
 
@@ -350,6 +362,7 @@ def sheet_content(scene, case_nodes, top_n: int = 3, layer: str | None = None, o
              f"{_regions_text(case_nodes)}: {len(chosen.listed)} listed",
              f"outlines: predicted organs (and margins) · white +: region jump point (most uncertain voxel) · dashed box: the region's "
              f"bounding box · {fov}"]
+    lines += _organ_lines(case_nodes)  # per-organ predicted Dice with its interval (when calibrated for it)
     lines = [part for line in lines for part in textwrap.wrap(line, LINE_CHARS, subsequent_indent="    ")]
     if fallback:
         lines.append("WARNING: " + fallback)

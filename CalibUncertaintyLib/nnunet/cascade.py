@@ -77,7 +77,7 @@ class LowResStage:
         total = None
         with torch.inference_mode():
             for i in range(len(p.members)):
-                logits = p.member_logits(case, i)
+                logits = p.member_logits(case, i).to("cpu")  # nnU-Net sums the folds on the CPU
                 total = logits if total is None else total + logits  # nnU-Net's sum (fp16, on the CPU)
                 del logits
             total /= len(p.members)

@@ -266,6 +266,11 @@ class EnsemblePredictor:
 
         self.tile_step_size = float(tile_step_size)
         self._torch = torch
+        from ..uncertainty.backend import backend_for
+
+        #: where each member is resampled, softmaxed and accumulated and the maps computed: on the
+        #: model's device (torch) for CUDA / MPS, numpy on the CPU (``uncertainty.backend``)
+        self.backend = backend_for(self.device)
 
     # --- network and weights -------------------------------------------------------------
     def _build_network(self):
@@ -344,8 +349,9 @@ class EnsemblePredictor:
 
     # --- per-member prediction -----------------------------------------------------------
     def member_logits(self, case: PreparedCase, index: int):
-        """Sliding-window logits of member ``index`` in the preprocessed space (torch, CPU, fp16
-        as nnU-Net accumulates them)."""
+        """Sliding-window logits of member ``index`` in the preprocessed space (torch, fp16 as
+        nnU-Net accumulates them): left on the device when the maps are computed there
+        (``backend``), else on the CPU."""
         from nnunetv2.configuration import default_num_processes
 
         from .sliding_window import sliding_window_logits
@@ -362,7 +368,8 @@ class EnsemblePredictor:
                 logits = sliding_window_logits(self.network, case.data, self.configuration_manager.patch_size,
                                                self.n_classes, self.device, self.tile_step_size, mirror,
                                                flip=member.flip, mc_dropout=member.dropout_pass is not None)
-            logits = logits.to("cpu")
+            if not self.backend.is_torch:
+                logits = logits.to("cpu")
         finally:
             torch.set_num_threads(n_threads)
         return logits
@@ -395,9 +402,9 @@ class EnsemblePredictor:
         from .member_probabilities import MemberProbabilities, crop_box_fits
 
         if not crop_box_fits(case.properties, case.geometry.shape_zyx, self.plans_manager.transpose_forward):
-            return self._nnunet_export(logits, case)
+            return self._nnunet_export(logits.to("cpu") if hasattr(logits, "to") else logits, case)
         return MemberProbabilities(logits, self.plans_manager, self.configuration_manager, self.label_manager,
-                                   case.properties, case.geometry.shape_zyx)
+                                   case.properties, case.geometry.shape_zyx, backend=self.backend)
 
     def logits_to_probabilities(self, logits, case: PreparedCase) -> np.ndarray:
         """nnU-Net's export: resample logits to the original spacing, softmax, reinsert into the
@@ -437,7 +444,7 @@ class EnsemblePredictor:
             kept = None
             if keep_logits:
                 logits = self.member_logits(case, i)
-                kept = logits.float().numpy()
+                kept = logits.float().cpu().numpy()
                 probs = self.member_probabilities(logits, case)
                 del logits
             else:  # no reference here: resampled logits replace the sliding window's

@@ -54,9 +54,15 @@ class MemberProbabilities:
     ndim = 4
     dtype = np.dtype(np.float32)
 
-    def __init__(self, logits, plans_manager, configuration_manager, label_manager, properties: dict, shape_zyx):
+    def __init__(self, logits, plans_manager, configuration_manager, label_manager, properties: dict, shape_zyx,
+                 backend=None):
         import torch
 
+        from ..uncertainty.backend import NUMPY
+
+        #: where the slabs are computed: numpy (host, the CPU path) or torch on the logits' device
+        #: (``uncertainty.backend``; ``slab()`` then returns a device tensor)
+        self.backend = backend or NUMPY
         if not crop_box_fits(properties, shape_zyx, plans_manager.transpose_forward):
             raise ValueError("nnU-Net's crop box does not lie inside the image; use nnU-Net's export")
         self._nonlin = label_manager.inference_nonlin
@@ -73,18 +79,29 @@ class MemberProbabilities:
             self._resampler = SlabResampler.create(cm.resampling_fn_probabilities, tuple(logits.shape[1:]),
                                                    shape_crop, current, spacing_t,
                                                    axis=int(plans_manager.transpose_backward[0]))
-        if self._resampler is not None:  # resampled one slab at a time, when the slab is read
+        from .slab_resampling import device_supported
+
+        same_grid = tuple(logits.shape[1:]) == shape_crop
+        # on the device: softmax (and resampling, when the device path reproduces it) of each slab
+        on_device = self.backend.is_torch and (device_supported(self._resampler) if self._resampler is not None
+                                               else same_grid)
+        if on_device:
+            logits = self.backend.put(logits)
+        elif self._resampler is not None:  # resampled one slab at a time on the host, when the slab is read
             logits = logits.cpu() if isinstance(logits, torch.Tensor) else torch.from_numpy(np.asarray(logits))
-        elif tuple(logits.shape[1:]) != shape_crop:
-            src = logits.numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
+        elif not same_grid:
+            src = logits.cpu().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
             del logits
             resampled = memory.empty((src.shape[0],) + shape_crop, src.dtype)
             for c in range(src.shape[0]):
                 resampled[c] = cm.resampling_fn_probabilities(src[c:c + 1], shape_crop, current, spacing_t)[0]
             del src
             logits = torch.from_numpy(resampled)
-        elif not isinstance(logits, torch.Tensor):
+        elif isinstance(logits, torch.Tensor):
+            logits = logits.cpu()
+        else:
             logits = torch.from_numpy(np.asarray(logits))
+        self._on_device = on_device
         self._logits = logits
         # softmax of finite logits is a valid probability vector by construction, so the
         # accumulator may skip its validation pass (``EnsembleAccumulator.add``); non-finite
@@ -102,6 +119,8 @@ class MemberProbabilities:
         """Probabilities of output z slices ``sl`` (step 1): (K, dz, y, x) float32."""
         if self._logits is None:
             raise RuntimeError("this member's logits were released")
+        if self.backend.is_torch:
+            return self._device_slab(sl)
         z0, z1, _ = sl.indices(self.shape[1])
         out = np.empty((self.n_classes, z1 - z0) + self.shape[2:], dtype=np.float32)
         out[0] = self._background_outside  # outside the crop box: background 1; a region model's 0
@@ -131,16 +150,56 @@ class MemberProbabilities:
             view[tuple(index)] = probs.numpy()
         return out
 
+    def _device_slab(self, sl: slice):
+        """``slab`` computed by torch on the backend's device: the same steps (crop box, nnU-Net's
+        resampling per slab, the label manager's softmax, transposition) as the host path,
+        resampling in float64 where the device has it; a device tensor (K, dz, y, x) float32. A
+        resampling the device path does not reproduce ran on the host (``device_supported``)."""
+        from .slab_resampling import block_device
+
+        be = self.backend
+        torch = be.torch
+        z0, z1, _ = sl.indices(self.shape[1])
+        out = torch.zeros((self.n_classes, z1 - z0) + self.shape[2:], dtype=torch.float32, device=be.device)
+        out[0] = self._background_outside
+        view = out.permute([0] + [i + 1 for i in self._forward])
+        axis = self._backward[0]
+        index = [slice(None)] * 4
+        source = [slice(None)] * 4
+        for ax, (a, b) in enumerate(self._bbox):
+            if ax == axis:
+                lo, hi = max(a, z0), min(b, z1)
+                if lo >= hi:
+                    return out
+                index[ax + 1] = slice(lo - z0, hi - z0)
+                source[ax + 1] = slice(lo - a, hi - a)
+            else:
+                index[ax + 1] = slice(a, b)
+        if self._resampler is not None:
+            src = source[axis + 1]
+            if self._on_device:
+                block = block_device(self._resampler, be, self._logits, src.start, src.stop)
+            else:
+                block = be.put(self._resampler.block(self._logits.numpy(), src.start, src.stop))
+            source[axis + 1] = slice(None)
+        else:
+            block = self._logits if self._on_device else be.put(self._logits[tuple(source)])
+            if not self._on_device:
+                source = [slice(None)] * 4
+        with torch.inference_mode():
+            view[tuple(index)] = self._nonlin(block[tuple(source)].float())
+        return out
+
     def slabs(self, slab_voxels: int = DEFAULT_SLAB_VOXELS):
         """Yield (slice, slab array) over the whole volume."""
         for sl in z_slabs(self.shape[1:], slab_voxels):
             yield sl, self.slab(sl)
 
     def to_array(self) -> np.ndarray:
-        """The whole volume (K, z, y, x) float32."""
+        """The whole volume (K, z, y, x) float32 (host)."""
         out = memory.empty(self.shape, np.float32)
         for sl, values in self.slabs():
-            out[:, sl] = values
+            out[:, sl] = values.cpu().numpy() if self.backend.is_torch else values
         return out
 
     def __array__(self, dtype=None, copy=None):

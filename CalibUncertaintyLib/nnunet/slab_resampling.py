@@ -175,3 +175,106 @@ class SlabResampler:
             else:
                 view[c] = self._trilinear(src[c], c, lo, hi)
         return out
+
+
+# --- the same resampling in torch, on the device where the logits are (issue 19) ----------------
+
+def device_supported(resampler: SlabResampler | None) -> bool:
+    """True when ``block_device`` reproduces ``resampler``: linear interpolation (``order`` 1),
+    separate z with the nearest slice, or trilinear."""
+    return resampler is not None and resampler.order == 1
+
+
+def _linear_axis(n_in: int, n_out: int, lo: int = 0, hi: int | None = None):
+    """Linear interpolation along one axis as scipy evaluates it for ``zoom(..., grid_mode=True)``
+    and ``map_coordinates(order=1, mode="nearest")``: coordinates (i + 0.5) · n_in / n_out − 0.5,
+    the lower neighbour floor(c) and the upper one, both clamped to the axis ("nearest"), weights
+    (1 − t, t) with t = c − floor(c) (float64, numpy, as scipy computes them)."""
+    hi = n_out if hi is None else hi
+    c = (np.arange(lo, hi, dtype=np.float64) + 0.5) * np.divide(n_in, n_out) - 0.5
+    f = np.floor(c)
+    t = c - f
+    i0 = f.astype(np.int64)
+    return (np.clip(i0, 0, n_in - 1), np.clip(i0 + 1, 0, n_in - 1)), (1.0 - t, t)
+
+
+def block_device(resampler: SlabResampler, be, src, lo: int, hi: int):
+    """``resampler.block(src, lo, hi)`` on the device of ``src`` (a torch tensor (K, *src_shape),
+    float16 as the sliding window returns it). The interpolation is scipy's own arithmetic, written
+    out: each output value is Σ over the 2 (in-plane: 4, trilinear: 8) neighbours, the last axis
+    varying fastest, of value · w_axis0 · w_axis1 (· w_axis2), with the weights and neighbours of
+    ``_linear_axis``; in float64 this gives scipy's values bit for bit (tests), so the float16
+    rounding that follows is the host path's. On MPS (no float64) the same sums run in float32.
+    Separate z picks the nearest source slice (the host path's indices); trilinear values are
+    clipped to each channel's range as ``resize`` clips; the values are rounded to ``src``'s dtype
+    once, as numpy rounds (``_round_to``). Returns (K, *dst with axis hi − lo)."""
+    torch = be.torch
+    r = resampler
+    work = torch.float64 if be.float64 else torch.float32
+    dev = src.device
+    k = src.shape[0]
+    moved = src.movedim(r.axis + 1, 1)  # (K, n_axis, a, b): the slab axis first
+    plane_in = tuple(int(s) for s in moved.shape[2:])
+    plane = tuple(s for i, s in enumerate(r.dst_shape) if i != r.axis)
+    idx_w = [_linear_axis(n_in, n_out) for n_in, n_out in zip(plane_in, plane)]
+    (ya, yb), (wy0, wy1) = idx_w[0]
+    (xa, xb), (wx0, wx1) = idx_w[1]
+    rows = [torch.as_tensor(a, device=dev) for a in (ya, yb)]
+    cols = [torch.as_tensor(a, device=dev) for a in (xa, xb)]
+    wy = [torch.as_tensor(w, dtype=work, device=dev)[:, None] for w in (wy0, wy1)]
+    wx = [torch.as_tensor(w, dtype=work, device=dev)[None, :] for w in (wx0, wx1)]
+    n = hi - lo
+    out = torch.empty((k, n) + plane, dtype=src.dtype, device=dev)
+
+    def bilinear(planes, extra=None, total=None):
+        """Σ over the in-plane neighbours of planes (m, a, b) -> (m, H, W), each term times
+        ``extra`` (a weight per plane: the z weight of the trilinear case) before the in-plane
+        weights, added one by one to ``total`` (scipy adds the corners in sequence)."""
+        for i in range(2):
+            r_i = planes.index_select(1, rows[i])
+            for j in range(2):
+                term = r_i.index_select(2, cols[j])
+                if extra is not None:
+                    term = term * extra
+                term = term * wy[i] * wx[j]
+                total = term if total is None else total + term
+        return total
+
+    if r.separate:
+        picks = np.asarray(r._lo[lo:hi], dtype=np.int64)
+        uniq, inverse = np.unique(picks, return_inverse=True)
+        uniq_t, inv_t = torch.as_tensor(uniq, device=dev), torch.as_tensor(inverse, device=dev)
+        for c in range(k):  # one channel at a time: float64 planes of one channel only
+            out[c] = _round_to(bilinear(moved[c].index_select(0, uniq_t).to(work)).index_select(0, inv_t), src.dtype)
+    else:
+        (za, zb), (wz0, wz1) = _linear_axis(r.src_shape[r.axis], r.dst_shape[r.axis], lo, hi)
+        zs = [torch.as_tensor(a, device=dev) for a in (za, zb)]
+        wz = [torch.as_tensor(w, dtype=work, device=dev)[:, None, None] for w in (wz0, wz1)]
+        if r._ranges is None:
+            with r._ranges_lock:
+                if r._ranges is None:
+                    r._ranges = [(float(src[c].min()), float(src[c].max())) for c in range(k)]
+        for c in range(k):
+            vals = None
+            for i in range(2):  # the z neighbour outermost, then the in-plane ones: scipy's corner order
+                vals = bilinear(moved[c].index_select(0, zs[i]).to(work), wz[i], vals)
+            lo_c, hi_c = r._ranges[c]
+            out[c] = _round_to(torch.clamp(vals, lo_c, hi_c), src.dtype)
+    return out.movedim(1, r.axis + 1)
+
+
+
+def _round_to(x, dtype):
+    """``x`` (float64) rounded to ``dtype`` to nearest, once, as numpy's ``astype`` does. torch
+    converts float64 to float16 through float32, rounding twice (a value just off a float16
+    midpoint can land on it); rounding to float32 *to odd* first (of the two float32 neighbours
+    of an inexact value, the one whose last bit is 1) keeps the one correct rounding."""
+    torch = __import__("torch")
+    if x.dtype != torch.float64 or dtype != torch.float16:
+        return x.to(dtype)
+    x32 = x.to(torch.float32)
+    back = x32.to(torch.float64)
+    inf = torch.tensor(float("inf"), dtype=torch.float32, device=x.device)
+    other = torch.nextafter(x32, torch.where(back < x, inf, -inf))
+    odd = (x32.view(torch.int32) & 1) == 1
+    return torch.where((back == x) | odd, x32, other).to(dtype)

@@ -42,6 +42,7 @@ from ..io.images import write_image
 from ..io.nifti_stream import NiftiStreamWriter
 from ..progress import emit_progress
 from .margins import MarginsWriter
+from .organ_case import OrganCaseCollector, apply_blocks
 from .ensemble import accumulate, calibrated_slabs, iter_case_maps, maps_need_probs, mean_argmax, resolve_mode
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class CaseOptions:
     n_members: int | None = None  # for progress fractions when ``members`` has no len()
     member_names: list[str] | None = None
     extra_summary: dict = field(default_factory=dict)
+    #: error the organ margins cover: "voxel" | "contour" (None: the calibration file's choice)
+    conformal_error: str | None = None
 
 
 def safe_name(name: str) -> str:
@@ -192,7 +195,7 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
                       message=name)
 
     emit_progress("accumulate", 0.0, case=case_id, n_members=n_members_hint)
-    acc = accumulate(members, calibration, mode, opts.member_names, on_member)
+    acc = accumulate(members, calibration, mode, opts.member_names, on_member, n_members=n_members_hint)
     if acc.shape_zyx != geometry.shape_zyx:
         raise InputError(f"case {case_id}: members have shape {acc.shape_zyx}, the image "
                          f"{geometry.shape_zyx}")
@@ -247,9 +250,10 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
             if c in prob_labels:
                 writers[c] = NiftiStreamWriter(partial / fname, geometry, np.float32)
                 files.append(fname)
-        margins_w = MarginsWriter(partial, calibration, class_names, geometry, stems)
+        margins_w = MarginsWriter(partial, calibration, class_names, geometry, stems, error=opts.conformal_error)
+        organs = OrganCaseCollector(calibration, class_names, geometry, seg if invariant else None, radius)
         write_s = 0.0
-        if writers or margins_w.classes or not invariant:
+        if writers or margins_w.classes or not invariant or organs.needs_slabs:
             # slab i is compressed in the writer threads while slab i + 1 is computed (each file
             # still gets its slabs in order: a slab's writes are submitted after the last ones ended)
             for sl in acc.slabs():
@@ -261,6 +265,8 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
                 jobs += [_pool().submit(writers[c].write, p[c]) for c in writers]
                 if margins_w.classes:
                     jobs.append(_pool().submit(margins_w.write, p, seg[sl]))
+                if organs.needs_slabs:  # per-organ levels and margin burdens (pipeline.organ_case)
+                    jobs.append(_pool().submit(organs.add_slab, sl, p, seg[sl]))
                 write_s += time.perf_counter() - tw
                 del p
         tw = time.perf_counter()
@@ -282,11 +288,17 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
     # the writer threads' and slab temporaries' freed heap goes back to the system before the
     # maps, whose pass is the case's peak while the sums are still held
     memory.release_heap()
+    t_organs = time.perf_counter()
+    organs.finish_slabs(seg)  # per-organ features (pipeline.organ_case), then the boxes are freed
+    organ_s = time.perf_counter() - t_organs
     roi = roi_mask(seg, geometry.spacing_zyx, radius, rule="prediction", allow_empty=True)
+    t_organs = time.perf_counter()
+    organs.prepare_roi(seg, roi)  # each ROI voxel's nearest organ (for the flagged volume per organ)
+    timings["organ_quality_s"] = organ_s + time.perf_counter() - t_organs
     if not roi.any():
         notes.append("the prediction has no foreground: the ROI is empty, so no region is flagged "
                      "and ROI statistics are undefined")
-    timings["calibrate_s"] = time.perf_counter() - t - write_s
+    timings["calibrate_s"] = time.perf_counter() - t - write_s - timings["organ_quality_s"]
 
     pending = []  # files compressed in a writer thread while the next map is computed
     try:
@@ -324,6 +336,7 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
                 spare_volume=spare_volume)):
             entry = threshold_entry(name, calibrated_thresholds)
             vals = values[roi] if roi_any else np.zeros(0, values.dtype)  # one copy of the ROI voxels, for both
+            organs.add_map(name, vals)  # flagged volume per α and organ, before the statistics reorder vals
             thresholds[name] = map_threshold_info(name, entry, threshold_for_case(entry, values, roi, roi_values=vals))
             roi_stats[name] = _roi_stats(values, roi, vals)
             del vals
@@ -413,6 +426,8 @@ def process_case(case_id: str, members: Iterable[np.ndarray], geometry: Geometry
             "notes": notes,
             **opts.extra_summary,
         }
+        apply_blocks(summary, organs.blocks(case_aggs, rmap))
+        summary["notes"] += organs.notes
         write_json(partial / "summary.json", summary)
         _replace_dir(partial, final)
     except BaseException:

@@ -36,8 +36,14 @@ def resolve_mode(calibration, ensemble_mode: str | None) -> str:
 
 def accumulate(members: Iterable[np.ndarray], calibration=None, ensemble_mode: str = "pool_then_calibrate",
                member_names: list[str] | None = None,
-               on_member: Callable[[int, str | None], None] | None = None):
-    """Add every member to a new ``EnsembleAccumulator``; returns it.
+               on_member: Callable[[int, str | None], None] | None = None, backend=None,
+               n_members: int | None = None):
+    """Add every member to a new ``EnsembleAccumulator``; returns it, complete
+    (``reduce_log_gap()``: no member can be added afterwards). ``backend``: where the arithmetic
+    runs (``uncertainty.backend``); default the first member's (a member computed on a device
+    carries its torch backend), else numpy. ``n_members``: how many members come, when known: the
+    last one is added with ``last=True`` (EPKL's gap computed as it is added, the K gap volumes
+    never written by it; the same numbers).
 
     In ``per_member`` mode with a calibration, each member is scaled with the calibration's
     temperature before ``add``. ``on_member(i, name)`` is called after member i (0-based) was
@@ -49,24 +55,32 @@ def accumulate(members: Iterable[np.ndarray], calibration=None, ensemble_mode: s
     scale = calibration is not None and ensemble_mode == "per_member"
     if scale and calibration.method != "temperature":
         raise InputError("per-member calibration is only defined for temperature scaling")
-    for i, probs in enumerate(members):
+    i = -1
+    for probs in members:  # not enumerate(): its reused result tuple would keep the previous
+        i += 1             # member alive while the next one is being made
         name = member_names[i] if member_names and i < len(member_names) else None
         if not hasattr(probs, "slab"):  # else computed slab by slab as the accumulator reads it
             probs = np.asarray(probs)
         if probs.ndim != 4:
             raise InputError(f"member {name or i + 1}: probabilities must be (K, z, y, x), got {probs.shape}")
         if acc is None:
-            acc = EnsembleAccumulator(probs.shape[0], probs.shape[1:])
+            from ..uncertainty.backend import backend_of
+
+            acc = EnsembleAccumulator(probs.shape[0], probs.shape[1:], backend=backend or backend_of(probs))
         if scale:
-            probs = (_ScaledSlabs(probs, calibration) if hasattr(probs, "slab")
+            probs = (_ScaledSlabs(probs, calibration, acc.backend) if hasattr(probs, "slab")
                      else calibration.transform_probs(probs))
-        acc.add(probs, name=name)
+        memory.release_heap()
+        if acc.reduced:
+            raise InputError(f"member {name or i + 1}: more members than the {n_members} announced")
+        acc.add(probs, name=name, last=n_members is not None and i == n_members - 1)
         del probs
         memory.release_heap()  # the member's slab temporaries, before the next member is made
         if on_member is not None:
             on_member(i, name)
     if acc is None:
         raise InputError("no ensemble member given")
+    acc.reduce_log_gap()  # the K log-gap volumes become EPKL's one: every member is in
     return acc
 
 
@@ -76,12 +90,20 @@ class _ScaledSlabs:
 
     ndim = 4
 
-    def __init__(self, source, calibration):
+    def __init__(self, source, calibration, backend=None):
+        from ..uncertainty.backend import NUMPY
+
         self.source, self.calibration = source, calibration
         self.shape, self.dtype = source.shape, np.dtype(np.float32)
         self.valid_probabilities = getattr(source, "valid_probabilities", False)
+        self.backend = backend or NUMPY
 
     def slab(self, sl: slice) -> np.ndarray:
+        if self.backend.is_torch:  # softmax(log p / T) on the device (calibration.temperature.apply_temperature)
+            from ..uncertainty.torch_kernels import temperature
+
+            return temperature(self.backend, self.backend.put(self.source.slab(sl)), float(self.calibration.temperature),
+                               divide=True)
         return np.asarray(self.calibration.transform_probs(self.source.slab(sl)), dtype=np.float32)
 
 
@@ -157,8 +179,13 @@ class CalibratedSlabs:
         return self._kind != "transform"
 
     def slab(self, sl: slice) -> np.ndarray:
+        """The calibrated slab (K, dz, y, x) as a host float32 array (on a device: computed there,
+        ``device_slab``, then copied)."""
         from ..uncertainty.maps import _temperature_slab
 
+        be = self.acc.backend
+        if be.is_torch:
+            return be.get(self.device_slab(sl))
         if self._kind == "temperature":
             pbar = self.acc.sum_probs[:, sl] * np.float32(1.0 / self.acc.n_members)
             return pbar if self._t is None else _temperature_slab(pbar, self._t)
@@ -170,6 +197,22 @@ class CalibratedSlabs:
 
             return np.asarray(apply_temperature_map(pbar, self._tmap[sl], axis=0), dtype=np.float32)
         return np.asarray(self.calibration.transform_probs(pbar), dtype=np.float32)
+
+    def device_slab(self, sl: slice):
+        """``slab`` as a tensor on the accumulator's torch device, computed there (vector scaling:
+        on the host, then moved)."""
+        from ..uncertainty import torch_kernels as tk
+
+        be = self.acc.backend
+        if self._kind == "temperature":
+            pbar = tk.pbar_slab(self.acc, sl)
+            return pbar if self._t is None else tk.temperature(be, pbar, self._t)
+        pbar = tk.mean_slab(self.acc, sl)
+        if self._kind == "mean":
+            return pbar
+        if self._kind == "tmap":
+            return tk.temperature_map(be, pbar, be.put(self._tmap[sl]))
+        return be.put(np.asarray(self.calibration.transform_probs(be.get(pbar)), dtype=np.float32))
 
     def to_array(self) -> np.ndarray:
         from .. import memory
@@ -189,7 +232,13 @@ def mean_argmax(acc) -> np.ndarray:
     acc.require_members("the segmentation")
     seg = memory.empty(acc.shape_zyx, np.uint8 if acc.n_classes <= 256 else np.uint16)
     n = np.float32(acc.n_members)
+    be = acc.backend
     for sl in acc.slabs():  # of p̄ itself: rounding Σ/M can tie two classes that Σ orders
+        if be.is_torch:
+            from ..uncertainty import torch_kernels as tk
+
+            tk.calibrated_pass(be, tk.mean_slab(acc, sl), None, None, seg[sl])
+            continue
         argmax_classes(acc.sum_probs[:, sl] / n, out=seg[sl])
     return seg
 

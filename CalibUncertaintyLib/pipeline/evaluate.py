@@ -110,10 +110,10 @@ def evaluate_case(cf, pairing: Pairing, calibration, opts: EvalOptions) -> tuple
     k, names = pairing.n_classes, pairing.class_names
     mode = calibration.ensemble_mode
     labels = read_label(cf, k)
-    acc = accumulate(cf.load_members(k))
+    acc = accumulate(cf.load_members(k), n_members=len(cf.member_dirs))
     p_before = acc.mean_probs()
     if mode == "per_member":
-        acc = accumulate(cf.load_members(k), calibration, mode)
+        acc = accumulate(cf.load_members(k), calibration, mode, n_members=len(cf.member_dirs))
     p_after = calibrated_probs(acc, calibration, mode, cf.geometry.spacing_zyx)
     seg_before, seg = segmentation(p_before), segmentation(p_after)
     rule = opts.roi_rule or calibration.roi["rule"]
@@ -174,6 +174,10 @@ def evaluate_case(cf, pairing: Pairing, calibration, opts: EvalOptions) -> tuple
         acc_members = acc.n_members
         record["conformal"] = conformal_case_check(calibration, maps, seg, labels, roi, p_after, names)
         record["atypicality"] = case_atypicality(cf, calibration, seg, k, maps)
+        from ..metrics.guarantee_check import case_check as guarantee_case_check
+
+        record["guarantees"] = guarantee_case_check(calibration, maps, seg, labels, roi, p_after, names,
+                                                    cf.geometry.spacing_zyx, record["atypicality"])
         del acc, p_after
         # Every error-detection number only looks at ROI voxels and (for the contour zone) their
         # 26-neighbours, so it is computed on the ROI bounding box grown by 2 voxels: exact, cheaper.
@@ -334,6 +338,7 @@ def evaluate_cases(pairing: Pairing, calibration, opts: EvalOptions | None = Non
     from ..cohort.executor import run_cohort
     from ..metrics.case_quality import case_quality_summary
     from ..metrics.conformal_check import summarise as conformal_summary
+    from ..metrics.guarantee_check import summarise as guarantee_summary
     from ..report.tables import ece_from_table, merge_reliability_tables
 
     opts = opts or EvalOptions()
@@ -399,6 +404,7 @@ def evaluate_cases(pairing: Pairing, calibration, opts: EvalOptions | None = Non
         "budget_curves": budget_curves, "case_quality": quality, "triage": triage,
         "cohort_ece": {key: ece_from_table(table) for key, table in reliability.items()},
         "conformal": conformal_summary(calibration, [r.get("conformal") for r in records]),
+        "guarantees": guarantee_summary(calibration, [r.get("guarantees") for r in records]),
         "cohort": result.record(),
     }
 

@@ -10,7 +10,7 @@ stays bounded by one case's accumulator plus the sampled voxels and ROI crops):
    cases, split evenly). The rows are log p̄ (pool then calibrate) and, for temperature scaling,
    also each member's log p_m at the same voxels (per member), so both ensemble modes are
    fitted on identical voxels and both are reported; the requested mode is the one stored.
-   (A case's members are kept in memory for this up to ``MEMBER_CACHE_BYTES``, else re-read.)
+   (The members are read again for those rows, one z slab at a time.)
 2. Fit: T by a bounded 1-D search on log T minimising the NLL (``TemperatureScaler``), or
    per-class scale and bias (``VectorScaler``, pooled ensemble only), or a per-class / local
    temperature table (``calibration.local_temperature``, pooled ensemble only; the global T is
@@ -23,7 +23,10 @@ stays bounded by one case's accumulator plus the sampled voxels and ROI crops):
    cases; then every map is computed (EBCU with that t) and τ* per map maximises the mean UEO
    over cases (``calibration.thresholds.calibrate_thresholds``). The error mask is
    prediction ≠ reference inside the ROI. Maps, errors and ROIs are kept cropped to the ROI
-   bounding box (padded by the EBCU radius, so EBCU inside the ROI is exact).
+   bounding box (padded by the EBCU radius, so EBCU inside the ROI is exact). The same pass
+   gives the conformal records: voxel-error flags and margins, contour-level flags and margins
+   (errors beyond ``tolerance_mm``), and the per-organ quality pairs (expected and true Dice /
+   surface Dice, ``calibration.organ_quality``) stored as ``CalibrationFile.organ_quality``.
 
 Passes 1 and 3 are per-case functions (``sample_case``, ``threshold_case``) mapped over the
 cases by ``cohort.executor.run_cohort`` (local loop or Ray tasks); only their small results (the
@@ -49,17 +52,17 @@ from ..errors import InputError
 from ..io.nnunet_outputs import Pairing
 from ..cohort.executor import run_cohort
 from .dataset import prediction_fingerprint, read_label
-from .ensemble import accumulate, calibrated_probs, case_maps
+from .ensemble import accumulate, calibrated_probs, case_maps, mean_argmax
 
 log = logging.getLogger(__name__)
 
 EBCU_QUANTILE = 0.95
 BEYOND_SEED = 1_000_003  # seed offset of the beyond-ROI sample (local_open_bin "fitted")
 OPEN_BIN_CHOICES = ("identity", "nearest", "fitted")
+CONFORMAL_ERRORS = ("voxel", "contour")  # the errors the conformal flags and margins can cover
 #: the calibrator fit-temperature stores unless told otherwise (bench/results/openkbp_local.md)
 DEFAULT_METHOD = "local_temperature"
 CV_MAX_ROWS = 300_000  # rows used for the leave-one-case-out NLL of the local calibrators
-MEMBER_CACHE_BYTES = 1 << 30  # members of one case kept in memory in pass 1 up to this size, else re-read
 
 
 @dataclass
@@ -83,6 +86,12 @@ class FitOptions:
     #: chosen by leave-one-case-out NLL on whole calibration images (bench/results/openkbp_local.md).
     local_open_bin: str = "fitted"
     conformal_alpha: float = 0.1  # α of the conformal flags and margins (METHODS.md §7)
+    #: tolerance in mm of the contour-level errors and of the surface Dice (docs/METHODS.md "Per-organ quality")
+    tolerance_mm: float = 3.0
+    #: which error the maps' margins and guarantee lines use by default: "voxel" or "contour" (both are fitted)
+    conformal_error: str = "voxel"
+    #: level δ of the per-case exchangeability check (metrics.exchangeability)
+    exchangeability_delta: float = 0.1
 
 
 def _bbox(mask: np.ndarray, pad_vox, shape) -> tuple[slice, ...]:
@@ -138,34 +147,29 @@ def sample_case(job: FitJob, item) -> tuple:
 
     ci, cf = item
     opts = job.opts
-    labels = read_label(cf, job.n_classes)
-    kept: list[np.ndarray] = []
-
-    def members_once():  # keep the members for the per-member rows if they fit the budget
-        for p in cf.load_members(job.n_classes):
-            if job.want_members and (len(kept) + 1) * p.nbytes <= MEMBER_CACHE_BYTES:
-                kept.append(p)
-            yield p
-
-    acc = accumulate(members_once())
-    pbar = acc.mean_probs()
-    del acc
-    seg = np.argmax(pbar, axis=0)
+    k = job.n_classes
+    labels = read_label(cf, k)
+    acc = accumulate(cf.load_members(k), n_members=len(cf.member_dirs))  # read one z slab at a time (io.npz_stream)
+    seg = mean_argmax(acc)  # argmax of p̄ = acc.mean_probs(), by slabs
     roi = roi_mask(seg, cf.geometry.spacing_zyx, opts.roi_radius_mm, reference=labels,
                    rule=opts.roi_rule, allow_empty=True)
-    k = job.n_classes
     if not roi.any():
         log.warning("case %s: empty ROI (no predicted%s foreground), no calibration voxels",
                     cf.case, "" if opts.roi_rule == "prediction" else " or reference")
         xm = np.zeros((job.n_members, 0, k), np.float32) if job.want_members else None
         feats = (np.zeros(0, np.int64), np.zeros(0, np.float32), None) if job.want_local else None
         return np.zeros((0, k), np.float32), xm, np.zeros(0, np.int64), feats
-    x, y = collect_calibration_samples([(pbar, labels, roi)], kind="probs", ensemble_mode="pool_then_calibrate",
-                                       max_voxels_per_case=job.per_case, seed=opts.seed + ci)
-    xm = feats = None
     vox = np.flatnonzero(roi.ravel())
     keep = stratified_sample_indices(labels.reshape(-1)[vox], job.per_case, seed=opts.seed + ci)
-    vox = vox[keep]  # the same voxels as collect_calibration_samples took (same selector and seed)
+    vox = vox[keep]  # the voxels collect_calibration_samples takes (same selector and seed)
+    n = np.float32(acc.n_members)
+    sums = acc.sum_probs.reshape(k, -1)
+    # p̄ at those voxels only (as acc.mean_probs() computes it), through the same checks and logs
+    x, y = collect_calibration_samples([(np.divide(sums[:, vox], n)[:, None, None, :],
+                                         labels.reshape(-1)[vox][None, None, :], None)],
+                                       kind="probs", ensemble_mode="pool_then_calibrate",
+                                       max_voxels_per_case=vox.size, seed=opts.seed + ci)
+    xm = feats = None
     if job.want_local:
         from ..calibration.local_temperature import contour_distance_mm
 
@@ -176,15 +180,34 @@ def sample_case(job: FitJob, item) -> tuple:
             if out.size > job.per_case:
                 out = np.sort(np.random.default_rng(opts.seed + ci + BEYOND_SEED).choice(out, job.per_case,
                                                                                            replace=False))
-            xb = safe_log(pbar.reshape(k, -1)[:, out].T).astype(np.float32)
+            xb = safe_log(np.divide(sums[:, out], n).T).astype(np.float32)
             feats = (*feats[:2], (xb, labels.reshape(-1)[out].astype(np.int64),
                                   seg.reshape(-1)[out].astype(np.int64), dist[out]))
-    if job.want_members:
-        source = kept if len(kept) == len(cf.member_dirs) else cf.load_members(job.n_classes)
-        xm = np.stack([safe_log(p.reshape(p.shape[0], -1)[:, vox].T).astype(np.float32) for p in source])
+    del acc, sums
+    if job.want_members:  # a second read of the members: their values at the sampled voxels
+        xm = np.stack([safe_log(member_rows(p, vox).T).astype(np.float32) for p in cf.load_members(k)])
         if xm.shape[1] != x.shape[0]:
             raise RuntimeError("pooled and per-member calibration samples differ in size")  # same selector
     return x, xm, y, feats
+
+
+def member_rows(member, vox: np.ndarray) -> np.ndarray:
+    """(K, n) float32 values of a member at flat voxel indices ``vox`` (sorted), read one z slab
+    at a time (``slab()``) when the member is computed on demand, else from the array."""
+    if not hasattr(member, "slab"):
+        a = np.asarray(member)
+        return a.reshape(a.shape[0], -1)[:, vox]
+    from ..uncertainty.streaming import z_slabs
+
+    k, nz, ny, nx = member.shape
+    plane = ny * nx
+    out = np.empty((k, vox.size), np.float32)
+    for sl in z_slabs((nz, ny, nx)):
+        a, b = np.searchsorted(vox, [sl.start * plane, sl.stop * plane])
+        if a == b:
+            continue
+        out[:, a:b] = member.slab(sl).reshape(k, -1)[:, vox[a:b] - sl.start * plane]
+    return out
 
 
 def _cases(pairing: Pairing) -> list:
@@ -283,47 +306,192 @@ def fit_local(x, y, local: dict, opts: FitOptions) -> dict:
     return rec
 
 
-def threshold_case(job: FitJob, item) -> tuple:
+@dataclass
+class CaseFitParts:
+    """What pass 3 returns for one case. It unpacks (and indexes) as the 4-tuple earlier versions
+    returned, ``crop, roi_entropy, margin_curves, reference = threshold_case(...)``; ``quality`` holds
+    the organ-quality rows and the contour-level losses (``case_quality_parts``)."""
+
+    crop: tuple
+    roi_entropy: np.ndarray
+    margin_curves: list
+    reference: tuple
+    quality: dict | None = None
+
+    def _legacy(self) -> tuple:
+        return (self.crop, self.roi_entropy, self.margin_curves, self.reference)
+
+    def __iter__(self):
+        return iter(self._legacy())
+
+    def __getitem__(self, i):
+        return self._legacy()[i]
+
+    def __len__(self) -> int:
+        return 4
+
+
+def case_quality_parts(probs, labels, seg, roi, box, spacing_zyx, opts: FitOptions, slabs=None) -> dict:
+    """Pass-3 extras of one case: its per-organ quality rows (``calibration.organ_quality``), its
+    contour-error mask (``metrics.contour``, within the ROI) cropped to ``box``, and its per-class
+    contour margin loss curves (``calibration.contour_conformal``).
+
+    ``probs``: the calibrated probability as a (K, z, y, x) array or a ``CalibratedSlabs`` read
+    once more over ``slabs`` (its z slabs): only each organ's level indices on its box and the
+    class probability at its far contour errors are kept, never a class volume."""
+    from ..calibration.contour_conformal import contour_margin_losses_at
+    from ..calibration.organ_quality import fill_level_crops, organ_level_crops, organ_rows_from_levels
+    from ..metrics.contour import class_contour_errors
+
+    k = probs.shape[0]
+    plane = int(np.prod(seg.shape[1:]))
+    contour = np.zeros(seg.shape, bool)
+    far = []  # per class: flat indices (sorted) of its far false negatives and far false positives
+    for c in range(1, k):
+        fn, fp = class_contour_errors(seg == c, labels == c, spacing_zyx, opts.tolerance_mm)
+        far.append((np.flatnonzero(fn), np.flatnonzero(fp)))
+        contour |= fn
+        contour |= fp
+        del fn, fp
+    contour &= roi
+    crops = organ_level_crops(seg, k, spacing_zyx, opts.roi_radius_mm)
+    values = [([], []) for _ in range(1, k)]
+    if slabs is None:
+        slabs = [slice(0, seg.shape[0])]
+    for sl in slabs:
+        p = probs.slab(sl) if hasattr(probs, "slab") else np.asarray(probs[:, sl])
+        fill_level_crops(crops, sl, p)
+        lo, hi = sl.start * plane, sl.stop * plane
+        for c in range(1, k):
+            for idx, out in zip(far[c - 1], values[c - 1]):
+                i, j = np.searchsorted(idx, (lo, hi))
+                if j > i:
+                    out.append(p[c].reshape(-1)[idx[i:j] - lo])
+        del p
+    curves = [contour_margin_losses_at(*(np.concatenate(v) if v else np.zeros(0, np.float32) for v in pair))
+              for pair in values]
+    return {"organ_rows": organ_rows_from_levels(crops, seg, labels, spacing_zyx, opts.tolerance_mm, k),
+            "contour_errors": contour[box].copy(), "contour_curves": curves}
+
+
+def threshold_case(job: FitJob, item) -> CaseFitParts:
     """Pass 3 for one case ``(ci, CaseFiles)`` with ``job.calibration`` applied: every map but
     EBCU, the error mask and the ROI, cropped to the ROI's bounding box padded by the EBCU
-    radius, and the calibrated predictive entropy of the ROI voxels (for the pooled EBCU t)."""
+    radius, and the calibrated predictive entropy of the ROI voxels (for the pooled EBCU t).
+
+    Memory (issue 19): the members are read one z slab at a time, the calibrated probability is
+    never a (K, z, y, x) volume (``CalibratedSlabs``: one pass gives the segmentation, the argmax
+    of the calibrated probability as before, and each class's margin-curve voxels), and the maps
+    come one at a time (``iter_case_maps``), each kept only as its crop and samples. Also the
+    organ-quality rows and contour-level losses (``case_quality_parts``: one more slab pass)."""
     from ..calibration.roi import roi_mask
     from ..metrics.error_detection import error_mask
     from ..uncertainty.ebcu import effective_radius_mm
-    from ..uncertainty.maps import MAP_NAMES, segmentation
+    from ..uncertainty.maps import MAP_NAMES
+    from .ensemble import calibrated_slabs, iter_case_maps
 
     ci, cf = item
     opts, calibration = job.opts, job.calibration
     mode = calibration.ensemble_mode
     names = [n for n in MAP_NAMES if n != "ebcu"]
-    labels = read_label(cf, job.n_classes)
-    acc = accumulate(cf.load_members(job.n_classes), calibration, mode)
-    probs = calibrated_probs(acc, calibration, mode, cf.geometry.spacing_zyx)
-    seg = segmentation(probs)
+    k = job.n_classes
+    labels = read_label(cf, k)
+    acc = accumulate(cf.load_members(k), calibration, mode, n_members=len(cf.member_dirs))
+    probs = calibrated_slabs(acc, calibration, mode, cf.geometry.spacing_zyx)
+    seg, margins = _segmentation_and_margin_curves(probs, labels, acc.slabs())
     roi = roi_mask(seg, cf.geometry.spacing_zyx, opts.roi_radius_mm, reference=labels,
                    rule=opts.roi_rule, allow_empty=True)
-    maps = case_maps(acc, probs, cf.geometry, calibration, mode, names=names,
-                     dae_sigma_mm=opts.dae_sigma_mm, roi=roi)
-    margins = case_margin_curves(probs, labels, seg)
-    del acc, probs
     r_ebcu = effective_radius_mm(opts.ebcu_radius_mm, cf.geometry.spacing_zyx)
     pad = [int(math.ceil(r_ebcu / h)) + 1 for h in cf.geometry.spacing_zyx]
     box = _bbox(roi, pad, roi.shape)
+    quality = case_quality_parts(probs, labels, seg, roi, box, cf.geometry.spacing_zyx, opts, acc.slabs())
     errors = error_mask(seg, labels, roi)
-    crop = ({n: maps[n][box].copy() for n in names}, errors[box].copy(), roi[box].copy(), cf.geometry.spacing_zyx)
-    return crop, maps["entropy"][roi], margins, reference_sample(cf, maps, opts.seed + ci, seg, job.n_classes)
+    sampler = _ReferenceSampler(cf, opts.seed + ci, seg, k)
+    crops, pe_roi = {}, None
+    for name, values in iter_case_maps(acc, probs, cf.geometry, calibration, mode, names=names,
+                                       dae_sigma_mm=opts.dae_sigma_mm, roi=roi, release_sums=True, seg=seg):
+        crops[name] = values[box].copy()
+        if name == "entropy":
+            pe_roi = values[roi]
+        sampler.add(name, values)
+        del values
+    del acc, probs
+    crop = ({n: crops[n] for n in names}, errors[box].copy(), roi[box].copy(), cf.geometry.spacing_zyx)
+    return CaseFitParts(crop, pe_roi, margins, sampler.result(), quality)
+
+
+def _segmentation_and_margin_curves(probs, labels, slabs) -> tuple:
+    """One pass over the calibrated probability's z slabs: the segmentation (argmax, ties to the
+    lower class, per slab as ``uncertainty.maps.segmentation`` takes it) and the per-class margin
+    loss curves (``case_margin_curves``). Each class's curve needs only its reference voxels, its
+    predicted voxels and the voxels above the inner-margin floor, in image order
+    (``calibration.conformal.margin_losses``), so only those are kept: the same curves as from the
+    whole volumes."""
+    from ..calibration.conformal import INNER_MIN, margin_losses
+    from .. import memory
+
+    k = probs.shape[0]
+    seg = memory.empty(probs.shape[1:], np.uint8 if k <= 256 else np.uint16)
+    parts = {c: ([], [], []) for c in range(1, k)}
+    floor = np.float32(INNER_MIN * 0.999)
+    for sl in slabs:
+        p = probs.slab(sl)
+        seg[sl] = np.argmax(p, axis=0)
+        lab, pred = labels[sl], seg[sl]
+        for c in range(1, k):
+            t, pr = lab == c, pred == c
+            keep = t | pr
+            keep |= p[c] > floor
+            if keep.any():
+                parts[c][0].append(p[c][keep])
+                parts[c][1].append(t[keep])
+                parts[c][2].append(pr[keep])
+        del p
+    curves = []
+    for c in range(1, k):
+        vals, t, pr = (np.concatenate(a) if a else np.zeros(0, dt)
+                       for a, dt in zip(parts.pop(c), (np.float32, bool, bool)))
+        curves.append(margin_losses(vals, t, pr))
+    return seg, curves
+
+
+class _ReferenceSampler:
+    """``reference_sample`` of one case from its maps as they stream by (each map seen once)."""
+
+    def __init__(self, cf, seed: int, seg, n_classes: int):
+        from ..metrics.atypicality import read_case_domain
+
+        self.kind = "body" if cf.image_paths else "whole_image"
+        self.dom = read_case_domain(cf.image_paths[0] if cf.image_paths else None, seg.shape, self.kind)
+        self.seed, self.samples = seed, {}
+        self.vols = (_label_counts(seg, n_classes)[1:] * cf.geometry.voxel_volume_mm3).tolist()
+
+    def add(self, name: str, values) -> None:
+        from ..metrics.atypicality import OOD_AGGREGATES, domain_sample
+
+        if name in OOD_AGGREGATES.values():
+            self.samples[name] = domain_sample(values, self.dom, seed=self.seed)
+
+    def result(self) -> tuple[str, dict, list]:
+        from ..metrics.atypicality import OOD_AGGREGATES
+
+        return self.kind, {m: self.samples[m] for m in OOD_AGGREGATES.values() if m in self.samples}, self.vols
+
+
+def _label_counts(seg, n_classes: int) -> np.ndarray:
+    from .case import _label_counts as counts
+
+    return counts(seg, n_classes)
 
 
 def reference_sample(cf, maps: dict, seed: int, seg, n_classes: int) -> tuple[str, dict, list]:
     """The case's part of the atypicality reference (``metrics.atypicality``): its domain kind
     (the body from its CT when there is one, else the whole image), a fixed-seed sample of the
     entropy and mutual information in that domain, and its predicted volume (mm³) per foreground class."""
-    from ..metrics.atypicality import OOD_AGGREGATES, domain_sample, read_case_domain
-
-    kind = "body" if cf.image_paths else "whole_image"
-    dom = read_case_domain(cf.image_paths[0] if cf.image_paths else None, maps["entropy"].shape, kind)
-    vols = (np.bincount(seg.ravel(), minlength=n_classes)[1:] * cf.geometry.voxel_volume_mm3).tolist()
-    return kind, {m: domain_sample(maps[m], dom, seed=seed) for m in OOD_AGGREGATES.values() if m in maps}, vols
+    sampler = _ReferenceSampler(cf, seed, seg, n_classes)
+    for name, values in maps.items():
+        sampler.add(name, values)
+    return sampler.result()
 
 
 def case_margin_curves(probs, labels, seg) -> list:
@@ -355,6 +523,12 @@ def fit_thresholds(pairing: Pairing, calibration, opts: FitOptions, executor=Non
     thresholds = calibrate_thresholds([c[0] for c in crops], [c[1] for c in crops], [c[2] for c in crops],
                                       seed=opts.seed)
     conformal = conformal_record(crops, [p[2] for p in parts], calibration.class_names, opts.conformal_alpha)
+    organ_quality = None
+    if all(getattr(p, "quality", None) is not None for p in parts):
+        conformal["contour"], organ_quality = quality_records(crops, [p.quality for p in parts],
+                                                              calibration.class_names, opts)
+    conformal["error"] = opts.conformal_error
+    conformal["exchangeability_delta"] = float(opts.exchangeability_delta)
     from ..metrics.atypicality import fit_reference
 
     domains = {p[3][0] for p in parts}
@@ -365,8 +539,32 @@ def fit_thresholds(pairing: Pairing, calibration, opts: FitOptions, executor=Non
                                    f"the ROI, pooled over {pooled.size} voxels of {n_cases} cases",
             "n_roi_voxels": int(pooled.size),
             "n_error_voxels": int(sum(int(c[1].sum()) for c in crops)),
-            "conformal": conformal, "case_reference": reference}
+            "conformal": conformal, "case_reference": reference, "organ_quality": organ_quality}
     return thresholds, t_ebcu, info
+
+
+def _foreground_names(class_names, n_fg: int) -> list:
+    names = list(class_names) if class_names else [f"class_{i}" for i in range(1, n_fg + 1)]
+    return names[1:] if len(names) == n_fg + 1 else names
+
+
+def quality_records(crops, quality_parts: list, class_names, opts: FitOptions) -> tuple[dict, dict]:
+    """The contour-level conformal record (``conformal["contour"]``) and the ``organ_quality``
+    record, from the pass-3 crops (every map's scores at each case's ROI contour errors) and the
+    cases' ``case_quality_parts``."""
+    from ..calibration.conformal import ALPHA_GRID
+    from ..calibration.contour_conformal import build_contour_record
+    from ..calibration.organ_quality import build_record
+    from ..calibration.thresholds import uncertainty_score
+
+    names = _foreground_names(class_names, len(quality_parts[0]["contour_curves"]))
+    flag_scores = {name: [uncertainty_score(name, c_maps[name])[q["contour_errors"] & roi]
+                          for (c_maps, _, roi, _), q in zip(crops, quality_parts)] for name in crops[0][0]}
+    curves = {names[i]: [q["contour_curves"][i] for q in quality_parts] for i in range(len(names))}
+    contour = build_contour_record(opts.conformal_alpha, opts.tolerance_mm, flag_scores, curves)
+    organ = build_record([q["organ_rows"] for q in quality_parts], names, opts.conformal_alpha, ALPHA_GRID,
+                         opts.tolerance_mm, opts.roi_radius_mm)
+    return contour, organ
 
 
 def conformal_record(crops, margin_curves, class_names, alpha) -> dict:
@@ -413,6 +611,13 @@ def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, fingerprin
     n_foreground = label_foreground_voxels(pairing)
     want_members = opts.method == "temperature"
     want_local = opts.method in ("class_temperature", "local_temperature")
+    from ..calibration.conformal import check_alpha
+    from ..metrics.contour import check_tolerance
+
+    if opts.conformal_error not in CONFORMAL_ERRORS:
+        raise InputError(f"conformal error must be one of {', '.join(CONFORMAL_ERRORS)}, got {opts.conformal_error!r}")
+    opts.tolerance_mm = check_tolerance(opts.tolerance_mm)
+    opts.exchangeability_delta = check_alpha(opts.exchangeability_delta)
     if opts.local_open_bin not in OPEN_BIN_CHOICES:
         raise InputError(f"local_open_bin must be one of {', '.join(OPEN_BIN_CHOICES)}, got {opts.local_open_bin!r}")
     if want_local and opts.ensemble_mode != "pool_then_calibrate":
@@ -446,6 +651,7 @@ def fit_calibration(pairing: Pairing, opts: FitOptions | None = None, fingerprin
     cal.ebcu_threshold = t_ebcu
     cal.conformal = info.pop("conformal")
     cal.case_reference = info.pop("case_reference")
+    cal.organ_quality = info.pop("organ_quality")
     cal.extra.update(info)
     cal.extra["timings_s"] = {"collect_s": round(t1 - t0, 3), "fit_s": round(t2 - t1, 3),
                               "thresholds_s": round(time.perf_counter() - t2, 3)}

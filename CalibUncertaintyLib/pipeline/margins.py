@@ -34,7 +34,7 @@ class MarginsWriter:
     summary block (as ``write_margins``); ``abort()`` discards the files. ``classes`` is empty
     (and ``close()`` returns None) when the calibration file has no conformal margins."""
 
-    def __init__(self, folder: Path, calibration, class_names, geometry, file_names: dict):
+    def __init__(self, folder: Path, calibration, class_names, geometry, file_names: dict, error: str | None = None):
         from ..calibration.conformal import at_alpha
 
         self.folder, self.class_names, self.geometry = Path(folder), list(class_names), geometry
@@ -42,11 +42,17 @@ class MarginsWriter:
         self.classes: dict[int, dict] = {}
         self._writers: dict[int, NiftiStreamWriter] = {}
         self._counts: dict[int, np.ndarray] = {}
-        if not self.rec or not self.rec.get("margins"):
+        # which error the margins cover: voxel errors (default) or contour deviations beyond t mm
+        self.error = selected_error(self.rec, error)
+        source = self.rec if self.error == "voxel" or not self.rec else \
+            {"alpha": self.rec["alpha"], "n_cases": (self.rec.get("contour") or {}).get("n_cases"),
+             "margins": (self.rec.get("contour") or {}).get("margins")}
+        self._source = source
+        if not self.rec or not source.get("margins"):
             self.rec = None
             return
         for c in range(1, len(self.class_names)):
-            th = at_alpha(self.rec, "margins", self.class_names[c])
+            th = at_alpha(source, "margins", self.class_names[c])
             if th is None:
                 continue
             fname = MARGIN_PREFIX + file_names[c]
@@ -72,9 +78,24 @@ class MarginsWriter:
             self._writers.pop(c).close()
         a = self.rec["alpha"]
         voxel = self.geometry.voxel_volume_mm3
-        mg = margin_guarantees(self.rec)  # a trivial guarantee says so, with the cases a real one needs
-        out = {"alpha": a, "levels": dict(LEVELS), "guarantee": {"outer": mg["outer"], "inner": mg["inner"]},
-               "classes": {}}
+        # a trivial guarantee says so, with the cases a real one needs
+        mg = margin_guarantees(self._source)
+        if self.error == "contour":
+            from ..calibration.conformal import trivial_text
+            from ..calibration.contour_conformal import guarantee_text as contour_text
+
+            tol, n = self.rec["contour"]["tolerance_mm"], self._source.get("n_cases")
+            guarantee = {}
+            for part in ("outer", "inner"):
+                trivial = mg[f"trivial_{part}"]
+                if trivial and len(trivial) == len(self._source["margins"]):
+                    guarantee[part] = trivial_text(a, n, part)
+                else:
+                    guarantee[part] = contour_text(a, part, tol) + (
+                        f" (trivial for {', '.join(trivial)}: {trivial_text(a, n, part)})" if trivial else "")
+        else:
+            guarantee = {"outer": mg["outer"], "inner": mg["inner"]}
+        out = {"alpha": a, "levels": dict(LEVELS), "error": self.error, "guarantee": guarantee, "classes": {}}
         for c, info in self.classes.items():
             th, counts = info["th"], self._counts[c]
             out["classes"][self.class_names[c]] = {
@@ -88,6 +109,21 @@ class MarginsWriter:
         for w in self._writers.values():
             w.abort()
         self._writers.clear()
+
+
+def selected_error(rec: dict | None, error: str | None = None) -> str:
+    """The error the margins and flags of a case cover: ``error`` when given, else the conformal
+    record's choice (``fit-temperature --conformal-error``), else "voxel". InputError for "contour"
+    with a record that has no contour thresholds (fitted before they existed)."""
+    from ..errors import InputError
+
+    chosen = error or (rec or {}).get("error") or "voxel"
+    if chosen not in ("voxel", "contour"):
+        raise InputError(f"conformal error must be 'voxel' or 'contour', got {chosen!r}")
+    if chosen == "contour" and rec and not rec.get("contour"):
+        raise InputError("contour-level margins were asked for, but the calibration file has no contour "
+                         "thresholds (fitted before they existed): refit it with fit-temperature")
+    return chosen
 
 
 def write_margins(folder: Path, probs, seg, calibration, class_names, geometry, file_names: dict) -> dict | None:

@@ -67,6 +67,7 @@ def render_report(evaluation: dict) -> str:
                   f"{_f(o['nll_after'])}).", ""]
     if ev.get("notes"):
         lines += ["**Notes**", ""] + [f"- {n}" for n in ev["notes"]] + [""]
+    lines += atypical_lines(ev.get("per_case") or [])
 
     lines += ["## Calibration before and after (mean over cases)", ""]
     keys = [("nll", "NLL"), ("brier_multiclass", "Brier (multi-class)"), ("ece_top", "ECE top-label"),
@@ -142,6 +143,9 @@ def render_report(evaluation: dict) -> str:
     from ..metrics.conformal_check import report_lines as conformal_lines
 
     lines += conformal_lines(ev.get("conformal"), (ev.get("options") or {}).get("regions_map", "dae"))
+    from ..metrics.guarantee_check import report_lines as guarantee_lines
+
+    lines += guarantee_lines(ev.get("guarantees"))  # per-organ intervals, contour-level guarantees
     lines += ["## Figures and tables", "",
               *(["- `conformal_miss_vs_alpha.png`: held-out miss rate of the conformal flags and margins "
                  "against α"] if ev.get("conformal") else []),
@@ -153,6 +157,27 @@ def render_report(evaluation: dict) -> str:
               "`error_detection_per_case.csv`, `error_detection_aggregate.csv`, `case_quality.csv`, "
               "`evaluation.json` (everything above, per case)", ""]
     return "\n".join(lines)
+
+
+def atypical_lines(per_case: list[dict]) -> list[str]:
+    """The report's section naming the cases unlike the calibration cases (``metrics.atypicality``;
+    each record's ``atypicality``: aggregates and p-values against the calibration reference).
+    [] when no case has an atypicality p-value (no reference in the calibration file)."""
+    from ..metrics.atypicality import ATYPICAL_P, ATYPICALITY_AGGREGATES, atypical_cases
+
+    records = [{"case": r["case"], "case_aggregates": r.get("atypicality") or {}} for r in per_case]
+    if not any(f"{a}_p" in r["case_aggregates"] for r in records for a in ATYPICALITY_AGGREGATES):
+        return []
+    named = atypical_cases(records)
+    lines = ["## Atypical cases (unlike the calibration cases)", "",
+             f"A case is named when an atypicality aggregate's p-value against the calibration cases is ≤ "
+             f"{ATYPICAL_P:g} (organ volumes: predicted organ volumes against the calibration cases'; body "
+             "fractions: share of the body with entropy / mutual information above the calibration cases' 0.99 "
+             "quantile). The calibration and the conformal guarantees assume cases like the calibration cases; "
+             "for a named case they may not hold.", ""]
+    if not named:
+        return lines + [f"No case has an atypicality p-value ≤ {ATYPICAL_P:g}.", ""]
+    return lines + [f"- **{c}**: {d}" for c, d in named] + [""]
 
 
 def triage_lines(triage: dict | None) -> list[str]:

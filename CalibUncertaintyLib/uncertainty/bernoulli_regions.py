@@ -58,7 +58,8 @@ class RegionAccumulator:
     def _slabs(self, member):
         if hasattr(member, "slab") and not isinstance(member, np.ndarray):
             for sl in z_slabs(self.shape_zyx):
-                yield sl, member.slab(sl)
+                v = member.slab(sl)  # a device tensor when computed on a GPU: region maps run on the host
+                yield sl, v.detach().cpu().numpy() if hasattr(v, "detach") else v
         else:
             a = np.asarray(member)
             for sl in z_slabs(self.shape_zyx):

@@ -108,10 +108,17 @@ def _min_pass(g: np.ndarray, axis: int, h: float, width: int, slab_voxels: int) 
         g[tuple(index)] = np.moveaxis(out, 0, axis)
 
 
-def _box_distance_into(out, region_mask, box, spacing, max_mm, slab_voxels):
+def _box_distance_into(out, region_mask, box, spacing, max_mm, slab_voxels, backend=None):
     """For voxels where ``region_mask`` (a bool array over ``box``) is True, write into
     ``out[box]`` the exact distance (mm) to the nearest voxel box where it is False (module doc;
-    exact up to ``max_mm``, None = everywhere)."""
+    exact up to ``max_mm``, None = everywhere). On a torch ``backend`` the passes run on its device."""
+    if backend is not None and backend.is_torch:
+        from .torch_kernels import box_distance
+
+        g = box_distance(backend, region_mask, spacing, max_mm)
+        sub = out[box]
+        sub[region_mask] = g[region_mask]
+        return
     g = np.where(region_mask, np.float32(np.inf), np.float32(0.0)).astype(np.float32, copy=False)
     for a in range(3):
         width = g.shape[a] - 1 if max_mm is None else int(math.floor(float(max_mm) / spacing[a] + 0.5))
@@ -122,13 +129,15 @@ def _box_distance_into(out, region_mask, box, spacing, max_mm, slab_voxels):
 
 
 def surface_distance_mm(labels, spacing_zyx, max_distance_mm: float | None = None,
-                        slab_voxels: int = DEFAULT_SLAB_VOXELS, out: np.ndarray | None = None) -> np.ndarray:
+                        slab_voxels: int = DEFAULT_SLAB_VOXELS, out: np.ndarray | None = None,
+                        backend=None) -> np.ndarray:
     """d(x) in mm from each voxel to the surface of its predicted label region (see module doc).
 
     ``labels``: integer (z, y, x) prediction. ``spacing_zyx``: mm, array order.
     ``max_distance_mm``: distances are exact up to this value; beyond it they may be +inf
     (None: exact everywhere). +inf everywhere when there is only one label (no surface).
     Returns float32 (z, y, x): ``out`` (a float32 volume of the labels' shape, overwritten) when given.
+    ``backend``: a torch ``uncertainty.backend`` runs the distance passes on its device (the same values).
     """
     lab = _check_labels(labels)
     sp = check_spacing(spacing_zyx)
@@ -151,7 +160,7 @@ def surface_distance_mm(labels, spacing_zyx, max_distance_mm: float | None = Non
         if l == 0:
             continue
         box = _padded_box(boxes[l - 1], (1, 1, 1), lab.shape)
-        _box_distance_into(out, lab[box] == l, box, sp, max_distance_mm, slab_voxels)
+        _box_distance_into(out, lab[box] == l, box, sp, max_distance_mm, slab_voxels, backend)
     if counts[0] == 0:
         return out
     # background: transform on the foreground bounding box padded by the cutoff
@@ -162,7 +171,7 @@ def surface_distance_mm(labels, spacing_zyx, max_distance_mm: float | None = Non
     else:
         pad = [int(math.ceil(float(max_distance_mm) / h)) + 1 for h in sp]
         box = _padded_box(fg_box, pad, lab.shape)
-    _box_distance_into(out, lab[box] == 0, box, sp, max_distance_mm, slab_voxels)
+    _box_distance_into(out, lab[box] == 0, box, sp, max_distance_mm, slab_voxels, backend)
     return out
 
 
@@ -191,10 +200,12 @@ def _check_sigma(sigma_mm) -> float:
 
 
 def distance_aware_entropy(entropy, labels, spacing_zyx, sigma_mm: float = DEFAULT_SIGMA_MM,
-                           slab_voxels: int = DEFAULT_SLAB_VOXELS, out: np.ndarray | None = None) -> np.ndarray:
+                           slab_voxels: int = DEFAULT_SLAB_VOXELS, out: np.ndarray | None = None,
+                           backend=None) -> np.ndarray:
     """DAE = w(d) · H, float32 (z, y, x). ``entropy``: H(p̄) (the calibrated PE);
     ``labels``: the predicted labels (argmax of the same p̄); ``spacing_zyx`` in mm; ``out``: a
-    float32 volume to write DAE into (overwritten; not the entropy itself), else a new one."""
+    float32 volume to write DAE into (overwritten; not the entropy itself), else a new one;
+    ``backend``: a torch ``uncertainty.backend`` computes it on its device."""
     sigma = _check_sigma(sigma_mm)
     h = np.asarray(entropy)
     lab = _check_labels(labels)
@@ -206,8 +217,13 @@ def distance_aware_entropy(entropy, labels, spacing_zyx, sigma_mm: float = DEFAU
     if out is not None and np.shares_memory(out, h):
         raise InputError("out must not be the entropy volume DAE reads")
     d = surface_distance_mm(lab, spacing_zyx, max_distance_mm=CUTOFF_SIGMAS * sigma, slab_voxels=slab_voxels,
-                            out=out)
+                            out=out, backend=backend)
     for sl in z_slabs(lab.shape, slab_voxels):
+        if backend is not None and backend.is_torch:
+            from .torch_kernels import dae_weight_slab
+
+            dae_weight_slab(backend, d[sl], h[sl], sigma, out=d[sl])
+            continue
         w = distance_weight(d[sl], sigma)
         w *= h[sl]
         d[sl] = w

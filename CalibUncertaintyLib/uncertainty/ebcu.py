@@ -98,12 +98,13 @@ def default_threshold(u, roi=None, quantile: float = DEFAULT_QUANTILE) -> float:
 
 
 def ebcu(u, spacing_zyx, radius_mm: float = DEFAULT_RADIUS_MM, threshold: float = 0.0,
-         method: str = "auto", out: np.ndarray | None = None) -> np.ndarray:
+         method: str = "auto", out: np.ndarray | None = None, backend=None) -> np.ndarray:
     """EBCU of map ``u`` (z, y, x): mean over the ``radius_mm`` ball of (u − threshold)₊.
 
     ``spacing_zyx`` in mm (array order). ``method``: "auto" (cheaper of the two), "sparse"
     or "rows" (see module doc; identical results). Returns float32 (z, y, x): ``out`` (a
-    float32 volume of ``u``'s shape that is not ``u``, overwritten) when given.
+    float32 volume of ``u``'s shape that is not ``u``, overwritten) when given. ``backend``: a torch
+    ``uncertainty.backend`` sums the balls on its device (by rows; the same numbers to float32 rounding).
     """
     u = np.asarray(u)
     if u.ndim != 3:
@@ -148,7 +149,12 @@ def ebcu(u, spacing_zyx, radius_mm: float = DEFAULT_RADIUS_MM, threshold: float 
     cost_sparse = _SPARSE_COST_FACTOR * n_nonzero * len(offsets)
     cost_rows = ex.size * (len(rows) + len({a for _, _, a in rows}))
     use_sparse = method == "sparse" or (method == "auto" and cost_sparse < cost_rows)
-    acc = _sum_sparse(ex, offsets) if use_sparse else _sum_rows(ex, rows)
+    if backend is not None and backend.is_torch:
+        from .torch_kernels import ball_sum
+
+        acc = ball_sum(backend, ex, rows)
+    else:
+        acc = _sum_sparse(ex, offsets) if use_sparse else _sum_rows(ex, rows)
     acc *= np.float32(1.0 / len(offsets))
 
     # copy the part of the padded box that lies inside the image

@@ -63,7 +63,12 @@ MAP_DESCRIPTIONS = {
 
 YIELD_ORDER = ("fg_variance", "vote_disagreement", "expected_entropy", "mutual_information", "epkl",
                "confidence", "entropy", "entropy_norm", "dae", "ebcu")
-"""The order in which ``iter_maps`` yields the maps (``compute_maps`` returns ``MAP_NAMES`` order)."""
+"""The order in which ``iter_maps`` yields the maps (``compute_maps`` returns ``MAP_NAMES`` order)
+with a calibration (or on a device)."""
+YIELD_ORDER_UNCALIBRATED = ("fg_variance", "vote_disagreement", "confidence", "entropy", "expected_entropy",
+                            "mutual_information", "epkl", "entropy_norm", "dae", "ebcu")
+"""The order without a calibration (numpy path, M > 1): the entropy map H(p̄) comes before the maps of
+the members, which read it as their H(p̄) instead of computing it again."""
 
 _MEMBER_MAPS = {"expected_entropy", "mutual_information", "epkl"}
 
@@ -229,14 +234,27 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
 
     n = acc.n_members
     k = acc.n_classes
+    if release_sums:  # the accumulator is complete: its K log-gap volumes become EPKL's one
+        acc.reduce_log_gap()
     inv = np.float32(1.0 / n)
     log_k = np.float32(math.log(k))
     single = (("mutual_information" in wanted or "epkl" in wanted) and acc.note_single_member())
+
+    be = acc.backend  # numpy, or torch on a device (uncertainty.backend): the same steps, other kernels
+    if be.is_torch:
+        from . import torch_kernels as tk
 
     def pbar_slab(sl):
         return acc.sum_probs[:, sl] * inv
 
     def pcal_slab(sl):
+        """The calibrated probability of slab ``sl``: host numpy, or a device tensor on a device."""
+        if be.is_torch:
+            if probs is not None:
+                return probs.device_slab(sl) if hasattr(probs, "device_slab") else be.put(
+                    np.asarray(probs.slab(sl) if hasattr(probs, "slab") else probs[:, sl], dtype=np.float32))
+            pbar = tk.pbar_slab(acc, sl)
+            return pbar if t_cal is None else tk.temperature(be, pbar, t_cal)
         if probs is not None:
             return np.asarray(probs.slab(sl) if hasattr(probs, "slab") else probs[:, sl], dtype=np.float32)
         pbar = pbar_slab(sl)
@@ -244,8 +262,9 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
 
     # 0. maps of the members' foreground variance and votes first: with ``release_sums`` their
     #    two sums (1.5 volumes) are freed before the entropy volume and the other maps exist
-    for name, fn, part in (("fg_variance", measures.fg_variance_slab, "fg_sq_dev"),
-                           ("vote_disagreement", measures.vote_disagreement_slab, "fg_votes")):
+    fns = ((tk.fg_variance_slab, tk.vote_disagreement_slab) if be.is_torch
+           else (measures.fg_variance_slab, measures.vote_disagreement_slab))
+    for name, fn, part in (("fg_variance", fns[0], "fg_sq_dev"), ("vote_disagreement", fns[1], "fg_votes")):
         if name in wanted:
             out = new_map()
             for sl in acc.slabs():
@@ -258,38 +277,66 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
             acc.release_part(part)
 
     member_wanted = [n for n in ("expected_entropy", "mutual_information", "epkl") if n in wanted]
-    # 1. maps of the members' disagreement, each in its own slab pass (one map held at a time),
-    #    before the entropy volume exists: with ``release_sums`` the sums only they read
-    #    (Σ H(p_m), the log gaps) are freed before it and the confidence are allocated. H(p̄) for
-    #    MI and EPKL is computed per slab (the same function on the same p̄ as the entropy map).
-    for name in ("expected_entropy", "mutual_information", "epkl"):
-        if name not in wanted:
-            continue
-        out = new_map()
-        if single and name != "expected_entropy":
-            out.fill(0.0)
-        else:
-            for sl in acc.slabs():
-                if name == "expected_entropy":  # Σ_m H(p_m) / M alone: no p̄, no H(p̄)
-                    out[sl] = measures.expected_entropy_slab(acc, sl)
-                    continue
-                pbar = pbar_slab(sl)
-                ee, mi, ep = measures.disagreement_slab(acc, sl, pbar, measures.entropy(pbar),
-                                                        want_epkl=name == "epkl")
-                out[sl] = {"mutual_information": mi, "epkl": ep}[name]
-        if release_sums and name == member_wanted[-1]:
-            acc.release_part("log_gap")  # no later map reads these two:
-            acc.release_part("sum_entropy")  # freed before this map is handed over
-        yield name, out
-        del out
-    if release_sums:
-        acc.release_part("log_gap")
-        acc.release_part("sum_entropy")
+    need_h = bool({"entropy", "entropy_norm", "dae", "ebcu"} & set(wanted))
+    need_seg = seg is None and ("dae" in wanted or ("ebcu" in wanted and ebcu_threshold is None))
+    # Uncalibrated (numpy): the entropy map is H(p̄), the very H(p̄) that MI and EPKL need, so the
+    # calibrated pass comes first and the maps of the members read it instead of recomputing it
+    # (the same numbers; at most as many volumes at once as the other order: the entropy and the
+    # confidence exist while Σ H(p_m) and EPKL's gap do, where before MI and EPKL did).
+    entropy_first = (not be.is_torch and t_cal is None and probs is None and need_h
+                     and bool({"mutual_information", "epkl"} & set(wanted)) and not single)
+    h_all = None
+
+    def members_maps():
+        """1. maps of the members' disagreement, each in its own slab pass (one map held at a
+        time). EPKL = MI + G is read from the MI map when it was just computed (no H(p̄) again);
+        H(p̄) comes from the entropy volume when it exists, else is computed per slab (the same
+        function on the same p̄ as the entropy map)."""
+        mi_vol = None
+        for name in ("expected_entropy", "mutual_information", "epkl"):
+            if name not in wanted:
+                continue
+            out = new_map()
+            if single and name != "expected_entropy":
+                out.fill(0.0)
+            else:
+                for sl in acc.slabs():
+                    if name == "expected_entropy":  # Σ_m H(p_m) / M alone: no p̄, no H(p̄)
+                        out[sl] = (tk if be.is_torch else measures).expected_entropy_slab(acc, sl)
+                        continue
+                    if be.is_torch:
+                        mi, ep = tk.disagreement_slab(acc, sl, want_epkl=name == "epkl")
+                        out[sl] = mi if name == "mutual_information" else ep
+                        continue
+                    if name == "epkl" and mi_vol is not None:  # EPKL = MI + G (streaming)
+                        np.add(acc.epkl_gap_slab(sl), mi_vol[sl], out=out[sl])
+                        continue
+                    if h_all is not None:
+                        pe = h_all[sl]
+                    else:
+                        pbar = pbar_slab(sl)
+                        pe = measures.entropy(pbar)
+                    ee, mi, ep = measures.disagreement_slab(acc, sl, None if h_all is not None else pbar, pe,
+                                                            want_epkl=name == "epkl")
+                    out[sl] = {"mutual_information": mi, "epkl": ep}[name]
+            if name == "mutual_information":
+                mi_vol = out  # read by EPKL next (the caller holds it while its file is written)
+            if release_sums and name == member_wanted[-1]:
+                acc.release_part("log_gap")  # no later map reads these two:
+                acc.release_part("sum_entropy")  # freed before this map is handed over
+            yield name, out
+            del out
+        if release_sums:
+            acc.release_part("log_gap")
+            acc.release_part("sum_entropy")
+
+    if not entropy_first:
+        # before the entropy volume exists: with ``release_sums`` the sums only they read
+        # (Σ H(p_m), the log gaps) are freed before it and the confidence are allocated
+        yield from members_maps()
 
     # 2. maps of the calibrated probability: one slab pass for the entropy (kept for DAE and
     #    EBCU), the labels and the confidence; the normalised entropy is a rescaled entropy.
-    need_h = bool({"entropy", "entropy_norm", "dae", "ebcu"} & set(wanted))
-    need_seg = seg is None and ("dae" in wanted or ("ebcu" in wanted and ebcu_threshold is None))
     confidence = new_map() if "confidence" in wanted else None
     h_all = memory.empty(shape, np.float32) if need_h else None
     if need_seg:
@@ -297,6 +344,11 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
     if confidence is not None or need_h or need_seg:
         for sl in acc.slabs():
             pcal = pcal_slab(sl)
+            if be.is_torch:
+                tk.calibrated_pass(be, pcal, confidence[sl] if confidence is not None else None,
+                                   h_all[sl] if need_h else None, seg[sl] if need_seg else None)
+                del pcal
+                continue
             if confidence is not None:
                 confidence[sl] = pcal.max(axis=0)
             if need_h:
@@ -304,24 +356,31 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
             if need_seg:
                 measures.argmax_classes(pcal, out=seg[sl])
             del pcal
-    if release_sums:
+    if release_sums and not entropy_first:
         acc.release()  # no later map reads the sums (the maps of the members came first)
     if confidence is not None:
         yield "confidence", confidence
         del confidence
     if "entropy" in wanted:
         yield "entropy", h_all
+    if entropy_first:
+        yield from members_maps()
+        if release_sums:
+            acc.release()
     if "entropy_norm" in wanted:
         out = new_map()
         for sl in acc.slabs():
-            np.divide(h_all[sl], log_k, out=out[sl])
+            if be.is_torch:
+                tk.scale_slab(be, h_all[sl], float(log_k), out=out[sl])
+            else:
+                np.divide(h_all[sl], log_k, out=out[sl])
         yield "entropy_norm", out
         del out
 
     # 3. the spatial maps of the calibrated entropy
     spacing = geometry.spacing_zyx
     if "dae" in wanted:
-        yield "dae", distance_aware_entropy(h_all, seg, spacing, sigma_mm=dae_sigma_mm, out=new_map())
+        yield "dae", distance_aware_entropy(h_all, seg, spacing, sigma_mm=dae_sigma_mm, out=new_map(), backend=be)
     threshold, source = None, None
     if "ebcu" in wanted:
         if ebcu_threshold is not None:
@@ -340,7 +399,7 @@ def _iter_maps(acc, geometry, temperature, t_cal, wanted, dae_sigma_mm, ebcu_rad
         if info is not None:
             info.update({"ebcu_threshold": threshold, "ebcu_threshold_source": source})
         yield "ebcu", ebcu(h_all, spacing, radius_mm=effective_radius_mm(ebcu_radius_mm, spacing),
-                           threshold=threshold, out=new_map())
+                           threshold=threshold, out=new_map(), backend=be)
     if info is not None:
         info.update({"n_members": n, "temperature": None if temperature is None else float(temperature),
                      "ebcu_threshold": threshold, "ebcu_threshold_source": source,

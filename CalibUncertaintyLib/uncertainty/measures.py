@@ -100,15 +100,7 @@ def disagreement_slab(acc: EnsembleAccumulator, sl: slice, pbar: np.ndarray, pe:
     np.maximum(mi, 0, out=mi)
     if not want_epkl:
         return ee, mi, None
-    inv = np.float32(1.0 / acc.n_members)
-    gap = np.zeros_like(ee)
-    log_gap = acc.log_gap  # L_c = Σ_m log p_m,c − M log p̄_c: Σ_c p̄_c (log p̄_c − mean_m log p_m,c) = Σ_c p̄_c (−L_c / M)
-    for c in range(acc.n_classes):
-        t = log_gap[c, sl].astype(np.float32)
-        t *= -inv
-        t *= pbar[c]
-        gap += t
-    np.maximum(gap, 0, out=gap)
+    gap = acc.epkl_gap_slab(sl, pbar)  # G = max(Σ_c p̄_c (−L_c / M), 0) = EPKL − MI (streaming)
     gap += mi
     return ee, mi, gap
 

@@ -88,6 +88,9 @@ def test_fit_from_model_records_the_model_fingerprint(setup):
     assert cal["fingerprint"]["checkpoints_sha256"] == fp["checkpoints_sha256"]
     assert sorted(cal["fingerprint"]["checkpoints"]) == ["fold_0/checkpoint_final.pth", "fold_1/checkpoint_final.pth"]
     assert sorted(cal["case_ids"]) == FIT_CASES and cal["temperature"] > 0
+    # per-organ quality from a real network's members: 2 cases are too few for α = 0.1 (the intervals are trivial)
+    q = cal["organ_quality"]
+    assert q["n_cases"] == 2 and q["min_cases"] == 9 and all(c["n_predicted"] <= 2 for c in q["classes"].values())
     inputs = cal["extra"]["inputs"]
     assert inputs["model_folder"] == str(setup["model"]) and inputs["members"] == ["fold_0/checkpoint_final",
                                                                                    "fold_1/checkpoint_final"]

@@ -115,7 +115,7 @@ def test_calibration_file_of_this_model_is_used_and_another_models_refused(setup
     names = ["background", "Organ", "Tumour"]
     # with an atypicality reference (u_ref given here), predict measures the input CT's body
     ref = {"domain": "body", "q": 0.99, "u_ref": {"entropy": 0.05},
-           "scores": {"high_entropy_body_fraction": [0.0, 1.0]}}
+           "scores": {"high_entropy_body_fraction": [0.0] * 10}}
     mine = CalibrationFile(temperature=3.0, class_names=names, n_cases=1, case_reference=ref,
                            fingerprint=fingerprint_model_folder(setup["model"])).save(tmp_path / "mine.json")
     theirs = CalibrationFile(temperature=3.0, class_names=names, n_cases=1,
@@ -128,7 +128,10 @@ def test_calibration_file_of_this_model_is_used_and_another_models_refused(setup
 
     plain, calibrated = tmp_path / "plain", tmp_path / "cal"
     assert _predict(setup, plain, "--ensemble", "single", image=image) == 0
+    capsys.readouterr()
     assert _predict(setup, calibrated, "--ensemble", "single", "--calibration", str(mine), image=image) == 0
+    # the input's body is doubted more than every one of the 10 calibration cases': p = 1/11, named at the end
+    assert "hn_a (high-entropy body fraction p = 0.091)" in capsys.readouterr().out
     summary = json.loads((calibrated / "hn_a" / "summary.json").read_text())
     assert summary["calibration"]["temperature"] == 3.0
     body = read_image(image)[0] >= -500
@@ -136,7 +139,7 @@ def test_calibration_file_of_this_model_is_used_and_another_models_refused(setup
     aggs = summary["case_aggregates"]
     assert 0 < body.sum() < body.size
     assert aggs["high_entropy_body_fraction"] == pytest.approx(float((entropy[body] > 0.05).mean()))
-    assert aggs["high_entropy_body_fraction_p"] == pytest.approx(2 / 3)  # only the calibration value 1.0 is >= it
+    assert aggs["high_entropy_body_fraction_p"] == pytest.approx(1 / 11)  # no calibration value is >= it
     assert aggs["map"] == "dae" and "mean_u_roi" in aggs
     p0 = read_image(plain / "hn_a" / "prob_Organ.nii.gz")[0]
     p1 = read_image(calibrated / "hn_a" / "prob_Organ.nii.gz")[0]

@@ -59,7 +59,7 @@ def test_log_gap_update_is_the_straightforward_float32_formula(m):
     acc = EnsembleAccumulator(k, shape, slab_voxels=40)  # several slabs
     eps = np.float32(EPS)
     s = np.zeros((k,) + shape, np.float32)
-    gap = np.zeros((k,) + shape, np.float16)
+    gap = np.zeros((k,) + shape, np.float32)
     for n_old, p in enumerate(members):
         acc.add(p)
         if n_old:
@@ -216,13 +216,15 @@ def test_a_failing_slab_read_ahead_propagates_and_validation_leaves_the_sums():
     assert acc.n_members == 1
 
 
-def test_release_sums_frees_each_sum_after_its_last_map():
+@pytest.mark.parametrize("temperature", [None, 1.3])
+def test_release_sums_frees_each_sum_after_its_last_map(temperature):
     """With release_sums the maps of the members come first (foreground variance and votes, then
     EE, MI, EPKL) and each sum is freed after the last map that reads it, so only p̄'s sums are
     left when the entropy volume is allocated, none after the confidence pass; the maps equal
-    those computed with every sum kept."""
+    those computed with every sum kept. Uncalibrated, the confidence and the entropy H(p̄) come
+    before EE, MI and EPKL, which read H(p̄) from it (issue 19); the sums go after EPKL."""
     from CalibUncertaintyLib.errors import InputError
-    from CalibUncertaintyLib.uncertainty.maps import YIELD_ORDER, compute_maps, iter_maps
+    from CalibUncertaintyLib.uncertainty.maps import YIELD_ORDER, YIELD_ORDER_UNCALIBRATED, compute_maps, iter_maps
 
     k, shape = 3, (5, 12, 10)
     members = _members(k, 3, shape, seed=2)
@@ -231,9 +233,9 @@ def test_release_sums_frees_each_sum_after_its_last_map():
         kept.add(p)
         freed.add(p)
     geo = Geometry(shape_zyx=shape, spacing=(0.9, 0.8, 2.5))
-    expected = compute_maps(kept, geo)
+    expected = compute_maps(kept, geo, temperature=temperature)
     order = []
-    for name, v in iter_maps(freed, geo, release_sums=True):
+    for name, v in iter_maps(freed, geo, temperature=temperature, release_sums=True):
         order.append(name)
         np.testing.assert_array_equal(v, expected[name], err_msg=name)
         if name == "fg_variance":
@@ -245,8 +247,56 @@ def test_release_sums_frees_each_sum_after_its_last_map():
             with pytest.raises(InputError, match="released"):
                 freed.sum_entropy
             assert not freed.released
-        if name == "confidence":  # every sum freed before the entropy maps, DAE and EBCU
+        if name == "confidence":  # calibrated: every sum freed before the entropy maps, DAE and EBCU
+            assert freed.released == (temperature is not None)
+        if name == "entropy_norm":
             assert freed.released
-    assert tuple(order) == YIELD_ORDER
+    assert tuple(order) == (YIELD_ORDER if temperature else YIELD_ORDER_UNCALIBRATED)
     with pytest.raises(InputError):
         freed.release_part("sum_p")
+
+
+@pytest.mark.parametrize("kind", ["scattered", "compact"])
+def test_roi_decided_on_coarse_blocks_equals_the_3d_transform(kind):
+    """roi_mask decides coarse blocks by exact distance bounds and transforms a plane only where a
+    block is undecided (issue 19): the mask is the 3-D distance transform's, voxel for voxel."""
+    from CalibUncertaintyLib.calibration.roi import roi_mask
+
+    rng = np.random.default_rng(4)
+    if kind == "scattered":
+        n = ndimage.gaussian_filter(rng.standard_normal((10, 90, 86)), 2)
+        lab = np.digitize(n, np.quantile(n, [0.5, 0.8])).astype(np.uint8)
+    else:
+        lab = np.zeros((14, 90, 86), np.uint8)
+        lab[5:8, 30:41, 20:33] = 1
+        lab[6, 70, 75] = 2
+    for spacing in ((5.0, 0.976, 0.976), (2.0, 1.7, 0.6)):
+        reference = ndimage.distance_transform_edt(lab == 0, sampling=spacing)
+        for radius in (15.0, 4.0, 0.5):
+            np.testing.assert_array_equal(roi_mask(lab, spacing, radius), reference <= radius,
+                                          err_msg=f"{kind} {spacing} {radius}")
+
+
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_last_member_gives_epkl_gap_as_it_is_added(m):
+    """accumulate(..., n_members=M) adds the last member with last=True: EPKL's gap G comes out of
+    its add (the gap volumes are not written by it; for M = 2 never touched) and equals
+    reduce_log_gap's bit for bit, as do the maps."""
+    from CalibUncertaintyLib.pipeline.ensemble import accumulate
+    from CalibUncertaintyLib.uncertainty.maps import compute_maps
+
+    k, shape = 4, (5, 9, 8)
+    members = _members(k, m, shape, seed=20 + m)
+    plain, fused = accumulate(members), accumulate(members, n_members=m)
+    assert fused.reduced and plain.reduced
+    for sl in plain.slabs():
+        np.testing.assert_array_equal(fused.epkl_gap_slab(sl), plain.epkl_gap_slab(sl))
+    np.testing.assert_array_equal(fused.sum_probs, plain.sum_probs)
+    geo = Geometry(shape_zyx=shape, spacing=(0.9, 0.8, 2.5))
+    a, b = compute_maps(plain, geo), compute_maps(fused, geo)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    from CalibUncertaintyLib.errors import InputError
+
+    with pytest.raises(InputError, match="more members than"):
+        accumulate(members + members[:1], n_members=m)

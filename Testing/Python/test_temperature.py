@@ -222,3 +222,19 @@ def test_newton_fit_few_passes_and_bounds(caplog):
     assert f.n_evals <= 10, f.n_evals
     hi = tm.TemperatureScaler(log_t_bounds=(np.log(0.5), np.log(1.2))).fit(x, y)
     assert hi.at_bound_ == "upper" and abs(hi.temperature_ - 1.2) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["pool_then_calibrate", "per_member"])
+def test_reported_nlls_are_the_nll_at_the_fitted_temperature(mode):
+    """``nll_after_`` / ``nll_before_`` are exactly temperature_nll (per_member_nll) at the fitted T
+    and at T = 1 (issue 19: the pooled fit reported its float32 Newton pass's value, 2e-6 low)."""
+    z, y = calibrated_logits(n=30_000, k=5, seed=9)
+    x = (z / 0.6).astype(np.float32)
+    if mode == "per_member":
+        rng = np.random.default_rng(2)
+        x = np.stack([log_softmax(x + rng.normal(0, 0.2, x.shape)).astype(np.float32) for _ in range(2)])
+    s = TemperatureScaler(ensemble_mode=mode).fit(x, y)
+    nll = per_member_nll if mode == "per_member" else temperature_nll
+    assert s.nll_after_ == nll(x, y, s.temperature_)
+    assert s.nll_before_ == nll(x, y, 1.0)
+    assert s.nll_after_ < s.nll_before_

@@ -275,3 +275,68 @@ def test_maps_write_each_cases_aggregates_and_the_folder_review_order(cohort, tm
     # the organ volume atypicality needs no CT
     assert a2["organ_volume_atypicality"] == pytest.approx(aggs[c["ood"]]["organ_volume_atypicality"])
     assert a2["mean_u_roi"] == pytest.approx(aggs[c["ood"]]["mean_u_roi"])
+
+
+def test_describe_atypical_names_cases_by_their_smallest_p_value():
+    a = {"organ_volume_atypicality": 2.1, "organ_volume_atypicality_p": 0.04, "high_entropy_body_fraction": 0.3,
+         "high_entropy_body_fraction_p": 0.09, "high_mi_body_fraction": 0.01, "high_mi_body_fraction_p": 0.5}
+    assert at.describe_atypical(a) == "organ volumes p = 0.04, high-entropy body fraction p = 0.09"
+    assert at.describe_atypical(a, level=0.05) == "organ volumes p = 0.04"
+    assert at.describe_atypical({"organ_volume_atypicality_p": 0.2}) is None
+    assert at.describe_atypical({"mean_u_roi": 0.3}) is None and at.describe_atypical(None) is None
+    records = [{"case": "b", "case_aggregates": {"high_mi_body_fraction_p": 0.08}},
+               {"case": "typical", "case_aggregates": {"organ_volume_atypicality_p": 0.6}},
+               {"case": "a", "case_aggregates": a}, {"case": "region_model", "case_aggregates": None}]
+    assert at.atypical_cases(records) == [("a", at.describe_atypical(a)), ("b", "high-MI body fraction p = 0.08")]
+    line = at.atypical_summary_line(records)
+    assert line.startswith("Atypical case(s)") and line.index("a (organ volumes") < line.index("b (high-MI")
+    assert "typical (" not in line
+    assert at.atypical_summary_line(records[1:2]) is None
+    assert "unlike the calibration cases (organ volumes p = 0.04" in at.atypicality_warning(a)
+
+
+def test_maps_and_evaluate_name_the_atypical_case(cohort, tmp_path, capsys):
+    """The OOD case is named at the end of ``maps``, in the evaluation report and in the panel's
+    warning, with its p-value; the others are not. The reference is the fitted one with its
+    calibration cases' values counted twice (as from 10 calibration cases: p-values down to 1/11)."""
+    from CalibUncertaintyLib.calibration.calibration_file import CalibrationFile
+    from CalibUncertaintyLib.cli.main import main
+    from CalibUncertaintyLib.mrml.atypical import warning_lines
+
+    c = cohort
+    cal = CalibrationFile.load(_fit(c, tmp_path))
+    ref = cal.case_reference
+    ref["scores"] = {k: v + v for k, v in ref["scores"].items()}
+    ref["n_cases"] = 2 * ref["n_cases"]
+    cal.save(tmp_path / "cal10.json")
+    capsys.readouterr()
+    out = tmp_path / "maps"
+    cases = [*c["test"], c["ood"]]
+    assert main(["maps", "--members", *c["members"], "--images", c["images"], "--cases", *cases,
+                 "--calibration", str(tmp_path / "cal10.json"), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    line = [x for x in printed if x.startswith("Atypical case(s)")]
+    assert len(line) == 1
+    assert f"{c['ood']} (high-entropy body fraction p = 0.091, high-MI body fraction p = 0.091)" in line[0]
+    # exactly the cases with an atypicality p-value <= 0.1 in their summary.json are named (a test case
+    # whose predicted organ volumes lie beyond every calibration case's is named too: that is the rule)
+    summaries = {k: json.loads((out / k / "summary.json").read_text()) for k in cases}
+    low = {k for k, s in summaries.items()
+           if any((s["case_aggregates"].get(f"{a}_p") or 1.0) <= 0.1 for a in at.ATYPICALITY_AGGREGATES)}
+    assert {k for k in cases if f"{k} (" in line[0]} == low and c["ood"] in low
+    for k, s in summaries.items():
+        assert bool(warning_lines(s)) == (k in low)
+    assert "unlike the calibration cases (high-entropy body fraction p = 0.091" in warning_lines(summaries[c["ood"]])[0]
+    ev = tmp_path / "ev"
+    assert main(["evaluate", "--members", *c["members"], "--images", c["images"], "--labels", c["labels"],
+                 "--cases", *cases, "--calibration", str(tmp_path / "cal10.json"), "-o", str(ev)]) == 0
+    report = (ev / "report.md").read_text()
+    section = report.split("## Atypical cases (unlike the calibration cases)")[1].split("\n## ")[0]
+    assert {k for k in cases if f"- **{k}**:" in section} == low
+    # no reference in the calibration file: nothing is named, no line, no section
+    capsys.readouterr()
+    cal.case_reference = None
+    cal.save(tmp_path / "old.json")
+    assert main(["maps", "--members", *c["members"], "--images", c["images"], "--cases", c["ood"],
+                 "--calibration", str(tmp_path / "old.json"), "-o", str(tmp_path / "maps_old")]) == 0
+    assert "Atypical case(s)" not in capsys.readouterr().out
