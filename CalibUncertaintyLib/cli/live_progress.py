@@ -30,6 +30,9 @@ import time
 DEFAULT_INTERVAL_S = 10.0
 INTERVAL_ENV = "CALIBU_PROGRESS_INTERVAL"
 REDRAW_S = 0.2
+#: stages that run the network patch by patch: ``predict``'s inference and the member cache's
+#: inference of ``fit-temperature`` / ``evaluate --model``
+NETWORK_STAGES = ("inference", "members")
 
 
 from ..progress import format_duration as duration
@@ -135,7 +138,7 @@ class LiveProgress:
                 return
             if stage != self.stage or event.get("member") != self.member:
                 self.unit = self.done = self.total = None
-            if stage == "inference" and event.get("member") is not None:
+            if stage in NETWORK_STAGES and event.get("member") is not None:
                 if self._inference_t0 is None:
                     self._inference_t0 = time.monotonic()
                 self._member_passes_base = self._passes_before(int(event["member"]) - 1)
@@ -147,7 +150,7 @@ class LiveProgress:
     def on_tick(self, unit: str, done: int, total: int) -> None:
         with self._lock:
             self.unit, self.done, self.total = unit, int(done), int(total)
-            if unit == "patch" and self.stage == "inference":
+            if unit == "patch" and self.stage in NETWORK_STAGES:
                 self.passes_done = self._member_passes_base + int(done) * self._passes_per_patch()
             self._update(draw_only=True)
 
@@ -181,7 +184,7 @@ class LiveProgress:
         """Seconds left (module docstring), or None when unknown."""
         left = None
         est = self.estimate
-        if self.stage == "inference" and est and est.get("case") == self.case and est.get("n_network_passes"):
+        if self.stage in NETWORK_STAGES and est and est.get("case") == self.case and est.get("n_network_passes"):
             remaining = max(int(est["n_network_passes"]) - self.passes_done, 0)
             rate = est.get("seconds_per_pass")
             if self.passes_done and self._inference_t0 is not None:
@@ -193,6 +196,8 @@ class LiveProgress:
             later = max(self.n_cases - self.cases_finished - (1 if self.case_t0 is not None else 0), 0)
             current = 0.0
             if self.case_t0 is not None:
+                if left is None and time.monotonic() - self.case_t0 >= mean:
+                    return None  # this case already took longer than the mean: no honest guess
                 current = max(mean - (time.monotonic() - self.case_t0), 0.0) if left is None else left
             left = later * mean + current
         return left

@@ -66,6 +66,23 @@ def test_eta_follows_the_estimate_then_the_measured_rate():
     assert 0 < display.eta() < 1e6 and "member 2/2 · patch 0/10" in display.status()
 
 
+def test_eta_of_the_member_cache_inference_counts_its_passes():
+    """fit-temperature / evaluate --model run the network in stage "members": the ETA follows its
+    passes; after a case that took almost nothing (its members were cached), a case running longer
+    than that mean gets no ETA rather than "0 s" (seen on the stock model)."""
+    display = LiveProgress(stream=io.StringIO(), tty=False, interval=0)
+    display.on_event({"stage": "cohort", "event": "started", "case": "c0", "n_cases": 2, "done": 0, "failed": 0})
+    display.on_event({"stage": "cohort", "event": "done", "case": "c0", "n_cases": 2, "done": 1, "failed": 0})
+    display.on_event({"stage": "cohort", "event": "started", "case": "c1", "n_cases": 2, "done": 1, "failed": 0})
+    time.sleep(0.05)
+    assert display.eta() is None  # c1 already ran longer than c0 took
+    display.on_event(ESTIMATE)
+    display.on_event({"stage": "members", "case": "c1", "member": 1, "n_members": 2})
+    display.on_tick("patch", 5, 10)
+    assert display.passes_done == 5 * 8
+    assert display.eta() > 0 and "member 1/2 · patch 5/10 · " in display.status()
+
+
 def test_machine_readable_lines_keep_the_protocol(monkeypatch, capsys):
     monkeypatch.setenv(progress.ENV_VAR, "1")
     monkeypatch.setattr(progress, "TICK_LINE_INTERVAL_S", 0.0)
