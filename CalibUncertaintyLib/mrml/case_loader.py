@@ -246,18 +246,22 @@ class CaseLoader:
         # ---- margins: each organ's file, cropped to its outer contour
         margins = []
         if margin_list:
+            from .margins import trivial_outer_organs
+
+            trivial = trivial_outer_organs(files.summary)  # a whole-image outer contour is not drawn
             levels = np.empty(geometry.shape_zyx, np.uint8)
             for organ, c, path in margin_list:
                 yield from self._read_into(path, levels, f"margins of {organ}", geometry)
+                lowest = 2 if organ in trivial else 1
                 mboxes = LabelBoxes()
                 z0 = 0
                 for s in self._slabs(levels, 0.5, f"margins of {organ}"):
-                    mboxes.add(z0, (s >= 1).view(np.uint8))
+                    mboxes.add(z0, (s >= lowest).view(np.uint8))
                     z0 += s.shape[0]
                     yield
                 box = mboxes.box(1)
                 crop = levels[box].copy() if box is not None else None
-                margins.append((organ, c, box, crop))
+                margins.append((organ, c, box, crop, lowest))
             del levels
 
         # ---- the scene
@@ -367,9 +371,9 @@ class CaseLoader:
         margins_node = None
         if margins:
             margins_node = new_margins_node(scene, f"{prefix} margins", geometry, input_node)
-            for organ, c, box, crop in margins:
+            for organ, c, box, crop, lowest in margins:
                 masks = {} if crop is None else {part: crop >= level for part, level in
-                                                 (("inner", 3), ("prediction", 2), ("outer", 1))}
+                                                 (("inner", 3), ("prediction", 2), ("outer", 1)) if level >= lowest}
                 add_organ_margins(margins_node, organ, c, box, masks, geometry)
                 self._advance(1, "adding the organ margins")
                 yield

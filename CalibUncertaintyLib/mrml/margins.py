@@ -35,6 +35,22 @@ def margin_files(case_dir, summary: dict) -> list[tuple[str, int, Path]]:
     return out
 
 
+def trivial_outer_organs(summary: dict) -> set:
+    """Organs whose outer contour is the trivial one (the whole image: too few calibration cases,
+    or no smaller set met the bound). It is not drawn: a frame around every view says nothing, and
+    the panel's guarantee line says the guarantee is trivial. Folders written before summary.json
+    said so: an outer threshold of 0."""
+    block = (summary or {}).get("margins") or {}
+    out = set()
+    for organ, rec in (block.get("classes") or {}).items():
+        trivial = rec.get("trivial_outer")
+        if trivial is None:
+            trivial = float(rec.get("outer_threshold", 1.0)) <= 0.0
+        if trivial:
+            out.add(organ)
+    return out
+
+
 def read_margins(case_dir, summary: dict, geometry) -> dict:
     """{organ: (class index, levels array)} of the folder's margins files ({} when none);
     InputError for a listed file that is missing or on another grid."""
@@ -46,19 +62,20 @@ def read_margins(case_dir, summary: dict, geometry) -> dict:
     return out
 
 
-def margin_box(levels: np.ndarray):
+def margin_box(levels: np.ndarray, trivial_outer: bool = False):
     """(box, {part: mask of the box}) of one organ's levels: the box of its outer contour (which
-    holds the other two), or (None, {}) when the organ has no margin at all."""
+    holds the other two), or (None, {}) when the organ has no margin at all. ``trivial_outer``:
+    the outer contour is left out (see ``trivial_outer_organs``) and the box is the prediction's."""
     from .segments import LabelBoxes
 
+    lowest = 2 if trivial_outer else 1
     boxes = LabelBoxes()
-    boxes.add(0, (np.asarray(levels) >= 1).view(np.uint8) if levels.dtype == np.bool_ else
-              (np.asarray(levels) >= 1).astype(np.uint8))
+    boxes.add(0, (np.asarray(levels) >= lowest).astype(np.uint8))
     box = boxes.box(1)
     if box is None:
         return None, {}
     crop = np.asarray(levels)[box]
-    return box, {part: crop >= level for part, level, _f in SEGMENTS}
+    return box, {part: crop >= level for part, level, _f in SEGMENTS if level >= lowest}
 
 
 def guarantee_lines(summary: dict) -> list[str]:
@@ -134,10 +151,11 @@ def add_margins_node(scene, case_dir, summary: dict, geometry, name: str, refere
     if not files:
         return None
     node = new_margins_node(scene, name, geometry, reference_volume)
+    trivial = trivial_outer_organs(summary)
     for organ, c, path in files:
         levels, geo = read_image(path)
         geo.require_same(geometry, str(path), "the case outputs")
-        box, masks = margin_box(levels.astype(np.uint8, copy=False))
+        box, masks = margin_box(levels.astype(np.uint8, copy=False), organ in trivial)
         add_organ_margins(node, organ, c, box, masks, geometry)
     return node
 

@@ -121,6 +121,39 @@ def test_empty_margins_load_as_empty_segments(case_dir, tmp_path):
     assert not masks["Left Parotid inner"].any() and masks["Left Parotid prediction"].any()
 
 
+def test_trivial_outer_contour_is_not_drawn(case_dir, tmp_path):
+    """A trivial outer contour is the whole image (too few calibration cases): drawn, it is a frame
+    around every view that says nothing (seen on the stock model with 4 calibration cases). It
+    loads as an empty segment, through the module's stepwise loader and the one-call path alike,
+    while the organ's prediction and inner contour stay as they were."""
+    import shutil
+
+    slicer = pytest.importorskip("slicer", reason="slicer-core (the MRML wheel) is not installed")
+    from CalibUncertaintyLib.io.images import write_image
+    from CalibUncertaintyLib.mrml import nodes
+    from CalibUncertaintyLib.mrml.margins import add_margins_node, segment_masks, trivial_outer_organs
+
+    src, _ = case_dir
+    d = tmp_path / "trivial"
+    shutil.copytree(src, d)
+    summary = json.loads((d / "summary.json").read_text())
+    rec = summary["margins"]["classes"]["Cord"]
+    levels, geo = read_image(d / rec["file"])
+    write_image(d / rec["file"], np.maximum(levels, 1).astype(np.uint8), geo)  # outer = the whole image
+    rec["trivial_outer"], rec["outer_threshold"] = True, 0.0
+    (d / "summary.json").write_text(json.dumps(summary))
+    assert trivial_outer_organs(summary) == {"Cord"}
+    scene = slicer.vtkMRMLScene()
+    case = nodes.load_case_outputs(scene, d, allow_identity_mismatch=True)
+    other = add_margins_node(scene, d, summary, case.geometry, "one call")
+    for node in (case.margins, other):
+        masks = segment_masks(scene, node, case.maps["entropy"])
+        assert not masks["Cord outer"].any()
+        assert np.array_equal(masks["Cord prediction"], levels >= 2)
+        assert np.array_equal(masks["Cord inner"], levels >= 3)
+        assert masks["Left Parotid outer"].any()  # a real outer contour is still drawn
+
+
 @pytest.mark.parametrize("kind", ["local_temperature", "class_temperature"])
 def test_streamed_local_temperature_and_margins_equal_the_whole_volume(tmp_path, monkeypatch, kind):
     """process_case never holds the calibrated (K, z, y, x) volume: the segmentation is argmax p̄,
