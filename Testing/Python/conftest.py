@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pickle
 from pathlib import Path
 
 import pytest
+
+from shared_builds import shared_root
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("CALIBU_SHARED", REPO.parent / "shared"))
@@ -59,11 +63,20 @@ def quick_demo(tmp_path_factory):
                                         "slicer-core wheel venvs)")
     from CalibUncertaintyLib.demo import DemoSettings, run_demo
 
-    workdir = tmp_path_factory.mktemp("demo")
-    first = run_demo(workdir, device="cpu", settings=DemoSettings.quick())
+    root = shared_root(tmp_path_factory)
+    workdir, record = root / "quick_demo", root / "quick_demo.pickle"
+    with open(root / "quick_demo.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first worker runs it, the others wait and read its result
+        if record.is_file():
+            return workdir, pickle.loads(record.read_bytes())
+        workdir.mkdir(exist_ok=True)
+        first = run_demo(workdir, device="cpu", settings=DemoSettings.quick())
+        record.write_bytes(pickle.dumps(first))
     return workdir, first
+
 
 
 # Fixtures that build tiny REAL nnU-Net models live in their own modules; import them here so
 # every test file can request them by name.
 from trained_models import *  # noqa: E402,F401,F403  (tiny_prepared_dataset, tiny_trained_model)
+

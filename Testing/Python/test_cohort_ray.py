@@ -255,8 +255,11 @@ def test_cli_starts_and_stops_its_own_runtime(cohort, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "CalibUncertaintyLib.cli.main", "maps", "--members", *cohort["members"],
            "--images", cohort["images"], "--cases", *EVAL, "-o", str(out), *RAY, "--workers", "1"]
+    # SIGINT as a terminal's Ctrl-C finds it: a pytest-xdist worker ignores SIGINT, and an ignored
+    # signal stays ignored in the processes it starts (Python then installs no KeyboardInterrupt)
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True)
+                            text=True, env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines, seen_runtime = [], False
     try:
         for line in proc.stderr:

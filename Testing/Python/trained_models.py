@@ -150,7 +150,11 @@ def build_tiny_trained_model(root: Path, ds, prepared) -> TinyTrainedModel:
 
 def _cache_root(tmp_path_factory) -> Path:
     cache = os.environ.get("CALIBU_TEST_CACHE")
-    return Path(cache) / "tiny_trained_model" if cache else tmp_path_factory.getbasetemp() / "tiny_trained_model"
+    if cache:
+        return Path(cache) / "tiny_trained_model"
+    from shared_builds import shared_root  # one build per run, also on several pytest-xdist workers (under _locked)
+
+    return shared_root(tmp_path_factory) / "tiny_trained_model"
 
 
 @pytest.fixture(scope="session")
