@@ -13,7 +13,7 @@ grid, against the issue's budget 2K + 8.
                                [--commands maps fit-temperature evaluate] [--work DIR]
 
 Big grids need memory: writing a member holds K float32 volumes in this process (K = 25 at
-80 x 512 x 512: 2.1 GB); run under ``flock /work/locks/bigmem.lock`` on a shared machine.
+80 x 512 x 512: 2.1 GB); on a shared machine, run it when no other big job runs (e.g. under ``flock`` on a lock file the jobs share).
 """
 
 from __future__ import annotations
