@@ -96,6 +96,7 @@ def test_links_stay_in_the_repository_and_exist():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert len(readme.split("\n")) <= 251, "README.md is at most 250 lines"
     assert "../shared" not in readme and "this machine" not in readme
+    assert not re.findall(r"\]\((?:https?|ftp):", readme), "README.md links outside the repository"
     missing = {}
     for page in PAGES:
         text = page.read_text(encoding="utf-8")
