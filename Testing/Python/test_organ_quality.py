@@ -363,3 +363,39 @@ def test_flag_thresholds_at_every_alpha_equal_one_alpha_at_a_time():
     for a, th in many.items():
         assert th == conformal.flag_threshold(scores, a)
     assert many[0.05]["trivial"] and not many[0.1]["trivial"]
+
+
+def test_fit_quality_parts_by_z_slab_equal_the_whole_volume():
+    """fit-temperature's pass 3 reads the calibrated probability one z slab at a time
+    (``fit.case_quality_parts``): the organ rows and contour margin curves it keeps from the slabs
+    (level indices on each organ's box; the probability at the far contour errors) equal those of
+    the whole volume, wherever the slab borders fall."""
+    from CalibUncertaintyLib.metrics.contour import class_contour_errors
+    from CalibUncertaintyLib.pipeline.fit import FitOptions, case_quality_parts
+
+    rng = np.random.default_rng(3)
+    shape, spacing = (14, 30, 28), (2.5, 1.0, 1.2)
+    labels = np.zeros(shape, np.uint8)
+    labels[_blob(rng, shape, (6, 14, 12), (4, 7, 6))] = 1
+    labels[_blob(rng, shape, (8, 12, 20), (3, 5, 4))] = 2
+    logits = rng.normal(0, 1.0, (3,) + shape) + 3.0 * np.eye(3)[labels].transpose(3, 0, 1, 2)
+    logits[:, :, :, 3:9] += rng.normal(0, 2.0, (3, shape[0], shape[1], 6))  # errors beyond 3 mm on one side
+    probs = np.exp(logits - logits.max(axis=0))
+    probs = (probs / probs.sum(axis=0)).astype(np.float32)
+    seg = np.argmax(probs, axis=0).astype(np.uint8)
+    roi = np.ones(shape, bool)
+    box = (slice(1, 13), slice(2, 28), slice(0, 28))
+    opts = FitOptions(tolerance_mm=3.0, roi_radius_mm=5.0)
+    whole_rows = oq.case_organ_rows(probs, seg, labels, spacing, 3.0, 5.0)
+    curves = []
+    for c in (1, 2):
+        fn, fp = class_contour_errors(seg == c, labels == c, spacing, 3.0)
+        curves.append(contour_margin_losses(probs[c], fn, fp))
+    assert sum(c["n_fn"] + c["n_fp"] for c in curves) > 0  # the case has far contour errors to keep
+    for slabs in (None, [slice(0, 3), slice(3, 4), slice(4, 11), slice(11, 14)]):
+        parts = case_quality_parts(probs, labels, seg, roi, box, spacing, opts, slabs)
+        assert parts["organ_rows"] == whole_rows
+        for got, want in zip(parts["contour_curves"], curves):
+            assert got["n_fn"] == want["n_fn"] and got["n_fp"] == want["n_fp"]
+            assert np.array_equal(got["outer_miss"], want["outer_miss"])
+            assert np.array_equal(got["inner_cover"], want["inner_cover"])
