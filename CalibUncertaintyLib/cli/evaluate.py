@@ -54,7 +54,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="smallest error region counted, in cubic millimetres (default 10 mm³)")
     g.add_argument("--priority", choices=PRIORITIES, default=DEFAULT_PRIORITY,
                    help="case-level aggregate that orders the cases for review, highest first (default "
-                        f"{DEFAULT_PRIORITY}: mean of the regions map in the ROI); high_*_body_fraction need a "
+                        f"{DEFAULT_PRIORITY}: the fraction of the predicted foreground the regions map flags, "
+                        "chosen on a stock nnU-Net model's held-out cases); high_*_body_fraction need a "
                         "calibration file with an atypicality reference (fit-temperature writes one)")
     add_identity_option(p, "member outputs")
     add_executor_options(p)

@@ -33,7 +33,7 @@ Per case (METHODS.md §2–§6; definitions restated in the functions used):
   of the whole body (``metrics.atypicality``: fraction of the body with entropy / mutual information
   above the calibration cases' 0.99 quantile, and its p-value against the calibration cases; only
   with a calibration file that holds a ``case_reference``); the review priority is the aggregate
-  ``EvalOptions.priority`` (default ``mean_u_roi``); ranking, risk–coverage curve of every
+  ``EvalOptions.priority`` (default ``metrics.triage.DEFAULT_PRIORITY``); ranking, risk–coverage curve of every
   aggregate (risk = 1 − mean Dice) and correlations with Dice.
 
 UEO-against-τ curves for the plots are computed on a uniform random subsample of at most
@@ -56,6 +56,7 @@ from .. import __version__
 from ..errors import InputError
 from ..io.nnunet_outputs import Pairing
 from .dataset import read_label
+from ..metrics.triage import DEFAULT_PRIORITY
 from .ensemble import accumulate, calibrated_probs, case_maps
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class EvalOptions:
     min_region_mm3: float = 10.0
     curve_max_voxels: int = 200_000
     seed: int = 0
-    priority: str = "mean_u_roi"  # review priority: an aggregate of metrics.triage.PRIORITIES
+    priority: str = DEFAULT_PRIORITY  # review priority: an aggregate of metrics.triage.PRIORITIES
 
 
 def _metrics_block(summary: dict | None, class_names: list[str]) -> dict | None:

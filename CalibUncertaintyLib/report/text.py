@@ -95,7 +95,7 @@ def render_report(evaluation: dict) -> str:
     from ..metrics.case_quality import review_order
 
     triage = ev.get("triage")
-    prio = triage["priority"] if triage else "mean_u_roi"
+    prio = triage["priority"] if triage else "mean_u_roi"  # older evaluations: review_order's key
     lines += ["### Per case (ROI), in review order", "",
               f"Highest review priority first, by the case-level aggregate `{prio}` (the review priority; "
               "cases where it is undefined, e.g. nothing predicted, first).", ""]

@@ -18,7 +18,7 @@ from CalibUncertaintyLib.metrics.triage import curve_rows, rank_cases, triage_su
 def test_priority_order_highest_first_undefined_first_ties_in_input_order():
     aggs = [{"mean_u_roi": 0.2}, {"mean_u_roi": 0.5}, {"mean_u_roi": None}, {"mean_u_roi": 0.2},
             {"mean_u_roi": 0.9}]
-    r = rank_cases(["a", "b", "c", "d", "e"], aggs)
+    r = rank_cases(["a", "b", "c", "d", "e"], aggs, "mean_u_roi")
     assert [x["case"] for x in r] == ["c", "e", "b", "a", "d"]
     assert [x["rank"] for x in r] == [1, 2, 3, 4, 5]
     assert r[0]["undefined"] and r[0]["priority"] is None and r[1]["priority"] == 0.9
@@ -35,7 +35,7 @@ def test_risk_coverage_and_aurc_by_hand():
     ids = ["a", "b", "c", "d"]
     aggs = [{"mean_u_roi": 0.1}, {"mean_u_roi": 0.8}, {"mean_u_roi": None}, {"mean_u_roi": 0.3}]
     dice = [0.9, 0.4, 0.7, 0.6]
-    t = triage_summary(ids, aggs, dice)
+    t = triage_summary(ids, aggs, dice, "mean_u_roi")
     assert [x["case"] for x in t["ranking"]] == ["c", "b", "d", "a"]
     assert t["ranking"][0]["risk"] == pytest.approx(0.3)
     rc = t["aggregates"]["mean_u_roi"]["risk_coverage"]
@@ -248,15 +248,15 @@ def test_maps_write_each_cases_aggregates_and_the_folder_review_order(cohort, tm
                  "--calibration", str(cal), "-o", str(out)]) == 0
     aggs = {case: json.loads((out / case / "summary.json").read_text())["case_aggregates"] for case in cases}
     for a in aggs.values():
-        assert a["map"] == "dae" and a["default_priority"] == "mean_u_roi"
+        assert a["map"] == "dae" and a["default_priority"] == "fraction_fg_flagged"
         assert {"mean_u_roi", "sum_u_fg", "largest_region_mm3", "fraction_fg_flagged", "high_entropy_body_fraction",
                 "high_mi_body_fraction", "high_mi_body_fraction_p", "organ_volume_atypicality",
                 "organ_volume_atypicality_p"} <= set(a)
     assert max(aggs, key=lambda k: aggs[k]["high_mi_body_fraction"]) == c["ood"]
     index = json.loads((out / "summary.json").read_text())
     review = index["review"]
-    assert review["priority"] == "mean_u_roi"
-    assert review["order"] == sorted(cases, key=lambda k: -aggs[k]["mean_u_roi"])
+    assert review["priority"] == "fraction_fg_flagged"  # the default, chosen on the stock model (metrics/triage.py)
+    assert review["order"] == sorted(cases, key=lambda k: -aggs[k]["fraction_fg_flagged"])
     assert {r["case"]: r["case_aggregates"] for r in index["cases"]} == aggs
     # the same aggregates as evaluate computes for the same case and calibration
     ev_out = tmp_path / "ev"
