@@ -173,12 +173,13 @@ def test_fit_and_evaluate_on_ray_equal_local(cohort, ray_local, monkeypatch):
         rec.pop("time_s")
     for key in ("per_case", "reliability", "cohort_ece", "ueo_curves", "budget_curves", "case_quality", "aggregate"):
         close(lo[key], ra[key], key)
-    # cohort report: per-case table in review order (highest mean uncertainty of the regions map first)
+    # cohort report: per-case table in review order (the default priority first: the largest share of
+    # the predicted foreground flagged by the regions map)
     import csv
 
     rows = list(csv.DictReader((root / "eval_ray" / "case_quality.csv").open()))
     assert [int(r["review_rank"]) for r in rows] == [1, 2, 3]
-    u = [float(r["mean_u_roi"]) for r in rows]
+    u = [float(r["fraction_fg_flagged"]) for r in rows]
     assert u == sorted(u, reverse=True)
     report = (root / "eval_ray" / "report.md").read_text()
     assert "in review order" in report and report.index(rows[0]["case"]) < report.index(rows[-1]["case"])
