@@ -128,17 +128,10 @@ class MemberProbabilities:
         # ``view``: ``out`` in nnU-Net's axis order; output z is internal axis ``axis``
         view = out.transpose([0] + [i + 1 for i in self._forward])
         axis = self._backward[0]
-        index = [slice(None)] * 4
-        source = [slice(None)] * 4
-        for ax, (a, b) in enumerate(self._bbox):
-            if ax == axis:
-                lo, hi = max(a, z0), min(b, z1)
-                if lo >= hi:
-                    return out  # the slab lies outside the crop box: background only
-                index[ax + 1] = slice(lo - z0, hi - z0)
-                source[ax + 1] = slice(lo - a, hi - a)
-            else:
-                index[ax + 1] = slice(a, b)
+        where = self._crop_indices(z0, z1)
+        if where is None:
+            return out  # the slab lies outside the crop box: background only
+        index, source = where
         if self._resampler is not None:
             src = source[axis + 1]
             block = self._torch.from_numpy(self._resampler.block(self._logits.numpy(), src.start, src.stop))
@@ -149,6 +142,23 @@ class MemberProbabilities:
             probs = self._nonlin(block[tuple(source)].float())
             view[tuple(index)] = probs.numpy()
         return out
+
+    def _crop_indices(self, z0: int, z1: int):
+        """(index into the output slab in nnU-Net's axis order, index into the logits) of the crop
+        box's part of output slices z0:z1, or None when the slab lies outside the crop box."""
+        axis = self._backward[0]
+        index = [slice(None)] * 4
+        source = [slice(None)] * 4
+        for ax, (a, b) in enumerate(self._bbox):
+            if ax == axis:
+                lo, hi = max(a, z0), min(b, z1)
+                if lo >= hi:
+                    return None
+                index[ax + 1] = slice(lo - z0, hi - z0)
+                source[ax + 1] = slice(lo - a, hi - a)
+            else:
+                index[ax + 1] = slice(a, b)
+        return index, source
 
     def _device_slab(self, sl: slice):
         """``slab`` computed by torch on the backend's device: the same steps (crop box, nnU-Net's
@@ -164,17 +174,10 @@ class MemberProbabilities:
         out[0] = self._background_outside
         view = out.permute([0] + [i + 1 for i in self._forward])
         axis = self._backward[0]
-        index = [slice(None)] * 4
-        source = [slice(None)] * 4
-        for ax, (a, b) in enumerate(self._bbox):
-            if ax == axis:
-                lo, hi = max(a, z0), min(b, z1)
-                if lo >= hi:
-                    return out
-                index[ax + 1] = slice(lo - z0, hi - z0)
-                source[ax + 1] = slice(lo - a, hi - a)
-            else:
-                index[ax + 1] = slice(a, b)
+        where = self._crop_indices(z0, z1)
+        if where is None:
+            return out
+        index, source = where
         if self._resampler is not None:
             src = source[axis + 1]
             if self._on_device:
